@@ -1,0 +1,147 @@
+"""Where outputs live, how they are written, and how each stage's result is cached.
+
+Every stage is a Prefect task whose small JSON result (paths, hashes, counts, metrics) is
+persisted under `<artifacts>/prefect-results/`, keyed by the inputs that matter plus an explicit
+stage version, so editing a comment does not invalidate a ten-hour training. Prefect's cache does
+not know that a result points at files: a cached result whose files are gone is dropped before
+Prefect reads it, and the stage runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from tasks.config import stable_hash
+
+RESULTS_DIRNAME = "prefect-results"
+
+
+def run_dir(artifacts_dir: str | Path, run_name: str) -> Path:
+    """The folder of one run: checkpoints, the final SAE, the analysis."""
+    return Path(artifacts_dir) / "runs" / run_name
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success, fsync it and rename it to `final`.
+
+    A crash leaves only a `.tmp-*` folder, never a half-written `final`. `final` must not exist:
+    nothing already written is overwritten.
+    """
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; refusing to overwrite it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Record the sha256 of every file in `folder` in `folder/manifest.json`, plus `extra`."""
+    files = {
+        str(p.relative_to(folder)): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+    manifest = {**extra, "files": files}
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def verify_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest if every file it lists exists with its recorded checksum, else None."""
+    try:
+        manifest = read_json(folder / "manifest.json")
+        for name, digest in manifest["files"].items():
+            if file_sha256(folder / name) != digest:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+def _drop_stale_record(ctx: TaskRunContext, key: str) -> None:
+    store = ctx.result_store
+    if store is None or not store.exists(key):
+        return
+    result = store.read(key).result
+    outputs = result.get("outputs", []) if isinstance(result, dict) else []
+    if all(Path(p).exists() for p in outputs):
+        return
+    record = Path(store.result_storage.basepath) / key
+    record.unlink(missing_ok=True)
+
+
+def stage(name: str, version: int, key_inputs: tuple[str, ...], **task_options: Any) -> Callable:
+    """Make a pipeline stage: a Prefect task with a persisted JSON result.
+
+    Its cache key is the stage name, `version` and a hash of the parameters named in
+    `key_inputs`. Bump `version` when a change to the stage changes what it produces. The result
+    must be a dict whose `outputs` list names the files or folders it stands for.
+    """
+
+    def cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
+        key = f"{name}-v{version}-{stable_hash({k: parameters[k] for k in key_inputs}, 24)}"
+        _drop_stale_record(ctx, key)
+        return key
+
+    return task(
+        name=name,
+        cache_key_fn=cache_key,
+        persist_result=True,
+        result_serializer="json",
+        **task_options,
+    )

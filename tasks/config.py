@@ -1,0 +1,321 @@
+"""The run configuration: one YAML file, validated before any work starts.
+
+Field names follow the SAELens guide (`model_name`, `hook_layer`, `expansion_factor`,
+`l1_coefficient`, ...) and are mapped onto the sae-lens 6.x API in `tasks/train.py`. Each
+field's docstring is its documentation: `saeflow config-reference` prints them and the README's
+reference table is generated from them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Architecture = Literal["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+ARCHITECTURE_ALIASES = {"matryoshka": "matryoshka_batchtopk"}
+
+# Fields that only some architectures read; changing one for another architecture is an error.
+ARCHITECTURE_FIELDS = {
+    "l1_coefficient": ("standard", "gated"),
+    "l1_warm_up_steps": ("standard", "gated"),
+    "k": ("topk", "batchtopk", "matryoshka_batchtopk"),
+    "l0_coefficient": ("jumprelu",),
+    "l0_warm_up_steps": ("jumprelu",),
+    "matryoshka_widths": ("matryoshka_batchtopk",),
+}
+
+# Fields that do not change the trained SAE: they may differ when a run is continued.
+NON_RESULT_FIELDS = {
+    "log_to_wandb",
+    "wandb_project",
+    "wandb_log_frequency",
+    "n_checkpoints",
+    "keep_checkpoints",
+    "checkpoint_path",
+    "prompts",
+    "analysis_token_index",
+    "top_k_features",
+    "top_k_tokens",
+    "sparsity_tokens",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says how to fix it."""
+
+
+class RunConfig(BaseModel):
+    """Everything that defines one saeflow run."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    # --- model -------------------------------------------------------------------------------
+    model_name: str = "gelu-1l"
+    """TransformerLens pretrained model name (e.g. `tiny-stories-1M`, `gpt2`). With `model_cfg`
+    set, only a label for the locally built model."""
+    model_cfg: dict[str, Any] | None = None
+    """`HookedTransformerConfig` fields of a model built locally with random weights (seeded by
+    `seed`) instead of a pretrained one. `d_vocab` defaults to the tokenizer's size."""
+    tokenizer_path: str | None = None
+    """Folder of a Hugging Face tokenizer for a `model_cfg` model. Empty: a word-level tokenizer is
+    trained on the dataset and stored with the model."""
+    model_from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`."""
+
+    # --- hook and data -----------------------------------------------------------------------
+    hook_name: str = "blocks.0.hook_resid_post"
+    """TransformerLens hook whose activations the SAE is trained on."""
+    hook_layer: int | None = None
+    """Layer of `hook_name` (guide name, no longer needed by SAELens); checked against it."""
+    hook_head_index: int | None = None
+    """For per-head hooks (`attn.hook_z`, ...): train on this head only."""
+    d_in: int | None = None
+    """Width of the hook's activations. Read from the model when empty; a stated value that does
+    not match the hook is an error."""
+    dataset_path: str = "demo:stories"
+    """Hugging Face dataset name, a local `.txt`/`.jsonl`/`.json`/`.parquet`/`.arrow` file or
+    folder of them, or `demo:stories` for the built-in generated story corpus (offline)."""
+    is_dataset_tokenized: bool | None = None
+    """Whether the dataset holds token ids (`tokens`/`input_ids`) rather than `text`. Empty: read
+    from the data; a stated value that does not match the data is an error."""
+    streaming: bool = True
+    """Stream hub datasets instead of downloading them whole."""
+    context_size: int = Field(128, gt=0)
+    """Tokens per sequence fed to the model (at most the model's `n_ctx`)."""
+    prepend_bos: bool = True
+    """Start every context with the BOS token, as most models were trained."""
+
+    # --- SAE ----------------------------------------------------------------------------------
+    architecture: Architecture = "standard"
+    """SAE architecture: standard, topk, batchtopk, jumprelu, gated or matryoshka_batchtopk
+    (alias `matryoshka`), each trained with its SAELens 6 training config."""
+    expansion_factor: int = Field(8, gt=0)
+    """SAE width as a multiple of `d_in` (`d_sae = expansion_factor * d_in`)."""
+    d_sae: int | None = Field(None, gt=0)
+    """SAE width; overrides `expansion_factor` when set."""
+    l1_coefficient: float = Field(1.0, ge=0)
+    """Sparsity penalty (standard and gated)."""
+    l1_warm_up_steps: int = Field(0, ge=0)
+    """Steps over which the L1 penalty ramps up from zero (standard and gated)."""
+    k: int = Field(100, gt=0)
+    """Active features per token (topk; the batch average for batchtopk and matryoshka)."""
+    l0_coefficient: float = Field(1.0, ge=0)
+    """L0 sparsity penalty (jumprelu)."""
+    l0_warm_up_steps: int = Field(0, ge=0)
+    """Steps over which the L0 penalty ramps up (jumprelu)."""
+    matryoshka_widths: list[int] = Field(default_factory=list)
+    """Nested dictionary widths, increasing (matryoshka); `d_sae` is added as the last one."""
+    sae_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further fields of the architecture's SAELens training config (e.g. `decoder_init_norm`,
+    `jumprelu_bandwidth`, `aux_loss_coefficient`)."""
+    normalize_activations: Literal["none", "expected_average_only_in", "layer_norm"] = "none"
+    """Activation normalisation (SAELens): `expected_average_only_in` scales inputs to norm
+    sqrt(d_in), estimated from the stored activations and folded into the saved weights."""
+
+    # --- training -----------------------------------------------------------------------------
+    lr: float = Field(3e-4, gt=0)
+    """Adam learning rate."""
+    lr_end: float | None = Field(None, ge=0)
+    """Final learning rate of cosine schedules (default `lr / 10`)."""
+    lr_scheduler_name: Literal["constant", "cosineannealing", "cosineannealingwarmrestarts"] = "constant"
+    """Learning-rate schedule."""
+    lr_warm_up_steps: int = Field(0, ge=0)
+    """Steps of linear learning-rate warm-up."""
+    lr_decay_steps: int = Field(0, ge=0)
+    """Steps of linear decay to zero at the end."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam beta1."""
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """Adam beta2."""
+    train_batch_size_tokens: int = Field(4096, gt=0)
+    """Activations (tokens) per training step."""
+    training_tokens: int = Field(2_000_000, gt=0)
+    """Tokens to train on; the activation store holds this many (rounded up to whole contexts)."""
+    n_batches_in_buffer: int = Field(20, gt=0)
+    """SAELens mixing-buffer size in model batches; `n_batches_in_buffer * context_size` must be
+    at least `train_batch_size_tokens`."""
+    store_batch_size_prompts: int = Field(32, gt=0)
+    """Sequences per model forward pass while filling the activation store."""
+    dead_feature_window: int = Field(1000, gt=0)
+    """Steps without firing after which a feature counts as dead."""
+    feature_sampling_window: int = Field(2000, gt=0)
+    """Steps per window of feature-firing statistics."""
+    device: str = "cpu"
+    """Device for the model and the SAE (`cpu`, `cuda`, `cuda:1`, `mps`)."""
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    """Data type of the SAE and of the stored activations."""
+    autocast: bool = False
+    """bf16 autocast for the SAE training step (GPU)."""
+    autocast_lm: bool = False
+    """bf16 autocast for the model forward pass while filling the store (GPU)."""
+    seed: int = 42
+    """Seeds the SAE initialisation, the data order and locally built models."""
+
+    # --- checkpoints and logging --------------------------------------------------------------
+    n_checkpoints: int = Field(10, ge=0)
+    """Checkpoints written during training, evenly spaced; a restarted run resumes from the newest."""
+    keep_checkpoints: int = Field(3, gt=0)
+    """How many of the newest checkpoints are kept."""
+    checkpoint_path: str | None = None
+    """Folder for checkpoints (guide name); default `<artifacts>/runs/<run>/checkpoints`. The run
+    name is appended."""
+    log_to_wandb: bool = False
+    """Log training to Weights & Biases."""
+    wandb_project: str = "saeflow"
+    """Weights & Biases project."""
+    wandb_log_frequency: int = Field(10, gt=0)
+    """Steps between Weights & Biases log entries."""
+
+    # --- saving and analysis ------------------------------------------------------------------
+    sparsity_tokens: int = Field(1_000_000, gt=0)
+    """Stored activations the final SAE is run over to measure each feature's firing frequency
+    (saved as `sparsity.safetensors`)."""
+    prompts: list[str] = Field(default_factory=lambda: ["The quick brown fox jumps over the lazy"])
+    """Prompts analysed after training: top features at `analysis_token_index`."""
+    analysis_token_index: int = -1
+    """Token position whose features are analysed (negative counts from the end)."""
+    top_k_features: int = Field(5, gt=0)
+    """Features reported per prompt, and analysed through `W_dec @ W_U`."""
+    top_k_tokens: int = Field(10, gt=0)
+    """Promoted and inhibited tokens listed per feature."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("architecture") in ARCHITECTURE_ALIASES:
+            data = {**data, "architecture": ARCHITECTURE_ALIASES[data["architecture"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        layer = hook_layer_of(self.hook_name)
+        if self.hook_layer is not None and layer is not None and self.hook_layer != layer:
+            raise ValueError(
+                f"hook_layer is {self.hook_layer} but hook_name '{self.hook_name}' is in layer {layer}; "
+                f"fix one of them (hook_layer can be left out)"
+            )
+        for name, architectures in ARCHITECTURE_FIELDS.items():
+            changed = getattr(self, name) != RunConfig.model_fields[name].get_default(call_default_factory=True)
+            if changed and self.architecture not in architectures:
+                raise ValueError(
+                    f"{name} is used only by the {' and '.join(architectures)} architecture(s), "
+                    f"not by '{self.architecture}'; remove it or change architecture"
+                )
+        if self.training_tokens < self.train_batch_size_tokens:
+            raise ValueError(
+                f"training_tokens ({self.training_tokens}) is smaller than one batch "
+                f"(train_batch_size_tokens = {self.train_batch_size_tokens}); raise training_tokens "
+                f"or lower train_batch_size_tokens"
+            )
+        buffer_tokens = self.n_batches_in_buffer * self.context_size
+        if buffer_tokens < self.train_batch_size_tokens:
+            raise ValueError(
+                f"the mixing buffer (n_batches_in_buffer * context_size = {self.n_batches_in_buffer} * "
+                f"{self.context_size} = {buffer_tokens} tokens) is smaller than train_batch_size_tokens "
+                f"({self.train_batch_size_tokens}); SAELens would fail at the first step. Raise "
+                f"n_batches_in_buffer to at least {-(-self.train_batch_size_tokens // self.context_size)}"
+            )
+        if self.d_in is not None and self.d_in <= 0:
+            raise ValueError(f"d_in must be positive, got {self.d_in}")
+        if self.model_cfg is not None and "n_ctx" in self.model_cfg and self.context_size > self.model_cfg["n_ctx"]:
+            raise ValueError(
+                f"context_size ({self.context_size}) is larger than the model's n_ctx "
+                f"({self.model_cfg['n_ctx']}); lower context_size"
+            )
+        return self
+
+    @property
+    def sae_width(self) -> int:
+        """`d_sae`, from `d_sae` or `expansion_factor * d_in` (needs `d_in`)."""
+        if self.d_sae is not None:
+            return self.d_sae
+        if self.d_in is None:
+            raise ConfigError("d_in is not known yet; resolve it from the model first")
+        return self.expansion_factor * self.d_in
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change the trained SAE, as JSON-able values."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
+
+
+def hook_layer_of(hook_name: str) -> int | None:
+    """The layer number in a `blocks.N.` hook name, or None for hooks outside the blocks."""
+    match = re.match(r"blocks\.(\d+)\.", hook_name)
+    return int(match.group(1)) if match else None
+
+
+def stable_hash(value: Any, length: int = 12) -> str:
+    """A short hash of a JSON-able value, stable across runs and machines."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _friendly_errors(error: ValidationError) -> str:
+    fields = list(RunConfig.model_fields)
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(where, fields, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see `saeflow config-reference` for valid keys"
+            lines.append(f"unknown config key '{where}'{hint}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {message}" if item["loc"] else message)
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a `--set key=value` override; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def make_config(values: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Validate raw values plus `--set` overrides into a RunConfig, or raise ConfigError."""
+    values = dict(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    try:
+        return RunConfig(**values)
+    except ValidationError as error:
+        raise ConfigError(_friendly_errors(error)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the built-in demo config when `path` is None) and validate it."""
+    if path is None:
+        path = DEMO_CONFIG
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not {type(values).__name__}")
+    return make_config(values, overrides)
+
+
+def config_reference() -> str:
+    """A markdown table of every config field with its default and docstring."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, field in RunConfig.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        doc = " ".join((field.description or "").split())
+        rows.append(f"| `{name}` | `{json.dumps(default)}` | {doc} |")
+    return "\n".join(rows)
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

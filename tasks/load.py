@@ -1,0 +1,52 @@
+"""Stage 5, load: open a saved SAE with plain SAELens and check it, from a folder on disk or a
+SAELens pretrained release (`SAE.from_pretrained(release, sae_id)`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from tasks.artifacts import stage
+
+STAGE_VERSION = 1
+
+
+def open_sae(source: dict[str, Any], device: str = "cpu"):
+    """The SAE and its log10 feature sparsity (None if unknown) from `{"path": folder}` or
+    `{"release": ..., "sae_id": ...}`."""
+    from sae_lens import SAE
+
+    if "path" in source:
+        path = Path(source["path"])
+        if not (path / "cfg.json").is_file():
+            raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json is missing)")
+        sae = SAE.load_from_disk(path, device=device)
+        sparsity_file = path / "sparsity.safetensors"
+        sparsity = load_file(sparsity_file)["sparsity"] if sparsity_file.is_file() else None
+        return sae, sparsity
+    sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(source["release"], source["sae_id"], device=device)
+    return sae, sparsity
+
+
+@stage("load-sae", STAGE_VERSION, key_inputs=("source",))
+def load_sae(source: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Load the SAE, check that its weights and sparsity are usable, and describe it."""
+    sae, sparsity = open_sae(source, device)
+    for name, param in sae.state_dict().items():
+        if not torch.isfinite(param).all():
+            raise ValueError(f"SAE from {source} has non-finite values in {name}")
+    if sparsity is not None and sparsity.shape != (sae.cfg.d_sae,):
+        raise ValueError(f"SAE from {source}: sparsity has shape {tuple(sparsity.shape)}, expected ({sae.cfg.d_sae},)")
+    return {
+        "source": source,
+        "architecture": sae.cfg.architecture(),
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "hook_name": sae.cfg.metadata.hook_name,
+        "hook_head_index": sae.cfg.metadata.hook_head_index,
+        "has_sparsity": sparsity is not None,
+        "outputs": [source["path"]] if "path" in source else [],
+    }

@@ -1,0 +1,119 @@
+"""Checks made before any work starts: every problem that can be found without loading a model's
+weights or touching the data at scale gets one clear message here.
+
+`resolve` checks the config against the model's architecture (built on the meta device: hook
+names and shapes, no weights) and the dataset's columns, and fills in `d_in`. `claim_run` picks
+the run folder and refuses to continue a run whose stored config would change the result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from tasks.artifacts import read_json, run_dir, write_json
+from tasks.config import ConfigError, RunConfig, hook_layer_of, stable_hash
+
+
+def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
+    outside = [h for h in hook_names if not h.startswith("blocks.")]
+    in_block = sorted({h.split(".", 2)[2] for h in hook_names if h.startswith("blocks.0.")})
+    return (
+        f"valid hooks are blocks.N.<name> for N in 0..{n_layers - 1} with <name> one of: "
+        f"{', '.join(in_block)}; and {', '.join(outside)}"
+    )
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Check the config against the model and the data; return it with `d_in` filled in."""
+    from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
+    from tasks.model import hook_width, meta_model
+    from tasks.train import new_training_sae
+
+    try:
+        model = meta_model(cfg)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot read the architecture of model '{cfg.model_name}': {error}. Use a TransformerLens "
+            f"model name (offline, it must already be in the Hugging Face cache) or give model_cfg"
+        ) from None
+    hooks = sorted(model.hook_dict)
+    if cfg.hook_name not in model.hook_dict:
+        raise ConfigError(f"unknown hook_name '{cfg.hook_name}' for {cfg.model_name}; " + _valid_hooks_message(hooks, model.cfg.n_layers))
+    if cfg.context_size > model.cfg.n_ctx:
+        raise ConfigError(f"context_size ({cfg.context_size}) is larger than {cfg.model_name}'s n_ctx ({model.cfg.n_ctx}); lower context_size")
+    try:
+        width = hook_width(model, cfg.hook_name, cfg.hook_head_index)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if cfg.d_in is not None and cfg.d_in != width:
+        raise ConfigError(f"d_in is {cfg.d_in} but {cfg.hook_name} of {cfg.model_name} has width {width}; set d_in: {width} or leave it out")
+    layer = hook_layer_of(cfg.hook_name)
+    cfg = cfg.model_copy(update={"d_in": width, "hook_layer": layer})
+
+    try:
+        dataset = load_text_dataset(cfg.dataset_path, streaming=True, seed=cfg.seed)
+        tokenized = check_dataset_columns(dataset_columns(dataset), cfg.is_dataset_tokenized, cfg.dataset_path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
+    if tokenized and cfg.model_cfg is not None and cfg.tokenizer_path is None:
+        raise ConfigError(
+            f"dataset {cfg.dataset_path} holds token ids, so no tokenizer can be trained on it for the local "
+            f"model; set tokenizer_path to the tokenizer the dataset was made with"
+        )
+    cfg = cfg.model_copy(update={"is_dataset_tokenized": tokenized})
+
+    try:
+        new_training_sae(cfg.model_copy(update={"device": "meta"}))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
+    return RunConfig(**cfg.model_dump())
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    """A stable, readable run name: the same config always gives the same name."""
+    model = "".join(c if c.isalnum() else "-" for c in cfg.model_name).strip("-")
+    hook = cfg.hook_name.replace("blocks.", "L").replace("hook_", "").replace(".", "-")
+    return f"{model}-{hook}-{cfg.architecture}-{stable_hash(cfg.result_fields(), 8)}"
+
+
+def check_artifacts_dir(artifacts_dir: str | Path) -> None:
+    """Fail early, with the fix, if the artifacts folder cannot be written."""
+    folder = Path(artifacts_dir)
+    probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"artifacts directory {folder} is not writable ({error.strerror}); choose another with --artifacts-dir") from None
+
+
+def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, new: bool) -> str:
+    """Choose the run name and record the config in the run folder.
+
+    The same config (or `run_name`) continues its run. `new` picks the first free name
+    `<name>-2`, `<name>-3`, ... and leaves the old run alone. Continuing a run whose stored config
+    differs in a field that changes the result is refused, naming the fields.
+    """
+    check_artifacts_dir(artifacts_dir)
+    base = run_name or default_run_name(cfg)
+    name = base
+    if new:
+        n = 2
+        while run_dir(artifacts_dir, name).exists():
+            name, n = f"{base}-{n}", n + 1
+    folder = run_dir(artifacts_dir, name)
+    stored = folder / "config.json"
+    if stored.exists():
+        previous = read_json(stored)["result_fields"]
+        current = cfg.result_fields()
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"run '{name}' was started with a different config ({details}). Start a new run with --new "
+                f"(the old one is kept), or restore those settings to continue it"
+            )
+    write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": cfg.result_fields()})
+    return name

@@ -1,0 +1,244 @@
+"""Stage 3, train: SAELens's `SAETrainer` fed from the activation store, with checkpoints.
+
+The run config is mapped onto sae-lens 6.x (`LanguageModelSAERunnerConfig`, its
+`to_sae_trainer_config()`, the architecture's `*TrainingSAEConfig`); training itself is
+`SAETrainer.fit()`. What saeflow adds:
+
+- the data provider is `ShuffledBatches` over the stored activations, so the data position is
+  just the batch number and a resumed run starts there directly;
+- checkpoints are written by our `save_checkpoint_fn` into a temporary folder that is renamed
+  into place (`checkpoints/step-NNNNNNNNN/`) only once complete, with a checksum manifest, and
+  the newest `keep_checkpoints` are kept;
+- on start, the newest checkpoint whose checksums verify is loaded (SAE weights, optimizer,
+  schedulers, counters, activation scaler) and training continues from it.
+
+The trained SAE (training format, before the final save) goes to `<run>/trained/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from tasks.activations import ShuffledBatches, load_store
+from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_json, write_manifest
+from tasks.config import RunConfig
+
+STAGE_VERSION = 1
+ARCHITECTURE_KWARGS = {
+    "standard": ("l1_coefficient", "l1_warm_up_steps"),
+    "gated": ("l1_coefficient", "l1_warm_up_steps"),
+    "topk": ("k",),
+    "batchtopk": ("k",),
+    "matryoshka_batchtopk": ("k", "matryoshka_widths"),
+    "jumprelu": ("l0_coefficient", "l0_warm_up_steps"),
+}
+SAEFLOW_STATE = "saeflow_state.json"
+
+
+def training_sae_config(cfg: RunConfig):
+    """The architecture's SAELens `*TrainingSAEConfig` for this run (needs `cfg.d_in`)."""
+    import dataclasses
+
+    from sae_lens.registry import get_sae_training_class
+
+    config_class = get_sae_training_class(cfg.architecture)[1]
+    valid = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(cfg.sae_kwargs) - valid)
+    if unknown:
+        raise ValueError(
+            f"sae_kwargs {unknown} are not fields of SAELens's {config_class.__name__}; valid ones: "
+            f"{', '.join(sorted(valid - {'metadata', 'd_in', 'd_sae', 'device', 'dtype'}))}"
+        )
+    kwargs = {name: getattr(cfg, name) for name in ARCHITECTURE_KWARGS[cfg.architecture]}
+    if "matryoshka_widths" in kwargs:
+        kwargs["matryoshka_widths"] = list(kwargs["matryoshka_widths"])
+    return config_class(
+        d_in=cfg.d_in,
+        d_sae=cfg.sae_width,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        normalize_activations=cfg.normalize_activations,
+        **kwargs,
+        **cfg.sae_kwargs,
+    )
+
+
+def runner_config(cfg: RunConfig, run_name: str | None = None):
+    """The equivalent SAELens `LanguageModelSAERunnerConfig` (nothing is written by SAELens)."""
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+
+    return LanguageModelSAERunnerConfig(
+        sae=training_sae_config(cfg),
+        model_name=cfg.model_name,
+        hook_name=cfg.hook_name,
+        hook_head_index=cfg.hook_head_index,
+        dataset_path=cfg.dataset_path,
+        is_dataset_tokenized=bool(cfg.is_dataset_tokenized),
+        streaming=cfg.streaming,
+        context_size=cfg.context_size,
+        n_batches_in_buffer=cfg.n_batches_in_buffer,
+        training_tokens=cfg.training_tokens,
+        store_batch_size_prompts=cfg.store_batch_size_prompts,
+        device=cfg.device,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        prepend_bos=cfg.prepend_bos,
+        autocast=cfg.autocast,
+        autocast_lm=cfg.autocast_lm,
+        train_batch_size_tokens=cfg.train_batch_size_tokens,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        lr=cfg.lr,
+        lr_end=cfg.lr_end,
+        lr_scheduler_name=cfg.lr_scheduler_name,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=cfg.lr_decay_steps,
+        dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=cfg.feature_sampling_window,
+        n_checkpoints=cfg.n_checkpoints,
+        checkpoint_path=None,
+        output_path=None,
+        verbose=False,
+        model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+        logger=LoggingConfig(
+            log_to_wandb=cfg.log_to_wandb,
+            wandb_project=cfg.wandb_project,
+            wandb_log_frequency=cfg.wandb_log_frequency,
+            run_name=run_name,
+        ),
+    )
+
+
+def new_training_sae(cfg: RunConfig, run_name: str | None = None):
+    """A freshly initialised SAELens TrainingSAE for this run, seeded by `cfg.seed`."""
+    from sae_lens import TrainingSAE
+
+    runner_cfg = runner_config(cfg, run_name)
+    sae_cfg = type(runner_cfg.sae).from_sae_runner_config(runner_cfg)
+    sae_cfg.metadata.dataset_path = cfg.dataset_path
+    torch.manual_seed(cfg.seed)
+    return TrainingSAE.from_dict(sae_cfg.to_dict()), runner_cfg
+
+
+def checkpoint_root(cfg: RunConfig, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint_path) / run_dir.name if cfg.checkpoint_path else run_dir / "checkpoints"
+
+
+def newest_checkpoint(root: Path, logger) -> Path | None:
+    """The newest checkpoint whose files match their checksums; broken ones are skipped, named."""
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        if verify_manifest(folder) is not None:
+            return folder
+        logger.warning(f"Checkpoint {folder} is incomplete or corrupted; skipping it")
+    return None
+
+
+def _prune(root: Path, keep: int) -> None:
+    for folder in sorted(root.glob("step-*"), reverse=True)[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def train_spec(cfg: RunConfig) -> dict[str, Any]:
+    """The stage's inputs: the whole config (its cache key ignores nothing that matters)."""
+    return cfg.model_dump(mode="json")
+
+
+@stage("train-sae", STAGE_VERSION, key_inputs=("spec", "store_ref", "run_dir"))
+def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Train the SAE on the stored activations, resuming from the newest valid checkpoint."""
+    from prefect import get_run_logger
+    from sae_lens import SAETrainer
+
+    logger = get_run_logger()
+    cfg = RunConfig(**spec)
+    out = Path(run_dir) / "trained"
+    if verify_manifest(out) is not None:
+        return _result(out)
+    if out.exists():
+        raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+
+    sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
+    trainer_cfg = runner_cfg.to_sae_trainer_config()
+    batch = cfg.train_batch_size_tokens
+    root = checkpoint_root(cfg, Path(run_dir))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
+
+    def save_checkpoint(checkpoint_path: Path | None) -> None:
+        # SAELens calls this after a step, before counting it in n_training_steps.
+        steps = trainer.n_training_steps + 1
+        with atomic_dir(root / f"step-{steps:09d}") as tmp:
+            trainer.sae.save_model(tmp)
+            save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
+            trainer.save_trainer_state(tmp)
+            write_json(tmp / SAEFLOW_STATE, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples})
+            write_manifest(tmp, {"n_training_steps": steps})
+        _prune(root, cfg.keep_checkpoints)
+        logger.info(f"Checkpoint at step {steps} ({trainer.n_training_samples} tokens) written")
+
+    trainer.save_checkpoint_fn = save_checkpoint
+    activations, _ = load_store(store_ref)
+    resumed_from = newest_checkpoint(root, logger)
+    if resumed_from is not None:
+        trainer.load_trainer_state(resumed_from)
+        sae.load_weights_from_checkpoint(resumed_from)
+        state = read_json(resumed_from / SAEFLOW_STATE)
+        trainer.n_training_steps = state["n_training_steps"]
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+        logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")
+    elif cfg.normalize_activations == "expected_average_only_in":
+        trainer.activation_scaler.estimate_scaling_factor(
+            d_in=cfg.d_in,
+            data_provider=ShuffledBatches(activations, batch, cfg.seed),
+            n_batches_for_norm_estimate=min(trainer_cfg.n_batches_for_norm_estimate, math.ceil(len(activations) / batch)),
+        )
+    trainer.data_provider = ShuffledBatches(activations, batch, cfg.seed, start_batch=trainer.n_training_samples // batch)
+
+    start_tokens, started = trainer.n_training_samples, time.monotonic()
+    with _wandb_run(cfg, runner_cfg, Path(run_dir).name):
+        sae = trainer.fit()
+    elapsed = time.monotonic() - started
+    trained_tokens = trainer.n_training_samples - start_tokens
+    logger.info(f"Trained {trained_tokens} tokens in {elapsed:.1f}s ({trained_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+
+    with atomic_dir(out) as tmp:
+        sae.save_model(tmp)
+        save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
+        write_manifest(
+            tmp,
+            {
+                "n_training_tokens": trainer.n_training_samples,
+                "n_training_steps": trainer.n_training_steps,
+                "resumed_from_step": read_json(resumed_from / SAEFLOW_STATE)["n_training_steps"] if resumed_from else 0,
+                "l0": sae.cfg.metadata.l0,
+                "dead_features": sae.cfg.metadata.num_dead_features,
+            },
+        )
+    return _result(out)
+
+
+def _result(out: Path) -> dict[str, Any]:
+    manifest = read_json(out / "manifest.json")
+    keys = ("n_training_tokens", "n_training_steps", "resumed_from_step", "l0", "dead_features")
+    return {"path": str(out), **{k: manifest[k] for k in keys}, "outputs": [str(out)]}
+
+
+@contextlib.contextmanager
+def _wandb_run(cfg: RunConfig, runner_cfg, run_name: str):
+    if not cfg.log_to_wandb:
+        yield
+        return
+    import wandb
+
+    wandb.init(project=cfg.wandb_project, name=run_name, id=run_name, resume="allow", config=runner_cfg.to_dict())
+    try:
+        yield
+    finally:
+        wandb.finish()
