@@ -51,8 +51,10 @@ def sae_pipeline(config: dict[str, Any], run_name: str, artifacts_dir: str) -> d
     return summary
 
 
-def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path) -> dict[str, Any]:
-    """Run the flow with its results persisted under `<artifacts_dir>/prefect-results/`."""
+def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):
+    """Run the flow with its results persisted under `<artifacts_dir>/prefect-results/`.
+
+    Returns the run's summary, or the flow run's final Prefect state with `return_state`."""
     artifacts_dir = Path(artifacts_dir).resolve()
     pipeline = sae_pipeline.with_options(result_storage=artifacts_dir / RESULTS_DIRNAME)
-    return pipeline(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=str(artifacts_dir))
+    return pipeline(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=str(artifacts_dir), return_state=return_state)

@@ -1,0 +1,68 @@
+"""Shared test setup: offline, CPU, one Prefect server for the whole session, small local models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import flows  # noqa: E402,F401  (process defaults: OMP passive wait, no Prefect telemetry)
+import pytest  # noqa: E402
+
+from tasks.config import RunConfig, make_config  # noqa: E402
+
+TINY_MODEL = {
+    "n_layers": 2,
+    "d_model": 32,
+    "n_ctx": 64,
+    "d_head": 8,
+    "n_heads": 4,
+    "d_mlp": 128,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+}
+
+
+def tiny_config(**overrides) -> RunConfig:
+    """A run on a small locally built model and the generated stories: seconds on a CPU."""
+    values = {
+        "model_name": "tiny-test",
+        "model_cfg": TINY_MODEL,
+        "dataset_path": "demo:stories",
+        "hook_name": "blocks.0.hook_resid_post",
+        "context_size": 32,
+        "expansion_factor": 4,
+        "train_batch_size_tokens": 512,
+        "training_tokens": 32_768,
+        "n_batches_in_buffer": 16,
+        "store_batch_size_prompts": 16,
+        "n_checkpoints": 4,
+        "prompts": ["Lily went to the park with a red ball .", "The cat was happy because Tom fed it ."],
+        "top_k_features": 3,
+        "top_k_tokens": 5,
+    }
+    values.update(overrides)
+    return make_config(values)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the session; subprocesses reach it through PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task name -> state name ("Completed", "Cached", ...) for the flow run behind a final state."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}

@@ -1,0 +1,146 @@
+"""Config validation: the guide's names, and one clear message per kind of bad input."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import ConfigError, RunConfig, config_reference, load_config, make_config
+
+GUIDE_CONFIG = {
+    "model_name": "tiny-stories-1M",
+    "hook_name": "blocks.0.hook_resid_pre",
+    "hook_layer": 0,
+    "dataset_path": "roneneldan/TinyStories",
+    "is_dataset_tokenized": False,
+    "context_size": 64,
+    "d_in": 64,
+    "expansion_factor": 4,
+    "l1_coefficient": 1e-4,
+    "lr": 1e-4,
+    "lr_scheduler_name": "constant",
+    "lr_warm_up_steps": 0,
+    "l1_warm_up_steps": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "train_batch_size_tokens": 512,
+    "training_tokens": 10_000_000,
+    "n_batches_in_buffer": 64,
+    "store_batch_size_prompts": 32,
+    "log_to_wandb": False,
+    "wandb_project": "saelens_training_example",
+    "wandb_log_frequency": 100,
+    "checkpoint_path": "./sae_training_checkpoints",
+    "n_checkpoints": 5,
+    "device": "cpu",
+    "seed": 42,
+    "dtype": "float32",
+    "normalize_activations": "none",
+}
+
+
+def test_guide_config_is_accepted_as_written():
+    cfg = make_config(GUIDE_CONFIG)
+    assert cfg.expansion_factor == 4 and cfg.hook_layer == 0 and cfg.l1_coefficient == 1e-4
+    assert cfg.sae_width == 256
+
+
+def test_guide_config_maps_onto_sae_lens_6():
+    from sae_lens import StandardTrainingSAEConfig
+
+    from tasks.train import runner_config
+
+    runner = runner_config(make_config(GUIDE_CONFIG))
+    assert isinstance(runner.sae, StandardTrainingSAEConfig)
+    assert (runner.sae.d_in, runner.sae.d_sae, runner.sae.l1_coefficient) == (64, 256, 1e-4)
+    trainer = runner.to_sae_trainer_config()
+    assert trainer.total_training_samples == 10_000_000 and trainer.train_batch_size_samples == 512
+    assert trainer.lr_end == pytest.approx(1e-5)
+    assert runner.checkpoint_path is None and runner.output_path is None  # SAELens writes nothing itself
+
+
+@pytest.mark.parametrize(
+    ("architecture", "extra", "config_class", "check"),
+    [
+        ("topk", {"k": 8}, "TopKTrainingSAEConfig", ("k", 8)),
+        ("batchtopk", {"k": 8}, "BatchTopKTrainingSAEConfig", ("k", 8)),
+        ("jumprelu", {"l0_coefficient": 2.0}, "JumpReLUTrainingSAEConfig", ("l0_coefficient", 2.0)),
+        ("gated", {"l1_coefficient": 3.0}, "GatedTrainingSAEConfig", ("l1_coefficient", 3.0)),
+        ("matryoshka", {"k": 8, "matryoshka_widths": [32, 64]}, "MatryoshkaBatchTopKTrainingSAEConfig", ("matryoshka_widths", [32, 64])),
+    ],
+)
+def test_architectures_map_to_their_training_configs(architecture, extra, config_class, check):
+    from tasks.train import training_sae_config
+
+    cfg = make_config({**GUIDE_CONFIG, "l1_coefficient": 1.0, "architecture": architecture, **extra})
+    sae_cfg = training_sae_config(cfg)
+    assert type(sae_cfg).__name__ == config_class
+    assert getattr(sae_cfg, check[0]) == check[1]
+
+
+def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
+    from tasks.train import training_sae_config
+
+    cfg = make_config({**GUIDE_CONFIG, "sae_kwargs": {"decoder_init_norm": 0.5}})
+    assert training_sae_config(cfg).decoder_init_norm == 0.5
+    with pytest.raises(ValueError, match="not_a_field"):
+        training_sae_config(make_config({**GUIDE_CONFIG, "sae_kwargs": {"not_a_field": 1}}))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"hook_layer": 3}, "hook_layer is 3 but hook_name 'blocks.0.hook_resid_pre' is in layer 0"),
+        ({"expansion_factr": 4}, "unknown config key 'expansion_factr'; did you mean 'expansion_factor'?"),
+        ({"context_size": 0}, "context_size: Input should be greater than 0"),
+        ({"train_batch_size_tokens": -5}, "train_batch_size_tokens: Input should be greater than 0"),
+        ({"training_tokens": 100}, "training_tokens (100) is smaller than one batch"),
+        ({"n_batches_in_buffer": 4}, "Raise n_batches_in_buffer to at least 8"),
+        ({"k": 10}, "k is used only by the topk and batchtopk and matryoshka_batchtopk"),
+        ({"architecture": "sparse"}, "architecture: Input should be"),
+        ({"d_in": 0}, "d_in must be positive"),
+    ],
+)
+def test_bad_values_get_one_clear_message(values, message):
+    with pytest.raises(ConfigError) as error:
+        make_config({**GUIDE_CONFIG, **values})
+    assert message in str(error.value)
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(GUIDE_CONFIG))
+    cfg = load_config(path, ["lr=0.001", "prompts=[a, b]", "log_to_wandb=true"])
+    assert cfg.lr == 0.001 and cfg.prompts == ["a", "b"] and cfg.log_to_wandb is True
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        load_config(path, ["lr"])
+
+
+def test_missing_or_malformed_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(None)
+    assert cfg.model_cfg is not None and cfg.dataset_path == "demo:stories"
+
+
+def test_result_fields_leave_out_logging_and_checkpoint_count():
+    a = make_config(GUIDE_CONFIG)
+    b = make_config({**GUIDE_CONFIG, "n_checkpoints": 50, "wandb_project": "other", "prompts": ["x"]})
+    c = make_config({**GUIDE_CONFIG, "lr": 2e-4})
+    assert a.result_fields() == b.result_fields()
+    assert a.result_fields() != c.result_fields()
+
+
+def test_reference_and_readme_document_every_field():
+    reference = config_reference()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, field in RunConfig.model_fields.items():
+        assert field.description, f"{name} has no docstring"
+        assert f"| `{name}` |" in reference
+        assert f"| `{name}` |" in readme, f"README's config reference lacks {name}; paste `saeflow config-reference`"

@@ -1,0 +1,145 @@
+"""The guide's four workflows as tests on a locally built model, plus caching of the whole flow."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import task_states, tiny_config
+from flows.pipeline import run_pipeline
+from tasks.preflight import claim_run, resolve
+
+STAGES = ["build-model", "fill-activations", "train-sae", "save-sae", "load-sae", "analyse"]
+
+
+def start(cfg, artifacts, run_name=None, new=False):
+    """Resolve and claim a run as the CLI does, then run the flow; returns (run name, final state)."""
+    cfg = resolve(cfg)
+    name = claim_run(cfg, artifacts, run_name, new)
+    return name, run_pipeline(cfg, name, artifacts, return_state=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_server, tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    cfg = tiny_config()
+    name, state = start(cfg, artifacts)
+    assert state.is_completed()
+    return {"cfg": resolve(cfg), "artifacts": artifacts, "name": name, "state": state, "summary": state.result()}
+
+
+@pytest.fixture(scope="module")
+def models(finished_run):
+    from sae_lens import SAE
+
+    from tasks.model import load_model
+
+    summary = finished_run["summary"]
+    sae = SAE.load_from_disk(summary["sae"]["path"])
+    return load_model(summary["model"], "cpu", processed=True), sae
+
+
+def test_full_training_cycle_writes_checkpoints_and_trains_every_token(finished_run):
+    summary, cfg = finished_run["summary"], finished_run["cfg"]
+    assert task_states(finished_run["state"]) == {stage: "Completed" for stage in STAGES}
+    training = summary["training"]
+    assert training["n_training_tokens"] >= cfg.training_tokens
+    assert training["n_training_steps"] == cfg.training_tokens // cfg.train_batch_size_tokens
+    assert training["resumed_from_step"] == 0
+    checkpoints = sorted((Path(summary["run_dir"]) / "checkpoints").glob("step-*"))
+    assert 1 <= len(checkpoints) <= cfg.keep_checkpoints
+    for folder in checkpoints:
+        names = {p.name for p in folder.iterdir()}
+        assert {"sae_weights.safetensors", "cfg.json", "trainer_state.pt", "sparsity.safetensors", "manifest.json"} <= names
+    # the activation store holds exactly the training tokens, once each
+    manifest = json.loads((Path(summary["activations"]["path"]) / "manifest.json").read_text())
+    ranges = [(s["start"], s["stop"]) for s in manifest["shards"]]
+    assert ranges[0][0] == 0 and ranges[-1][1] == cfg.training_tokens
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_saved_sae_loads_with_plain_sae_lens_and_has_real_sparsity(finished_run, models):
+    from tasks.activations import load_store
+
+    summary = finished_run["summary"]
+    _, sae = models
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (32, 128)
+    assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    log_sparsity = load_file(Path(summary["sae"]["path"]) / "sparsity.safetensors")["sparsity"]
+    activations, _ = load_store(summary["activations"])
+    with torch.no_grad():
+        recomputed = (sae.encode(activations) != 0).float().mean(0)
+    assert torch.allclose(10**log_sparsity, recomputed + 1e-10, rtol=1e-4, atol=1e-7)
+    assert log_sparsity.max() > -10  # features do fire: not the guide's placeholder
+    assert summary["sae"]["mean_l0"] == pytest.approx(recomputed.sum().item(), rel=1e-4)
+
+
+def test_top_features_for_a_prompt_match_an_independent_computation(finished_run, models):
+    model, sae = models
+    analysis = json.loads(Path(finished_run["summary"]["analysis"]["path"]).read_text())
+    prompt = analysis["prompts"][0]
+    assert prompt["token"] == "." and len(prompt["top_features"]) == 3
+    with torch.no_grad():
+        _, cache = model.run_with_cache(model.to_tokens(prompt["prompt"]))
+        feature_acts = sae.encode(cache[sae.cfg.metadata.hook_name])[0, -1]
+    values, indices = torch.topk(feature_acts, 3)
+    assert [f["feature"] for f in prompt["top_features"]] == indices.tolist()
+    assert [f["activation"] for f in prompt["top_features"]] == pytest.approx(values.tolist(), rel=1e-5)
+    assert all(f["activation"] >= 0 for f in prompt["top_features"])
+
+
+def test_analysis_model_keeps_the_training_activations(finished_run):
+    from tasks.model import hook_activations, load_model
+
+    summary = finished_run["summary"]
+    raw = load_model(summary["model"], "cpu", processed=False)
+    processed = load_model(summary["model"], "cpu", processed=True)
+    tokens = raw.to_tokens("Tom saw a blue fox near the lake .")
+    with torch.no_grad():
+        a = hook_activations(raw, tokens, "blocks.0.hook_resid_post", None)
+        b = hook_activations(processed, tokens, "blocks.0.hook_resid_post", None)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_logit_analysis_uses_W_dec_times_W_U(finished_run, models):
+    model, sae = models
+    analysis = json.loads(Path(finished_run["summary"]["analysis"]["path"]).read_text())
+    assert analysis["projection_shape"] == [sae.cfg.d_sae, model.cfg.d_vocab]
+    fired = {f["feature"] for p in analysis["prompts"] for f in p["top_features"] if f["activation"] > 0}
+    assert {e["feature"] for e in analysis["logit_effects"]} == fired
+    projection = sae.W_dec @ model.W_U
+    effect = analysis["logit_effects"][0]
+    row = projection[effect["feature"]]
+    assert [e["token"] for e in effect["promoted"]] == [model.to_string(i) for i in torch.topk(row, 5).indices]
+    assert [e["token"] for e in effect["inhibited"]] == [model.to_string(i) for i in torch.topk(-row, 5).indices]
+    assert effect["promoted"][0]["logit"] == pytest.approx(row.max().item(), rel=1e-5)
+
+
+def test_second_run_is_all_cache_hits(finished_run):
+    trained = Path(finished_run["summary"]["training"]["path"]) / "sae_weights.safetensors"
+    before = trained.stat().st_mtime_ns
+    _, state = start(tiny_config(), finished_run["artifacts"])
+    assert task_states(state) == {stage: "Cached" for stage in STAGES}
+    assert trained.stat().st_mtime_ns == before
+    assert state.result()["sae"] == finished_run["summary"]["sae"]
+
+
+def test_a_stage_whose_files_are_gone_runs_again(finished_run):
+    analysis = Path(finished_run["summary"]["analysis"]["path"])
+    analysis.unlink()
+    _, state = start(tiny_config(), finished_run["artifacts"])
+    states = task_states(state)
+    assert states.pop("analyse") == "Completed"
+    assert set(states.values()) == {"Cached"}
+    assert analysis.is_file()
+
+
+def test_other_sae_settings_reuse_the_model_and_activations(finished_run):
+    name, state = start(tiny_config(l1_coefficient=3.0), finished_run["artifacts"])
+    assert name != finished_run["name"]
+    states = task_states(state)
+    assert states["build-model"] == states["fill-activations"] == "Cached"
+    assert states["train-sae"] == "Completed"
+    assert state.result()["activations"] == finished_run["summary"]["activations"]
