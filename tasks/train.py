@@ -185,12 +185,12 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
 
     trainer.save_checkpoint_fn = save_checkpoint
     activations, _ = load_store(store_ref)
-    resumed_from = newest_checkpoint(root, logger)
+    resumed_from, resumed_from_step = newest_checkpoint(root, logger), 0
     if resumed_from is not None:
         trainer.load_trainer_state(resumed_from)
         sae.load_weights_from_checkpoint(resumed_from)
-        state = read_json(resumed_from / SAEFLOW_STATE)
-        trainer.n_training_steps = state["n_training_steps"]
+        resumed_from_step = read_json(resumed_from / SAEFLOW_STATE)["n_training_steps"]
+        trainer.n_training_steps = resumed_from_step
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
         logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")
     elif cfg.normalize_activations == "expected_average_only_in":
@@ -216,7 +216,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             {
                 "n_training_tokens": trainer.n_training_samples,
                 "n_training_steps": trainer.n_training_steps,
-                "resumed_from_step": read_json(resumed_from / SAEFLOW_STATE)["n_training_steps"] if resumed_from else 0,
+                "resumed_from_step": resumed_from_step,
                 "l0": sae.cfg.metadata.l0,
                 "dead_features": sae.cfg.metadata.num_dead_features,
             },

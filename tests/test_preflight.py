@@ -1,0 +1,114 @@
+"""Bad input gets one clear message before any model is loaded; runs are never overwritten."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_MODEL, tiny_config
+from flows.cli import EXIT_BAD_INPUT, main
+from tasks.config import ConfigError
+from tasks.preflight import claim_run, default_run_name, resolve
+
+
+def resolve_error(**overrides) -> str:
+    with pytest.raises(ConfigError) as error:
+        resolve(tiny_config(**overrides))
+    return str(error.value)
+
+
+def test_resolve_reads_d_in_from_the_hook():
+    assert resolve(tiny_config()).d_in == 32
+    assert resolve(tiny_config(hook_name="blocks.1.mlp.hook_post")).d_in == 128
+    assert resolve(tiny_config(hook_name="blocks.0.attn.hook_z")).d_in == 32
+    assert resolve(tiny_config(hook_name="blocks.0.attn.hook_z", hook_head_index=2)).d_in == 8
+    assert resolve(tiny_config()).is_dataset_tokenized is False
+
+
+def test_unknown_hook_lists_the_valid_ones():
+    message = resolve_error(hook_name="blocks.0.hook_resid_postt")
+    assert "unknown hook_name 'blocks.0.hook_resid_postt'" in message
+    assert "N in 0..1" in message and "hook_resid_post" in message and "hook_embed" in message
+
+
+def test_stated_d_in_must_match_the_hook():
+    assert "d_in is 64 but blocks.0.hook_resid_post of tiny-test has width 32" in resolve_error(d_in=64)
+
+
+def test_head_index_out_of_range():
+    assert "has 4 heads" in resolve_error(hook_name="blocks.0.attn.hook_z", hook_head_index=7)
+
+
+def test_context_larger_than_n_ctx():
+    with pytest.raises(ConfigError, match=r"context_size \(128\) is larger than the model's n_ctx \(64\)"):
+        tiny_config(context_size=128, n_batches_in_buffer=64)
+
+
+def test_missing_dataset_column(tmp_path: Path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"body": f"story {i}"}) for i in range(5)))
+    message = resolve_error(dataset_path=str(data))
+    assert "has columns ['body'], but needs a 'text' column" in message
+
+
+def test_tokenized_flag_must_match_the_data():
+    assert "is_dataset_tokenized is True, but dataset demo:stories holds raw text" in resolve_error(is_dataset_tokenized=True)
+
+
+def test_unknown_pretrained_model_offline_is_explained():
+    message = resolve_error(model_cfg=None, model_name="not-a-real-model-xyz")
+    assert "cannot read the architecture of model 'not-a-real-model-xyz'" in message
+
+
+def test_sae_lens_rejections_come_before_any_work():
+    message = resolve_error(architecture="matryoshka", k=4, matryoshka_widths=[64, 16])
+    assert "SAELens rejects the matryoshka_batchtopk SAE settings" in message and "strictly increasing" in message
+
+
+def test_unwritable_artifacts_dir(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is not writable.*--artifacts-dir"):
+        claim_run(resolve(tiny_config()), blocker / "artifacts", None, new=False)
+
+
+def test_run_names_are_stable_and_new_never_overwrites(tmp_path: Path):
+    cfg = resolve(tiny_config())
+    name = claim_run(cfg, tmp_path, None, new=False)
+    assert name == default_run_name(cfg) == claim_run(resolve(tiny_config()), tmp_path, None, new=False)
+    assert name != default_run_name(resolve(tiny_config(lr=1e-3)))
+    stored = tmp_path / "runs" / name / "config.json"
+    before = stored.read_text()
+    assert claim_run(cfg, tmp_path, None, new=True) == f"{name}-2"
+    assert claim_run(cfg, tmp_path, None, new=True) == f"{name}-3"
+    assert stored.read_text() == before
+
+
+def test_continuing_a_run_with_a_result_changing_config_is_refused(tmp_path: Path):
+    claim_run(resolve(tiny_config()), tmp_path, "mine", new=False)
+    with pytest.raises(ConfigError) as error:
+        claim_run(resolve(tiny_config(lr=1e-3, seed=7)), tmp_path, "mine", new=False)
+    message = str(error.value)
+    assert "lr: 0.0003 -> 0.001" in message and "seed: 42 -> 7" in message and "--new" in message
+    # logging and checkpoint settings may change
+    claim_run(resolve(tiny_config(n_checkpoints=2, prompts=["other"])), tmp_path, "mine", new=False)
+
+
+def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    artifacts = tmp_path / "artifacts"
+    code = main(["run", str(config), "--artifacts-dir", str(artifacts), "--set", "hook_name=blocks.5.hook_resid_post"])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "saeflow: config error: unknown hook_name 'blocks.5.hook_resid_post'" in err
+    assert "Traceback" not in err
+    assert not (artifacts / "models").exists() and not (artifacts / "runs").exists()
+    assert main(["run", str(config), "--set", "l1_coeficient=2"]) == EXIT_BAD_INPUT
+    assert "did you mean 'l1_coefficient'?" in capsys.readouterr().err
+
+
+def test_cli_prints_the_config_reference(capsys):
+    assert main(["config-reference"]) == 0
+    assert "| `expansion_factor` |" in capsys.readouterr().out
