@@ -1,0 +1,67 @@
+"""The activation store: an interrupted fill continues where it stopped and ends identical to an
+uninterrupted one; the training batches are a pure function of (seed, batch number)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from prefect import flow
+
+import tasks.activations as activations
+from conftest import tiny_config
+from tasks.activations import ShuffledBatches, fill_activations, load_store, store_spec
+from tasks.model import build_model, model_spec
+from tasks.preflight import resolve
+
+
+@flow
+def fill_store(cfg_json: dict, artifacts_dir: str) -> dict:
+    from tasks.config import RunConfig
+
+    cfg = RunConfig(**cfg_json)
+    model_ref = build_model(model_spec(cfg), artifacts_dir)
+    return fill_activations.with_options(refresh_cache=True)(store_spec(cfg, model_ref), model_ref, artifacts_dir)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_fill_resumes_at_the_first_missing_shard(prefect_server, tmp_path: Path, monkeypatch):
+    cfg = resolve(tiny_config(training_tokens=8192))
+    monkeypatch.setattr(activations, "SHARD_BYTES", 1)  # one model batch per shard: 16 shards
+    reference = fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+    assert reference["n_shards"] == 16
+
+    written, real_save = [], activations._save_shard
+
+    def crash_after_five(path, acts, tokens):
+        if len(written) == 5:
+            path.with_name(f".{path.name}.tmp").write_bytes(b"half a shard")  # killed mid-write
+            raise Crash()
+        written.append(path)
+        return real_save(path, acts, tokens)
+
+    monkeypatch.setattr(activations, "_save_shard", crash_after_five)
+    with pytest.raises(Crash):
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path / "b"))
+    monkeypatch.setattr(activations, "_save_shard", real_save)
+    calls = []
+    monkeypatch.setattr(activations, "_save_shard", lambda *a: calls.append(a[0].name) or real_save(*a))
+    resumed = fill_store(cfg.model_dump(mode="json"), str(tmp_path / "b"))
+
+    assert calls[0] == "shard-00005.safetensors" and len(calls) == 11
+    ref_acts, ref_tokens = load_store(reference)
+    acts, tokens = load_store(resumed)
+    assert torch.equal(acts, ref_acts) and torch.equal(tokens, ref_tokens)
+    assert len(acts) == 8192
+
+
+def test_shuffled_batches_cover_each_row_once_per_epoch_and_seek_directly():
+    data = torch.arange(10, dtype=torch.float32).unsqueeze(1)
+    batches = ShuffledBatches(data, batch_size=4, seed=3)
+    rows = torch.cat([next(batches) for _ in range(5)]).squeeze(1)  # 20 rows = 2 epochs
+    assert sorted(rows[:10].tolist()) == list(range(10)) and sorted(rows[10:].tolist()) == list(range(10))
+    assert not torch.equal(rows[:10], rows[10:])  # each epoch has its own order
+    assert torch.equal(next(ShuffledBatches(data, 4, seed=3, start_batch=3)).squeeze(1), rows[12:16])
+    assert not torch.equal(next(ShuffledBatches(data, 4, seed=4)).squeeze(1), rows[:4])
