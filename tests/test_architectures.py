@@ -37,14 +37,18 @@ def test_architecture_trains_saves_and_loads(prefect_server, tmp_path: Path, ove
     assert Path(summary["analysis"]["path"]).is_file()
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".parquet"])
 def test_local_text_files_are_datasets(prefect_server, tmp_path: Path, suffix):
+    from datasets import Dataset
+
     stories = generate_stories(300, seed=1)
     data = tmp_path / f"stories{suffix}"
     if suffix == ".jsonl":
         data.write_text("\n".join(json.dumps({"text": s}) for s in stories))
-    else:
+    elif suffix == ".txt":
         data.write_text("\n".join(stories))
+    else:
+        Dataset.from_dict({"text": stories}).to_parquet(str(data))
     cfg = resolve(tiny_config(**FAST, dataset_path=str(data)))
     summary = run_pipeline(cfg, claim_run(cfg, tmp_path, None, new=False), tmp_path)
     assert summary["activations"]["n_tokens"] == 8192

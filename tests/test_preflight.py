@@ -112,3 +112,19 @@ def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Pat
 def test_cli_prints_the_config_reference(capsys):
     assert main(["config-reference"]) == 0
     assert "| `expansion_factor` |" in capsys.readouterr().out
+
+
+def test_cli_turns_a_failed_run_into_a_short_message_and_exit_1(tmp_path: Path, capsys, monkeypatch):
+    import flows.pipeline
+    from flows.cli import EXIT_FAILED
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", fail)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "x"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "saeflow: run 'x' failed: RuntimeError: disk full" in err and "run the same command again" in err
+    assert "Traceback" not in err
