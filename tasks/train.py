@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import ShuffledBatches, load_store
-from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
 
 STAGE_VERSION = 1
@@ -40,7 +43,7 @@ ARCHITECTURE_KWARGS = {
     "matryoshka_batchtopk": ("k", "matryoshka_widths"),
     "jumprelu": ("l0_coefficient", "l0_warm_up_steps"),
 }
-SAEFLOW_STATE = "saeflow_state.json"
+EXIT_SIGINT = 130
 
 
 def training_sae_config(cfg: RunConfig):
@@ -132,18 +135,79 @@ def checkpoint_root(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(cfg.checkpoint_path) / run_dir.name if cfg.checkpoint_path else run_dir / "checkpoints"
 
 
-def newest_checkpoint(root: Path, logger) -> Path | None:
-    """The newest checkpoint whose files match their checksums; broken ones are skipped, named."""
-    for folder in sorted(root.glob("step-*"), reverse=True):
-        if verify_manifest(folder) is not None:
-            return folder
-        logger.warning(f"Checkpoint {folder} is incomplete or corrupted; skipping it")
-    return None
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (a signal, a non-finite loss); retrying would not help."""
 
 
-def _prune(root: Path, keep: int) -> None:
-    for folder in sorted(root.glob("step-*"), reverse=True)[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
+class TrainingPreempted(TrainingStopped):
+    """SIGTERM or SIGINT: a checkpoint was written at the step boundary."""
+
+
+class NonFiniteLoss(TrainingStopped):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _make_trainer(cfg: RunConfig, sae, runner_cfg, on_step_end):
+    from sae_lens import SAETrainer
+
+    class Trainer(SAETrainer):
+        """SAELens's trainer with a hook at the step boundary (after the step is counted)."""
+
+        def _update_pbar(self, step_output, pbar, update_interval: int = 100):
+            super()._update_pbar(step_output, pbar, update_interval)
+            on_step_end(self, step_output)
+
+    forward = sae.training_forward_pass
+
+    def checked_forward(step_input):
+        # Stop before backward() and the optimizer step can carry a NaN into the weights.
+        output = forward(step_input)
+        if not torch.isfinite(output.loss):
+            raise NonFiniteLoss(
+                f"loss is {output.loss.item()} at step {step_input.n_training_steps + 1}; training stopped before the "
+                f"update. Lower lr, check the activations for NaN/inf, or try normalize_activations; the last good "
+                f"checkpoint is kept"
+            )
+        return output
+
+    sae.training_forward_pass = checked_forward
+    return Trainer(cfg=runner_cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
+
+
+@contextlib.contextmanager
+def _stop_requests(requested: list[str], logger):
+    """While training: the first SIGTERM/SIGINT is appended to `requested`, which asks for a
+    checkpoint at the end of the current step; a second SIGINT exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled in the main thread
+        return
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if requested and signum == signal.SIGINT:
+            sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")
+            os._exit(EXIT_SIGINT)
+        requested.append(name)
+        logger.warning(f"{name} received: writing a checkpoint at the end of this step, then stopping")
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _retry_unless_stopped(task, task_run, state) -> bool:
+    from tasks.checkpoint import CheckpointWriteError
+
+    try:
+        state.result()
+    except (TrainingStopped, CheckpointWriteError):
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is worth a retry from the checkpoint
+        return True
+    return True
 
 
 def train_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -151,11 +215,12 @@ def train_spec(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-@stage("train-sae", STAGE_VERSION, key_inputs=("spec", "store_ref", "run_dir"))
+@stage("train-sae", STAGE_VERSION, key_inputs=("spec", "store_ref", "run_dir"), retry_condition_fn=_retry_unless_stopped)
 def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Train the SAE on the stored activations, resuming from the newest valid checkpoint."""
     from prefect import get_run_logger
-    from sae_lens import SAETrainer
+
+    from tasks.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 
     logger = get_run_logger()
     cfg = RunConfig(**spec)
@@ -166,43 +231,39 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
 
     sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
-    trainer_cfg = runner_cfg.to_sae_trainer_config()
     batch = cfg.train_batch_size_tokens
     root = checkpoint_root(cfg, Path(run_dir))
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
+    stop_requests: list[str] = []
 
-    def save_checkpoint(checkpoint_path: Path | None) -> None:
-        # SAELens calls this after a step, before counting it in n_training_steps.
-        steps = trainer.n_training_steps + 1
-        with atomic_dir(root / f"step-{steps:09d}") as tmp:
-            trainer.sae.save_model(tmp)
-            save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
-            trainer.save_trainer_state(tmp)
-            write_json(tmp / SAEFLOW_STATE, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples})
-            write_manifest(tmp, {"n_training_steps": steps})
-        _prune(root, cfg.keep_checkpoints)
-        logger.info(f"Checkpoint at step {steps} ({trainer.n_training_samples} tokens) written")
+    def checkpoint(trainer, steps: int) -> Path:
+        position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"]}
+        folder = save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints)
+        logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
+        return folder
 
-    trainer.save_checkpoint_fn = save_checkpoint
+    def on_step_end(trainer, step_output) -> None:
+        if stop_requests:
+            folder = checkpoint(trainer, trainer.n_training_steps)
+            raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
+
+    trainer = _make_trainer(cfg, sae, runner_cfg, on_step_end)
+    # SAELens calls this after a step, before counting it in n_training_steps.
+    trainer.save_checkpoint_fn = lambda checkpoint_path: checkpoint(trainer, trainer.n_training_steps + 1)
     activations, _ = load_store(store_ref)
     resumed_from, resumed_from_step = newest_checkpoint(root, logger), 0
     if resumed_from is not None:
-        trainer.load_trainer_state(resumed_from)
-        sae.load_weights_from_checkpoint(resumed_from)
-        resumed_from_step = read_json(resumed_from / SAEFLOW_STATE)["n_training_steps"]
-        trainer.n_training_steps = resumed_from_step
-        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+        resumed_from_step = load_checkpoint(trainer, resumed_from)["n_training_steps"]
         logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")
     elif cfg.normalize_activations == "expected_average_only_in":
         trainer.activation_scaler.estimate_scaling_factor(
             d_in=cfg.d_in,
             data_provider=ShuffledBatches(activations, batch, cfg.seed),
-            n_batches_for_norm_estimate=min(trainer_cfg.n_batches_for_norm_estimate, math.ceil(len(activations) / batch)),
+            n_batches_for_norm_estimate=min(trainer.cfg.n_batches_for_norm_estimate, math.ceil(len(activations) / batch)),
         )
     trainer.data_provider = ShuffledBatches(activations, batch, cfg.seed, start_batch=trainer.n_training_samples // batch)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
-    with _wandb_run(cfg, runner_cfg, Path(run_dir).name):
+    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests, logger):
         sae = trainer.fit()
     elapsed = time.monotonic() - started
     trained_tokens = trainer.n_training_samples - start_tokens

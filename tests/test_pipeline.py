@@ -52,7 +52,10 @@ def test_full_training_cycle_writes_checkpoints_and_trains_every_token(finished_
     assert 1 <= len(checkpoints) <= cfg.keep_checkpoints
     for folder in checkpoints:
         names = {p.name for p in folder.iterdir()}
-        assert {"sae_weights.safetensors", "cfg.json", "trainer_state.pt", "sparsity.safetensors", "manifest.json"} <= names
+        assert names == {
+            "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "trainer_state.safetensors",
+            "trainer_state.json", "activation_scaler.json", "manifest.json",
+        }
     # the activation store holds exactly the training tokens, once each
     manifest = json.loads((Path(summary["activations"]["path"]) / "manifest.json").read_text())
     ranges = [(s["start"], s["stop"]) for s in manifest["shards"]]

@@ -1,0 +1,161 @@
+"""Training checkpoints: complete, atomic and verifiable.
+
+A checkpoint folder `step-NNNNNNNNN/` holds everything that decides the rest of the training:
+
+- `sae_weights.safetensors`, `cfg.json`: the SAE (SAELens `save_model`, training format);
+- `trainer_state.safetensors` + `trainer_state.json`: optimizer, LR and coefficient schedulers,
+  counters, feature-firing and dead-feature statistics, and the RNG states (torch CPU and CUDA,
+  numpy, python), tensors in safetensors and the rest in JSON (no pickle, no `torch.load`);
+- `activation_scaler.json`: the normalisation state (SAELens's own format);
+- `sparsity.safetensors`: log10 feature firing frequency over the current window, for people;
+- `manifest.json`: the step, the data position and the sha256 of every file.
+
+It is written into a temporary folder, fsynced and renamed into place, so a crash leaves either
+the whole checkpoint or none of it. Loading takes the newest folder whose checksums verify.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tasks.artifacts import atomic_dir, read_json, verify_manifest, write_json, write_manifest
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+SCALER = "activation_scaler.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the previous ones are untouched."""
+
+
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of `value`, with its tensors moved into `tensors` under their path."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v, f"{path}.{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[k, _encode(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__items__" in value:
+            return {k: _decode(v, tensors) for k, v in value["__items__"]}
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "rest": [numpy_state[0], *numpy_state[2:]]},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, *rest = state["numpy"]["rest"]
+    np.random.set_state((name, state["numpy"]["keys"].numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def trainer_state(trainer) -> dict[str, Any]:
+    """Everything in a SAELens `SAETrainer` that the remaining steps depend on, except the SAE."""
+    return {
+        "optimizer": trainer.optimizer.state_dict(),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
+        "n_training_samples": trainer.n_training_samples,
+        "n_training_steps": trainer.n_training_steps,
+        "act_freq_scores": trainer.act_freq_scores,
+        "n_forward_passes_since_fired": trainer.n_forward_passes_since_fired,
+        "n_frac_active_samples": trainer.n_frac_active_samples,
+        "started_fine_tuning": trainer.started_fine_tuning,
+        "rng": _rng_state(),
+    }
+
+
+def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, Any], keep: int) -> Path:
+    """Write the trainer's state after `steps` completed steps and keep the newest `keep`
+    checkpoints. Raises CheckpointWriteError (previous checkpoints intact) on I/O errors, and
+    ValueError rather than save non-finite weights."""
+    for name, param in trainer.sae.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ValueError(f"SAE parameter {name} holds non-finite values at step {steps}; no checkpoint of this state is written")
+    final = root / f"step-{steps:09d}"
+    try:
+        with atomic_dir(final) as tmp:
+            trainer.sae.save_model(tmp)
+            save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
+            tensors: dict[str, torch.Tensor] = {}
+            write_json(tmp / STATE_JSON, _encode({**trainer_state(trainer), "n_training_steps": steps}, "state", tensors))
+            save_file(tensors, tmp / STATE_TENSORS)
+            trainer.activation_scaler.save(str(tmp / SCALER))
+            write_manifest(tmp, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples, "data": data_position})
+    except OSError as error:
+        previous = newest_checkpoint(root)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {error.strerror or error}; {kept}. Free disk space or fix the "
+            f"folder's permissions, then run the same command again"
+        ) from error
+    for old in sorted(root.glob("step-*"), reverse=True)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(trainer, folder: Path) -> dict[str, Any]:
+    """Restore the SAE, the trainer and the RNGs from a checkpoint; returns its manifest."""
+    manifest = read_json(folder / "manifest.json")
+    tensors = load_file(folder / STATE_TENSORS)
+    state = _decode(read_json(folder / STATE_JSON), tensors)
+    trainer.sae.load_weights_from_checkpoint(folder)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    for name, scheduler_state in state["coefficient_schedulers"].items():
+        trainer.coefficient_schedulers[name].load_state_dict(scheduler_state)
+    device = trainer.cfg.device
+    trainer.n_training_samples = state["n_training_samples"]
+    trainer.n_training_steps = state["n_training_steps"]
+    trainer.act_freq_scores = state["act_freq_scores"].to(device)
+    trainer.n_forward_passes_since_fired = state["n_forward_passes_since_fired"].to(device)
+    trainer.n_frac_active_samples = state["n_frac_active_samples"]
+    trainer.started_fine_tuning = state["started_fine_tuning"]
+    trainer.activation_scaler.load(folder / SCALER)
+    # SAELens spaces checkpoints from step 0; drop the thresholds this run already passed.
+    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+    _set_rng_state(state["rng"])
+    return manifest
+
+
+def newest_checkpoint(root: Path, logger=None) -> Path | None:
+    """The newest checkpoint whose files match their checksums; broken ones are skipped, named."""
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        if verify_manifest(folder) is not None:
+            return folder
+        if logger is not None:
+            logger.warning(f"Checkpoint {folder} is incomplete or corrupted; skipping it")
+    return None
