@@ -3,8 +3,9 @@
     saeflow run [CONFIG] [--run-name NAME] [--artifacts-dir DIR] [--set key=value ...] [--new]
     saeflow config-reference
 
-Exit status: 0 done, 2 the config or the command line is wrong (nothing was started), 1 the run
-failed (running the same command again continues it).
+Exit status: 0 done; 2 the config or the command line is wrong, or the run is already running
+elsewhere (nothing was started); 1 the run failed; 75 training was stopped by SIGTERM/SIGINT after
+writing a checkpoint. After 1 or 75, running the same command again continues the run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import flows  # noqa: F401  (process defaults before torch and Prefect start)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,11 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saeflow: config error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from flows.pipeline import run_pipeline
+    from flows import pipeline
+    from tasks.artifacts import Busy, exclusive_lock, run_dir
+    from tasks.train import TrainingPreempted
+
+    try:  # refuse before a Prefect flow run is created; the flow takes the lock for real
+        with exclusive_lock(run_dir(args.artifacts_dir, run_name) / ".lock", f"run '{run_name}'", wait=False):
+            pass
+    except Busy as error:
+        print(f"saeflow: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     try:
-        summary = run_pipeline(cfg, run_name, args.artifacts_dir)
+        summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
+    except TrainingPreempted as error:
+        print(f"saeflow: run '{run_name}' {error}. Run the same command again to continue it.", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
         return EXIT_FAILED

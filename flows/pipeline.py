@@ -7,6 +7,7 @@ interrupted training from its newest checkpoint.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from prefect import flow
 
 from tasks.activations import fill_activations, store_spec
 from tasks.analyse import analyse, analysis_spec
-from tasks.artifacts import RESULTS_DIRNAME, run_dir, write_json
+from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
 from tasks.config import RunConfig
 from tasks.load import load_sae
 from tasks.model import build_model, model_spec
@@ -23,19 +24,26 @@ from tasks.save import save_sae
 from tasks.train import train_sae, train_spec
 
 
-@flow(name="saeflow", flow_run_name="{run_name}", persist_result=True, result_serializer="json")
+FLOW_NAME = "saeflow"
+
+
+@flow(name=FLOW_NAME, flow_run_name="{run_name}", persist_result=True, result_serializer="json")
 def sae_pipeline(config: dict[str, Any], run_name: str, artifacts_dir: str) -> dict[str, Any]:
     """Train, save, load and analyse one SAE; returns the run's summary."""
     cfg = resolve(RunConfig(**config))
     claim_run(cfg, artifacts_dir, run_name, new=False)
     run = str(run_dir(artifacts_dir, run_name))
+    use_deterministic_kernels(cfg)
 
-    model_ref = build_model(model_spec(cfg), artifacts_dir)
-    store_ref = fill_activations(store_spec(cfg, model_ref), model_ref, artifacts_dir)
-    trained = train_sae(train_spec(cfg), store_ref, run)
-    saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device)
-    loaded = load_sae({"path": saved["path"]}, cfg.device)
-    analysis = analyse(analysis_spec(cfg), model_ref, loaded, run)
+    with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False):
+        crash_ghost_runs(run_name)
+        model_ref = build_model(model_spec(cfg), artifacts_dir)
+        store_ref = fill_activations(store_spec(cfg, model_ref), model_ref, artifacts_dir)
+        train = train_sae.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
+        trained = train(train_spec(cfg), store_ref, run)
+        saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device)
+        loaded = load_sae({"path": saved["path"]}, cfg.device)
+        analysis = analyse(analysis_spec(cfg), model_ref, loaded, run)
 
     summary = {
         "run_name": run_name,
@@ -49,6 +57,50 @@ def sae_pipeline(config: dict[str, Any], run_name: str, artifacts_dir: str) -> d
     }
     write_json(Path(run) / "summary.json", summary)
     return summary
+
+
+def crash_ghost_runs(run_name: str) -> None:
+    """Mark Crashed the flow runs (and their task runs) of this run that Prefect still shows
+    Running: this process holds the run's lock, so their processes are gone (SIGKILL, OOM kill,
+    lost machine) and could not report it themselves."""
+    from prefect import get_client, get_run_logger, runtime
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    running = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+    with get_client(sync_client=True) as client:
+        ghosts = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]), state=running),
+        )
+        for ghost in ghosts:
+            if str(ghost.id) == str(runtime.flow_run.id):
+                continue
+            message = f"Its process ended without reporting (killed?); run '{run_name}' was continued by flow run {runtime.flow_run.id}"
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ghost.id])))
+            for task_run in tasks:
+                if task_run.state and task_run.state.type == StateType.RUNNING:
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            client.set_flow_run_state(ghost.id, Crashed(message=message), force=True)
+            get_run_logger().warning(f"Flow run {ghost.name} ({ghost.id}) was left Running by a dead process; marked Crashed")
+
+
+def use_deterministic_kernels(cfg: RunConfig) -> None:
+    """With `deterministic`, make GPU kernels deterministic (before CUDA starts in this process)."""
+    if cfg.deterministic:
+        import torch
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):

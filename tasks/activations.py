@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import file_sha256, read_json, stage, write_json
+from tasks.artifacts import exclusive_lock, file_sha256, read_json, stage, write_json
 from tasks.config import RunConfig, stable_hash
 from tasks.data import load_text_dataset
 
@@ -107,11 +107,16 @@ def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], artifacts_
     """Run the model over the dataset and persist `spec['n_tokens']` hook activations in shards."""
     from prefect import get_run_logger
 
-    from tasks.model import load_model
-
     logger = get_run_logger()
     out = store_dir(artifacts_dir, spec)
-    out.mkdir(parents=True, exist_ok=True)
+    # Runs that share this store wait here for the one filling it, then find it complete.
+    with exclusive_lock(out / ".lock", f"activation store {out}", wait=True):
+        return _fill(spec, model_ref, out, logger)
+
+
+def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) -> dict[str, Any]:
+    from tasks.model import load_model
+
     manifest_path = out / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"spec": spec, "shards": []}
     if manifest["spec"] != spec:

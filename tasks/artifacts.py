@@ -10,10 +10,13 @@ Prefect reads it, and the stage runs again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,6 +114,32 @@ def verify_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return manifest
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock of a run or an activation store."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (flock, released if the process dies). With `wait`, wait
+    for the holder to finish; without, raise Busy naming the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise Busy(f"{what} is in use by {holder}; wait for it to finish, or start a new run with --new") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _drop_stale_record(ctx: TaskRunContext, key: str) -> None:

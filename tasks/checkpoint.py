@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,26 @@ def load_checkpoint(trainer, folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def newest_checkpoint(root: Path, logger=None) -> Path | None:
-    """The newest checkpoint whose files match their checksums; broken ones are skipped, named."""
+def resume_point(root: Path, logger) -> Path | None:
+    """The newest checkpoint whose files match their checksums, after tidying `root` (call while
+    holding the run's lock): temporary folders of interrupted writes are removed, and newer
+    checkpoints that fail their checksums are renamed `broken-*` (kept for inspection, out of the
+    way of the checkpoints that training will write again), with a warning naming each."""
+    for tmp in root.glob(".tmp-step-*"):
+        logger.info(f"Removing {tmp.name}, a checkpoint write that did not finish")
+        shutil.rmtree(tmp, ignore_errors=True)
     for folder in sorted(root.glob("step-*"), reverse=True):
         if verify_manifest(folder) is not None:
             return folder
-        if logger is not None:
-            logger.warning(f"Checkpoint {folder} is incomplete or corrupted; skipping it")
+        aside = folder.with_name(f"broken-{folder.name}-{uuid.uuid4().hex[:8]}")
+        folder.rename(aside)
+        logger.warning(f"Checkpoint {folder} is incomplete or corrupted; set aside as {aside.name}")
+    return None
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums."""
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        if verify_manifest(folder) is not None:
+            return folder
     return None

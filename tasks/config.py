@@ -38,6 +38,8 @@ NON_RESULT_FIELDS = {
     "wandb_log_frequency",
     "n_checkpoints",
     "keep_checkpoints",
+    "retries",
+    "retry_delay_seconds",
     "checkpoint_path",
     "prompts",
     "analysis_token_index",
@@ -158,11 +160,22 @@ class RunConfig(BaseModel):
     seed: int = 42
     """Seeds the SAE initialisation, the data order and locally built models."""
 
+    deterministic: bool = False
+    """GPU: deterministic kernels (`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG`)
+    so that a resumed run can match an uninterrupted one bit for bit; slower. CPU runs are
+    deterministic without it."""
+
     # --- checkpoints and logging --------------------------------------------------------------
     n_checkpoints: int = Field(10, ge=0)
     """Checkpoints written during training, evenly spaced; a restarted run resumes from the newest."""
     keep_checkpoints: int = Field(3, gt=0)
     """How many of the newest checkpoints are kept."""
+    retries: int = Field(0, ge=0)
+    """Times Prefect retries a failed training task; each retry resumes from the newest checkpoint
+    in the same flow run. Deliberate stops (signals, non-finite loss, a failed checkpoint write)
+    are not retried."""
+    retry_delay_seconds: float = Field(10, ge=0)
+    """Wait before each retry."""
     checkpoint_path: str | None = None
     """Folder for checkpoints (guide name); default `<artifacts>/runs/<run>/checkpoints`. The run
     name is appended."""

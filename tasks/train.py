@@ -220,7 +220,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     """Train the SAE on the stored activations, resuming from the newest valid checkpoint."""
     from prefect import get_run_logger
 
-    from tasks.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
+    from tasks.checkpoint import load_checkpoint, resume_point, save_checkpoint
 
     logger = get_run_logger()
     cfg = RunConfig(**spec)
@@ -250,7 +250,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     # SAELens calls this after a step, before counting it in n_training_steps.
     trainer.save_checkpoint_fn = lambda checkpoint_path: checkpoint(trainer, trainer.n_training_steps + 1)
     activations, _ = load_store(store_ref)
-    resumed_from, resumed_from_step = newest_checkpoint(root, logger), 0
+    resumed_from, resumed_from_step = resume_point(root, logger), 0
     if resumed_from is not None:
         resumed_from_step = load_checkpoint(trainer, resumed_from)["n_training_steps"]
         logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")

@@ -1,6 +1,7 @@
-"""A run killed with SIGKILL during training resumes from its checkpoint and ends where an
-uninterrupted run ends."""
+"""Crash-proof, exact resume: runs killed, interrupted or failed at any moment end with weights
+bitwise equal to an uninterrupted run's, and faults leave the last good checkpoint intact."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -8,61 +9,285 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import task_states, tiny_config
 from flows.pipeline import run_pipeline
+from tasks.artifacts import exclusive_lock, verify_manifest
 from tasks.preflight import claim_run, resolve
 
-# Large SAE, small store: training takes several seconds, so there is time to kill it mid-way.
+ROOT = Path(__file__).resolve().parent.parent
+# Large SAE, small store: training takes several seconds, so there is time to signal it mid-way.
 SLOW_TRAINING = {"expansion_factor": 64, "train_batch_size_tokens": 4096, "training_tokens": 131_072, "n_batches_in_buffer": 128, "n_checkpoints": 16}
+# Several shards and checkpoints for the fault-injection tests: 64 steps, checkpoints after steps 13, 26, 39, 52.
+FAULTS = {"training_tokens": 32_768, "n_checkpoints": 4}
 
 
-def saeflow(*args: str) -> subprocess.Popen:
+def start(cfg, artifacts, run_name, **kwargs):
+    name = claim_run(cfg, artifacts, run_name, new=False)
+    return run_pipeline(cfg, name, artifacts, **kwargs)
+
+
+def weights(summary_or_run: dict | Path) -> dict[str, torch.Tensor]:
+    folder = Path(summary_or_run["training"]["path"]) if isinstance(summary_or_run, dict) else summary_or_run / "trained"
+    return load_file(folder / "sae_weights.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def cli(*args: str, driver: tuple[str, int] | None = None, artifacts: Path, config: Path, run_name: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "tests" / "kill_driver.py"), driver[0], str(driver[1])] if driver else [sys.executable, "-m", "flows.cli", "run"]
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", *args],
-        cwd=Path(__file__).resolve().parent.parent,
+        [*command, str(config), "--artifacts-dir", str(artifacts), "--run-name", run_name, *args],
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=os.environ.copy(),
     )
 
 
-def wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"run ended before it could be killed:\n{process.stdout.read()}"
+        assert process.poll() is None, f"run ended too early:\n{process.stdout.read()}"
         assert time.monotonic() < deadline, "timed out waiting for the run"
         time.sleep(0.02)
 
 
-def test_sigkilled_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(prefect_server, tmp_path: Path):
-    artifacts = tmp_path / "artifacts"
-    cfg = resolve(tiny_config(**SLOW_TRAINING))
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    checkpoints = artifacts / "runs" / "killed" / "checkpoints"
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
 
-    first = saeflow(str(config), "--artifacts-dir", str(artifacts), "--run-name", "killed")
-    wait_for(lambda: any(checkpoints.glob("step-*")), 300, first)
+
+@pytest.fixture(scope="module")
+def faults_cfg(tmp_path_factory):
+    cfg = resolve(tiny_config(**FAULTS))
+    path = tmp_path_factory.mktemp("cfg") / "faults.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return cfg, path
+
+
+@pytest.fixture(scope="module")
+def faults_reference(prefect_server, artifacts, faults_cfg):
+    return weights(start(faults_cfg[0], artifacts, "faults-straight"))
+
+
+@pytest.fixture(scope="module")
+def slow_cfg(tmp_path_factory):
+    cfg = resolve(tiny_config(**SLOW_TRAINING))
+    path = tmp_path_factory.mktemp("cfg") / "slow.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return cfg, path
+
+
+@pytest.fixture(scope="module")
+def slow_reference(prefect_server, artifacts, slow_cfg):
+    return weights(start(slow_cfg[0], artifacts, "slow-straight"))
+
+
+def flow_run_states(run_name: str) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), sort=FlowRunSort.START_TIME_ASC)
+    return [run.state.name for run in runs]
+
+
+def flow_run_logs(state) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs reach the server in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_sigkill_during_training_resumes_exactly_and_marks_the_ghost_run_crashed(artifacts, slow_cfg, slow_reference):
+    cfg, config = slow_cfg
+    checkpoints = artifacts / "runs" / "killed" / "checkpoints"
+    first = cli(artifacts=artifacts, config=config, run_name="killed")
+    wait_for(lambda: any(checkpoints.glob("step-*")), first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not (artifacts / "runs" / "killed" / "trained").exists()
+    assert flow_run_states("killed") == ["Running"]  # what Prefect believes of a killed process
 
-    second = saeflow(str(config), "--artifacts-dir", str(artifacts), "--run-name", "killed")
-    output, _ = second.communicate(timeout=600)
-    assert second.returncode == 0, output
+    code, output = finish(cli(artifacts=artifacts, config=config, run_name="killed"))
+    assert code == 0, output
     assert "Resuming training from step-" in output
     summary = yaml.safe_load((artifacts / "runs" / "killed" / "summary.json").read_text())
     assert summary["training"]["resumed_from_step"] > 0
     assert summary["training"]["n_training_steps"] == cfg.training_tokens // cfg.train_batch_size_tokens
+    assert_bitwise_equal(weights(summary), slow_reference)
+    assert flow_run_states("killed") == ["Crashed", "Completed"]
 
-    name = claim_run(cfg, artifacts, "straight", new=False)
-    straight = run_pipeline(cfg, name, artifacts)
-    killed_weights = load_file(Path(summary["training"]["path"]) / "sae_weights.safetensors")
-    straight_weights = load_file(Path(straight["training"]["path"]) / "sae_weights.safetensors")
-    assert killed_weights.keys() == straight_weights.keys()
-    for key in killed_weights:
-        assert (killed_weights[key] == straight_weights[key]).all(), f"{key} differs after resume"
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_cfg, slow_reference):
+    _, config = slow_cfg
+    checkpoints = artifacts / "runs" / "termed" / "checkpoints"
+    first = cli(artifacts=artifacts, config=config, run_name="termed")
+    wait_for(lambda: any(checkpoints.glob("step-*")), first)
+    newest_before = max(p.name for p in checkpoints.glob("step-*"))
+    first.send_signal(signal.SIGTERM)
+    code, output = finish(first)
+    assert code == 75, output
+    assert "stopped by SIGTERM after step" in output and "Run the same command again to continue it" in output
+    newest = max(checkpoints.glob("step-*"))
+    assert newest.name > newest_before and verify_manifest(newest) is not None  # the signal's own checkpoint
+    assert not (artifacts / "runs" / "termed" / "trained").exists()
+
+    code, output = finish(cli(artifacts=artifacts, config=config, run_name="termed"))
+    assert code == 0, output
+    assert f"Resuming training from {newest.name}" in output
+    assert_bitwise_equal(weights(artifacts / "runs" / "termed"), slow_reference)
+
+
+def test_second_sigint_exits_at_once():
+    script = (
+        "import logging, os, signal, time\n"
+        "from tasks.train import _stop_requests\n"
+        "requested = []\n"
+        "with _stop_requests(requested, logging.getLogger()):\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+        "    assert requested == ['SIGINT'], requested\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "second SIGINT, exiting now" in result.stderr and "not reached" not in result.stdout
+
+
+@pytest.mark.parametrize(("point", "n"), [("fill-write", 3), ("fill-shard", 5), ("train-step", 30), ("checkpoint-write", 2)])
+def test_killed_at_a_precise_moment_resumes_exactly(artifacts, faults_cfg, faults_reference, point, n, tmp_path):
+    _, config = faults_cfg
+    fresh = tmp_path / "artifacts"  # own store, so that fill kills hit a fill
+    code, output = finish(cli(driver=(point, n), artifacts=fresh, config=config, run_name="once"))
+    assert code == -signal.SIGKILL, output
+    code, output = finish(cli(artifacts=fresh, config=config, run_name="once"))
+    assert code == 0, output
+    assert_bitwise_equal(weights(fresh / "runs" / "once"), faults_reference)
+
+
+def test_three_kills_in_one_run_still_end_exactly(faults_cfg, faults_reference, tmp_path):
+    _, config = faults_cfg
+    fresh = tmp_path / "artifacts"
+    for point, n in [("fill-shard", 4), ("train-step", 20), ("checkpoint-write", 1)]:
+        code, output = finish(cli(driver=(point, n), artifacts=fresh, config=config, run_name="thrice"))
+        assert code == -signal.SIGKILL, output
+    code, output = finish(cli(artifacts=fresh, config=config, run_name="thrice"))
+    assert code == 0, output
+    assert not list((fresh / "runs" / "thrice" / "checkpoints").glob(".tmp-*"))
+    assert_bitwise_equal(weights(fresh / "runs" / "thrice"), faults_reference)
+    assert flow_run_states("thrice") == ["Crashed", "Crashed", "Crashed", "Completed"]
+
+
+def inject_nan_at_step(monkeypatch, step: int) -> None:
+    import tasks.activations
+
+    real_next = tasks.activations.ShuffledBatches.__next__
+
+    def next_batch(self):
+        batch = real_next(self)
+        return torch.full_like(batch, float("nan")) if self.next_batch == step else batch
+
+    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", next_batch)
+
+
+def test_nan_stops_training_keeps_the_last_good_checkpoint_and_a_corrupted_one_is_skipped(
+    artifacts, faults_cfg, faults_reference, monkeypatch
+):
+    cfg = faults_cfg[0].model_copy(update={"retries": 2, "retry_delay_seconds": 0})
+    inject_nan_at_step(monkeypatch, 45)
+    state = start(cfg, artifacts, "nan", return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "loss is nan at step 45; training stopped before the update" in message
+    assert task_states(state)["train-sae"] == "Failed"  # not retried: it would fail the same way
+    checkpoints = artifacts / "runs" / "nan" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000013", "step-000000026", "step-000000039"]
+    last = load_file(checkpoints / "step-000000039" / "sae_weights.safetensors")
+    assert all(torch.isfinite(t).all() for t in last.values())
+
+    # Corrupt the newest checkpoint: the next run skips it, naming it, and resumes from the one before.
+    weights_file = checkpoints / "step-000000039" / "sae_weights.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-8:] = b"\xff" * 8
+    weights_file.write_bytes(bytes(data))
+    monkeypatch.undo()
+    state = start(cfg, artifacts, "nan", return_state=True)
+    summary = state.result()
+    assert "step-000000039 is incomplete or corrupted; set aside as broken-step-000000039-" in flow_run_logs(state)
+    assert len(list(checkpoints.glob("broken-step-000000039-*"))) == 1  # kept for inspection
+    assert summary["training"]["resumed_from_step"] == 26
+    assert_bitwise_equal(weights(summary), faults_reference)
+
+
+def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faults_cfg, faults_reference, monkeypatch):
+    import tasks.activations
+
+    real_next, failed = tasks.activations.ShuffledBatches.__next__, []
+
+    def flaky_next(self):
+        if self.next_batch == 30 and not failed:
+            failed.append(True)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_next(self)
+
+    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
+    cfg = faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0})
+    state = start(cfg, artifacts, "retried", return_state=True)
+    assert state.is_completed() and failed
+    summary = state.result()
+    assert summary["training"]["resumed_from_step"] == 26
+    assert_bitwise_equal(weights(summary), faults_reference)
+    assert flow_run_states("retried") == ["Completed"]
+
+
+def test_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(artifacts, faults_cfg, monkeypatch):
+    import tasks.checkpoint
+
+    real_save, calls = tasks.checkpoint.save_file, []
+
+    def save_until_disk_full(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(tensors, path)
+
+    monkeypatch.setattr(tasks.checkpoint, "save_file", save_until_disk_full)
+    state = start(faults_cfg[0], artifacts, "full-disk", return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "No space left on device" in message and "the previous checkpoint step-000000013 is intact" in message
+    checkpoints = artifacts / "runs" / "full-disk" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000000013"]
+    assert verify_manifest(checkpoints / "step-000000013") is not None
+
+
+def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    cfg, config = faults_cfg
+    name = claim_run(cfg, artifacts, "busy", new=False)
+    with exclusive_lock(artifacts / "runs" / name / ".lock", f"run '{name}'", wait=False):
+        assert main(["run", str(config), "--artifacts-dir", str(artifacts), "--run-name", "busy"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"run 'busy' is in use by process {os.getpid()}" in err and "--new" in err
+    assert flow_run_states("busy") == []
