@@ -1,6 +1,8 @@
 """The `saeflow` command line.
 
     saeflow run [CONFIG] [--run-name NAME] [--artifacts-dir DIR] [--set key=value ...] [--new]
+    saeflow report RUN [--artifacts-dir DIR]
+    saeflow analyze RUN --prompt TEXT [--prompt TEXT ...] [--token-index I] [--artifacts-dir DIR]
     saeflow config-reference
 
 Exit status: 0 done; 2 the config or the command line is wrong, or the run is already running
@@ -30,8 +32,82 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts-dir", default="artifacts", help="where every output goes (default: ./artifacts)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--new", action="store_true", help="start a fresh run under a new name; the old run is kept")
+    report = commands.add_parser("report", help="print a finished run's metrics and the paths of its report files")
+    report.add_argument("run", help="run name")
+    report.add_argument("--artifacts-dir", default="artifacts")
+    analyze = commands.add_parser("analyze", help="find the top features of new prompts with a finished run's SAE (no retraining)")
+    analyze.add_argument("run", help="run name")
+    analyze.add_argument("--prompt", action="append", required=True, help="prompt to analyse (repeatable)")
+    analyze.add_argument("--token-index", type=int, help="token position to analyse (default: the run's analysis_token_index)")
+    analyze.add_argument("--artifacts-dir", default="artifacts")
     commands.add_parser("config-reference", help="print every config key with its default and meaning")
     return parser
+
+
+class RunNotReady(Exception):
+    """The named run does not exist or has not finished."""
+
+
+def finished_run(artifacts_dir: str, name: str) -> dict:
+    """The summary of a finished run, or RunNotReady saying what exists and what to do."""
+    from tasks.artifacts import read_json, run_dir
+
+    folder = run_dir(artifacts_dir, name)
+    if not folder.is_dir():
+        runs = sorted(p.name for p in folder.parent.iterdir()) if folder.parent.is_dir() else []
+        raise RunNotReady(f"no run '{name}' in {folder.parent}; runs there: {', '.join(runs) or 'none'}")
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("step-*"))
+        found = [f"checkpoints up to {checkpoints[-1]}" if checkpoints else "no checkpoint"]
+        found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
+        found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
+        raise RunNotReady(
+            f"run '{name}' has not finished: it has {', '.join(found)}. Run `saeflow run` with its config "
+            f"(or `--run-name {name}`) to finish it"
+        )
+    return read_json(summary)
+
+
+def _report(args) -> int:
+    summary = finished_run(args.artifacts_dir, args.run)
+    from tasks.report import metrics_table
+
+    print(f"Run {args.run} — metrics on {summary['metrics']['metrics']['eval_contexts']} held-out contexts\n")
+    for row in metrics_table(summary["metrics"]["metrics"]):
+        print(f"  {row['metric']:<34} {row['value']:.6g}")
+    print("\nFiles:")
+    for name, path in [("report", summary["report"]["path"]), ("dashboard", summary["analysis"]["dashboard"]), *[("plot", p) for p in summary["report"]["plots"]], ("metrics", summary["metrics"]["path"]), ("SAE", summary["sae"]["path"])]:
+        print(f"  {name:<10} {path}")
+    return 0
+
+
+def _analyze(args) -> int:
+    summary = finished_run(args.artifacts_dir, args.run)
+    import logging
+
+    from tasks.analyse import logit_effects, top_features_for_prompt
+    from tasks.artifacts import read_json, run_dir
+    from tasks.load import open_sae
+    from tasks.model import load_model
+
+    cfg = read_json(run_dir(args.artifacts_dir, args.run) / "config.json")["config"]
+    logging.basicConfig(format="saeflow: %(message)s")
+    model = load_model(summary["model"], cfg["device"], processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
+    sae, _ = open_sae({"path": summary["sae"]["path"]}, cfg["device"])
+    index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
+    for prompt in args.prompt:
+        result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logging.getLogger("saeflow"))
+        print(f"{prompt!r} at token {result['token']!r}:")
+        active = [f["feature"] for f in result["top_features"] if f["activation"] > 0]
+        effects = {e["feature"]: e for e in logit_effects(model, sae, active, cfg["top_k_tokens"])[0]}
+        for feature in result["top_features"]:
+            line = f"  feature {feature['feature']:>6}  activation {feature['activation']:.4f}"
+            if feature["feature"] in effects:
+                effect = effects[feature["feature"]]
+                line += f"  promotes {' '.join(t['token'] for t in effect['promoted'][:5])!r}  inhibits {' '.join(t['token'] for t in effect['inhibited'][:5])!r}"
+            print(line)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-reference":
         print(config_reference())
         return 0
+    if args.command in ("report", "analyze"):
+        try:
+            return _report(args) if args.command == "report" else _analyze(args)
+        except RunNotReady as error:
+            print(f"saeflow: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -80,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    print(json.dumps({k: summary[k] for k in ("run_name", "run_dir")} | {"sae": summary["sae"]["path"], "analysis": summary["analysis"]["path"]}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("run_name", "run_dir")} | {"sae": summary["sae"]["path"], "report": summary["report"]["path"], "dashboard": summary["analysis"]["dashboard"]}, indent=2))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The pipeline flow: build model -> fill activation store -> train -> save -> load -> analyse.
+"""The pipeline flow: build model -> fill activation store -> train -> save -> load -> evaluate
+-> analyse -> report.
 
 The flow only composes; each stage is one idempotent Prefect task in `tasks/` whose JSON result
 is persisted, so running the same run again skips every finished stage and continues an
@@ -17,9 +18,11 @@ from tasks.activations import fill_activations, store_spec
 from tasks.analyse import analyse, analysis_spec
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
 from tasks.config import RunConfig
+from tasks.evaluate import evaluate
 from tasks.load import load_sae
 from tasks.model import build_model, model_spec
 from tasks.preflight import claim_run, resolve
+from tasks.report import report
 from tasks.save import save_sae
 from tasks.train import train_sae, train_spec
 
@@ -43,7 +46,9 @@ def sae_pipeline(config: dict[str, Any], run_name: str, artifacts_dir: str) -> d
         trained = train(train_spec(cfg), store_ref, run)
         saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device)
         loaded = load_sae({"path": saved["path"]}, cfg.device)
-        analysis = analyse(analysis_spec(cfg), model_ref, loaded, run)
+        metrics = evaluate(loaded, model_ref, store_ref, run, cfg.store_batch_size_prompts, cfg.device, cfg.model_from_pretrained_kwargs)
+        analysis = analyse(analysis_spec(cfg), model_ref, loaded, store_ref, run)
+        reported = report(run_name, run, cfg.model_dump(mode="json") | {"d_sae": saved["d_sae"]}, metrics, analysis, saved)
 
     summary = {
         "run_name": run_name,
@@ -53,7 +58,9 @@ def sae_pipeline(config: dict[str, Any], run_name: str, artifacts_dir: str) -> d
         "training": trained,
         "sae": saved,
         "loaded": loaded,
+        "metrics": metrics,
         "analysis": analysis,
+        "report": reported,
     }
     write_json(Path(run) / "summary.json", summary)
     return summary

@@ -3,8 +3,9 @@ activations on disk, so that training (and every later run with other SAE hyper-
 reads them instead of running the model again.
 
 Layout of `<artifacts>/activations/<key>/`: `shard-NNNNN.safetensors` files, each holding
-`activations` `[rows, d_in]` and the `tokens` they came from `[rows]`, and `manifest.json`
-listing each shard's row range and checksum. Shards are written atomically and the manifest is
+`activations` `[rows, d_in]` and the `tokens` they came from `[rows]`; `eval_tokens.safetensors`,
+held-out contexts that come after the training tokens in the data (for evaluation and analysis);
+and `manifest.json` listing each shard's row range and checksum. Shards are written atomically and the manifest is
 updated after each one, so a killed fill continues at the first missing shard. The key depends
 only on what determines the activations, never on SAE or training settings.
 
@@ -28,6 +29,7 @@ from tasks.data import load_text_dataset
 
 STAGE_VERSION = 1
 SHARD_BYTES = 64 * 2**20
+EVAL_TOKENS = "eval_tokens.safetensors"
 
 
 def store_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any]:
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
         "n_tokens": n_contexts * cfg.context_size,
+        "eval_tokens": cfg.eval_tokens,
         "store_batch_size_prompts": cfg.store_batch_size_prompts,
         "dtype": cfg.dtype,
         "device": cfg.device,
@@ -82,9 +85,12 @@ def _activations_store(model, spec: dict[str, Any]):
         )
 
 
-def _save_shard(path: Path, activations: torch.Tensor, tokens: torch.Tensor) -> str:
+def _save_shard(path: Path, activations: torch.Tensor | None, tokens: torch.Tensor) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"activations": activations.contiguous(), "tokens": tokens.contiguous()}, tmp)
+    tensors = {"tokens": tokens.contiguous()}
+    if activations is not None:
+        tensors["activations"] = activations.contiguous()
+    save_file(tensors, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -115,6 +121,9 @@ def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], artifacts_
 
 
 def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) -> dict[str, Any]:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from tqdm.auto import tqdm
+
     from tasks.model import load_model
 
     manifest_path = out / "manifest.json"
@@ -128,21 +137,30 @@ def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) ->
     batches_per_shard = max(1, SHARD_BYTES // (bytes_per_row * rows_per_batch))
     rows_per_shard = batches_per_shard * rows_per_batch
     done_rows = shards[-1]["stop"] if shards else 0
+    eval_done = _verified_eval_tokens(out, manifest) is not None
 
-    if done_rows < n_tokens:
+    if done_rows < n_tokens or not eval_done:
         if shards:
             logger.info(f"Activation store {out.name}: resuming at row {done_rows} of {n_tokens}")
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
         store = _activations_store(model, spec)
         dtype = getattr(torch, spec["dtype"])
-        started, row = time.monotonic(), 0
+        progress = create_progress_artifact(100 * done_rows / n_tokens, description=f"Filling activation store {out.name}")
+        bar = tqdm(total=n_tokens, initial=done_rows, desc="Filling activation store", unit="tok")
+        started, row, wrapped = time.monotonic(), 0, False
         pending_acts, pending_tokens = [], []
-        while row < n_tokens:
+
+        def next_tokens():
+            nonlocal wrapped
             try:
-                tokens = store.get_batch_tokens(raise_at_epoch_end=True)
+                return store.get_batch_tokens(raise_at_epoch_end=True)
             except StopIteration:
+                wrapped = True
                 logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
-                tokens = store.get_batch_tokens()
+                return store.get_batch_tokens()
+
+        while row < n_tokens:
+            tokens = next_tokens()
             take = min(rows_per_batch, n_tokens - row)
             if row + take <= done_rows:  # already on disk: only the tokens were needed, to keep the order
                 row += take
@@ -151,23 +169,51 @@ def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) ->
             pending_acts.append(acts)
             pending_tokens.append(tokens.reshape(-1)[:take].to("cpu"))
             row += take
+            bar.update(take)
             if row - done_rows >= rows_per_shard or row == n_tokens:
                 index = len(shards)
                 name = f"shard-{index:05d}.safetensors"
                 sha = _save_shard(out / name, torch.cat(pending_acts), torch.cat(pending_tokens))
                 shards.append({"file": name, "start": done_rows, "stop": row, "sha256": sha})
-                write_json(manifest_path, {**manifest, "spec": spec, "shards": shards, "complete": row == n_tokens})
+                write_json(manifest_path, {**manifest, "spec": spec, "shards": shards, "complete": False})
                 rate = (row - done_rows) / max(time.monotonic() - started, 1e-9)
                 logger.info(f"Activation store {out.name}: {row}/{n_tokens} tokens ({100 * row / n_tokens:.0f}%), {rate:,.0f} tokens/s")
+                update_progress_artifact(progress, 100 * row / n_tokens)
                 done_rows, pending_acts, pending_tokens, started = row, [], [], time.monotonic()
+        bar.close()
+
+        # Held-out contexts for evaluation and analysis: the ones after the training tokens.
+        n_eval = -(-spec["eval_tokens"] // ctx)
+        contexts = []
+        while sum(len(c) for c in contexts) < n_eval:
+            contexts.append(next_tokens().to("cpu"))
+        if wrapped:
+            logger.warning("The dataset was used up: the held-out evaluation tokens repeat training data; use more data")
+        eval_tokens = torch.cat(contexts)[:n_eval]
+        sha = _save_shard(out / EVAL_TOKENS, None, eval_tokens)
+        manifest = {**manifest, "spec": spec, "shards": shards, "eval": {"file": EVAL_TOKENS, "contexts": n_eval, "sha256": sha}}
+        write_json(manifest_path, {**manifest, "complete": True})
     return {
         "path": str(out),
         "n_tokens": n_tokens,
         "d_in": spec["d_in"],
         "dtype": spec["dtype"],
         "n_shards": len(shards),
-        "outputs": [str(out / s["file"]) for s in shards] + [str(manifest_path)],
+        "eval_contexts": -(-spec["eval_tokens"] // ctx),
+        "outputs": [str(out / s["file"]) for s in shards] + [str(out / EVAL_TOKENS), str(manifest_path)],
     }
+
+
+def _verified_eval_tokens(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    entry = manifest.get("eval")
+    if entry and (out / entry["file"]).is_file() and file_sha256(out / entry["file"]) == entry["sha256"]:
+        return entry
+    return None
+
+
+def load_eval_tokens(store_ref: dict[str, Any]) -> torch.Tensor:
+    """The held-out contexts `[n, context_size]` stored after the training tokens."""
+    return load_file(Path(store_ref["path"]) / EVAL_TOKENS)["tokens"]
 
 
 def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,19 @@
-"""Stage 6, analyse: the guide's two analyses on the loaded SAE, written to `<run>/analysis.json`.
+"""Stage 7, analyse: the guide's two analyses on the loaded SAE, written to `<run>/analysis.json`,
+and a feature dashboard, `<run>/dashboard.html`.
 
 1. Top features for each configured prompt at `analysis_token_index`: the model's activations
    at the hook, encoded by the SAE, `topk` over features.
 2. For the features found in (1), the tokens each one promotes and inhibits most through its
    direct path to the logits, `W_dec @ W_U` (through `W_out` or `W_O` first for MLP-neuron and
    per-head hooks). The model is loaded with its layer norms folded, as the guide requires.
+3. The dashboard: for those features and then the most frequent ones (`dashboard_features` in
+   all), the held-out contexts where each fires hardest, with the activating tokens highlighted,
+   next to the tokens it promotes and inhibits.
 """
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,10 @@ STAGE_VERSION = 1
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
-    keys = ("prompts", "analysis_token_index", "top_k_features", "top_k_tokens", "context_size", "prepend_bos", "device", "model_from_pretrained_kwargs")
+    keys = (
+        "prompts", "analysis_token_index", "top_k_features", "top_k_tokens", "dashboard_features", "dashboard_contexts",
+        "context_size", "prepend_bos", "device", "model_from_pretrained_kwargs",
+    )
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -71,11 +79,90 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
     return effects, list(projection.shape)
 
 
-@stage("analyse", STAGE_VERSION, key_inputs=("spec", "model_ref", "sae_ref", "run_dir"))
-def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Run both analyses and write `analysis.json`."""
+@torch.no_grad()
+def max_activating_contexts(model, sae, tokens: torch.Tensor, features: list[int], n_contexts: int, batch: int = 32, window: int = 12) -> dict[int, list[dict[str, Any]]]:
+    """For each feature, the `n_contexts` held-out contexts where it fires hardest: the tokens up
+    to `window` before the peak and 3 after, each with the feature's activation."""
+    from tasks.model import hook_activations
+
+    per_token = []  # [n, ctx, len(features)]
+    for start in range(0, len(tokens), batch):
+        chunk = tokens[start : start + batch].to(sae.device)
+        acts = hook_activations(model, chunk, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
+        per_token.append(sae.encode(acts.to(sae.dtype))[..., features].float().cpu())
+    per_token = torch.cat(per_token)
+    peak_values, peak_positions = per_token.max(dim=1)  # [n, F]
+    result = {}
+    for column, feature in enumerate(features):
+        best = torch.topk(peak_values[:, column], min(n_contexts, len(tokens)))
+        contexts = []
+        for value, row in zip(best.values.tolist(), best.indices.tolist()):
+            if value <= 0:
+                break
+            peak = int(peak_positions[row, column])
+            lo, hi = max(0, peak - window), min(tokens.shape[1], peak + 4)
+            contexts.append(
+                {
+                    "tokens": model.to_str_tokens(tokens[row, lo:hi]),
+                    "activations": per_token[row, lo:hi, column].tolist(),
+                    "peak": peak - lo,
+                    "max": value,
+                }
+            )
+        result[feature] = contexts
+    return result
+
+
+def render_dashboard(run_name: str, analysis: dict[str, Any]) -> str:
+    """A self-contained HTML page: per feature, its max-activating contexts with the activating
+    tokens highlighted, and the tokens it promotes and inhibits."""
+
+    def tokens_html(context: dict[str, Any]) -> str:
+        top = max(context["max"], 1e-9)
+        spans = []
+        for i, (token, act) in enumerate(zip(context["tokens"], context["activations"])):
+            alpha = max(0.0, min(1.0, act / top))
+            border = " peak" if i == context["peak"] else ""
+            spans.append(f'<span class="t{border}" style="background:rgba(255,140,0,{alpha:.2f})" title="{act:.3f}">{html.escape(token)}</span>')
+        return "".join(spans)
+
+    def token_list(items: list[dict[str, Any]]) -> str:
+        return ", ".join(f"<code>{html.escape(i['token'])}</code> {i['logit']:+.2f}" for i in items)
+
+    sections = []
+    for entry in analysis["dashboard"]:
+        contexts = "".join(f'<li>{tokens_html(c)} <span class="max">max {c["max"]:.3f}</span></li>' for c in entry["contexts"])
+        sections.append(
+            f'<section id="feature-{entry["feature"]}"><h2>Feature {entry["feature"]}</h2>'
+            f'<p class="meta">fires on {100 * entry["frequency"]:.3f}% of tokens</p>'
+            f'<div class="cols"><div><h3>Max-activating held-out contexts</h3><ol>{contexts or "<li>never fired</li>"}</ol></div>'
+            f'<div><h3>Promotes</h3><p>{token_list(entry["promoted"])}</p><h3>Inhibits</h3><p>{token_list(entry["inhibited"])}</p></div></div></section>'
+        )
+    prompts = "".join(
+        f"<li><q>{html.escape(p['prompt'])}</q> at <code>{html.escape(p['token'])}</code>: "
+        + ", ".join(f'<a href="#feature-{f["feature"]}">{f["feature"]}</a> ({f["activation"]:.3f})' for f in p["top_features"])
+        + "</li>"
+        for p in analysis["prompts"]
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        ".t{white-space:pre;padding:1px 0}.peak{outline:1px solid #c60}.meta,.max{color:#777;font-size:90%}"
+        ".cols{display:grid;grid-template-columns:3fr 2fr;gap:2em}section{border-top:1px solid #ddd}"
+        "li{margin:.3em 0;font-family:monospace}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>saeflow: {html.escape(run_name)}</title><style>{style}</style></head>"
+        f"<body><h1>SAE features of run {html.escape(run_name)}</h1><h2>Top features of the prompts</h2><ul>{prompts}</ul>"
+        f"{''.join(sections)}</body></html>"
+    )
+
+
+@stage("analyse", STAGE_VERSION, key_inputs=("spec", "model_ref", "sae_ref", "store_ref", "run_dir"))
+def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Run the analyses; write `analysis.json` and the `dashboard.html` page."""
     from prefect import get_run_logger
 
+    from tasks.activations import load_eval_tokens
     from tasks.load import open_sae
     from tasks.model import load_model
 
@@ -93,9 +180,33 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
         features = torch.topk(sparsity, min(spec["top_k_features"], len(sparsity))).indices.tolist()
         chosen_by = "most frequently firing (no feature fired at the analysed prompt tokens)"
     effects, shape = logit_effects(model, sae, features, spec["top_k_tokens"])
+
+    frequency = 10 ** sparsity.float() if sparsity is not None else torch.zeros(sae.cfg.d_sae)
+    dashboard_features = list(features)
+    for feature in torch.argsort(frequency, descending=True).tolist():
+        if len(dashboard_features) >= spec["dashboard_features"]:
+            break
+        if feature not in dashboard_features:
+            dashboard_features.append(feature)
+    contexts = max_activating_contexts(model, sae, load_eval_tokens(store_ref), dashboard_features, spec["dashboard_contexts"])
+    effect_of = {e["feature"]: e for e in logit_effects(model, sae, dashboard_features, spec["top_k_tokens"])[0]}
+    dashboard = [
+        {
+            "feature": f,
+            "frequency": float(frequency[f]),
+            "contexts": contexts[f],
+            "promoted": effect_of.get(f, {}).get("promoted", []),
+            "inhibited": effect_of.get(f, {}).get("inhibited", []),
+        }
+        for f in dashboard_features
+    ]
+
+    analysis = {"prompts": prompts, "features_chosen": chosen_by, "logit_effects": effects, "projection_shape": shape, "dashboard": dashboard}
     out = Path(run_dir) / "analysis.json"
-    write_json(out, {"prompts": prompts, "features_chosen": chosen_by, "logit_effects": effects, "projection_shape": shape})
+    write_json(out, analysis)
+    page = Path(run_dir) / "dashboard.html"
+    page.write_text(render_dashboard(Path(run_dir).name, analysis))
     for p in prompts:
         top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in p["top_features"])
         logger.info(f"Top features at {p['token']!r} of {p['prompt']!r}: {top}")
-    return {"path": str(out), "n_features": len(features), "outputs": [str(out)]}
+    return {"path": str(out), "dashboard": str(page), "n_features": len(features), "outputs": [str(out), str(page)]}

@@ -46,6 +46,9 @@ NON_RESULT_FIELDS = {
     "top_k_features",
     "top_k_tokens",
     "sparsity_tokens",
+    "log_every",
+    "dashboard_features",
+    "dashboard_contexts",
 }
 
 
@@ -186,7 +189,14 @@ class RunConfig(BaseModel):
     wandb_log_frequency: int = Field(10, gt=0)
     """Steps between Weights & Biases log entries."""
 
-    # --- saving and analysis ------------------------------------------------------------------
+    log_every: int = Field(50, gt=0)
+    """Steps between training log entries: a line in the Prefect log, a row in
+    `runs/<run>/train_log.jsonl`, and a progress update in the Prefect UI."""
+
+    # --- evaluation, saving and analysis ------------------------------------------------------
+    eval_tokens: int = Field(65_536, gt=0)
+    """Held-out tokens (the data after the training tokens, rounded up to whole contexts) for the
+    evaluation and the dashboard's max-activating contexts."""
     sparsity_tokens: int = Field(1_000_000, gt=0)
     """Stored activations the final SAE is run over to measure each feature's firing frequency
     (saved as `sparsity.safetensors`)."""
@@ -198,6 +208,10 @@ class RunConfig(BaseModel):
     """Features reported per prompt, and analysed through `W_dec @ W_U`."""
     top_k_tokens: int = Field(10, gt=0)
     """Promoted and inhibited tokens listed per feature."""
+    dashboard_features: int = Field(16, gt=0)
+    """Features shown on the HTML dashboard: the prompts' top features, then the most frequent."""
+    dashboard_contexts: int = Field(5, gt=0)
+    """Max-activating held-out contexts shown per dashboard feature."""
 
     @model_validator(mode="before")
     @classmethod

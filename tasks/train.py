@@ -18,6 +18,7 @@ The trained SAE (training format, before the final save) goes to `<run>/trained/
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -198,6 +199,57 @@ def _stop_requests(requested: list[str], logger):
             signal.signal(s, handler)
 
 
+class TrainingLog:
+    """Every `log_every` steps: a line in the Prefect log, a row in `train_log.jsonl` and the
+    progress artifact. The file survives resumes: rows after the resumed step are dropped first,
+    so no step is listed twice or missing."""
+
+    def __init__(self, path: Path, cfg: RunConfig, logger):
+        self.path, self.every, self.logger = path, cfg.log_every, logger
+
+    def start(self, trainer) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        done = trainer.n_training_steps
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(f"{row}\n" for row in rows))
+            os.replace(tmp, self.path)
+        self.total = trainer.cfg.total_training_steps
+        self.progress = create_progress_artifact(100 * done / self.total, description=f"Training SAE ({self.path.parent.name})")
+        self.last = (time.monotonic(), trainer.n_training_samples)
+
+    @torch.no_grad()
+    def after_step(self, trainer, step_output) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        step = trainer.n_training_steps
+        if step % self.every and step != self.total:
+            return
+        metrics = trainer.build_train_step_log_dict(step_output, trainer.n_training_samples)
+        now, tokens = time.monotonic(), trainer.n_training_samples
+        row = {
+            "step": step,
+            "tokens": tokens,
+            "loss": metrics["losses/overall_loss"],
+            "mse": metrics.get("losses/mse_loss"),
+            "l0": metrics["metrics/l0"],
+            "explained_variance": metrics["metrics/explained_variance"],
+            "dead_features": metrics["sparsity/dead_features"],
+            "lr": metrics["details/current_learning_rate"],
+            "tokens_per_s": (tokens - self.last[1]) / max(now - self.last[0], 1e-9),
+        }
+        self.last = (now, tokens)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.logger.info(
+            f"step {step}/{self.total} | {row['tokens_per_s']:,.0f} tokens/s | loss {row['loss']:.4f} | "
+            f"L0 {row['l0']:.1f} | EV {row['explained_variance']:.3f} | dead {row['dead_features']} | lr {row['lr']:.2e}"
+        )
+        update_progress_artifact(self.progress, 100 * step / self.total)
+
+
 def _retry_unless_stopped(task, task_run, state) -> bool:
     from tasks.checkpoint import CheckpointWriteError
 
@@ -241,7 +293,10 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
         return folder
 
+    log = TrainingLog(Path(run_dir) / "train_log.jsonl", cfg, logger)
+
     def on_step_end(trainer, step_output) -> None:
+        log.after_step(trainer, step_output)
         if stop_requests:
             folder = checkpoint(trainer, trainer.n_training_steps)
             raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
@@ -261,6 +316,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             n_batches_for_norm_estimate=min(trainer.cfg.n_batches_for_norm_estimate, math.ceil(len(activations) / batch)),
         )
     trainer.data_provider = ShuffledBatches(activations, batch, cfg.seed, start_batch=trainer.n_training_samples // batch)
+    log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
     with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests, logger):

@@ -1,0 +1,131 @@
+"""Stage 8, report: what a researcher judges the SAE from, in `<run>/` and in the Prefect UI.
+
+- `plots/feature_density.png`: histogram of log10 feature firing frequency (dead features apart);
+- `plots/training_curves.png`: loss, MSE, L0, explained variance and dead features over tokens,
+  from `train_log.jsonl`;
+- `report.md`, also published as a Prefect markdown artifact, and a table artifact of the
+  metrics, both keyed by the run name so the UI's Artifacts page shows each run's latest report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # renders with no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from tasks.artifacts import stage  # noqa: E402
+
+STAGE_VERSION = 1
+LOG_EPS = 1e-10
+CURVES = [("loss", "loss"), ("mse", "MSE"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_features", "dead features")]
+METRIC_ROWS = [
+    ("explained_variance", "explained variance"),
+    ("mse", "MSE"),
+    ("cossim", "cosine similarity"),
+    ("l0", "L0"),
+    ("l1", "L1"),
+    ("ce_loss_score", "CE-loss score"),
+    ("ce_loss_without_sae", "CE loss, clean"),
+    ("ce_loss_with_sae", "CE loss, SAE spliced in"),
+    ("ce_loss_with_ablation", "CE loss, zero-ablated"),
+    ("kl_div_score", "KL-divergence score"),
+    ("kl_div_with_sae", "KL divergence, SAE"),
+    ("kl_div_with_ablation", "KL divergence, zero-ablated"),
+    ("l2_ratio", "L2 ratio"),
+    ("relative_reconstruction_bias", "relative reconstruction bias"),
+    ("dead_features", "dead features"),
+    ("dense_features", "dense features (>10% of tokens)"),
+]
+
+
+def artifact_key(run_name: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a run."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"saeflow-{run_name}-{kind}".lower())).strip("-")
+
+
+def plot_feature_density(log_sparsity: torch.Tensor, path: Path) -> None:
+    dead = log_sparsity <= torch.log10(torch.tensor(LOG_EPS)) + 1e-3
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(log_sparsity[~dead].numpy(), bins=50, color="#d2691e")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("features")
+    ax.set_title(f"Feature density ({int(dead.sum())} of {len(log_sparsity)} never fired)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    tokens = [r["tokens"] for r in rows]
+    for ax, (key, label) in zip(axes, CURVES):
+        ax.plot(tokens, [r[key] for r in rows], marker=".")
+        ax.set_title(label)
+        ax.set_xlabel("tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"metric": label, "key": key, "value": metrics[key]} for key, label in METRIC_ROWS if key in metrics]
+
+
+def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, Any], analysis: dict[str, Any], files: dict[str, str]) -> str:
+    lines = [f"# saeflow run `{run_name}`", "", "## Config", ""]
+    for key in ("model_name", "hook_name", "architecture", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed"):
+        if config.get(key) is not None:
+            lines.append(f"- **{key}**: `{config[key]}`")
+    lines += ["", "## Metrics (held-out tokens)", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {row['metric']} | {row['value']:.6g} |" for row in metrics_table(metrics)]
+    lines += ["", "## Top features of the prompts", ""]
+    for prompt in analysis["prompts"]:
+        top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in prompt["top_features"])
+        lines.append(f"- \"{prompt['prompt']}\" at `{prompt['token']}`: {top}")
+    if analysis["logit_effects"]:
+        lines += ["", "## Tokens the features promote and inhibit (`W_dec @ W_U`)", "", "| feature | promotes | inhibits |", "| --- | --- | --- |"]
+        for effect in analysis["logit_effects"]:
+            promoted = " ".join(f"`{t['token']}`" for t in effect["promoted"])
+            inhibited = " ".join(f"`{t['token']}`" for t in effect["inhibited"])
+            lines.append(f"| {effect['feature']} | {promoted} | {inhibited} |")
+    lines += ["", "## Files", ""] + [f"- {name}: `{path}`" for name, path in files.items()]
+    return "\n".join(lines) + "\n"
+
+
+@stage("report", STAGE_VERSION, key_inputs=("run_name", "run_dir", "metrics_ref", "analysis_ref", "sae_ref"))
+def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dict[str, Any], analysis_ref: dict[str, Any], sae_ref: dict[str, Any]) -> dict[str, Any]:
+    """Write the plots and `report.md`; publish the report and the metrics table to Prefect."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    run = Path(run_dir)
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    density_png, curves_png = plots / "feature_density.png", plots / "training_curves.png"
+    plot_feature_density(load_file(Path(sae_ref["path"]) / "sparsity.safetensors")["sparsity"], density_png)
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line]
+    plot_training_curves(rows, curves_png)
+
+    metrics = metrics_ref["metrics"]
+    analysis = json.loads(Path(analysis_ref["path"]).read_text())
+    files = {
+        "dashboard": analysis_ref["dashboard"],
+        "feature density plot": str(density_png),
+        "training curves": str(curves_png),
+        "metrics": metrics_ref["path"],
+        "analysis": analysis_ref["path"],
+        "SAE": sae_ref["path"],
+    }
+    markdown = render_markdown(run_name, config, metrics, analysis, files)
+    report_md = run / "report.md"
+    report_md.write_text(markdown)
+    create_markdown_artifact(markdown, key=artifact_key(run_name, "report"), description=f"saeflow report of run {run_name}")
+    create_table_artifact(metrics_table(metrics), key=artifact_key(run_name, "metrics"), description=f"Metrics of run {run_name}")
+    return {"path": str(report_md), "plots": [str(density_png), str(curves_png)], "outputs": [str(report_md), str(density_png), str(curves_png)]}
