@@ -92,12 +92,15 @@ def _analyze(args) -> int:
     from tasks.model import load_model
 
     cfg = read_json(run_dir(args.artifacts_dir, args.run) / "config.json")["config"]
-    logging.basicConfig(format="saeflow: %(message)s")
+    logger = logging.getLogger("saeflow.analyze")
+    logger.propagate = False
+    logger.handlers = [logging.StreamHandler(sys.stderr)]
+    logger.handlers[0].setFormatter(logging.Formatter("saeflow: %(message)s"))
     model = load_model(summary["model"], cfg["device"], processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
     sae, _ = open_sae({"path": summary["sae"]["path"]}, cfg["device"])
     index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
     for prompt in args.prompt:
-        result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logging.getLogger("saeflow"))
+        result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logger)
         print(f"{prompt!r} at token {result['token']!r}:")
         active = [f["feature"] for f in result["top_features"] if f["activation"] > 0]
         effects = {e["feature"]: e for e in logit_effects(model, sae, active, cfg["top_k_tokens"])[0]}

@@ -66,3 +66,25 @@ def task_states(flow_state) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def start(cfg, artifacts, run_name=None, new=False, **kwargs):
+    """Resolve and claim a run as the CLI does, then run the flow (kwargs go to run_pipeline)."""
+    from flows.pipeline import run_pipeline
+    from tasks.preflight import claim_run, resolve
+
+    cfg = resolve(cfg)
+    name = claim_run(cfg, artifacts, run_name, new)
+    return run_pipeline(cfg, name, artifacts, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def finished_run(prefect_server, tmp_path_factory):
+    """One finished run of `tiny_config()`, shared by the tests that only read it."""
+    from tasks.preflight import resolve
+
+    artifacts = tmp_path_factory.mktemp("finished")
+    state = start(tiny_config(), artifacts, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    return {"cfg": resolve(tiny_config()), "artifacts": artifacts, "name": summary["run_name"], "state": state, "summary": summary}

@@ -7,27 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import conftest
 from conftest import task_states, tiny_config
-from flows.pipeline import run_pipeline
-from tasks.preflight import claim_run, resolve
 
-STAGES = ["build-model", "fill-activations", "train-sae", "save-sae", "load-sae", "analyse"]
+STAGES = ["build-model", "fill-activations", "train-sae", "save-sae", "load-sae", "evaluate", "analyse", "report"]
 
 
 def start(cfg, artifacts, run_name=None, new=False):
     """Resolve and claim a run as the CLI does, then run the flow; returns (run name, final state)."""
-    cfg = resolve(cfg)
-    name = claim_run(cfg, artifacts, run_name, new)
-    return name, run_pipeline(cfg, name, artifacts, return_state=True)
-
-
-@pytest.fixture(scope="module")
-def finished_run(prefect_server, tmp_path_factory):
-    artifacts = tmp_path_factory.mktemp("artifacts")
-    cfg = tiny_config()
-    name, state = start(cfg, artifacts)
-    assert state.is_completed()
-    return {"cfg": resolve(cfg), "artifacts": artifacts, "name": name, "state": state, "summary": state.result()}
+    state = conftest.start(cfg, artifacts, run_name, new, return_state=True)
+    return state.result()["run_name"], state
 
 
 @pytest.fixture(scope="module")

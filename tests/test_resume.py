@@ -2,6 +2,7 @@
 bitwise equal to an uninterrupted run's, and faults leave the last good checkpoint intact."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from tasks.preflight import claim_run, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 # Large SAE, small store: training takes several seconds, so there is time to signal it mid-way.
-SLOW_TRAINING = {"expansion_factor": 64, "train_batch_size_tokens": 4096, "training_tokens": 131_072, "n_batches_in_buffer": 128, "n_checkpoints": 16}
+SLOW_TRAINING = {"expansion_factor": 64, "train_batch_size_tokens": 4096, "training_tokens": 131_072, "n_batches_in_buffer": 128, "n_checkpoints": 16, "log_every": 2}
 # Several shards and checkpoints for the fault-injection tests: 64 steps, checkpoints after steps 13, 26, 39, 52.
 FAULTS = {"training_tokens": 32_768, "n_checkpoints": 4}
 
@@ -136,6 +137,8 @@ def test_sigkill_during_training_resumes_exactly_and_marks_the_ghost_run_crashed
     assert summary["training"]["n_training_steps"] == cfg.training_tokens // cfg.train_batch_size_tokens
     assert_bitwise_equal(weights(summary), slow_reference)
     assert flow_run_states("killed") == ["Crashed", "Completed"]
+    log = [json.loads(line) for line in (artifacts / "runs" / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(2, 33, 2))  # one entry per logged step across the kill
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_cfg, slow_reference):

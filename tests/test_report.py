@@ -1,0 +1,141 @@
+"""Evaluation, dashboard, plots, Prefect artifacts and the report/analyze commands."""
+
+import html
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import start, tiny_config
+from flows.cli import EXIT_BAD_INPUT, main
+from tasks.report import artifact_key
+
+
+@pytest.fixture(scope="session")
+def metrics(finished_run) -> dict:
+    return json.loads(Path(finished_run["summary"]["metrics"]["path"]).read_text())["metrics"]
+
+
+def test_metrics_are_in_range_and_consistent(metrics, finished_run):
+    d_sae = finished_run["summary"]["sae"]["d_sae"]
+    assert metrics["explained_variance"] <= 1 and metrics["cossim"] <= 1
+    assert metrics["mse"] >= 0 and metrics["l1"] >= 0 and 0 < metrics["l0"] <= d_sae
+    ce = metrics
+    assert ce["ce_loss_score"] == pytest.approx(
+        (ce["ce_loss_with_ablation"] - ce["ce_loss_with_sae"]) / (ce["ce_loss_with_ablation"] - ce["ce_loss_without_sae"]), rel=1e-5
+    )
+    assert ce["kl_div_score"] == pytest.approx((ce["kl_div_with_ablation"] - ce["kl_div_with_sae"]) / ce["kl_div_with_ablation"], rel=1e-5)
+    density = torch.tensor(json.loads(Path(finished_run["summary"]["metrics"]["path"]).read_text())["feature_density"])
+    assert metrics["dead_features"] == int((density == 0).sum()) and metrics["dense_features"] == int((density > 0.1).sum())
+
+
+def test_l0_matches_an_independent_count_on_the_held_out_tokens(metrics, finished_run):
+    from sae_lens import SAE
+
+    from tasks.activations import load_eval_tokens
+    from tasks.model import load_model
+
+    summary = finished_run["summary"]
+    model = load_model(summary["model"], "cpu")
+    sae = SAE.load_from_disk(summary["sae"]["path"])
+    tokens = load_eval_tokens(summary["activations"])[: metrics["eval_contexts"]]
+    special = torch.tensor(list(model.tokenizer.all_special_ids))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[sae.cfg.metadata.hook_name])
+        active = (sae.encode(cache[sae.cfg.metadata.hook_name]) != 0).sum(-1).float()
+    counted = active[~torch.isin(tokens, special)]
+    assert metrics["l0"] == pytest.approx(counted.mean().item(), rel=1e-4)
+
+
+def test_evaluation_uses_tokens_not_used_for_training(finished_run):
+    from tasks.activations import load_eval_tokens, load_store
+
+    summary = finished_run["summary"]
+    _, training_tokens = load_store(summary["activations"])
+    held_out = load_eval_tokens(summary["activations"])
+    ctx = held_out.shape[1]
+    training_contexts = {tuple(c) for c in training_tokens.reshape(-1, ctx).tolist()}
+    assert not training_contexts & {tuple(c) for c in held_out.tolist()}
+
+
+def test_report_artifacts_in_the_prefect_api_match_metrics_json(metrics, finished_run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    name = finished_run["name"]
+    with get_client(sync_client=True) as client:
+        report, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "report")])))
+        table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "metrics")])))
+        flow_run_id = finished_run["state"].state_details.flow_run_id
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert report.type == "markdown" and table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {row["key"]: row["value"] for row in rows} == {row["key"]: metrics[row["key"]] for row in rows}
+    assert len(rows) == 16
+    assert f"| explained variance | {metrics['explained_variance']:.6g} |" in report.data
+    assert f"| CE-loss score | {metrics['ce_loss_score']:.6g} |" in report.data
+    assert (Path(finished_run["summary"]["run_dir"]) / "report.md").read_text() == report.data
+    progress_values = sorted(float(a.data) for a in progress if a.type == "progress")
+    assert progress_values == [100.0, 100.0]  # filling and training both reached 100%
+
+
+def test_dashboard_shows_each_features_contexts_and_tokens(finished_run):
+    summary = finished_run["summary"]
+    analysis = json.loads(Path(summary["analysis"]["path"]).read_text())
+    page = Path(summary["analysis"]["dashboard"]).read_text()
+    assert len(analysis["dashboard"]) == 16
+    prompt_features = [e["feature"] for e in analysis["logit_effects"]]
+    assert [e["feature"] for e in analysis["dashboard"]][: len(prompt_features)] == prompt_features
+    shown = 0
+    for entry in analysis["dashboard"]:
+        assert f'id="feature-{entry["feature"]}"' in page
+        for context in entry["contexts"]:
+            assert context["activations"][context["peak"]] == pytest.approx(context["max"])
+            assert "".join(html.escape(t) for t in context["tokens"][context["peak"] : context["peak"] + 1]) in page
+            shown += 1
+        for token in entry["promoted"]:
+            assert f"<code>{html.escape(token['token'])}</code>" in page
+    assert shown >= 16
+
+
+def test_plots_and_training_log(finished_run):
+    run = Path(finished_run["summary"]["run_dir"])
+    for png in finished_run["summary"]["report"]["plots"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [50, 64]  # every log_every steps, and the last
+    assert rows[-1]["tokens"] == finished_run["cfg"].training_tokens
+    assert all(0 <= r["l0"] <= 128 and r["explained_variance"] <= 1 for r in rows)
+
+
+def test_report_and_analyze_commands(finished_run, metrics, capsys):
+    args = ["--artifacts-dir", str(finished_run["artifacts"])]
+    assert main(["report", finished_run["name"], *args]) == 0
+    out = capsys.readouterr().out
+    assert f"{metrics['explained_variance']:.6g}" in out and "dashboard.html" in out
+    long_prompt = " ".join(["Lily saw a cat ."] * 20)  # 101 tokens: more than context_size 32
+    assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom fed the dog .", "--prompt", long_prompt]) == 0
+    captured = capsys.readouterr()
+    assert "'Tom fed the dog .' at token '.':" in captured.out and captured.out.count("  feature ") == 6
+    assert "longer than context_size 32; truncated" in captured.err
+
+
+def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
+    run = tmp_path / "runs" / "half"
+    (run / "checkpoints" / "step-000000013").mkdir(parents=True)
+    assert main(["report", "half", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "run 'half' has not finished: it has checkpoints up to step-000000013" in err and "saeflow run" in err
+    assert main(["analyze", "other", "--prompt", "x", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "no run 'other'" in capsys.readouterr().err
+
+
+def test_wandb_logging_works_offline(prefect_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    summary = start(tiny_config(training_tokens=8192, log_to_wandb=True, wandb_log_frequency=4), tmp_path / "artifacts")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
+    assert summary["training"]["n_training_tokens"] == 8192
