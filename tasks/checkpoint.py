@@ -146,8 +146,6 @@ def load_checkpoint(trainer, folder: Path) -> dict[str, Any]:
     trainer.n_frac_active_samples = state["n_frac_active_samples"]
     trainer.started_fine_tuning = state["started_fine_tuning"]
     trainer.activation_scaler.load(folder / SCALER)
-    # SAELens spaces checkpoints from step 0; drop the thresholds this run already passed.
-    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
     _set_rng_state(state["rng"])
     return manifest
 

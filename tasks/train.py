@@ -6,11 +6,13 @@ The run config is mapped onto sae-lens 6.x (`LanguageModelSAERunnerConfig`, its
 
 - the data provider is `ShuffledBatches` over the stored activations, so the data position is
   just the batch number and a resumed run starts there directly;
-- checkpoints are written by our `save_checkpoint_fn` into a temporary folder that is renamed
-  into place (`checkpoints/step-NNNNNNNNN/`) only once complete, with a checksum manifest, and
-  the newest `keep_checkpoints` are kept;
+- at the step boundary (a hook on the trainer, after the step is counted and logged),
+  checkpoints are written at SAELens's evenly spaced thresholds, and on SIGTERM/SIGINT, by
+  `tasks/checkpoint.py`: complete, atomic and checksummed, the newest `keep_checkpoints` kept;
 - on start, the newest checkpoint whose checksums verify is loaded (SAE weights, optimizer,
-  schedulers, counters, activation scaler) and training continues from it.
+  schedulers, counters, statistics, activation scaler, RNGs) and training continues from it;
+- a NaN/inf loss stops training before the update; the training log goes to `train_log.jsonl`,
+  the Prefect log and a progress artifact.
 
 The trained SAE (training format, before the final save) goes to `<run>/trained/`.
 """
@@ -287,27 +289,37 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     root = checkpoint_root(cfg, Path(run_dir))
     stop_requests: list[str] = []
 
-    def checkpoint(trainer, steps: int) -> Path:
-        position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"]}
-        folder = save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints)
-        logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
+    def checkpoint(trainer) -> Path:
+        steps = trainer.n_training_steps
+        folder = root / f"step-{steps:09d}"
+        if not folder.exists():  # a scheduled checkpoint may have just been written at this step
+            position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"]}
+            save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints)
+            logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
         return folder
 
     log = TrainingLog(Path(run_dir) / "train_log.jsonl", cfg, logger)
+    thresholds: list[int] = []
 
     def on_step_end(trainer, step_output) -> None:
         log.after_step(trainer, step_output)
+        if thresholds and trainer.n_training_samples > thresholds[0]:
+            while thresholds and trainer.n_training_samples > thresholds[0]:
+                thresholds.pop(0)
+            checkpoint(trainer)
         if stop_requests:
-            folder = checkpoint(trainer, trainer.n_training_steps)
+            folder = checkpoint(trainer)
             raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
 
     trainer = _make_trainer(cfg, sae, runner_cfg, on_step_end)
-    # SAELens calls this after a step, before counting it in n_training_steps.
-    trainer.save_checkpoint_fn = lambda checkpoint_path: checkpoint(trainer, trainer.n_training_steps + 1)
+    # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
+    # spaced thresholds; SAELens itself is left none to take.
+    thresholds[:], trainer.checkpoint_thresholds = trainer.checkpoint_thresholds, []
     activations, _ = load_store(store_ref)
     resumed_from, resumed_from_step = resume_point(root, logger), 0
     if resumed_from is not None:
         resumed_from_step = load_checkpoint(trainer, resumed_from)["n_training_steps"]
+        thresholds[:] = [t for t in thresholds if t >= trainer.n_training_samples]
         logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")
     elif cfg.normalize_activations == "expected_average_only_in":
         trainer.activation_scaler.estimate_scaling_factor(
