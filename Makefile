@@ -18,7 +18,12 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/saeflow run
 
-test: $(VENV)/.installed
+# The UI test drives Debian's chromium (installed with apt-get when missing and run as root).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || (echo "The Prefect UI test needs Chromium: install Debian's chromium package" >&2; exit 1)
+
+test: $(VENV)/.installed chromium
 	$(VENV)/bin/python -m pytest
 
-.PHONY: install demo test
+.PHONY: install demo test chromium

@@ -1,6 +1,7 @@
 """The `saeflow` command line.
 
     saeflow run [CONFIG] [--run-name NAME] [--artifacts-dir DIR] [--set key=value ...] [--new]
+    saeflow serve [CONFIG] [--cron EXPR | --interval SECONDS] [--name NAME] [--new-each-run] ...
     saeflow report RUN [--artifacts-dir DIR]
     saeflow analyze RUN --prompt TEXT [--prompt TEXT ...] [--token-index I] [--artifacts-dir DIR]
     saeflow config-reference
@@ -32,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts-dir", default="artifacts", help="where every output goes (default: ./artifacts)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--new", action="store_true", help="start a fresh run under a new name; the old run is kept")
+    serve = commands.add_parser("serve", help="serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)")
+    serve.add_argument("config", nargs="?", help="YAML config; the built-in demo when left out")
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="cron schedule, e.g. '0 2 * * *'")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
+    serve.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    serve.add_argument("--run-name", help="run that every scheduled flow run continues (default: the config's stable name)")
+    serve.add_argument("--new-each-run", action="store_true", help="make every scheduled flow run a fresh run named with its scheduled time")
+    serve.add_argument("--artifacts-dir", default="artifacts")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     report = commands.add_parser("report", help="print a finished run's metrics and the paths of its report files")
     report.add_argument("run", help="run name")
     report.add_argument("--artifacts-dir", default="artifacts")
@@ -67,6 +78,38 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
             f"(or `--run-name {name}`) to finish it"
         )
     return read_json(summary)
+
+
+def check_prefect_api() -> None:
+    """A scheduled deployment needs a Prefect server; say so before anything starts."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.config import ConfigError
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("PREFECT_API_URL is not set: start a server (`prefect server start`) and point PREFECT_API_URL at it, e.g. http://127.0.0.1:4200/api")
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        raise ConfigError(f"cannot reach the Prefect API at {url} ({error}); start it with `prefect server start` or fix PREFECT_API_URL")
+
+
+def _serve(args) -> int:
+    from pathlib import Path
+
+    from flows.pipeline import pipeline_for
+    from tasks.config import load_config
+    from tasks.preflight import check_artifacts_dir, resolve
+
+    cfg = resolve(load_config(args.config, args.overrides))
+    check_artifacts_dir(args.artifacts_dir)
+    check_prefect_api()
+    artifacts_dir = str(Path(args.artifacts_dir).resolve())
+    parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}
+    pipeline_for(artifacts_dir).serve(name=args.name, cron=args.cron, interval=args.interval, parameters=parameters)
+    return 0
 
 
 def _report(args) -> int:
@@ -125,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args) if args.command == "report" else _analyze(args)
         except RunNotReady as error:
             print(f"saeflow: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    if args.command == "serve":
+        try:
+            return _serve(args)
+        except ConfigError as error:
+            print(f"saeflow: config error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
     try:

@@ -17,11 +17,11 @@ from prefect import flow
 from tasks.activations import fill_activations, store_spec
 from tasks.analyse import analyse, analysis_spec
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
-from tasks.config import RunConfig
+from tasks.config import RunConfig, load_config
 from tasks.evaluate import evaluate
 from tasks.load import load_sae
 from tasks.model import build_model, model_spec
-from tasks.preflight import claim_run, resolve
+from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
 from tasks.train import train_sae, train_spec
@@ -30,10 +30,33 @@ from tasks.train import train_sae, train_spec
 FLOW_NAME = "saeflow"
 
 
-@flow(name=FLOW_NAME, flow_run_name="{run_name}", persist_result=True, result_serializer="json")
-def sae_pipeline(config: dict[str, Any], run_name: str, artifacts_dir: str) -> dict[str, Any]:
-    """Train, save, load and analyse one SAE; returns the run's summary."""
-    cfg = resolve(RunConfig(**config))
+def effective_run_name(config: dict[str, Any] | str, run_name: str | None, new_each_run: bool) -> str:
+    """The run a flow run works on: `run_name`, else the config's stable name; with
+    `new_each_run`, a fresh run named after the flow run's scheduled start time."""
+    from prefect import runtime
+
+    cfg = load_config(config) if isinstance(config, str) else RunConfig(**config)
+    name = run_name or default_run_name(cfg)
+    if new_each_run:
+        name = f"{name}-{runtime.flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+    return name
+
+
+def _flow_run_name() -> str:
+    from prefect import runtime
+
+    p = runtime.flow_run.parameters
+    return effective_run_name(p["config"], p.get("run_name"), p.get("new_each_run", False))
+
+
+@flow(name=FLOW_NAME, flow_run_name=_flow_run_name, persist_result=True, result_serializer="json")
+def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, artifacts_dir: str = "artifacts", new_each_run: bool = False) -> dict[str, Any]:
+    """Train, save, load, evaluate and analyse one SAE; returns the run's summary.
+
+    `config` is a config mapping or the path of a YAML config. The run continues `run_name` (by
+    default the config's stable name) unless `new_each_run` makes it a fresh one."""
+    run_name = effective_run_name(config, run_name, new_each_run)
+    cfg = resolve(load_config(config) if isinstance(config, str) else RunConfig(**config))
     claim_run(cfg, artifacts_dir, run_name, new=False)
     run = str(run_dir(artifacts_dir, run_name))
     use_deterministic_kernels(cfg)
@@ -110,10 +133,13 @@ def use_deterministic_kernels(cfg: RunConfig) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):
-    """Run the flow with its results persisted under `<artifacts_dir>/prefect-results/`.
+def pipeline_for(artifacts_dir: str | Path):
+    """The flow with its results persisted under `<artifacts_dir>/prefect-results/`."""
+    return sae_pipeline.with_options(result_storage=Path(artifacts_dir).resolve() / RESULTS_DIRNAME)
 
-    Returns the run's summary, or the flow run's final Prefect state with `return_state`."""
-    artifacts_dir = Path(artifacts_dir).resolve()
-    pipeline = sae_pipeline.with_options(result_storage=artifacts_dir / RESULTS_DIRNAME)
-    return pipeline(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=str(artifacts_dir), return_state=return_state)
+
+def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):
+    """Run the flow in this process. Returns the run's summary, or the flow run's final Prefect
+    state with `return_state`."""
+    artifacts_dir = str(Path(artifacts_dir).resolve())
+    return pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=return_state)

@@ -70,11 +70,16 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return RunConfig(**cfg.model_dump())
 
 
+DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by `resolve`
+
+
 def default_run_name(cfg: RunConfig) -> str:
-    """A stable, readable run name: the same config always gives the same name."""
+    """A stable, readable run name: the same config always gives the same name, whether or not
+    it has been resolved (the fields `resolve` fills in follow from the others)."""
     model = "".join(c if c.isalnum() else "-" for c in cfg.model_name).strip("-")
     hook = cfg.hook_name.replace("blocks.", "L").replace("hook_", "").replace(".", "-")
-    return f"{model}-{hook}-{cfg.architecture}-{stable_hash(cfg.result_fields(), 8)}"
+    identity = {k: v for k, v in cfg.result_fields().items() if k not in DERIVED_FIELDS}
+    return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
 
 
 def check_artifacts_dir(artifacts_dir: str | Path) -> None:
