@@ -72,12 +72,17 @@ def artifacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
 
 
-@pytest.fixture(scope="module")
-def faults_cfg(tmp_path_factory):
-    cfg = resolve(tiny_config(**FAULTS))
-    path = tmp_path_factory.mktemp("cfg") / "faults.yaml"
+def config_file(tmp_path_factory, name: str, **overrides):
+    """A resolved config and the YAML file holding it, for runs started through the CLI."""
+    cfg = resolve(tiny_config(**overrides))
+    path = tmp_path_factory.mktemp("cfg") / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return cfg, path
+
+
+@pytest.fixture(scope="module")
+def faults_cfg(tmp_path_factory):
+    return config_file(tmp_path_factory, "faults", **FAULTS)
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +92,7 @@ def faults_reference(prefect_server, artifacts, faults_cfg):
 
 @pytest.fixture(scope="module")
 def slow_cfg(tmp_path_factory):
-    cfg = resolve(tiny_config(**SLOW_TRAINING))
-    path = tmp_path_factory.mktemp("cfg") / "slow.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return cfg, path
+    return config_file(tmp_path_factory, "slow", **SLOW_TRAINING)
 
 
 @pytest.fixture(scope="module")
