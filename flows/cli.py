@@ -2,6 +2,7 @@
 
     saeflow run [CONFIG] [--run-name NAME] [--artifacts-dir DIR] [--set key=value ...] [--new]
     saeflow serve [CONFIG] [--cron EXPR | --interval SECONDS] [--name NAME] [--new-each-run] ...
+    saeflow sweep SWEEP [--artifacts-dir DIR] [--set key=value ...] [--dask-address A | --dask-workers N] [--yes]
     saeflow report RUN [--artifacts-dir DIR]
     saeflow analyze RUN --prompt TEXT [--prompt TEXT ...] [--token-index I] [--artifacts-dir DIR]
     saeflow config-reference
@@ -43,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--new-each-run", action="store_true", help="make every scheduled flow run a fresh run named with its scheduled time")
     serve.add_argument("--artifacts-dir", default="artifacts")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep = commands.add_parser("sweep", help="run every member of a sweep file in parallel and compare them")
+    sweep.add_argument("sweep_file", help="sweep YAML (see configs/demo_sweep.yaml)")
+    sweep.add_argument("--artifacts-dir", default="artifacts")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key in every member")
+    sweep.add_argument("--yes", action="store_true", help="allow more than 1,000 members")
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument("--dask-address", help="run members on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    where.add_argument("--dask-workers", type=int, help="run members on a local Dask cluster of this many worker processes")
     report = commands.add_parser("report", help="print a finished run's metrics and the paths of its report files")
     report.add_argument("run", help="run name")
     report.add_argument("--artifacts-dir", default="artifacts")
@@ -170,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saeflow: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
+    if args.command == "sweep":
+        from flows.sweep import run_sweep
+
+        try:
+            rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
+        except ConfigError as error:
+            print(f"saeflow: config error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        failed = [r for r in rows if r["state"] != "Completed"]
+        for row in rows:
+            print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
+        return EXIT_FAILED if failed else 0
     if args.command == "serve":
         try:
             return _serve(args)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, verify_manifest, write_json, write_manifest
 from tasks.config import RunConfig, stable_hash
 from tasks.data import load_text_dataset
 
@@ -109,6 +109,14 @@ def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
         return _describe("pretrained", spec["model_name"], None, model.cfg)
 
     out = Path(artifacts_dir) / "models" / f"{_slug(spec['model_name'])}-{stable_hash(spec)}"
+    # Runs started together (a sweep) wait here for the one building the model.
+    with exclusive_lock(out.with_name(out.name + ".lock"), f"model folder {out}", wait=True):
+        _build_local(spec, out)
+    info = read_json(out / "model.json")
+    return _describe("local", spec["model_name"], str(out), _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta"))
+
+
+def _build_local(spec: dict[str, Any], out: Path) -> None:
     if verify_manifest(out) is None:
         if out.exists():
             raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
@@ -124,8 +132,6 @@ def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
             write_json(tmp / "model.json", {"model_cfg": spec["model_cfg"], "d_vocab": len(tokenizer), "seed": spec["seed"]})
             write_manifest(tmp, {"spec": spec})
-    info = read_json(out / "model.json")
-    return _describe("local", spec["model_name"], str(out), _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta"))
 
 
 def _local_model(hooked_cfg, tokenizer):

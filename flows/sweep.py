@@ -1,0 +1,185 @@
+"""Sweeps: many runs from one base config, trained in parallel, compared on one frontier.
+
+A sweep file:
+
+    name: demo-l1                      # default: the file's name
+    base: demo.yaml                    # a config path (relative to this file) or a mapping;
+                                       # default: the built-in demo
+    grid:                              # every combination of these values
+      l1_coefficient: [0.5, 1.0, 2.0]
+      expansion_factor: [4, 8]
+    members:                           # and/or explicit members (overrides of the base)
+      - {lr: 0.001}
+
+Each member is an ordinary run (its stable name, its own folder, restartable). Members that
+share model, hook and data share one activation store: the first to get there fills it, the
+others wait for it. Re-running a sweep finds the finished members cached and trains the rest.
+The sweep writes `<artifacts>/sweeps/<name>/members.json` and `frontier.png` (L0 against
+explained variance and CE-loss score) and publishes a table artifact of every member's metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.artifacts import write_json
+from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config
+from tasks.preflight import claim_run, default_run_name, resolve
+
+MAX_MEMBERS_WITHOUT_YES = 1000
+SWEEP_KEYS = {"name", "base", "grid", "members"}
+
+
+def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False) -> tuple[str, list[RunConfig]]:
+    """Read a sweep file into its name and its members' resolved configs, or raise ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict) or set(spec) - SWEEP_KEYS:
+        raise ConfigError(f"{path}: a sweep file holds only {', '.join(sorted(SWEEP_KEYS))}; found {sorted(set(spec) - SWEEP_KEYS) if isinstance(spec, dict) else spec!r}")
+    base = spec.get("base")
+    if base is None or isinstance(base, str):
+        base_values = yaml.safe_load(Path(DEMO_CONFIG if base is None else path.parent / base).read_text())
+    else:
+        base_values = dict(base)
+    fields = list(RunConfig.model_fields)
+    grid = spec.get("grid") or {}
+    for key, values in grid.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            raise ConfigError(f"sweep axis '{key}' is not a config key" + (f"; did you mean '{close[0]}'?" if close else ""))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep axis '{key}' needs a non-empty list of values, got {values!r}")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
+    members = combos + list(spec.get("members") or [])
+    if not members:
+        raise ConfigError(f"{path} defines no member: give a grid or a members list")
+    if len(members) > MAX_MEMBERS_WITHOUT_YES and not yes:
+        raise ConfigError(f"the sweep has {len(members)} members (more than {MAX_MEMBERS_WITHOUT_YES}); pass --yes if you mean it")
+    configs = []
+    for member in members:
+        try:
+            configs.append(resolve(make_config({**base_values, **member}, overrides)))
+        except ConfigError as error:
+            raise ConfigError(f"sweep member {member}: {error}") from None
+    return spec.get("name") or path.stem, configs
+
+
+@task(name="sweep-member")
+def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str) -> dict[str, Any]:
+    """One member: the ordinary pipeline, as a subflow run."""
+    from flows.pipeline import pipeline_for
+
+    return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["state"] == "Completed"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in zip(axes, ("explained_variance", "ce_loss_score"), ("explained variance", "CE-loss score")):
+        ax.scatter([r["l0"] for r in done], [r[key] for r in done])
+        for r in done:
+            ax.annotate(r["label"], (r["l0"], r[key]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (held-out)")
+        ax.set_ylabel(label)
+        ax.set_title(f"Sparsity vs {label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@flow(name="saeflow-sweep", flow_run_name="sweep-{name}", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artifacts_dir: str) -> list[dict[str, Any]]:
+    """Run every member (in parallel on the flow's task runner), then write the sweep's table,
+    `members.json` and `frontier.png`. A failed member is reported, not fatal."""
+    from prefect.artifacts import create_table_artifact
+
+    from tasks.report import artifact_key
+
+    names = [default_run_name(RunConfig(**config)) for config in members]
+    for config, run_name in zip(members, names):
+        claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
+    futures = []
+    for config, run_name in zip(members, names):
+        with _gpu_resource(config["device"]):  # a Dask cluster places one GPU member per GPU worker
+            futures.append(run_member.submit(config, run_name, artifacts_dir))
+    rows = []
+    for run_name, label, future in zip(names, labels, futures):
+        future.wait()
+        row = {"run": run_name, "label": label, "state": future.state.name}
+        if future.state.is_completed():
+            metrics = future.result()["metrics"]["metrics"]
+            row.update({k: metrics[k] for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
+        else:
+            row["error"] = future.state.message
+        rows.append(row)
+    folder = Path(artifacts_dir) / "sweeps" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "members.json", rows)
+    plot_frontier(rows, folder / "frontier.png")
+    create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
+    return rows
+
+
+def _gpu_resource(device: str):
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
+def member_labels(configs: list[RunConfig]) -> list[str]:
+    """Short labels naming what differs between members (e.g. `l1_coefficient=2.0`)."""
+    dumps = [c.result_fields() for c in configs]
+    varying = [k for k in dumps[0] if len({repr(d.get(k)) for d in dumps}) > 1 and k not in ("d_in", "hook_layer")]
+    return [",".join(f"{k}={d[k]}" for k in varying) or "base" for d in dumps]
+
+
+def sweep_runner(dask_address: str | None, dask_workers: int | None):
+    """The task runner for the members: threads, or Dask (an existing cluster or a local one)."""
+    if dask_address is None and dask_workers is None:
+        return ThreadPoolTaskRunner(max_workers=4)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address is not None:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True})
+
+
+def check_dask_address(address: str) -> None:
+    """Refuse an unreachable scheduler before anything starts."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(f"cannot reach the Dask scheduler at {address} ({error}); start it with `dask scheduler` or fix --dask-address") from None
+
+
+def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: bool = False, dask_address: str | None = None, dask_workers: int | None = None) -> list[dict[str, Any]]:
+    """Validate the sweep file, then run its flow; returns one row per member."""
+    name, configs = sweep_members(path, overrides, yes)
+    if dask_address is not None:
+        check_dask_address(dask_address)
+    artifacts_dir = str(Path(artifacts_dir).resolve())
+    sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers))
+    return sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir)
+

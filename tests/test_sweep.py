@@ -1,0 +1,92 @@
+"""Sweeps: members in parallel on a local Dask cluster, one shared activation store, a killed sweep
+re-run trains only the unfinished members; bad sweep files are refused before any work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_MODEL, tiny_config
+from flows.sweep import sweep_members
+from tasks.config import ConfigError
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parent.parent
+SLOW = {"expansion_factor": 32, "train_batch_size_tokens": 4096, "training_tokens": 65_536, "n_batches_in_buffer": 128, "n_checkpoints": 2}
+
+
+def write_sweep(folder: Path, grid: dict, **extra) -> Path:
+    base = {**tiny_config(**SLOW).model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": base, "grid": grid, **extra}))
+    return path
+
+
+def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server, tmp_path):
+    sweep = write_sweep(tmp_path, {"l1_coefficient": [0.5, 1.0, 2.0, 4.0]})
+    artifacts = tmp_path / "artifacts"
+    command = [sys.executable, "-m", "flows.cli", "sweep", str(sweep), "--artifacts-dir", str(artifacts), "--dask-workers", "2"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(artifacts.glob("runs/*/summary.json")):
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep and its Dask workers
+    first.wait()
+    finished = {p.parent.name: (p.parent / "trained" / "manifest.json").stat().st_mtime_ns for p in artifacts.glob("runs/*/summary.json")}
+    assert 1 <= len(finished) < 4
+    stores = list(artifacts.glob("activations/*"))
+    assert len(stores) == 1
+    shard_time = next(stores[0].glob("shard-*")).stat().st_mtime_ns
+
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
+    assert [r["state"] for r in rows] == ["Completed"] * 4
+    assert [r["label"] for r in rows] == [f"l1_coefficient={v}" for v in (0.5, 1.0, 2.0, 4.0)]
+    for name, mtime in finished.items():  # finished members were not trained again
+        assert (artifacts / "runs" / name / "trained" / "manifest.json").stat().st_mtime_ns == mtime
+    assert len(list(artifacts.glob("runs/*/summary.json"))) == 4
+    assert list(artifacts.glob("activations/*")) == stores and next(stores[0].glob("shard-*")).stat().st_mtime_ns == shard_time
+    assert (artifacts / "sweeps" / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows_by_l1 = sorted(rows, key=lambda r: r["label"])
+    assert all(0 < r["l0"] and r["explained_variance"] <= 1 for r in rows_by_l1)
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["saeflow-sweep-t-members"])))
+    assert len(json.loads(table.data) if isinstance(table.data, str) else table.data) == 4
+
+
+@pytest.mark.parametrize(
+    ("grid", "extra", "message"),
+    [
+        ({"l1_coeficient": [1.0]}, {}, "sweep axis 'l1_coeficient' is not a config key; did you mean 'l1_coefficient'?"),
+        ({"lr": []}, {}, "sweep axis 'lr' needs a non-empty list of values"),
+        ({"seed": list(range(1001))}, {}, "the sweep has 1001 members (more than 1000); pass --yes"),
+        ({"lr": [0.001]}, {"budget": 3}, "a sweep file holds only base, grid, members, name"),
+        ({"hook_name": ["blocks.0.hook_resid_post", "blocks.7.hook_resid_post"]}, {}, "unknown hook_name 'blocks.7.hook_resid_post'"),
+    ],
+)
+def test_bad_sweep_files_are_refused_before_any_work(tmp_path, grid, extra, message):
+    with pytest.raises(ConfigError) as error:
+        sweep_members(write_sweep(tmp_path, grid, **extra))
+    assert message in str(error.value)
+
+
+def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    sweep = write_sweep(tmp_path, {"lr": [0.001]})
+    assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-address", "tcp://127.0.0.1:9"]) == EXIT_BAD_INPUT
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
