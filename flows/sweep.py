@@ -71,6 +71,13 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
             configs.append(resolve(make_config({**base_values, **member}, overrides)))
         except ConfigError as error:
             raise ConfigError(f"sweep member {member}: {error}") from None
+    names = [default_run_name(c) for c in configs]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(
+                f"sweep members {names.index(name) + 1} and {i + 1} ({members[names.index(name)]} and {members[i]}) are the same run: "
+                f"they differ only in settings that do not change the trained SAE; make them differ or drop one"
+            )
     return spec.get("name") or path.stem, configs
 
 

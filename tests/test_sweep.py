@@ -75,6 +75,7 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
         ({"seed": list(range(1001))}, {}, "the sweep has 1001 members (more than 1000); pass --yes"),
         ({"lr": [0.001]}, {"budget": 3}, "a sweep file holds only base, grid, members, name"),
         ({"hook_name": ["blocks.0.hook_resid_post", "blocks.7.hook_resid_post"]}, {}, "unknown hook_name 'blocks.7.hook_resid_post'"),
+        ({"top_k_tokens": [3, 4]}, {}, "sweep members 1 and 2 ({'top_k_tokens': 3} and {'top_k_tokens': 4}) are the same run"),
     ],
 )
 def test_bad_sweep_files_are_refused_before_any_work(tmp_path, grid, extra, message):
@@ -90,3 +91,13 @@ def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-address", "tcp://127.0.0.1:9"]) == EXIT_BAD_INPUT
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_failing_member_does_not_stop_the_others(prefect_server, tmp_path):
+    from flows.sweep import run_sweep
+
+    sweep = write_sweep(tmp_path, {}, members=[{"training_tokens": 8192}, {"training_tokens": 8192, "lr": 0.001, "analysis_token_index": 99}])
+    rows = run_sweep(str(sweep), str(tmp_path / "artifacts"))
+    assert [r["state"] for r in rows] == ["Completed", "Failed"]
+    assert "IndexError" in rows[1]["error"] and "l0" in rows[0]
+    assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
