@@ -150,7 +150,7 @@ class NonFiniteLoss(TrainingStopped):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _make_trainer(cfg: RunConfig, sae, runner_cfg, on_step_end):
+def _make_trainer(sae, runner_cfg, on_step_end):
     from sae_lens import SAETrainer
 
     class Trainer(SAETrainer):
@@ -311,7 +311,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             folder = checkpoint(trainer)
             raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
 
-    trainer = _make_trainer(cfg, sae, runner_cfg, on_step_end)
+    trainer = _make_trainer(sae, runner_cfg, on_step_end)
     # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
     # spaced thresholds; SAELens itself is left none to take.
     thresholds[:], trainer.checkpoint_thresholds = trainer.checkpoint_thresholds, []
