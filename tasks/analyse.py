@@ -146,7 +146,7 @@ def render_dashboard(run_name: str, analysis: dict[str, Any]) -> str:
     )
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        ".t{white-space:pre;padding:1px 0}.peak{outline:1px solid #c60}.meta,.max{color:#777;font-size:90%}"
+        ".t{white-space:pre;padding:1px 0;margin-right:3px}.peak{outline:1px solid #c60}.meta,.max{color:#777;font-size:90%}"
         ".cols{display:grid;grid-template-columns:3fr 2fr;gap:2em}section{border-top:1px solid #ddd}"
         "li{margin:.3em 0;font-family:monospace}"
     )
