@@ -179,7 +179,6 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
     if not features and sparsity is not None:
         features = torch.topk(sparsity, min(spec["top_k_features"], len(sparsity))).indices.tolist()
         chosen_by = "most frequently firing (no feature fired at the analysed prompt tokens)"
-    effects, shape = logit_effects(model, sae, features, spec["top_k_tokens"])
 
     frequency = 10 ** sparsity.float() if sparsity is not None else torch.zeros(sae.cfg.d_sae)
     dashboard_features = list(features)
@@ -189,7 +188,10 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
         if feature not in dashboard_features:
             dashboard_features.append(feature)
     contexts = max_activating_contexts(model, sae, load_eval_tokens(store_ref), dashboard_features, spec["dashboard_contexts"])
-    effect_of = {e["feature"]: e for e in logit_effects(model, sae, dashboard_features, spec["top_k_tokens"])[0]}
+    # one projection for the prompts' features and the dashboard's (which starts with them)
+    all_effects, shape = logit_effects(model, sae, dashboard_features, spec["top_k_tokens"])
+    effect_of = {e["feature"]: e for e in all_effects}
+    effects = [effect_of[f] for f in features if f in effect_of]
     dashboard = [
         {
             "feature": f,

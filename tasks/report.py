@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from tasks.artifacts import stage  # noqa: E402
+from tasks.save import LOG_EPS  # noqa: E402
 
 STAGE_VERSION = 1
-LOG_EPS = 1e-10
 CURVES = [("loss", "loss"), ("mse", "MSE"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_features", "dead features")]
 METRIC_ROWS = [
     ("explained_variance", "explained variance"),
