@@ -13,7 +13,8 @@ A sweep file:
 
 Each member is an ordinary run (its stable name, its own folder, restartable). Members that
 share model, hook and data share one activation store: the first to get there fills it, the
-others wait for it. Re-running a sweep finds the finished members cached and trains the rest.
+others wait for it; members at different hooks of the same model and data get their stores
+filled together, from one model pass. Re-running a sweep finds the finished members cached and trains the rest.
 The sweep writes `<artifacts>/sweeps/<name>/members.json` and `frontier.png` (L0 against
 explained variance and CE-loss score) and publishes a table artifact of every member's metrics.
 """
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import write_json
-from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config
+from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
 
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -121,12 +123,19 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     names = [default_run_name(RunConfig(**config)) for config in members]
     for config, run_name in zip(members, names):
         claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
-    futures = []
-    for config, run_name in zip(members, names):
-        with _gpu_resource(config["device"]):  # a Dask cluster places one GPU member per GPU worker
-            futures.append(run_member.submit(config, run_name, artifacts_dir))
+    # Members whose stores differ only in their hook wait for one shared model pass that fills
+    # all those stores; the others start at once.
+    fills = shared_fills(members, artifacts_dir)
+    waiting = {id(fill): indices for fill, indices in fills}
+    futures = {}
+    for i, (config, run_name) in enumerate(zip(members, names)):
+        if not any(i in indices for indices in waiting.values()):
+            futures[i] = _submit_member(config, run_name, artifacts_dir)
+    for fill in as_completed([fill for fill, _ in fills]):  # failed or not: members fill what is missing
+        for i in waiting[id(fill)]:
+            futures[i] = _submit_member(members[i], names[i], artifacts_dir)
     rows = []
-    for run_name, label, future in zip(names, labels, futures):
+    for run_name, label, future in zip(names, labels, (futures[i] for i in range(len(members)))):
         future.wait()
         row = {"run": run_name, "label": label, "state": future.state.name}
         if future.state.is_completed():
@@ -141,6 +150,38 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     plot_frontier(rows, folder / "frontier.png")
     create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
     return rows
+
+
+def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str):
+    with _gpu_resource(config["device"]):  # a Dask cluster places one GPU member per GPU worker
+        return run_member.submit(config, run_name, artifacts_dir)
+
+
+def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tuple[Any, list[int]]]:
+    """Submit one `fill_activation_stores` per group of members that read the same tokens through
+    the same model at different hooks; returns each fill's future and its members' indices."""
+    from tasks.activations import fill_activation_stores, shared_pass_key, store_spec
+    from tasks.model import build_model, model_spec
+
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(members):
+        cfg = RunConfig(**config)
+        unbuilt = store_spec(cfg, {"kind": None, "name": cfg.model_name, "path": None})
+        groups.setdefault(stable_hash([model_spec(cfg), shared_pass_key(unbuilt)]), []).append(i)
+    fills = []
+    for indices in groups.values():
+        configs = [RunConfig(**members[i]) for i in indices]
+        if len({(c.hook_name, c.hook_head_index) for c in configs}) < 2:
+            continue
+        try:
+            model_ref = build_model(model_spec(configs[0]), artifacts_dir)
+        except Exception as error:  # the members will report it, each on its own
+            get_run_logger().warning(f"Could not build {configs[0].model_name} for a shared fill: {error}")
+            continue
+        specs = list({stable_hash(s): s for s in (store_spec(c, model_ref) for c in configs)}.values())
+        with _gpu_resource(configs[0].device):
+            fills.append((fill_activation_stores.submit(specs, model_ref, artifacts_dir), indices))
+    return fills
 
 
 def _gpu_resource(device: str):

@@ -14,6 +14,7 @@ Tokenisation, context packing and the hook read are SAELens's `ActivationsStore`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -111,44 +112,120 @@ def _verified_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
 def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
     """Run the model over the dataset and persist `spec['n_tokens']` hook activations in shards."""
+    return fill_stores([spec], model_ref, artifacts_dir)[0]
+
+
+@stage("fill-activation-stores", STAGE_VERSION, key_inputs=("specs", "artifacts_dir"))
+def fill_activation_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], artifacts_dir: str) -> list[dict[str, Any]]:
+    """Fill several stores that differ only in their hook from one model pass over the data (a
+    sweep over hooks); each store ends exactly as if filled alone."""
+    return fill_stores(specs, model_ref, artifacts_dir)
+
+
+HOOK_FIELDS = ("hook_name", "hook_head_index", "d_in")
+
+
+def shared_pass_key(spec: dict[str, Any]) -> str:
+    """Stores with the same key read the same tokens through the same model: one pass fills all."""
+    return stable_hash({k: v for k, v in spec.items() if k not in HOOK_FIELDS})
+
+
+def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], artifacts_dir: str) -> list[dict[str, Any]]:
+    """Fill the stores of `specs` (same `shared_pass_key`) together, holding each store's lock:
+    runs that share a store wait for the one filling it, then find it complete."""
     from prefect import get_run_logger
 
-    logger = get_run_logger()
-    out = store_dir(artifacts_dir, spec)
-    # Runs that share this store wait here for the one filling it, then find it complete.
-    with exclusive_lock(out / ".lock", f"activation store {out}", wait=True):
-        return _fill(spec, model_ref, out, logger)
+    if len({shared_pass_key(spec) for spec in specs}) != 1:
+        raise ValueError("stores filled in one model pass must differ only in " + ", ".join(HOOK_FIELDS))
+    outs = [store_dir(artifacts_dir, spec) for spec in specs]
+    with contextlib.ExitStack() as locks:
+        for out in sorted(set(outs)):  # one order for every process: no deadlock
+            locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
+        return _fill(specs, model_ref, outs, get_run_logger())
 
 
-def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) -> dict[str, Any]:
+def _shard_rows(spec: dict[str, Any]) -> int:
+    bytes_per_row = spec["d_in"] * torch.empty((), dtype=getattr(torch, spec["dtype"])).element_size()
+    rows_per_batch = spec["store_batch_size_prompts"] * spec["context_size"]
+    return max(1, SHARD_BYTES // (bytes_per_row * rows_per_batch)) * rows_per_batch
+
+
+class _StoreWriter:
+    """One store's manifest and the rows waiting to become its next shard."""
+
+    def __init__(self, spec: dict[str, Any], out: Path):
+        self.spec, self.out = spec, out
+        self.manifest_path = out / "manifest.json"
+        self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"spec": spec, "shards": []}
+        if self.manifest["spec"] != spec:
+            raise RuntimeError(f"{self.manifest_path} belongs to another store spec; move {out} away and run again")
+        self.shards = _verified_shards(out, self.manifest)
+        self.done_rows = self.shards[-1]["stop"] if self.shards else 0
+        self.eval_done = _verified_eval_tokens(out, self.manifest) is not None
+        self.rows_per_shard = _shard_rows(spec)
+        self.pending_acts, self.pending_tokens = [], []
+
+    @property
+    def complete(self) -> bool:
+        return self.done_rows >= self.spec["n_tokens"] and self.eval_done
+
+    def add(self, acts: torch.Tensor, tokens: torch.Tensor, row: int) -> bool:
+        """Queue rows ending at `row`; write a shard when enough are queued. True if one was written."""
+        self.pending_acts.append(acts)
+        self.pending_tokens.append(tokens)
+        if row - self.done_rows < self.rows_per_shard and row != self.spec["n_tokens"]:
+            return False
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        sha = _save_shard(self.out / name, torch.cat(self.pending_acts), torch.cat(self.pending_tokens))
+        self.shards.append({"file": name, "start": self.done_rows, "stop": row, "sha256": sha})
+        write_json(self.manifest_path, {**self.manifest, "spec": self.spec, "shards": self.shards, "complete": False})
+        self.done_rows, self.pending_acts, self.pending_tokens = row, [], []
+        return True
+
+    def finish(self, eval_tokens: torch.Tensor) -> None:
+        sha = _save_shard(self.out / EVAL_TOKENS, None, eval_tokens)
+        entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha}
+        self.manifest = {**self.manifest, "spec": self.spec, "shards": self.shards, "eval": entry}
+        write_json(self.manifest_path, {**self.manifest, "complete": True})
+        self.eval_done = True
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "path": str(self.out),
+            "n_tokens": self.spec["n_tokens"],
+            "d_in": self.spec["d_in"],
+            "dtype": self.spec["dtype"],
+            "n_shards": len(self.shards),
+            "eval_contexts": -(-self.spec["eval_tokens"] // self.spec["context_size"]),
+            "outputs": [str(self.out / s["file"]) for s in self.shards] + [str(self.out / EVAL_TOKENS), str(self.manifest_path)],
+        }
+
+
+def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Path], logger) -> list[dict[str, Any]]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
-    from tasks.model import load_model
+    from tasks.model import hooks_activations, load_model
 
-    manifest_path = out / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"spec": spec, "shards": []}
-    if manifest["spec"] != spec:
-        raise RuntimeError(f"{manifest_path} belongs to another store spec; move {out} away and run again")
-    shards = _verified_shards(out, manifest)
-    n_tokens, ctx, batch_prompts = spec["n_tokens"], spec["context_size"], spec["store_batch_size_prompts"]
-    bytes_per_row = spec["d_in"] * torch.empty((), dtype=getattr(torch, spec["dtype"])).element_size()
-    rows_per_batch = batch_prompts * ctx
-    batches_per_shard = max(1, SHARD_BYTES // (bytes_per_row * rows_per_batch))
-    rows_per_shard = batches_per_shard * rows_per_batch
-    done_rows = shards[-1]["stop"] if shards else 0
-    eval_done = _verified_eval_tokens(out, manifest) is not None
-
-    if done_rows < n_tokens or not eval_done:
-        if shards:
-            logger.info(f"Activation store {out.name}: resuming at row {done_rows} of {n_tokens}")
+    writers = {out: _StoreWriter(spec, out) for spec, out in zip(specs, outs)}
+    todo = [w for w in writers.values() if not w.complete]
+    if todo:
+        spec = todo[0].spec
+        n_tokens, ctx = spec["n_tokens"], spec["context_size"]
+        rows_per_batch = spec["store_batch_size_prompts"] * ctx
+        names = ", ".join(w.out.name for w in todo)
+        start_row = min(w.done_rows for w in todo)
+        if start_row:
+            logger.info(f"Activation store(s) {names}: resuming at row {start_row} of {n_tokens}")
+        if len(todo) > 1:
+            logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
         store = _activations_store(model, spec)
         dtype = getattr(torch, spec["dtype"])
-        progress = create_progress_artifact(100 * done_rows / n_tokens, description=f"Filling activation store {out.name}")
-        bar = tqdm(total=n_tokens, initial=done_rows, desc="Filling activation store", unit="tok")
+        device = torch.device(spec["device"])
+        progress = create_progress_artifact(100 * start_row / n_tokens, description=f"Filling activation store(s) {names}")
+        bar = tqdm(total=n_tokens, initial=start_row, desc="Filling activation store", unit="tok")
         started, row, wrapped = time.monotonic(), 0, False
-        pending_acts, pending_tokens = [], []
 
         def next_tokens():
             nonlocal wrapped
@@ -162,24 +239,23 @@ def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) ->
         while row < n_tokens:
             tokens = next_tokens()
             take = min(rows_per_batch, n_tokens - row)
-            if row + take <= done_rows:  # already on disk: only the tokens were needed, to keep the order
-                row += take
-                continue
-            acts = store.get_activations(tokens).reshape(-1, spec["d_in"])[:take].to("cpu", dtype)
-            pending_acts.append(acts)
-            pending_tokens.append(tokens.reshape(-1)[:take].to("cpu"))
+            # Stores that already hold these rows only needed the tokens, to keep the data order.
+            need = [w for w in todo if row + take > w.done_rows]
             row += take
+            if not need:
+                continue
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
+                batch = hooks_activations(model, tokens, [(w.spec["hook_name"], w.spec["hook_head_index"]) for w in need])
+            flat_tokens = tokens.reshape(-1)[:take].to("cpu")
+            wrote = False
+            for writer, acts in zip(need, batch):
+                acts = acts.reshape(-1, writer.spec["d_in"])[:take].to("cpu", dtype)
+                wrote |= writer.add(acts, flat_tokens, row)
             bar.update(take)
-            if row - done_rows >= rows_per_shard or row == n_tokens:
-                index = len(shards)
-                name = f"shard-{index:05d}.safetensors"
-                sha = _save_shard(out / name, torch.cat(pending_acts), torch.cat(pending_tokens))
-                shards.append({"file": name, "start": done_rows, "stop": row, "sha256": sha})
-                write_json(manifest_path, {**manifest, "spec": spec, "shards": shards, "complete": False})
-                rate = (row - done_rows) / max(time.monotonic() - started, 1e-9)
-                logger.info(f"Activation store {out.name}: {row}/{n_tokens} tokens ({100 * row / n_tokens:.0f}%), {rate:,.0f} tokens/s")
+            if wrote:
+                rate = (row - start_row) / max(time.monotonic() - started, 1e-9)
+                logger.info(f"Activation store(s) {names}: {row}/{n_tokens} tokens ({100 * row / n_tokens:.0f}%), {rate:,.0f} tokens/s")
                 update_progress_artifact(progress, 100 * row / n_tokens)
-                done_rows, pending_acts, pending_tokens, started = row, [], [], time.monotonic()
         bar.close()
 
         # Held-out contexts for evaluation and analysis: the ones after the training tokens.
@@ -190,18 +266,9 @@ def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) ->
         if wrapped:
             logger.warning("The dataset was used up: the held-out evaluation tokens repeat training data; use more data")
         eval_tokens = torch.cat(contexts)[:n_eval]
-        sha = _save_shard(out / EVAL_TOKENS, None, eval_tokens)
-        manifest = {**manifest, "spec": spec, "shards": shards, "eval": {"file": EVAL_TOKENS, "contexts": n_eval, "sha256": sha}}
-        write_json(manifest_path, {**manifest, "complete": True})
-    return {
-        "path": str(out),
-        "n_tokens": n_tokens,
-        "d_in": spec["d_in"],
-        "dtype": spec["dtype"],
-        "n_shards": len(shards),
-        "eval_contexts": -(-spec["eval_tokens"] // ctx),
-        "outputs": [str(out / s["file"]) for s in shards] + [str(out / EVAL_TOKENS), str(manifest_path)],
-    }
+        for writer in todo:
+            writer.finish(eval_tokens)
+    return [writers[out].result() for out in outs]
 
 
 def _verified_eval_tokens(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

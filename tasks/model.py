@@ -207,15 +207,28 @@ def _slug(text: str) -> str:
 
 def hook_activations(model, tokens: torch.Tensor, hook_name: str, hook_head_index: int | None) -> torch.Tensor:
     """Activations `[batch, pos, d_in]` at a hook, flattened as SAELens's activation store does."""
+    return hooks_activations(model, tokens, [(hook_name, hook_head_index)])[0]
+
+
+def hooks_activations(model, tokens: torch.Tensor, hooks: list[tuple[str, int | None]]) -> list[torch.Tensor]:
+    """Activations `[batch, pos, d_in]` at several `(hook_name, hook_head_index)` hooks from one
+    forward pass that stops after the deepest of them, each flattened as SAELens's activation
+    store does (one head, or all heads concatenated)."""
     from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
+    stops = [extract_stop_at_layer_from_tlens_hook_name(name) for name, _ in hooks]
+    stop_at_layer = None if None in stops else max(stops)
     _, cache = model.run_with_cache(
-        tokens, names_filter=[hook_name], stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook_name)
+        tokens, names_filter=sorted({name for name, _ in hooks}), stop_at_layer=stop_at_layer, prepend_bos=False
     )
-    acts = cache[hook_name]
-    if hook_head_index is not None:
-        return acts[:, :, hook_head_index]
-    return acts.flatten(2) if acts.ndim > 3 else acts
+    out = []
+    for name, head in hooks:
+        acts = cache[name]
+        if head is not None:
+            out.append(acts[:, :, head])
+        else:
+            out.append(acts.flatten(2) if acts.ndim > 3 else acts)
+    return out
 
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed")

@@ -9,7 +9,7 @@ from prefect import flow
 
 import tasks.activations as activations
 from conftest import tiny_config
-from tasks.activations import ShuffledBatches, fill_activations, load_store, store_spec
+from tasks.activations import ShuffledBatches, fill_activation_stores, fill_activations, load_store, store_spec
 from tasks.model import build_model, model_spec
 from tasks.preflight import resolve
 
@@ -21,6 +21,15 @@ def fill_store(cfg_json: dict, artifacts_dir: str) -> dict:
     cfg = RunConfig(**cfg_json)
     model_ref = build_model(model_spec(cfg), artifacts_dir)
     return fill_activations.with_options(refresh_cache=True)(store_spec(cfg, model_ref), model_ref, artifacts_dir)
+
+
+@flow
+def fill_together(cfgs_json: list[dict], artifacts_dir: str) -> list[dict]:
+    from tasks.config import RunConfig
+
+    cfgs = [RunConfig(**c) for c in cfgs_json]
+    model_ref = build_model(model_spec(cfgs[0]), artifacts_dir)
+    return fill_activation_stores([store_spec(c, model_ref) for c in cfgs], model_ref, artifacts_dir)
 
 
 class Crash(Exception):
@@ -65,3 +74,35 @@ def test_shuffled_batches_cover_each_row_once_per_epoch_and_seek_directly():
     assert not torch.equal(rows[:10], rows[10:])  # each epoch has its own order
     assert torch.equal(next(ShuffledBatches(data, 4, seed=3, start_batch=3)).squeeze(1), rows[12:16])
     assert not torch.equal(next(ShuffledBatches(data, 4, seed=4)).squeeze(1), rows[:4])
+
+
+def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_filled_alone(prefect_server, tmp_path: Path, monkeypatch):
+    from transformer_lens import HookedTransformer
+
+    hooks = [
+        {"hook_name": "blocks.0.hook_resid_post"},
+        {"hook_name": "blocks.1.hook_mlp_out"},
+        {"hook_name": "blocks.1.attn.hook_z", "hook_head_index": 2},
+        {"hook_name": "blocks.0.attn.hook_z"},  # all heads, concatenated
+    ]
+    cfgs = [resolve(tiny_config(training_tokens=8192, **hook)) for hook in hooks]
+    alone = [fill_store(c.model_dump(mode="json"), str(tmp_path / "alone")) for c in cfgs]
+
+    passes = []
+    real_forward = HookedTransformer.forward
+    monkeypatch.setattr(HookedTransformer, "forward", lambda self, *a, **k: passes.append(k.get("stop_at_layer")) or real_forward(self, *a, **k))
+    shared = str(tmp_path / "shared")
+    first = fill_store(cfgs[0].model_dump(mode="json"), shared)  # one store already full
+    n_batches = len(passes)
+    first_mtime = (Path(first["path"]) / "shard-00000.safetensors").stat().st_mtime_ns
+    passes.clear()
+    together = fill_together([c.model_dump(mode="json") for c in cfgs], shared)
+
+    assert n_batches == 8192 // (16 * 32) and passes == [2] * n_batches  # one pass per batch, to layer 1
+    assert (Path(first["path"]) / "shard-00000.safetensors").stat().st_mtime_ns == first_mtime
+    assert [r["d_in"] for r in together] == [32, 32, 8, 32]
+    for ref, got in zip(alone, together):
+        ref_acts, ref_tokens = load_store(ref)
+        acts, tokens = load_store(got)
+        assert torch.equal(acts, ref_acts) and torch.equal(tokens, ref_tokens)
+        assert (Path(ref["path"]) / "eval_tokens.safetensors").read_bytes() == (Path(got["path"]) / "eval_tokens.safetensors").read_bytes()

@@ -101,3 +101,23 @@ def test_a_failing_member_does_not_stop_the_others(prefect_server, tmp_path):
     assert [r["state"] for r in rows] == ["Completed", "Failed"]
     assert "IndexError" in rows[1]["error"] and "l0" in rows[0]
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
+
+
+def test_members_at_two_hooks_get_their_stores_from_one_shared_fill(prefect_server, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from conftest import task_states
+    from flows.sweep import run_sweep
+
+    sweep = write_sweep(tmp_path, {"hook_name": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], "l1_coefficient": [1.0, 2.0]}, name="hooks")
+    small = ["training_tokens=8192", "expansion_factor=4", "train_batch_size_tokens=512", "n_batches_in_buffer=16"]
+    rows = run_sweep(str(sweep), str(tmp_path / "artifacts"), overrides=small)
+
+    assert [r["state"] for r in rows] == ["Completed"] * 4
+    stores = sorted((tmp_path / "artifacts" / "activations").iterdir())
+    assert len(stores) == 2 and all(json.loads((s / "manifest.json").read_text())["complete"] for s in stores)
+    with get_client(sync_client=True) as client:
+        run, = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-hooks"])))
+    states = task_states(run.state)
+    assert states["fill-activation-stores"] == "Completed"
