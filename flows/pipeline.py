@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from tasks.activations import fill_activations, store_spec
 from tasks.analyse import analyse, analysis_spec
@@ -24,6 +24,7 @@ from tasks.model import build_model, model_spec
 from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
+from tasks.streaming import choose_activation_mode
 from tasks.train import train_sae, train_spec
 
 
@@ -64,14 +65,16 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False):
         crash_ghost_runs(run_name)
         model_ref = build_model(model_spec(cfg), artifacts_dir)
-        store_ref = fill_activations(store_spec(cfg, model_ref), model_ref, artifacts_dir)
+        mode, why = choose_activation_mode(cfg, artifacts_dir, run)
+        get_run_logger().info(f"Activations: {mode} ({why})")
+        store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, artifacts_dir)
         train = train_sae.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
         trained = train(train_spec(cfg), store_ref, run)
         saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device)
         loaded = load_sae({"path": saved["path"]}, cfg.device)
         metrics = evaluate(loaded, model_ref, store_ref, run, cfg.store_batch_size_prompts, cfg.device, cfg.model_from_pretrained_kwargs)
         analysis = analyse(analysis_spec(cfg), model_ref, loaded, store_ref, run)
-        reported = report(run_name, run, cfg.model_dump(mode="json") | {"d_sae": saved["d_sae"]}, metrics, analysis, saved)
+        reported = report(run_name, run, cfg.model_dump(mode="json") | {"d_sae": saved["d_sae"], "activations": f"{mode} ({why})"}, metrics, analysis, saved)
 
     summary = {
         "run_name": run_name,

@@ -166,6 +166,8 @@ def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tupl
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(members):
         cfg = RunConfig(**config)
+        if cfg.activation_mode != "cached":  # streaming members make activations as they train
+            continue
         unbuilt = store_spec(cfg, {"kind": None, "name": cfg.model_name, "path": None})
         groups.setdefault(stable_hash([model_spec(cfg), shared_pass_key(unbuilt)]), []).append(i)
     fills = []

@@ -33,10 +33,11 @@ SHARD_BYTES = 64 * 2**20
 EVAL_TOKENS = "eval_tokens.safetensors"
 
 
-def store_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any]:
-    """What determines the stored activations: the stage's inputs and cache key."""
+def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") -> dict[str, Any]:
+    """What determines the stored activations: the stage's inputs and cache key. In streaming
+    mode the store keeps only the tokens (`tokens_only`)."""
     n_contexts = -(-cfg.training_tokens // cfg.context_size)
-    return {
+    spec = {
         "model": {k: model_ref[k] for k in ("kind", "name", "path")},
         "from_pretrained_kwargs": cfg.model_from_pretrained_kwargs,
         "hook_name": cfg.hook_name,
@@ -54,6 +55,9 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any]:
         "autocast_lm": cfg.autocast_lm,
         "seed": cfg.seed,
     }
+    if mode == "streaming":
+        spec["tokens_only"] = True
+    return spec
 
 
 def store_dir(artifacts_dir: str | Path, spec: dict[str, Any]) -> Path:
@@ -169,14 +173,15 @@ class _StoreWriter:
     def complete(self) -> bool:
         return self.done_rows >= self.spec["n_tokens"] and self.eval_done
 
-    def add(self, acts: torch.Tensor, tokens: torch.Tensor, row: int) -> bool:
+    def add(self, acts: torch.Tensor | None, tokens: torch.Tensor, row: int) -> bool:
         """Queue rows ending at `row`; write a shard when enough are queued. True if one was written."""
         self.pending_acts.append(acts)
         self.pending_tokens.append(tokens)
         if row - self.done_rows < self.rows_per_shard and row != self.spec["n_tokens"]:
             return False
         name = f"shard-{len(self.shards):05d}.safetensors"
-        sha = _save_shard(self.out / name, torch.cat(self.pending_acts), torch.cat(self.pending_tokens))
+        acts = None if self.spec.get("tokens_only") else torch.cat(self.pending_acts)
+        sha = _save_shard(self.out / name, acts, torch.cat(self.pending_tokens))
         self.shards.append({"file": name, "start": self.done_rows, "stop": row, "sha256": sha})
         write_json(self.manifest_path, {**self.manifest, "spec": self.spec, "shards": self.shards, "complete": False})
         self.done_rows, self.pending_acts, self.pending_tokens = row, [], []
@@ -192,6 +197,7 @@ class _StoreWriter:
     def result(self) -> dict[str, Any]:
         return {
             "path": str(self.out),
+            "mode": "streaming" if self.spec.get("tokens_only") else "cached",
             "n_tokens": self.spec["n_tokens"],
             "d_in": self.spec["d_in"],
             "dtype": self.spec["dtype"],
@@ -199,6 +205,31 @@ class _StoreWriter:
             "eval_contexts": -(-self.spec["eval_tokens"] // self.spec["context_size"]),
             "outputs": [str(self.out / s["file"]) for s in self.shards] + [str(self.out / EVAL_TOKENS), str(self.manifest_path)],
         }
+
+
+class _StoredTokens:
+    """The tokens of the rows already on disk, to compare with the data when a fill resumes."""
+
+    def __init__(self, writers: list[_StoreWriter]):
+        writer = max(writers, key=lambda w: w.done_rows)
+        self.out, self.shards, self.loaded = writer.out, writer.shards, (None, None)
+
+    def check(self, row: int, tokens: torch.Tensor, dataset_path: str) -> None:
+        from safetensors import safe_open
+
+        for shard in self.shards:
+            if shard["start"] <= row < shard["stop"]:
+                if self.loaded[0] != shard["file"]:
+                    with safe_open(self.out / shard["file"], "pt") as f:
+                        self.loaded = (shard["file"], f.get_tensor("tokens"))
+                stored = self.loaded[1][row - shard["start"] : row - shard["start"] + len(tokens)]
+                if not torch.equal(stored, tokens[: len(stored)]):
+                    raise RuntimeError(
+                        f"dataset {dataset_path} changed since activation store {self.out} was started: the tokens at "
+                        f"row {row} differ from the stored ones. Pin the dataset (a local copy, or a hub revision), or "
+                        f"move {self.out} away to fill it again from the new data"
+                    )
+                return
 
 
 def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Path], logger) -> list[dict[str, Any]]:
@@ -236,21 +267,27 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Pat
                 logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
                 return store.get_batch_tokens()
 
+        stored_tokens = _StoredTokens(todo)
         while row < n_tokens:
             tokens = next_tokens()
             take = min(rows_per_batch, n_tokens - row)
-            # Stores that already hold these rows only needed the tokens, to keep the data order.
+            flat_tokens = tokens.reshape(-1)[:take].to("cpu")
+            # Stores that already hold these rows only needed the tokens, to keep the data order;
+            # the tokens must be the ones stored, or the data changed since the fill started.
+            stored_tokens.check(row, flat_tokens, spec["dataset_path"])
             need = [w for w in todo if row + take > w.done_rows]
             row += take
             if not need:
                 continue
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
-                batch = hooks_activations(model, tokens, [(w.spec["hook_name"], w.spec["hook_head_index"]) for w in need])
-            flat_tokens = tokens.reshape(-1)[:take].to("cpu")
+            hooked = [w for w in need if not w.spec.get("tokens_only")]
+            batch = []
+            if hooked:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
+                    batch = hooks_activations(model, tokens, [(w.spec["hook_name"], w.spec["hook_head_index"]) for w in hooked])
+            acts_of = {id(w): acts.reshape(-1, w.spec["d_in"])[:take].to("cpu", dtype) for w, acts in zip(hooked, batch)}
             wrote = False
-            for writer, acts in zip(need, batch):
-                acts = acts.reshape(-1, writer.spec["d_in"])[:take].to("cpu", dtype)
-                wrote |= writer.add(acts, flat_tokens, row)
+            for writer in need:
+                wrote |= writer.add(acts_of.get(id(writer)), flat_tokens, row)
             bar.update(take)
             if wrote:
                 rate = (row - start_row) / max(time.monotonic() - started, 1e-9)
@@ -283,9 +320,10 @@ def load_eval_tokens(store_ref: dict[str, Any]) -> torch.Tensor:
     return load_file(Path(store_ref["path"]) / EVAL_TOKENS)["tokens"]
 
 
-def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """All activations `[n_tokens, d_in]` and their tokens `[n_tokens]` of a filled store, checked
-    against the manifest's row ranges (no row missing or repeated)."""
+def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor]:
+    """All activations `[n_tokens, d_in]` (None for a streaming store) and their tokens
+    `[n_tokens]` of a filled store, checked against the manifest's row ranges (no row missing or
+    repeated)."""
     folder = Path(store_ref["path"])
     manifest = read_json(folder / "manifest.json")
     if not manifest.get("complete"):
@@ -295,14 +333,53 @@ def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Te
         if shard["start"] != expected:
             raise RuntimeError(f"activation store {folder}: rows {expected}..{shard['start']} are missing")
         data = load_file(folder / shard["file"], device=device)
-        if len(data["activations"]) != shard["stop"] - shard["start"]:
+        if len(data["tokens"]) != shard["stop"] - shard["start"]:
             raise RuntimeError(f"activation store {folder}: {shard['file']} does not hold rows {shard['start']}..{shard['stop']}")
-        acts.append(data["activations"])
+        if "activations" in data:
+            acts.append(data["activations"])
         tokens.append(data["tokens"])
         expected = shard["stop"]
     if expected != store_ref["n_tokens"]:
         raise RuntimeError(f"activation store {folder} holds {expected} rows, expected {store_ref['n_tokens']}")
-    return torch.cat(acts), torch.cat(tokens)
+    return (torch.cat(acts) if acts else None), torch.cat(tokens)
+
+
+def _streaming_source(store_ref: dict[str, Any]):
+    """The model, the token contexts and the spec of a streaming (tokens-only) store."""
+    from tasks.model import load_model
+
+    spec = read_json(Path(store_ref["path"]) / "manifest.json")["spec"]
+    _, tokens = load_store(store_ref)
+    model = load_model(spec["model"], spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
+    return model, tokens.reshape(-1, spec["context_size"]), spec
+
+
+def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chunk_contexts: int):
+    """The seeded training batches of a store: `ShuffledBatches` over cached activations, or
+    `StreamedBatches` made by the model from a streaming store's tokens (`chunk_contexts` per
+    mixing buffer). Set `.next_batch` to start elsewhere than at batch 0."""
+    if store_ref.get("mode") == "streaming":
+        from tasks.streaming import StreamedBatches
+
+        model, contexts, spec = _streaming_source(store_ref)
+        return StreamedBatches(model, contexts, spec, batch_size, seed, chunk_contexts)
+    activations, _ = load_store(store_ref)
+    return ShuffledBatches(activations, batch_size, seed)
+
+
+def sample_activations(store_ref: dict[str, Any], n: int, seed: int) -> torch.Tensor:
+    """About `n` activation rows drawn at random (seeded): single rows from a cached store, whole
+    contexts (made by the model) from a streaming one."""
+    generator = torch.Generator().manual_seed(seed)
+    if store_ref.get("mode") == "streaming":
+        from tasks.streaming import activations_for
+
+        model, contexts, spec = _streaming_source(store_ref)
+        picked = torch.randperm(len(contexts), generator=generator)[: -(-n // spec["context_size"])].sort().values
+        return activations_for(model, contexts[picked], spec).cpu()
+    activations, _ = load_store(store_ref)
+    rows = torch.randperm(len(activations), generator=generator)[: min(n, len(activations))].sort().values
+    return activations[rows]
 
 
 class ShuffledBatches:

@@ -49,6 +49,7 @@ NON_RESULT_FIELDS = {
     "log_every",
     "dashboard_features",
     "dashboard_contexts",
+    "max_cache_gb",
 }
 
 
@@ -96,6 +97,15 @@ class RunConfig(BaseModel):
     """Tokens per sequence fed to the model (at most the model's `n_ctx`)."""
     prepend_bos: bool = True
     """Start every context with the BOS token, as most models were trained."""
+
+    activation_mode: Literal["cached", "streaming", "auto"] = "cached"
+    """`cached`: the hook's activations are computed once and kept on disk (fast re-runs, shared by
+    sweeps). `streaming`: only the token ids are kept and training makes the activations on the fly
+    (for runs too big to cache). `auto`: streaming when the cached activations would exceed
+    `max_cache_gb`; decided once when the run starts."""
+    max_cache_gb: float | None = Field(None, gt=0)
+    """Largest activation cache `auto` allows, in GB (10^9 bytes). Empty: half the free disk of the
+    artifacts folder."""
 
     # --- SAE ----------------------------------------------------------------------------------
     architecture: Architecture = "standard"

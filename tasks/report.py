@@ -81,7 +81,7 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, Any], analysis: dict[str, Any], files: dict[str, str]) -> str:
     lines = [f"# saeflow run `{run_name}`", "", "## Config", ""]
-    for key in ("model_name", "hook_name", "architecture", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed"):
+    for key in ("model_name", "hook_name", "architecture", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed", "activations"):
         if config.get(key) is not None:
             lines.append(f"- **{key}**: `{config[key]}`")
     lines += ["", "## Metrics (held-out tokens)", "", "| metric | value |", "| --- | --- |"]

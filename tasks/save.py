@@ -5,7 +5,8 @@ feature sparsity.
 normalisation folded in, BatchTopK saved as JumpReLU, ...), loadable with plain
 `sae_lens.SAE.load_from_disk`. `sparsity.safetensors` holds, under `sparsity`, the log10 firing
 frequency of each feature (SAELens's convention), measured by running the saved SAE over
-`sparsity_tokens` stored activations drawn at random; a feature that never fired reads -10.
+`sparsity_tokens` stored activations drawn at random (whole contexts, made by the model, in
+streaming mode); a feature that never fired reads -10.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tasks.activations import load_store
+from tasks.activations import sample_activations
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 
 STAGE_VERSION = 1
@@ -46,13 +47,12 @@ def save_sae(
         if out.exists():
             raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
         trained = TrainingSAE.load_from_disk(trained_ref["path"], device=device)
-        activations, _ = load_store(store_ref)
-        n = min(sparsity_tokens, len(activations))
-        rows = torch.randperm(len(activations), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        activations = sample_activations(store_ref, sparsity_tokens, seed)
+        n = len(activations)
         with atomic_dir(out) as tmp:
             trained.save_inference_model(tmp)
             sae = SAE.load_from_disk(tmp, device=device)
-            frequency = firing_frequency(sae, activations[rows])
+            frequency = firing_frequency(sae, activations)
             save_file({"sparsity": torch.log10(frequency + LOG_EPS)}, tmp / "sparsity.safetensors")
             write_manifest(
                 tmp,

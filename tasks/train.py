@@ -4,8 +4,9 @@ The run config is mapped onto sae-lens 6.x (`LanguageModelSAERunnerConfig`, its
 `to_sae_trainer_config()`, the architecture's `*TrainingSAEConfig`); training itself is
 `SAETrainer.fit()`. What saeflow adds:
 
-- the data provider is `ShuffledBatches` over the stored activations, so the data position is
-  just the batch number and a resumed run starts there directly;
+- the data provider is `ShuffledBatches` over the stored activations (or, in streaming mode,
+  `StreamedBatches` made by the model from the stored tokens), so the data position is just the
+  batch number and a resumed run starts there directly;
 - at the step boundary (a hook on the trainer, after the step is counted and logged),
   checkpoints are written at SAELens's evenly spaced thresholds, and on SIGTERM/SIGINT, by
   `tasks/checkpoint.py`: complete, atomic and checksummed, the newest `keep_checkpoints` kept;
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tasks.activations import ShuffledBatches, load_store
+from tasks.activations import training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
 
@@ -315,7 +316,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
     # spaced thresholds; SAELens itself is left none to take.
     thresholds[:], trainer.checkpoint_thresholds = trainer.checkpoint_thresholds, []
-    activations, _ = load_store(store_ref)
+    batches = training_batches(store_ref, batch, cfg.seed, chunk_contexts=cfg.n_batches_in_buffer * cfg.store_batch_size_prompts)
     resumed_from, resumed_from_step = resume_point(root, logger), 0
     if resumed_from is not None:
         resumed_from_step = load_checkpoint(trainer, resumed_from)["n_training_steps"]
@@ -324,10 +325,11 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     elif cfg.normalize_activations == "expected_average_only_in":
         trainer.activation_scaler.estimate_scaling_factor(
             d_in=cfg.d_in,
-            data_provider=ShuffledBatches(activations, batch, cfg.seed),
-            n_batches_for_norm_estimate=min(trainer.cfg.n_batches_for_norm_estimate, math.ceil(len(activations) / batch)),
+            data_provider=batches,
+            n_batches_for_norm_estimate=min(trainer.cfg.n_batches_for_norm_estimate, math.ceil(store_ref["n_tokens"] / batch)),
         )
-    trainer.data_provider = ShuffledBatches(activations, batch, cfg.seed, start_batch=trainer.n_training_samples // batch)
+    batches.next_batch = trainer.n_training_samples // batch
+    trainer.data_provider = batches
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()

@@ -7,7 +7,8 @@ POINT is where the Nth event of this process kills it (fill points also make eve
 its own shard):
 - fill-write: a shard's temporary file is written, not yet renamed into place;
 - fill-shard: a shard is in place, the manifest does not list it yet;
-- train-step: a training step is about to fetch its batch;
+- train-step: a training step is about to fetch its batch (cached activations);
+- stream-step: the same, in streaming mode;
 - checkpoint-write: a checkpoint's files are written in its temporary folder, before its
   manifest and the rename.
 """
@@ -19,6 +20,7 @@ import sys
 import flows  # noqa: F401  (process defaults, as the CLI sets them)
 import tasks.activations
 import tasks.checkpoint
+import tasks.streaming
 from flows.cli import main
 
 point, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -57,6 +59,8 @@ elif point == "fill-shard":
     tasks.activations._save_shard = after(tasks.activations._save_shard)
 elif point == "train-step":
     tasks.activations.ShuffledBatches.__next__ = before(tasks.activations.ShuffledBatches.__next__)
+elif point == "stream-step":
+    tasks.streaming.StreamedBatches.__next__ = before(tasks.streaming.StreamedBatches.__next__)
 elif point == "checkpoint-write":
     tasks.checkpoint.write_manifest = before(tasks.checkpoint.write_manifest)
 else:

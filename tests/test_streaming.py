@@ -1,0 +1,84 @@
+"""Streaming activation mode: only tokens are stored, training makes the activations on the fly,
+and a run killed at any moment still ends bitwise equal to an uninterrupted one."""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_config
+from tasks.preflight import resolve
+from tasks.streaming import choose_activation_mode
+from test_resume import FAULTS, assert_bitwise_equal, cli, config_file, finish, flow_run_states, start, weights
+
+
+@pytest.fixture(scope="module")
+def streaming_cfg(tmp_path_factory):
+    return config_file(tmp_path_factory, "streaming", activation_mode="streaming", **FAULTS)
+
+
+@pytest.fixture(scope="module")
+def streaming_reference(prefect_server, tmp_path_factory, streaming_cfg):
+    artifacts = tmp_path_factory.mktemp("streaming")
+    summary = start(streaming_cfg[0], artifacts, "straight")
+    return summary, weights(summary)
+
+
+def test_a_streaming_store_keeps_only_tokens_and_the_report_says_so(streaming_reference):
+    summary, _ = streaming_reference
+    store = Path(summary["activations"]["path"])
+    assert summary["activations"]["mode"] == "streaming"
+    for shard in store.glob("shard-*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            assert list(f.keys()) == ["tokens"]
+    assert summary["training"]["n_training_steps"] == FAULTS["training_tokens"] // 512
+    assert 0 < summary["metrics"]["metrics"]["explained_variance"] <= 1
+    report = Path(summary["report"]["path"]).read_text()
+    assert "- **activations**: `streaming (activation_mode is streaming" in report
+
+
+def test_streaming_differs_from_cached_only_in_data_order(streaming_reference, tmp_path):
+    """Same tokens and the same model: the first batch of each mode holds rows of the same store."""
+    from tasks.activations import training_batches
+
+    summary, _ = streaming_reference
+    streamed = training_batches(summary["activations"], 512, seed=42, chunk_contexts=64)
+    first = next(streamed)
+    streamed.next_batch = 5
+    fifth = next(streamed)
+    again = training_batches(summary["activations"], 512, seed=42, chunk_contexts=64)
+    again.next_batch = 5
+    assert torch.equal(next(again), fifth)  # seeking is exact: batch b depends only on (seed, b)
+    assert first.shape == (512, 32) and not torch.equal(first, fifth)
+
+
+def test_streaming_run_killed_several_times_ends_bitwise_equal(streaming_cfg, streaming_reference, tmp_path):
+    _, config = streaming_cfg
+    artifacts = tmp_path / "artifacts"
+    for point, n in [("stream-step", 20), ("checkpoint-write", 1), ("stream-step", 25)]:
+        code, output = finish(cli(driver=(point, n), artifacts=artifacts, config=config, run_name="killed"))
+        assert code == -signal.SIGKILL, output
+    code, output = finish(cli(artifacts=artifacts, config=config, run_name="killed"))
+    assert code == 0, output
+    assert "Resuming training from step-" in output
+    summary = json.loads((artifacts / "runs" / "killed" / "summary.json").read_text())
+    assert summary["training"]["resumed_from_step"] == 26  # the third process wrote it before its kill
+    assert_bitwise_equal(weights(summary), streaming_reference[1])
+    assert flow_run_states("killed") == ["Crashed", "Crashed", "Crashed", "Completed"]
+
+
+def test_auto_streams_when_the_cache_would_exceed_the_limit_and_keeps_its_choice(tmp_path):
+    cfg = resolve(tiny_config(activation_mode="auto", max_cache_gb=0.001))  # 32768 tokens x 32 x 4 B = 0.0042 GB
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    mode, why = choose_activation_mode(cfg, tmp_path, run)
+    assert mode == "streaming"
+    assert why == "activation_mode auto: the cached activations would take 0.00 GB, more than 0.00 GB (max_cache_gb)"
+    relaxed = cfg.model_copy(update={"max_cache_gb": 100.0})
+    assert choose_activation_mode(relaxed, tmp_path, run)[0] == "streaming"  # decided when the run started
+    assert choose_activation_mode(relaxed, tmp_path, tmp_path / "runs" / "other")[0] == "cached"
+    default = choose_activation_mode(cfg.model_copy(update={"max_cache_gb": None}), tmp_path, tmp_path / "runs" / "third")
+    assert default[0] == "cached" and "(half the free disk)" in default[1]
