@@ -344,6 +344,55 @@ def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Te
     return (torch.cat(acts) if acts else None), torch.cat(tokens)
 
 
+class StoreRows:
+    """The activations of a filled cached store as one `[n_tokens, d_in]` table of rows, read
+    through memory maps of the shards: indexing copies only the rows asked for, never the store."""
+
+    def __init__(self, store_ref: dict[str, Any]):
+        import json
+        import struct
+
+        import numpy as np
+
+        folder = Path(store_ref["path"])
+        manifest = read_json(folder / "manifest.json")
+        if not manifest.get("complete"):
+            raise RuntimeError(f"activation store {folder} is not complete; run the pipeline again to finish filling it")
+        self.parts, stops, expected = [], [], 0
+        for shard in manifest["shards"]:
+            if shard["start"] != expected:
+                raise RuntimeError(f"activation store {folder}: rows {expected}..{shard['start']} are missing")
+            path = folder / shard["file"]
+            with open(path, "rb") as f:  # safetensors: 8-byte header length, JSON header, raw data
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                entry = json.loads(f.read(header_len))["activations"]
+            rows, width = entry["shape"]
+            if rows != shard["stop"] - shard["start"]:
+                raise RuntimeError(f"activation store {folder}: {shard['file']} does not hold rows {shard['start']}..{shard['stop']}")
+            begin, end = entry["data_offsets"]
+            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + begin, shape=(rows, (end - begin) // rows))
+            self.parts.append(torch.from_numpy(raw).view(getattr(torch, store_ref["dtype"])))
+            stops.append(shard["stop"])
+            expected = shard["stop"]
+        if expected != store_ref["n_tokens"]:
+            raise RuntimeError(f"activation store {folder} holds {expected} rows, expected {store_ref['n_tokens']}")
+        self.stops = torch.tensor(stops)
+        self.starts = torch.tensor([0, *stops[:-1]])
+        self.width = width
+
+    def __len__(self) -> int:
+        return int(self.stops[-1])
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows at the given indices, in that order."""
+        shard_of = torch.searchsorted(self.stops, rows, right=True)
+        out = torch.empty((len(rows), self.width), dtype=self.parts[0].dtype)
+        for shard in shard_of.unique().tolist():
+            where = (shard_of == shard).nonzero().squeeze(1)
+            out[where] = self.parts[shard][rows[where] - self.starts[shard]]
+        return out
+
+
 def _streaming_source(store_ref: dict[str, Any]):
     """The model, the token contexts and the spec of a streaming (tokens-only) store."""
     from tasks.model import load_model
@@ -363,8 +412,7 @@ def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chun
 
         model, contexts, spec = _streaming_source(store_ref)
         return StreamedBatches(model, contexts, spec, batch_size, seed, chunk_contexts)
-    activations, _ = load_store(store_ref)
-    return ShuffledBatches(activations, batch_size, seed)
+    return ShuffledBatches(StoreRows(store_ref), batch_size, seed)
 
 
 def sample_activations(store_ref: dict[str, Any], n: int, seed: int) -> torch.Tensor:
@@ -377,7 +425,7 @@ def sample_activations(store_ref: dict[str, Any], n: int, seed: int) -> torch.Te
         model, contexts, spec = _streaming_source(store_ref)
         picked = torch.randperm(len(contexts), generator=generator)[: -(-n // spec["context_size"])].sort().values
         return activations_for(model, contexts[picked], spec).cpu()
-    activations, _ = load_store(store_ref)
+    activations = StoreRows(store_ref)
     rows = torch.randperm(len(activations), generator=generator)[: min(n, len(activations))].sort().values
     return activations[rows]
 

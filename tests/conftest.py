@@ -63,8 +63,15 @@ def task_states(flow_state) -> dict[str, str]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    import time
+
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        while True:  # the server records task-run states from events, a moment after they happen
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+            if all(run.state is not None for run in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 

@@ -9,7 +9,7 @@ from prefect import flow
 
 import tasks.activations as activations
 from conftest import tiny_config
-from tasks.activations import ShuffledBatches, fill_activation_stores, fill_activations, load_store, store_spec
+from tasks.activations import ShuffledBatches, StoreRows, fill_activation_stores, fill_activations, load_store, store_spec
 from tasks.model import build_model, model_spec
 from tasks.preflight import resolve
 
@@ -86,6 +86,7 @@ def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_fille
         {"hook_name": "blocks.0.attn.hook_z"},  # all heads, concatenated
     ]
     cfgs = [resolve(tiny_config(training_tokens=8192, **hook)) for hook in hooks]
+    monkeypatch.setattr(activations, "SHARD_BYTES", 1)  # one model batch per shard: 16 shards per store
     alone = [fill_store(c.model_dump(mode="json"), str(tmp_path / "alone")) for c in cfgs]
 
     passes = []
@@ -106,3 +107,29 @@ def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_fille
         acts, tokens = load_store(got)
         assert torch.equal(acts, ref_acts) and torch.equal(tokens, ref_tokens)
         assert (Path(ref["path"]) / "eval_tokens.safetensors").read_bytes() == (Path(got["path"]) / "eval_tokens.safetensors").read_bytes()
+        rows = torch.randperm(len(acts))[:1000]
+        assert torch.equal(StoreRows(got)[rows], acts[rows])  # memory-mapped rows, across shards
+
+
+def test_a_dataset_that_changed_under_a_half_filled_store_is_refused(prefect_server, tmp_path: Path, monkeypatch):
+    from tasks.data import generate_stories
+
+    text = tmp_path / "stories.txt"
+    text.write_text("\n".join(generate_stories(600, seed=1)))
+    cfg = resolve(tiny_config(dataset_path=str(text), training_tokens=8192))
+    monkeypatch.setattr(activations, "SHARD_BYTES", 1)
+    real_save, saved = activations._save_shard, []
+
+    def crash_after_three(*args):
+        if len(saved) == 3:
+            raise Crash()
+        saved.append(args[0])
+        return real_save(*args)
+
+    monkeypatch.setattr(activations, "_save_shard", crash_after_three)
+    with pytest.raises(Crash):
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+    monkeypatch.setattr(activations, "_save_shard", real_save)
+    text.write_text("\n".join(generate_stories(600, seed=2)))  # the data changes before the resume
+    with pytest.raises(RuntimeError, match="changed since activation store .* was started: the tokens at row 0 differ"):
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
