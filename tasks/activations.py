@@ -9,7 +9,8 @@ and `manifest.json` listing each shard's row range and checksum. Shards are writ
 updated after each one, so a killed fill continues at the first missing shard. The key depends
 only on what determines the activations, never on SAE or training settings.
 
-Tokenisation, context packing and the hook read are SAELens's `ActivationsStore`.
+The model reads the contexts of the pretokenise stage (`tasks/tokens.py`), or a dataset that
+already holds token ids, through SAELens's `ActivationsStore`, which also does the hook read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, read_json, stage, write_json
 from tasks.config import RunConfig, stable_hash
-from tasks.data import load_text_dataset
+
+# SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
 
 STAGE_VERSION = 1
 SHARD_BYTES = 64 * 2**20
@@ -36,7 +39,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any]:
     """What determines the stored activations: the stage's inputs and cache key."""
     n_contexts = -(-cfg.training_tokens // cfg.context_size)
     return {
-        "model": {k: model_ref[k] for k in ("kind", "name", "path")},
+        "model": {k: model_ref[k] for k in ("kind", "name", "path", "fingerprint") if k in model_ref},
         "from_pretrained_kwargs": cfg.model_from_pretrained_kwargs,
         "hook_name": cfg.hook_name,
         "hook_head_index": cfg.hook_head_index,
@@ -59,10 +62,20 @@ def store_dir(artifacts_dir: str | Path, spec: dict[str, Any]) -> Path:
     return Path(artifacts_dir) / "activations" / stable_hash(spec, 16)
 
 
-def _activations_store(model, spec: dict[str, Any]):
+def _token_dataset(spec: dict[str, Any], tokens_ref: dict[str, Any] | None):
+    """What the store reads: the pretokenised contexts, or (`tokens_ref` None) the dataset itself,
+    which then holds token ids."""
+    from tasks.data import load_text_dataset
+    from tasks.tokens import open_tokens
+
+    if tokens_ref is not None:
+        return open_tokens(tokens_ref)
+    return load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
+
+
+def _activations_store(model, dataset, spec: dict[str, Any]):
     from sae_lens.training.activations_store import ActivationsStore
 
-    dataset = load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(fewer samples|not tokenized).*")
         return ActivationsStore(
@@ -109,18 +122,20 @@ def _verified_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]
 
 
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
-    """Run the model over the dataset and persist `spec['n_tokens']` hook activations in shards."""
+def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> dict[str, Any]:
+    """Run the model over the pretokenised contexts (`tokens_ref`; None when the dataset holds
+    token ids) and persist `spec['n_tokens']` hook activations in shards. The spec determines the
+    contexts, so `tokens_ref` is not part of the cache key."""
     from prefect import get_run_logger
 
     logger = get_run_logger()
     out = store_dir(artifacts_dir, spec)
     # Runs that share this store wait here for the one filling it, then find it complete.
     with exclusive_lock(out / ".lock", f"activation store {out}", wait=True):
-        return _fill(spec, model_ref, out, logger)
+        return _fill(spec, model_ref, tokens_ref, out, logger)
 
 
-def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) -> dict[str, Any]:
+def _fill(spec: dict[str, Any], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, out: Path, logger) -> dict[str, Any]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
@@ -143,7 +158,7 @@ def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) ->
         if shards:
             logger.info(f"Activation store {out.name}: resuming at row {done_rows} of {n_tokens}")
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
-        store = _activations_store(model, spec)
+        store = _activations_store(model, _token_dataset(spec, tokens_ref), spec)
         dtype = getattr(torch, spec["dtype"])
         progress = create_progress_artifact(100 * done_rows / n_tokens, description=f"Filling activation store {out.name}")
         bar = tqdm(total=n_tokens, initial=done_rows, desc="Filling activation store", unit="tok")
@@ -153,11 +168,17 @@ def _fill(spec: dict[str, Any], model_ref: dict[str, Any], out: Path, logger) ->
         def next_tokens():
             nonlocal wrapped
             try:
-                return store.get_batch_tokens(raise_at_epoch_end=True)
+                tokens = store.get_batch_tokens(raise_at_epoch_end=True)
             except StopIteration:
                 wrapped = True
                 logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
-                return store.get_batch_tokens()
+                tokens = store.get_batch_tokens()
+            if int(tokens.max()) >= model.cfg.d_vocab:
+                raise ValueError(
+                    f"dataset {spec['dataset_path']} holds token id {int(tokens.max())}, outside the model's vocabulary "
+                    f"of {model.cfg.d_vocab} tokens: it was tokenised with another tokenizer"
+                )
+            return tokens
 
         while row < n_tokens:
             tokens = next_tokens()
