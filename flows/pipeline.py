@@ -1,5 +1,5 @@
-"""The pipeline flow: build model -> fill activation store -> train -> save -> load -> evaluate
--> analyse -> report.
+"""The pipeline flow: build model -> pretokenise -> fill activation store -> train -> save -> load
+-> evaluate -> analyse -> report.
 
 The flow only composes; each stage is one idempotent Prefect task in `tasks/` whose JSON result
 is persisted, so running the same run again skips every finished stage and continues an
@@ -25,6 +25,7 @@ from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
 from tasks.streaming import choose_activation_mode
+from tasks.tokens import pretokenise, tokens_spec
 from tasks.train import train_sae, train_spec
 
 
@@ -65,9 +66,11 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False):
         crash_ghost_runs(run_name)
         model_ref = build_model(model_spec(cfg), artifacts_dir)
+        text = tokens_spec(cfg, model_ref)  # None when the dataset already holds token ids
+        tokens_ref = pretokenise(text, model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir) if text else None
         mode, why = choose_activation_mode(cfg, artifacts_dir, run)
         get_run_logger().info(f"Activations: {mode} ({why})")
-        store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, artifacts_dir)
+        store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, tokens_ref, artifacts_dir)
         train = train_sae.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
         trained = train(train_spec(cfg), store_ref, run)
         saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device)
@@ -80,6 +83,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
         "run_name": run_name,
         "run_dir": run,
         "model": model_ref,
+        "tokens": tokens_ref,
         "activations": store_ref,
         "training": trained,
         "sae": saved,

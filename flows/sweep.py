@@ -162,6 +162,7 @@ def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tupl
     the same model at different hooks; returns each fill's future and its members' indices."""
     from tasks.activations import fill_activation_stores, shared_pass_key, store_spec
     from tasks.model import build_model, model_spec
+    from tasks.tokens import pretokenise, tokens_spec
 
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(members):
@@ -177,12 +178,14 @@ def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tupl
             continue
         try:
             model_ref = build_model(model_spec(configs[0]), artifacts_dir)
+            text = tokens_spec(configs[0], model_ref)  # the same contexts for the whole group
+            tokens_ref = pretokenise(text, model_ref, configs[0].model_from_pretrained_kwargs, artifacts_dir) if text else None
         except Exception as error:  # the members will report it, each on its own
-            get_run_logger().warning(f"Could not build {configs[0].model_name} for a shared fill: {error}")
+            get_run_logger().warning(f"Could not prepare a shared fill for {configs[0].model_name}: {error}")
             continue
         specs = list({stable_hash(s): s for s in (store_spec(c, model_ref) for c in configs)}.values())
         with _gpu_resource(configs[0].device):
-            fills.append((fill_activation_stores.submit(specs, model_ref, artifacts_dir), indices))
+            fills.append((fill_activation_stores.submit(specs, model_ref, tokens_ref, artifacts_dir), indices))
     return fills
 
 

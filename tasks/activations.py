@@ -9,7 +9,8 @@ and `manifest.json` listing each shard's row range and checksum. Shards are writ
 updated after each one, so a killed fill continues at the first missing shard. The key depends
 only on what determines the activations, never on SAE or training settings.
 
-Tokenisation, context packing and the hook read are SAELens's `ActivationsStore`.
+The model reads the contexts of the pretokenise stage (`tasks/tokens.py`), or a dataset that
+already holds token ids, through SAELens's `ActivationsStore`, which also does the hook read.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, read_json, stage, write_json
 from tasks.config import RunConfig, stable_hash
-from tasks.data import load_text_dataset
+
+# SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
 
 STAGE_VERSION = 1
 SHARD_BYTES = 64 * 2**20
@@ -38,7 +41,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") 
     mode the store keeps only the tokens (`tokens_only`)."""
     n_contexts = -(-cfg.training_tokens // cfg.context_size)
     spec = {
-        "model": {k: model_ref[k] for k in ("kind", "name", "path")},
+        "model": {k: model_ref[k] for k in ("kind", "name", "path", "fingerprint") if k in model_ref},
         "from_pretrained_kwargs": cfg.model_from_pretrained_kwargs,
         "hook_name": cfg.hook_name,
         "hook_head_index": cfg.hook_head_index,
@@ -64,10 +67,20 @@ def store_dir(artifacts_dir: str | Path, spec: dict[str, Any]) -> Path:
     return Path(artifacts_dir) / "activations" / stable_hash(spec, 16)
 
 
-def _activations_store(model, spec: dict[str, Any]):
+def _token_dataset(spec: dict[str, Any], tokens_ref: dict[str, Any] | None):
+    """What the store reads: the pretokenised contexts, or (`tokens_ref` None) the dataset itself,
+    which then holds token ids."""
+    from tasks.data import load_text_dataset
+    from tasks.tokens import open_tokens
+
+    if tokens_ref is not None:
+        return open_tokens(tokens_ref)
+    return load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
+
+
+def _activations_store(model, dataset, spec: dict[str, Any]):
     from sae_lens.training.activations_store import ActivationsStore
 
-    dataset = load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(fewer samples|not tokenized).*")
         return ActivationsStore(
@@ -114,16 +127,18 @@ def _verified_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]
 
 
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
-    """Run the model over the dataset and persist `spec['n_tokens']` hook activations in shards."""
-    return fill_stores([spec], model_ref, artifacts_dir)[0]
+def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> dict[str, Any]:
+    """Run the model over the pretokenised contexts (`tokens_ref`; None when the dataset holds
+    token ids) and persist `spec['n_tokens']` hook activations in shards. The spec determines the
+    contexts, so `tokens_ref` is not part of the cache key."""
+    return fill_stores([spec], model_ref, tokens_ref, artifacts_dir)[0]
 
 
 @stage("fill-activation-stores", STAGE_VERSION, key_inputs=("specs", "artifacts_dir"))
-def fill_activation_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], artifacts_dir: str) -> list[dict[str, Any]]:
+def fill_activation_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> list[dict[str, Any]]:
     """Fill several stores that differ only in their hook from one model pass over the data (a
     sweep over hooks); each store ends exactly as if filled alone."""
-    return fill_stores(specs, model_ref, artifacts_dir)
+    return fill_stores(specs, model_ref, tokens_ref, artifacts_dir)
 
 
 HOOK_FIELDS = ("hook_name", "hook_head_index", "d_in")
@@ -134,7 +149,7 @@ def shared_pass_key(spec: dict[str, Any]) -> str:
     return stable_hash({k: v for k, v in spec.items() if k not in HOOK_FIELDS})
 
 
-def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], artifacts_dir: str) -> list[dict[str, Any]]:
+def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> list[dict[str, Any]]:
     """Fill the stores of `specs` (same `shared_pass_key`) together, holding each store's lock:
     runs that share a store wait for the one filling it, then find it complete."""
     from prefect import get_run_logger
@@ -145,7 +160,7 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], artifact
     with contextlib.ExitStack() as locks:
         for out in sorted(set(outs)):  # one order for every process: no deadlock
             locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
-        return _fill(specs, model_ref, outs, get_run_logger())
+        return _fill(specs, model_ref, tokens_ref, outs, get_run_logger())
 
 
 def _shard_rows(spec: dict[str, Any]) -> int:
@@ -232,7 +247,7 @@ class _StoredTokens:
                 return
 
 
-def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Path], logger) -> list[dict[str, Any]]:
+def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], logger) -> list[dict[str, Any]]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
@@ -251,7 +266,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Pat
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
-        store = _activations_store(model, spec)
+        store = _activations_store(model, _token_dataset(spec, tokens_ref), spec)
         dtype = getattr(torch, spec["dtype"])
         device = torch.device(spec["device"])
         progress = create_progress_artifact(100 * start_row / n_tokens, description=f"Filling activation store(s) {names}")
@@ -261,11 +276,17 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Pat
         def next_tokens():
             nonlocal wrapped
             try:
-                return store.get_batch_tokens(raise_at_epoch_end=True)
+                tokens = store.get_batch_tokens(raise_at_epoch_end=True)
             except StopIteration:
                 wrapped = True
                 logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
-                return store.get_batch_tokens()
+                tokens = store.get_batch_tokens()
+            if int(tokens.max()) >= model.cfg.d_vocab:
+                raise ValueError(
+                    f"dataset {spec['dataset_path']} holds token id {int(tokens.max())}, outside the model's vocabulary "
+                    f"of {model.cfg.d_vocab} tokens: it was tokenised with another tokenizer"
+                )
+            return tokens
 
         stored_tokens = _StoredTokens(todo)
         while row < n_tokens:
@@ -305,7 +326,8 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], outs: list[Pat
         eval_tokens = torch.cat(contexts)[:n_eval]
         for writer in todo:
             writer.finish(eval_tokens)
-    return [writers[out].result() for out in outs]
+    # A streaming store's training makes activations with the model: its result says which.
+    return [writers[out].result() | ({"model": model_ref} if writers[out].spec.get("tokens_only") else {}) for out in outs]
 
 
 def _verified_eval_tokens(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -399,7 +421,7 @@ def _streaming_source(store_ref: dict[str, Any]):
 
     spec = read_json(Path(store_ref["path"]) / "manifest.json")["spec"]
     _, tokens = load_store(store_ref)
-    model = load_model(spec["model"], spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
+    model = load_model(store_ref["model"], spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
     return model, tokens.reshape(-1, spec["context_size"]), spec
 
 

@@ -64,16 +64,21 @@ class RunConfig(BaseModel):
 
     # --- model -------------------------------------------------------------------------------
     model_name: str = "gelu-1l"
-    """TransformerLens pretrained model name (e.g. `tiny-stories-1M`, `gpt2`). With `model_cfg`
-    set, only a label for the locally built model."""
+    """TransformerLens pretrained model name (e.g. `tiny-stories-1M`, `gpt2`), or the path of a
+    local Hugging Face checkpoint folder (`save_pretrained` output with its tokenizer) of an
+    architecture TransformerLens supports, loaded without network. With `model_cfg` set, only a
+    label for the locally built model."""
     model_cfg: dict[str, Any] | None = None
     """`HookedTransformerConfig` fields of a model built locally with random weights (seeded by
     `seed`) instead of a pretrained one. `d_vocab` defaults to the tokenizer's size."""
     tokenizer_path: str | None = None
-    """Folder of a Hugging Face tokenizer for a `model_cfg` model. Empty: a word-level tokenizer is
-    trained on the dataset and stored with the model."""
+    """Folder of a Hugging Face tokenizer for a `model_cfg` model (empty: a word-level tokenizer is
+    trained on the dataset and stored with the model), or for a local checkpoint saved without
+    its tokenizer."""
     model_from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`."""
+    """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`; for a local
+    checkpoint, those that shape its config (`dtype`, `n_ctx`, `first_n_layers`,
+    `default_prepend_bos`, `n_devices`)."""
 
     # --- hook and data -----------------------------------------------------------------------
     hook_name: str = "blocks.0.hook_resid_post"
@@ -87,16 +92,19 @@ class RunConfig(BaseModel):
     not match the hook is an error."""
     dataset_path: str = "demo:stories"
     """Hugging Face dataset name, a local `.txt`/`.jsonl`/`.json`/`.parquet`/`.arrow` file or
-    folder of them, or `demo:stories` for the built-in generated story corpus (offline)."""
+    folder of them, a folder written by `Dataset.save_to_disk` (as SAELens's `PretokenizeRunner`
+    writes), or `demo:stories` for the built-in generated story corpus (offline)."""
     is_dataset_tokenized: bool | None = None
     """Whether the dataset holds token ids (`tokens`/`input_ids`) rather than `text`. Empty: read
-    from the data; a stated value that does not match the data is an error."""
+    from the data; a stated value that does not match the data is an error. Token ids are checked
+    against the model's tokenizer; text is tokenised once by the pretokenise stage."""
     streaming: bool = True
     """Stream hub datasets instead of downloading them whole."""
     context_size: int = Field(128, gt=0)
     """Tokens per sequence fed to the model (at most the model's `n_ctx`)."""
     prepend_bos: bool = True
-    """Start every context with the BOS token, as most models were trained."""
+    """Start every context with the BOS token, as most models were trained. For a dataset of
+    token ids (used as they are), each row must then begin with the model's BOS token."""
 
     activation_mode: Literal["cached", "streaming", "auto"] = "cached"
     """`cached`: the hook's activations are computed once and kept on disk (fast re-runs, shared by

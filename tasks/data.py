@@ -9,12 +9,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset, load_from_disk
 
 DEMO_PREFIX = "demo:"
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TOKEN_COLUMNS = ("tokens", "input_ids")
 TEXT_COLUMNS = ("text",)
+METADATA_FILES = {"sae_lens.json"}  # SAELens's pretokenised-dataset metadata, not data
 
 WORD_CLASSES = {
     "name": ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Emma", "Sam", "Zoe", "Jack"],
@@ -53,15 +54,20 @@ def generate_stories(n_stories: int, seed: int) -> list[str]:
 
 
 def load_text_dataset(dataset_path: str, streaming: bool = True, seed: int = 0) -> Dataset | IterableDataset:
-    """Open a dataset by name: `demo:stories`, a local file or folder, or a Hugging Face hub name."""
+    """Open a dataset by name: `demo:stories`, a local file or folder (of data files, or written
+    by `Dataset.save_to_disk` as SAELens's PretokenizeRunner does), or a Hugging Face hub name."""
     if dataset_path.startswith(DEMO_PREFIX):
         kind = dataset_path[len(DEMO_PREFIX) :]
         if kind != "stories":
             raise ValueError(f"unknown built-in dataset '{dataset_path}'; the built-in one is 'demo:stories'")
         return Dataset.from_dict({"text": generate_stories(20_000, seed)})
     path = Path(dataset_path).expanduser()
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return load_from_disk(str(path))
     if path.exists():
-        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.suffix in LOCAL_FORMATS)
+        files = sorted(
+            p for p in ([path] if path.is_file() else path.rglob("*")) if p.suffix in LOCAL_FORMATS and p.name not in METADATA_FILES
+        )
         if not files:
             raise ValueError(
                 f"{path} holds no data file; expected {', '.join(sorted(LOCAL_FORMATS))} files"

@@ -1,11 +1,15 @@
-"""Stage 1, build model: a TransformerLens pretrained model, or one built locally from a config.
+"""Stage 1, build model: a TransformerLens pretrained model, a local Hugging Face checkpoint
+folder, or one built locally from a config.
 
 The stage returns a small description of the model (kind, name, dimensions, where its files
-are), never the model itself; later stages call `load_model` with that description.
+are, its tokenizer's fingerprint), never the model itself; later stages call `load_model` with
+that description.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,26 +18,126 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, verify_manifest, write_json, write_manifest
-from tasks.config import RunConfig, stable_hash
+from tasks.config import ConfigError, RunConfig, stable_hash
 from tasks.data import load_text_dataset
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*", category=DeprecationWarning)
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the description holds the tokenizer's fingerprint
 SPECIAL_TOKENS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 TOKENIZER_TRAINING_TEXTS = 50_000
+
+# Decoder-only architectures whose config TransformerLens 3.9 converts from config.json alone
+# (`convert_hf_model_config`) and whose weights it converts (`get_pretrained_state_dict`).
+CHECKPOINT_ARCHITECTURES = (
+    "GPT2LMHeadModel", "GPTNeoForCausalLM", "GPTJForCausalLM", "GPTNeoXForCausalLM", "OPTForCausalLM",
+    "BloomForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "GptOssForCausalLM", "OlmoeForCausalLM",
+    "Olmo3ForCausalLM", "ApertusForCausalLM",
+)
+# `from_pretrained` keyword arguments that shape the TransformerLens config itself.
+CONFIG_KWARGS = ("n_devices", "dtype", "default_prepend_bos", "n_ctx", "first_n_layers")
 
 
 def model_spec(cfg: RunConfig) -> dict[str, Any]:
     """What determines the model: the stage's inputs and cache key."""
-    spec: dict[str, Any] = {"model_name": cfg.model_name, "kind": "local" if cfg.model_cfg else "pretrained"}
+    folder = checkpoint_folder(cfg)
+    kind = "local" if cfg.model_cfg else "checkpoint" if folder else "pretrained"
+    spec: dict[str, Any] = {"model_name": cfg.model_name, "kind": kind}
     if cfg.model_cfg is not None:
         spec.update(model_cfg=cfg.model_cfg, tokenizer_path=cfg.tokenizer_path, seed=cfg.seed)
         if cfg.tokenizer_path is None:
             spec.update(dataset_path=cfg.dataset_path)
+    elif folder is not None:
+        tokenizer_dir = checkpoint_tokenizer_dir(folder, cfg.tokenizer_path)
+        spec.update(
+            path=str(folder),
+            tokenizer_path=str(tokenizer_dir),
+            fingerprint=checkpoint_fingerprint(folder, tokenizer_dir),
+            from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+        )
     else:
         spec.update(from_pretrained_kwargs=cfg.model_from_pretrained_kwargs)
     return spec
+
+
+def checkpoint_folder(cfg: RunConfig) -> Path | None:
+    """The local checkpoint folder `model_name` names (an existing path, or one written as a path:
+    `/...`, `./...`, `~/...`); None for a TransformerLens model name or a `model_cfg` model."""
+    if cfg.model_cfg is not None:
+        return None
+    path = Path(cfg.model_name).expanduser()
+    if path.exists() or cfg.model_name.startswith(("/", "./", "../", "~")):
+        return path.resolve()
+    return None
+
+
+def checkpoint_tokenizer_dir(folder: Path, tokenizer_path: str | None) -> Path:
+    """Where a checkpoint's tokenizer is: `tokenizer_path`, else the checkpoint folder itself."""
+    return Path(tokenizer_path).expanduser().resolve() if tokenizer_path else folder
+
+
+def checkpoint_fingerprint(folder: Path, tokenizer_dir: Path) -> str:
+    """A cheap identity of a checkpoint's files: each file's name, size and modification time
+    (not the contents: hashing a large model's weights would take minutes). Rewriting or copying
+    a file changes it."""
+    files = []
+    for where in dict.fromkeys([folder, tokenizer_dir]):
+        for path in sorted(where.iterdir()) if where.is_dir() else []:
+            if path.is_file():
+                stat = path.stat()
+                files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return stable_hash(files, 16)
+
+
+def check_checkpoint(folder: Path, tokenizer_path: str | None) -> None:
+    """Check that a checkpoint folder can be loaded: it exists, holds the config.json of a
+    supported architecture, and a tokenizer is there or at `tokenizer_path`."""
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model_name {folder} is not an existing folder; give the folder that save_pretrained wrote "
+            f"(config.json, weights and tokenizer) or a TransformerLens model name"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} has no config.json, so it is not a Hugging Face checkpoint; save the model there "
+            f"with model.save_pretrained(folder)"
+        )
+    config = read_json(folder / "config.json")
+    architecture = (config.get("architectures") or [config.get("model_type", "unknown architecture")])[0]
+    if architecture not in CHECKPOINT_ARCHITECTURES:
+        raise ConfigError(
+            f"checkpoint {folder} is a {architecture}, which TransformerLens cannot load from a local folder; "
+            f"supported architectures: {', '.join(CHECKPOINT_ARCHITECTURES)}"
+        )
+    tokenizer_dir = checkpoint_tokenizer_dir(folder, tokenizer_path)
+    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        where = f"tokenizer_path {tokenizer_dir}" if tokenizer_path else f"checkpoint {folder}"
+        raise ConfigError(
+            f"{where} holds no tokenizer; save the model's tokenizer there with tokenizer.save_pretrained(folder), "
+            f"or set tokenizer_path to the folder of one"
+        )
+
+
+def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[str, Any]):
+    """The HookedTransformerConfig of a local checkpoint, converted by TransformerLens from the
+    checkpoint's own config.json (no network)."""
+    from transformer_lens import loading
+
+    config = read_json(folder / "config.json")
+    if config["architectures"][0] == "GPT2LMHeadModel":
+        config.setdefault("n_ctx", config["n_positions"])  # TransformerLens reads n_ctx; transformers 5 no longer writes it
+    # TransformerLens 3.9 picks some architectures by the model's name ("llama" or "gemma" in it)
+    # instead of reading config.json: hand it the config in a folder with a neutral name.
+    with tempfile.TemporaryDirectory(prefix="saeflow-config-") as tmp:
+        if any(word in tmp.lower() for word in ("llama", "gemma")):
+            raise RuntimeError(f"the temporary folder {tmp} confuses TransformerLens; set TMPDIR to a folder without 'llama' or 'gemma' in its path")
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
+        hooked_cfg = loading.get_pretrained_model_config(tmp, device=device, **kwargs)
+    hooked_cfg.model_name = folder.name
+    hooked_cfg.tokenizer_name = None  # the tokenizer is loaded from its folder and passed in
+    return hooked_cfg
 
 
 def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: str):
@@ -47,7 +151,7 @@ def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
     from transformer_lens import loading
 
     official = loading.get_official_model_name(name)
-    kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("n_devices", "dtype", "default_prepend_bos")}
+    kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
     return loading.get_pretrained_model_config(official, **kwargs)
 
 
@@ -72,6 +176,20 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), add_bos_token=True)
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides how a tokenizer turns text into ids: a fast tokenizer's normaliser,
+    pre-tokeniser, model (vocabulary, merges) and added tokens, or a slow one's vocabulary. The
+    post-processor (whether BOS is added), truncation and padding are left out: TransformerLens
+    and SAELens add special tokens themselves."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return stable_hash(sorted(tokenizer.get_vocab().items()), 16)
+    definition = json.loads(backend.to_str())
+    for key in ("post_processor", "truncation", "padding"):
+        definition.pop(key, None)
+    return stable_hash(definition, 16)
+
+
 def _dataset_texts(dataset_path: str, seed: int):
     dataset = load_text_dataset(dataset_path, streaming=True, seed=seed)
     for i, row in enumerate(dataset):
@@ -84,7 +202,7 @@ def _dataset_texts(dataset_path: str, seed: int):
         yield row["text"]
 
 
-def _describe(kind: str, name: str, path: str | None, hooked_cfg) -> dict[str, Any]:
+def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer) -> dict[str, Any]:
     return {
         "kind": kind,
         "name": name,
@@ -93,27 +211,35 @@ def _describe(kind: str, name: str, path: str | None, hooked_cfg) -> dict[str, A
         "d_model": hooked_cfg.d_model,
         "n_ctx": hooked_cfg.n_ctx,
         "d_vocab": hooked_cfg.d_vocab,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "outputs": [path] if path else [],
     }
 
 
 @stage("build-model", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
 def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
-    """Build (local) or fetch (pretrained) the model and describe it."""
+    """Build (local), fetch (pretrained) or check (checkpoint) the model and describe it."""
     if spec["kind"] == "pretrained":
         from transformer_lens import HookedTransformer
 
         model = HookedTransformer.from_pretrained_no_processing(
             spec["model_name"], device="cpu", **spec["from_pretrained_kwargs"]
         )
-        return _describe("pretrained", spec["model_name"], None, model.cfg)
+        return _describe("pretrained", spec["model_name"], None, model.cfg, model.tokenizer)
+    if spec["kind"] == "checkpoint":
+        folder = Path(spec["path"])
+        check_checkpoint(folder, spec["tokenizer_path"])
+        hooked_cfg = checkpoint_config(folder, "meta", spec["from_pretrained_kwargs"])
+        description = _describe("checkpoint", spec["model_name"], spec["path"], hooked_cfg, load_tokenizer(spec["tokenizer_path"]))
+        return {**description, "tokenizer_path": spec["tokenizer_path"], "fingerprint": spec["fingerprint"]}
 
     out = Path(artifacts_dir) / "models" / f"{_slug(spec['model_name'])}-{stable_hash(spec)}"
     # Runs started together (a sweep) wait here for the one building the model.
     with exclusive_lock(out.with_name(out.name + ".lock"), f"model folder {out}", wait=True):
         _build_local(spec, out)
     info = read_json(out / "model.json")
-    return _describe("local", spec["model_name"], str(out), _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta"))
+    hooked_cfg = _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta")
+    return _describe("local", spec["model_name"], str(out), hooked_cfg, load_tokenizer(out / "tokenizer"))
 
 
 def _build_local(spec: dict[str, Any], out: Path) -> None:
@@ -157,31 +283,75 @@ def load_model(model_ref: dict[str, Any], device: str, processed: bool = False, 
             kwargs.setdefault("center_writing_weights", False)
             return HookedTransformer.from_pretrained(model_ref["name"], device=device, **kwargs)
         return HookedTransformer.from_pretrained_no_processing(model_ref["name"], device=device, **kwargs)
-    folder = Path(model_ref["path"])
-    info = read_json(folder / "model.json")
-    tokenizer = load_tokenizer(folder / "tokenizer")
-    model = _local_model(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], device), tokenizer)
-    state_dict = load_file(folder / "model.safetensors", device=device)
+    if model_ref["kind"] == "checkpoint":
+        model, state_dict = _checkpoint_model(model_ref, device, kwargs)
+    else:
+        folder = Path(model_ref["path"])
+        info = read_json(folder / "model.json")
+        tokenizer = load_tokenizer(folder / "tokenizer")
+        model = _local_model(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], device), tokenizer)
+        state_dict = load_file(folder / "model.safetensors", device=device)
     if processed:
         model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False, center_unembed=True)
+    elif model_ref["kind"] == "checkpoint":  # TransformerLens fills in what converted weights lack (zero biases)
+        model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
     else:
         model.load_state_dict(state_dict)
     return model.eval()
 
 
-def meta_model(cfg: RunConfig):
-    """The model's architecture on the meta device: hook names and shapes, no weights, no download
-    of weights (a pretrained model's config is read from the hub or its cache)."""
-    from transformer_lens import HookedTransformer
+def _checkpoint_model(model_ref: dict[str, Any], device: str, from_pretrained_kwargs: dict[str, Any]):
+    """A HookedTransformer for a local checkpoint (weights not loaded yet) and its converted weights."""
+    from transformer_lens import HookedTransformer, loading
+    from transformers import AutoModelForCausalLM
 
+    folder = Path(model_ref["path"])
+    hooked_cfg = checkpoint_config(folder, device, from_pretrained_kwargs)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=hooked_cfg.dtype, local_files_only=True)
+    state_dict = loading.get_pretrained_state_dict(str(folder), hooked_cfg, hf_model=hf_model, dtype=hooked_cfg.dtype)
+    return HookedTransformer(hooked_cfg, tokenizer=load_tokenizer(model_ref["tokenizer_path"])), state_dict
+
+
+def meta_model(cfg: RunConfig, with_tokenizer: bool = False):
+    """The model's architecture on the meta device: hook names and shapes, no weights, no download
+    of weights (a pretrained model's config is read from the hub or its cache). `with_tokenizer`
+    attaches the model's tokenizer (a pretrained one's from the hub or its cache)."""
+    folder = checkpoint_folder(cfg)
+    tokenizer = None
     if cfg.model_cfg is not None:
-        hooked_cfg = _hooked_config(cfg.model_cfg, cfg.model_cfg.get("d_vocab", len(SPECIAL_TOKENS)), cfg.seed, "meta")
+        tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
+        d_vocab = len(tokenizer) if tokenizer is not None else len(SPECIAL_TOKENS)
+        hooked_cfg = _hooked_config(cfg.model_cfg, cfg.model_cfg.get("d_vocab", d_vocab), cfg.seed, "meta")
+    elif folder is not None:
+        check_checkpoint(folder, cfg.tokenizer_path)
+        hooked_cfg = checkpoint_config(folder, "meta", cfg.model_from_pretrained_kwargs)
+        if with_tokenizer:
+            tokenizer = load_tokenizer(checkpoint_tokenizer_dir(folder, cfg.tokenizer_path))
     else:
         hooked_cfg = pretrained_config(cfg.model_name, cfg.model_from_pretrained_kwargs)
-        hooked_cfg.device = "meta"
-        hooked_cfg.tokenizer_name = None  # the tokenizer is not needed for shapes
+        if not with_tokenizer:
+            hooked_cfg.tokenizer_name = None  # TransformerLens would load it by name
+    return _on_meta(hooked_cfg, tokenizer)
+
+
+def tokenizing_model(model_ref: dict[str, Any], from_pretrained_kwargs: dict[str, Any]):
+    """The model a `build_model` result describes, on the meta device with its tokenizer: the
+    model's own `to_tokens` without loading any weights."""
+    if model_ref["kind"] == "pretrained":
+        return _on_meta(pretrained_config(model_ref["name"], from_pretrained_kwargs))  # TransformerLens loads the tokenizer by name
+    if model_ref["kind"] == "checkpoint":
+        return _on_meta(checkpoint_config(Path(model_ref["path"]), "meta", from_pretrained_kwargs), load_tokenizer(model_ref["tokenizer_path"]))
+    info = read_json(Path(model_ref["path"]) / "model.json")
+    return _on_meta(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta"), load_tokenizer(Path(model_ref["path"]) / "tokenizer"))
+
+
+def _on_meta(hooked_cfg, tokenizer=None):
+    from transformer_lens import HookedTransformer
+
+    hooked_cfg.device = "meta"
+    hooked_cfg.init_weights = False  # nothing to initialise, and it would reseed torch's global RNG
     with torch.device("meta"):
-        return HookedTransformer(hooked_cfg)
+        return HookedTransformer(hooked_cfg, tokenizer=tokenizer)
 
 
 def hook_width(model, hook_name: str, hook_head_index: int | None) -> int:

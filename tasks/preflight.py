@@ -28,14 +28,18 @@ def resolve(cfg: RunConfig) -> RunConfig:
     """Check the config against the model and the data; return it with `d_in` filled in."""
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
     from tasks.model import hook_width, meta_model
+    from tasks.tokens import check_token_dataset
     from tasks.train import new_training_sae
 
     try:
         model = meta_model(cfg)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"cannot read the architecture of model '{cfg.model_name}': {error}. Use a TransformerLens "
-            f"model name (offline, it must already be in the Hugging Face cache) or give model_cfg"
+            f"model name (offline, it must already be in the Hugging Face cache), the path of a local "
+            f"checkpoint folder, or give model_cfg"
         ) from None
     hooks = sorted(model.hook_dict)
     if cfg.hook_name not in model.hook_dict:
@@ -61,6 +65,12 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"dataset {cfg.dataset_path} holds token ids, so no tokenizer can be trained on it for the local "
             f"model; set tokenizer_path to the tokenizer the dataset was made with"
         )
+    if tokenized:
+        try:
+            tokenizer = meta_model(cfg, with_tokenizer=True).tokenizer
+            check_token_dataset(dataset, cfg.dataset_path, tokenizer, model.cfg.d_vocab, cfg.context_size, cfg.prepend_bos)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
     cfg = cfg.model_copy(update={"is_dataset_tokenized": tokenized})
 
     try:
@@ -73,12 +83,27 @@ def resolve(cfg: RunConfig) -> RunConfig:
 DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by `resolve`
 
 
+def run_identity(cfg: RunConfig) -> dict:
+    """What a run's result depends on: the config fields that change it, plus, for a local
+    checkpoint, the fingerprint of its files (so that a retrained checkpoint is a new run)."""
+    from tasks.model import checkpoint_fingerprint, checkpoint_folder, checkpoint_tokenizer_dir
+
+    identity = cfg.result_fields()
+    folder = checkpoint_folder(cfg)
+    if folder is not None and folder.is_dir():
+        identity["checkpoint_fingerprint"] = checkpoint_fingerprint(folder, checkpoint_tokenizer_dir(folder, cfg.tokenizer_path))
+    return identity
+
+
 def default_run_name(cfg: RunConfig) -> str:
     """A stable, readable run name: the same config always gives the same name, whether or not
     it has been resolved (the fields `resolve` fills in follow from the others)."""
-    model = "".join(c if c.isalnum() else "-" for c in cfg.model_name).strip("-")
+    from tasks.model import checkpoint_folder
+
+    folder = checkpoint_folder(cfg)
+    model = "".join(c if c.isalnum() else "-" for c in (folder.name if folder else cfg.model_name)).strip("-")
     hook = cfg.hook_name.replace("blocks.", "L").replace("hook_", "").replace(".", "-")
-    identity = {k: v for k, v in cfg.result_fields().items() if k not in DERIVED_FIELDS}
+    identity = {k: v for k, v in run_identity(cfg).items() if k not in DERIVED_FIELDS}
     return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
 
 
@@ -112,7 +137,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     stored = folder / "config.json"
     if stored.exists():
         previous = read_json(stored)["result_fields"]
-        current = cfg.result_fields()
+        current = run_identity(cfg)
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
@@ -120,5 +145,5 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"run '{name}' was started with a different config ({details}). Start a new run with --new "
                 f"(the old one is kept), or restore those settings to continue it"
             )
-    write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": cfg.result_fields()})
+    write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": run_identity(cfg)})
     return name

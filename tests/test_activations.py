@@ -12,6 +12,7 @@ from conftest import tiny_config
 from tasks.activations import ShuffledBatches, StoreRows, fill_activation_stores, fill_activations, load_store, store_spec
 from tasks.model import build_model, model_spec
 from tasks.preflight import resolve
+from tasks.tokens import pretokenise, tokens_spec
 
 
 @flow
@@ -20,7 +21,8 @@ def fill_store(cfg_json: dict, artifacts_dir: str) -> dict:
 
     cfg = RunConfig(**cfg_json)
     model_ref = build_model(model_spec(cfg), artifacts_dir)
-    return fill_activations.with_options(refresh_cache=True)(store_spec(cfg, model_ref), model_ref, artifacts_dir)
+    tokens_ref = pretokenise(tokens_spec(cfg, model_ref), model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir)
+    return fill_activations.with_options(refresh_cache=True)(store_spec(cfg, model_ref), model_ref, tokens_ref, artifacts_dir)
 
 
 @flow
@@ -29,7 +31,8 @@ def fill_together(cfgs_json: list[dict], artifacts_dir: str) -> list[dict]:
 
     cfgs = [RunConfig(**c) for c in cfgs_json]
     model_ref = build_model(model_spec(cfgs[0]), artifacts_dir)
-    return fill_activation_stores([store_spec(c, model_ref) for c in cfgs], model_ref, artifacts_dir)
+    tokens_ref = pretokenise(tokens_spec(cfgs[0], model_ref), model_ref, cfgs[0].model_from_pretrained_kwargs, artifacts_dir)
+    return fill_activation_stores([store_spec(c, model_ref) for c in cfgs], model_ref, tokens_ref, artifacts_dir)
 
 
 class Crash(Exception):
@@ -111,12 +114,8 @@ def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_fille
         assert torch.equal(StoreRows(got)[rows], acts[rows])  # memory-mapped rows, across shards
 
 
-def test_a_dataset_that_changed_under_a_half_filled_store_is_refused(prefect_server, tmp_path: Path, monkeypatch):
-    from tasks.data import generate_stories
-
-    text = tmp_path / "stories.txt"
-    text.write_text("\n".join(generate_stories(600, seed=1)))
-    cfg = resolve(tiny_config(dataset_path=str(text), training_tokens=8192))
+def test_data_that_changed_under_a_half_filled_store_is_refused(prefect_server, tmp_path: Path, monkeypatch):
+    cfg = resolve(tiny_config(training_tokens=8192))
     monkeypatch.setattr(activations, "SHARD_BYTES", 1)
     real_save, saved = activations._save_shard, []
 
@@ -130,6 +129,61 @@ def test_a_dataset_that_changed_under_a_half_filled_store_is_refused(prefect_ser
     with pytest.raises(Crash):
         fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
     monkeypatch.setattr(activations, "_save_shard", real_save)
-    text.write_text("\n".join(generate_stories(600, seed=2)))  # the data changes before the resume
+    # The data the fill reads changes before the resume (a hub dataset of token ids updated).
+    real_dataset = activations._token_dataset
+    monkeypatch.setattr(activations, "_token_dataset", lambda *a: real_dataset(*a).shuffle(seed=1))
     with pytest.raises(RuntimeError, match="changed since activation store .* was started: the tokens at row 0 differ"):
         fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+
+
+def test_stores_over_the_same_data_tokenise_it_once_as_sae_lens_would(finished_run):
+    """Another hook needs its own store but reuses the pretokenised contexts, which are the ones
+    SAELens's ActivationsStore makes from the text itself (so stores match the old on-the-fly ones)."""
+    from conftest import task_states
+    from tasks.artifacts import RESULTS_DIRNAME
+    from tasks.data import load_text_dataset
+    from tasks.model import load_model
+
+    artifacts = str(finished_run["artifacts"])
+    cfg = resolve(tiny_config(hook_name="blocks.1.hook_resid_post"))
+    results = Path(artifacts).resolve() / RESULTS_DIRNAME  # the runs' cache
+    state = fill_store.with_options(result_storage=results)(cfg.model_dump(mode="json"), artifacts, return_state=True)
+    states = task_states(state)
+    assert states["pretokenise"] == "Cached" and states["fill-activations"] == "Completed"
+    assert len([p for p in (Path(artifacts) / "tokens").iterdir() if p.is_dir()]) == 1
+    _, tokens = load_store(state.result())
+    _, first_tokens = load_store(finished_run["summary"]["activations"])
+    assert torch.equal(tokens, first_tokens)
+
+    model_ref = finished_run["summary"]["model"]
+    spec = store_spec(cfg, model_ref)
+    store = activations._activations_store(load_model(model_ref, "cpu"), load_text_dataset(cfg.dataset_path, seed=cfg.seed), spec)
+    on_the_fly = torch.cat([store.get_batch_tokens() for _ in range(spec["n_tokens"] // (cfg.context_size * cfg.store_batch_size_prompts))])
+    assert torch.equal(tokens, on_the_fly.reshape(-1))
+
+
+@flow
+def tokenise(cfg_json: dict, artifacts_dir: str) -> dict:
+    from tasks.config import RunConfig
+
+    cfg = RunConfig(**cfg_json)
+    model_ref = build_model(model_spec(cfg), artifacts_dir)
+    return pretokenise(tokens_spec(cfg, model_ref), model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir)
+
+
+def test_a_dataset_that_runs_out_starts_again_and_one_too_small_is_refused(prefect_server, tmp_path: Path, caplog):
+    from tasks.data import generate_stories
+    from tasks.tokens import open_tokens
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("\n".join(f'{{"text": "{story}"}}' for story in generate_stories(10, seed=3)))
+    cfg = tiny_config(dataset_path=str(data), training_tokens=2048, eval_tokens=512)
+    rows = open_tokens(tokenise(cfg.model_dump(mode="json"), str(tmp_path / "a")))["tokens"]
+    assert len(rows) == (2048 // 32 // 16 + 1) * 16
+    period = next(k for k in range(1, len(rows)) if rows[k] == rows[0])
+    assert period < 40 and rows[period : 2 * period] == rows[:period]
+    assert "ran out after" in caplog.text
+
+    data.write_text('{"text": "Tom ."}')
+    with pytest.raises(ValueError, match="holds less text than one context of 32 tokens"):
+        tokenise(cfg.model_dump(mode="json"), str(tmp_path / "b"))

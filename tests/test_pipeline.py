@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import conftest
 from conftest import task_states, tiny_config
 
-STAGES = ["build-model", "fill-activations", "train-sae", "save-sae", "load-sae", "evaluate", "analyse", "report"]
+STAGES = ["build-model", "pretokenise", "fill-activations", "train-sae", "save-sae", "load-sae", "evaluate", "analyse", "report"]
 
 
 def start(cfg, artifacts, run_name=None, new=False):

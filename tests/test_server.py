@@ -110,7 +110,7 @@ def test_served_deployment_has_its_schedule_and_triggered_runs_complete(served_r
     assert first.name == second.name == name
     assert first.state.is_completed() and second.state.is_completed()
     states = task_states(served_run["url"], first.id)
-    assert states["train-sae"] == "Completed" and len(states) == 8
+    assert states["train-sae"] == "Completed" and len(states) == 9
     # the second scheduled run of a finished run does nothing costly
     assert set(task_states(served_run["url"], second.id).values()) == {"Cached"}
     logs = api(served_run["url"], "/logs/filter", {"logs": {"flow_run_id": {"any_": [str(first.id)]}}})

@@ -1,0 +1,263 @@
+"""Local Hugging Face checkpoints and pretokenised datasets as sources.
+
+Checkpoints load offline into TransformerLens with the config from their own config.json and give
+the transformers model's logits; a run trains on one; broken checkpoints and datasets tokenised
+with another tokenizer are refused before any work.
+"""
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import start, task_states, tiny_config
+from tasks.config import ConfigError
+from tasks.data import generate_stories
+from tasks.model import build_model, load_model, model_spec, train_word_tokenizer
+from tasks.preflight import claim_run, default_run_name, resolve
+
+PROMPT = "Lily went to the park with a red ball . The cat was happy because Tom fed it ."
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any name lookup other than loopback, with the Hugging Face offline switches off, so
+    that code which would reach the hub is caught rather than kept offline by HF_HUB_OFFLINE."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    attempts, lookup = [], socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            attempts.append(host)
+            raise socket.gaierror(f"test forbids network access to {host}")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    yield
+    assert attempts == []
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_word_tokenizer(generate_stories(500, seed=0), out)
+    return out
+
+
+def _randomise(model) -> None:
+    """Random weights everywhere (norm gains around 1), so that a wrongly converted weight shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if param.ndim == 1 and name.endswith("weight") else 0.0, 0.3)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A tiny Llama (grouped-query attention, RMSNorm, rotary) and a tiny GPT-2 checkpoint, each
+    saved with save_pretrained next to its tokenizer. "llama" in the folder name is deliberate:
+    TransformerLens picks architectures by such names."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    models = {
+        "llama": LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **special,
+        )),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64, **special)),
+    }
+    root = tmp_path_factory.mktemp("checkpoints")
+    folders = {}
+    for name, model in models.items():
+        _randomise(model)
+        folders[name] = root / f"tiny-{name}"
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+def checkpoint_config(folder: Path, **overrides):
+    return tiny_config(model_name=str(folder), model_cfg=None, **overrides)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_checkpoint_loads_offline_and_matches_the_transformers_logits(checkpoints, name, tmp_path, no_network):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.model import hook_activations
+
+    folder = checkpoints[name]
+    model_ref = build_model.fn(model_spec(checkpoint_config(folder)), str(tmp_path))
+    assert {k: model_ref[k] for k in ("kind", "path", "n_layers", "d_model", "n_ctx")} == {
+        "kind": "checkpoint", "path": str(folder), "n_layers": 2, "d_model": 32, "n_ctx": 64,
+    }
+    hf_model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model_ref["d_vocab"] == hf_model.config.vocab_size
+
+    model = load_model(model_ref, "cpu")
+    if name == "llama":
+        assert (model.cfg.n_heads, model.cfg.n_key_value_heads, model.cfg.normalization_type) == (4, 2, "RMS")
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+        logits = model(tokens)
+    assert expected.abs().max() > 1  # logits of a size where a conversion error would show
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+    # the analysis model (layer norms folded, unembedding centred): same predictions, same hook activations
+    processed = load_model(model_ref, "cpu", processed=True)
+    with torch.no_grad():
+        torch.testing.assert_close(processed(tokens).log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=1e-4)
+        for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"):
+            torch.testing.assert_close(hook_activations(processed, tokens, hook, None), hook_activations(model, tokens, hook, None), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_preflight_reads_widths_and_the_files_key_the_run(checkpoints, tmp_path):
+    folder = tmp_path / "copy-of-llama"
+    shutil.copytree(checkpoints["llama"], folder)
+    cfg = checkpoint_config(folder, hook_name="blocks.1.mlp.hook_post")
+    assert resolve(cfg).d_in == 64
+    assert default_run_name(cfg).startswith("copy-of-llama-L1-mlp-post-standard-")
+    spec, name = model_spec(cfg), default_run_name(cfg)
+    claim_run(resolve(cfg), tmp_path / "artifacts", "mine", new=False)
+
+    weights = folder / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten weights
+    assert model_spec(cfg)["fingerprint"] != spec["fingerprint"]
+    assert default_run_name(cfg) != name
+    with pytest.raises(ConfigError, match="checkpoint_fingerprint.*--new"):
+        claim_run(resolve(cfg), tmp_path / "artifacts", "mine", new=False)
+
+
+def test_broken_checkpoints_are_refused_at_preflight(checkpoints, tokenizer_dir, tmp_path):
+    def error(folder, **overrides) -> str:
+        with pytest.raises(ConfigError) as caught:
+            resolve(checkpoint_config(folder, **overrides))
+        return str(caught.value)
+
+    assert "is not an existing folder" in error(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert "has no config.json" in error(tmp_path / "empty") and "save_pretrained" in error(tmp_path / "empty")
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    message = error(bert)
+    assert "is a BertForMaskedLM" in message and "supported architectures: GPT2LMHeadModel" in message and "LlamaForCausalLM" in message
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoints["gpt2"] / file, no_tokenizer / file)
+    message = error(no_tokenizer)
+    assert "holds no tokenizer" in message and "tokenizer.save_pretrained" in message and "tokenizer_path" in message
+    assert resolve(checkpoint_config(no_tokenizer, tokenizer_path=str(tokenizer_dir))).d_in == 32
+
+
+def _pretokenised_with(tokenizer_folder: Path, text_file: Path, out: Path) -> Path:
+    """A dataset pretokenised by SAELens's PretokenizeRunner (with its sae_lens.json metadata)."""
+    from sae_lens import PretokenizeRunner, PretokenizeRunnerConfig
+
+    PretokenizeRunner(PretokenizeRunnerConfig(
+        tokenizer_name=str(tokenizer_folder), dataset_path="json", data_files=[str(text_file)], split="train",
+        context_size=32, num_proc=1, shuffle=False, save_path=str(out),
+    )).run()
+    return out
+
+
+@pytest.fixture(scope="module")
+def story_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "stories.jsonl"
+    path.write_text("\n".join(json.dumps({"text": story}) for story in generate_stories(400, seed=1)))
+    return path
+
+
+def test_a_dataset_pretokenised_with_another_tokenizer_is_refused(checkpoints, story_file, tmp_path):
+    other = tmp_path / "other-tokenizer"
+    train_word_tokenizer(generate_stories(500, seed=0) + ["zebra quantum violin"] * 50, other)
+    data = _pretokenised_with(other, story_file, tmp_path / "pretokenised")
+    with pytest.raises(ConfigError, match="was tokenised with another tokenizer .*other-tokenizer"):
+        resolve(checkpoint_config(checkpoints["llama"], dataset_path=str(data)))
+
+
+def test_foreign_token_ids_are_checked_against_the_vocabulary_and_bos(checkpoints, tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    bos = tokenizer.bos_token_id
+
+    def dataset(rows) -> str:
+        path = tmp_path / f"tokens-{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("\n".join(json.dumps({"input_ids": row}) for row in rows))
+        return str(path)
+
+    cfg = checkpoint_config(checkpoints["llama"])
+    with pytest.raises(ConfigError, match=f"holds token id 5000, outside the model's vocabulary of {len(tokenizer)} tokens"):
+        resolve(cfg.model_copy(update={"dataset_path": dataset([[bos] + [5000] * 31] * 4)}))
+    without_bos = dataset([[7] * 32] * 4)
+    with pytest.raises(ConfigError, match=f"begins with token id 7, not the model's BOS token \\({bos}\\).*prepend_bos: false"):
+        resolve(cfg.model_copy(update={"dataset_path": without_bos}))
+    assert resolve(cfg.model_copy(update={"dataset_path": without_bos, "prepend_bos": False})).is_dataset_tokenized
+    with pytest.raises(ConfigError, match="row 0 holds 8 tokens, fewer than context_size"):
+        resolve(cfg.model_copy(update={"dataset_path": dataset([[bos] * 8] * 4)}))
+
+
+def test_hub_metadata_naming_another_tokenizer_is_refused(checkpoints, tmp_path, monkeypatch):
+    import huggingface_hub
+    from transformers import AutoTokenizer
+
+    from tasks.tokens import check_token_dataset
+
+    metadata = tmp_path / "sae_lens.json"
+    metadata.write_text(json.dumps({"tokenizer_name": "someone/tokenizer", "tokenizer_fingerprint": "0123456789abcdef", "context_size": 32}))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, repo_type: str(metadata))
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama"])
+    rows = Dataset.from_dict({"tokens": [[tokenizer.bos_token_id] * 32]})
+    with pytest.raises(ValueError, match="tokenised with another tokenizer \\(someone/tokenizer\\)"):
+        check_token_dataset(rows, "someone/pretokenised", tokenizer, len(tokenizer), 32, True)
+
+
+@pytest.fixture(scope="module")
+def llama_dataset(checkpoints, story_file, tmp_path_factory) -> Path:
+    return _pretokenised_with(checkpoints["llama"], story_file, tmp_path_factory.mktemp("data") / "pretokenised")
+
+
+def test_a_run_on_a_checkpoint_trains_on_its_activations(prefect_server, checkpoints, llama_dataset, tmp_path, no_network):
+    """A whole run on the Llama checkpoint over a dataset SAELens pretokenised with its tokenizer."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM
+
+    from tasks.activations import load_store
+
+    cfg = checkpoint_config(
+        checkpoints["llama"], dataset_path=str(llama_dataset), training_tokens=4096, eval_tokens=1024,
+        sparsity_tokens=4096, n_checkpoints=1, dashboard_features=4,
+    )
+    state = start(cfg, tmp_path, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    states = task_states(state)
+    assert "pretokenise" not in states and set(states.values()) == {"Completed"}  # the data holds token ids already
+    assert summary["model"]["kind"] == "checkpoint" and summary["tokens"] is None
+    assert SAE.load_from_disk(summary["sae"]["path"]).cfg.d_in == 32
+    assert summary["metrics"]["metrics"]["eval_contexts"] == 1024 // 32
+    analysis = json.loads(Path(summary["analysis"]["path"]).read_text())
+    assert analysis["projection_shape"] == [128, summary["model"]["d_vocab"]]  # W_dec @ W_U of the checkpoint
+
+    # the stored activations are the checkpoint's own: transformers' hidden state after block 0
+    activations, tokens = load_store(summary["activations"])
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
+    with torch.no_grad():
+        hidden = hf_model(tokens[:32].unsqueeze(0), output_hidden_states=True).hidden_states[1][0]
+    torch.testing.assert_close(activations[:32], hidden, atol=1e-4, rtol=1e-4)
