@@ -272,8 +272,9 @@ def load_model(model_ref: dict[str, Any], device: str, processed: bool = False, 
 
     `processed=False` gives the weights exactly as trained (used to make activations).
     `processed=True` folds the layer norms into the following weights and centres the unembedding,
-    as the guide's `W_dec @ W_U` analysis needs, but does not centre the weights that write to the
-    residual stream, so hook activations stay the ones the SAE was trained on.
+    as the guide's `W_dec @ W_U` analysis needs, but neither centres the weights that write to the
+    residual stream nor folds the value biases into the output bias, so hook activations
+    (`attn.hook_z` included) stay the ones the SAE was trained on.
     """
     from transformer_lens import HookedTransformer
 
@@ -281,6 +282,7 @@ def load_model(model_ref: dict[str, Any], device: str, processed: bool = False, 
     if model_ref["kind"] == "pretrained":
         if processed:
             kwargs.setdefault("center_writing_weights", False)
+            kwargs.setdefault("fold_value_biases", False)
             return HookedTransformer.from_pretrained(model_ref["name"], device=device, **kwargs)
         return HookedTransformer.from_pretrained_no_processing(model_ref["name"], device=device, **kwargs)
     if model_ref["kind"] == "checkpoint":
@@ -292,7 +294,7 @@ def load_model(model_ref: dict[str, Any], device: str, processed: bool = False, 
         model = _local_model(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], device), tokenizer)
         state_dict = load_file(folder / "model.safetensors", device=device)
     if processed:
-        model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False, center_unembed=True)
+        model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False, center_unembed=True, fold_value_biases=False)
     elif model_ref["kind"] == "checkpoint":  # TransformerLens fills in what converted weights lack (zero biases)
         model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
     else:

@@ -82,16 +82,28 @@ def test_top_features_for_a_prompt_match_an_independent_computation(finished_run
     assert all(f["activation"] >= 0 for f in prompt["top_features"])
 
 
-def test_analysis_model_keeps_the_training_activations(finished_run):
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"])
+def test_analysis_model_keeps_the_training_activations(finished_run, tmp_path, hook):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from tasks.model import hook_activations, load_model
 
-    summary = finished_run["summary"]
-    raw = load_model(summary["model"], "cpu", processed=False)
-    processed = load_model(summary["model"], "cpu", processed=True)
+    # Trained models have non-zero value biases (random local ones start at zero): give it some.
+    model_ref = dict(finished_run["summary"]["model"], path=str(tmp_path / "model"))
+    shutil.copytree(finished_run["summary"]["model"]["path"], model_ref["path"])
+    weights = load_file(Path(model_ref["path"]) / "model.safetensors")
+    for name in [k for k in weights if k.endswith("attn.b_V")]:
+        weights[name] = torch.randn_like(weights[name])
+    save_file(weights, Path(model_ref["path"]) / "model.safetensors")
+
+    raw = load_model(model_ref, "cpu", processed=False)
+    processed = load_model(model_ref, "cpu", processed=True)
     tokens = raw.to_tokens("Tom saw a blue fox near the lake .")
     with torch.no_grad():
-        a = hook_activations(raw, tokens, "blocks.0.hook_resid_post", None)
-        b = hook_activations(processed, tokens, "blocks.0.hook_resid_post", None)
+        a = hook_activations(raw, tokens, hook, None)
+        b = hook_activations(processed, tokens, hook, None)
     assert torch.allclose(a, b, atol=1e-5)
 
 
