@@ -73,6 +73,15 @@ class RunConfig(BaseModel):
     trained on the dataset and stored with the model."""
     model_from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`."""
+    model_train_tokens: int = Field(0, ge=0)
+    """Tokens a `model_cfg` model is trained on (next-token prediction on `dataset_path`, in
+    contexts of its `n_ctx` tokens, Adam, seeded by `seed`) before its activations are made.
+    0 keeps its random weights."""
+    model_train_lr: float = Field(1e-3, gt=0)
+    """Adam learning rate of the model training (`model_train_tokens`); linear warm-up over the
+    first 5% of steps, cosine decay to a tenth of it."""
+    model_train_batch_size: int = Field(32, gt=0)
+    """Contexts (of the model's `n_ctx` tokens) per model-training step."""
 
     # --- hook and data -----------------------------------------------------------------------
     hook_name: str = "blocks.0.hook_resid_post"
@@ -251,6 +260,11 @@ class RunConfig(BaseModel):
             )
         if self.d_in is not None and self.d_in <= 0:
             raise ValueError(f"d_in must be positive, got {self.d_in}")
+        if self.model_train_tokens and self.model_cfg is None:
+            raise ValueError(
+                "model_train_tokens trains a locally built model, but model_cfg is not set; "
+                "set model_cfg or remove model_train_tokens"
+            )
         if self.model_cfg is not None and "n_ctx" in self.model_cfg and self.context_size > self.model_cfg["n_ctx"]:
             raise ValueError(
                 f"context_size ({self.context_size}) is larger than the model's n_ctx "
