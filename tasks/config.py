@@ -67,7 +67,8 @@ class RunConfig(BaseModel):
     set, only a label for the locally built model."""
     model_cfg: dict[str, Any] | None = None
     """`HookedTransformerConfig` fields of a model built locally with random weights (seeded by
-    `seed`) instead of a pretrained one. `d_vocab` defaults to the tokenizer's size."""
+    `seed`; trained when `model_train_tokens` is set) instead of a pretrained one. `d_vocab`
+    defaults to the tokenizer's size."""
     tokenizer_path: str | None = None
     """Folder of a Hugging Face tokenizer for a `model_cfg` model. Empty: a word-level tokenizer is
     trained on the dataset and stored with the model."""

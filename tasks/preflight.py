@@ -61,6 +61,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"dataset {cfg.dataset_path} holds token ids, so no tokenizer can be trained on it for the local "
             f"model; set tokenizer_path to the tokenizer the dataset was made with"
         )
+    if tokenized and cfg.model_train_tokens:
+        raise ConfigError(
+            f"model_train_tokens trains the model on text, but dataset {cfg.dataset_path} holds token ids; "
+            f"train the model on a text dataset, or set model_train_tokens: 0"
+        )
     cfg = cfg.model_copy(update={"is_dataset_tokenized": tokenized})
 
     try:

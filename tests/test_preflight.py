@@ -56,6 +56,16 @@ def test_tokenized_flag_must_match_the_data():
     assert "is_dataset_tokenized is True, but dataset demo:stories holds raw text" in resolve_error(is_dataset_tokenized=True)
 
 
+def test_model_training_needs_text(tmp_path: Path):
+    from tasks.model import train_word_tokenizer
+
+    train_word_tokenizer(["Tom saw a cat ."], tmp_path / "tokenizer")
+    data = tmp_path / "tokens.jsonl"
+    data.write_text("\n".join(json.dumps({"tokens": [1, 5, 6, 7, 8]}) for _ in range(5)))
+    message = resolve_error(dataset_path=str(data), tokenizer_path=str(tmp_path / "tokenizer"), model_train_tokens=1000)
+    assert f"model_train_tokens trains the model on text, but dataset {data} holds token ids" in message
+
+
 def test_unknown_pretrained_model_offline_is_explained():
     message = resolve_error(model_cfg=None, model_name="not-a-real-model-xyz")
     assert "cannot read the architecture of model 'not-a-real-model-xyz'" in message
