@@ -70,7 +70,8 @@ class RunConfig(BaseModel):
     label for the locally built model."""
     model_cfg: dict[str, Any] | None = None
     """`HookedTransformerConfig` fields of a model built locally with random weights (seeded by
-    `seed`) instead of a pretrained one. `d_vocab` defaults to the tokenizer's size."""
+    `seed`; trained when `model_train_tokens` is set) instead of a pretrained one. `d_vocab`
+    defaults to the tokenizer's size."""
     tokenizer_path: str | None = None
     """Folder of a Hugging Face tokenizer for a `model_cfg` model (empty: a word-level tokenizer is
     trained on the dataset and stored with the model), or for a local checkpoint saved without
@@ -79,6 +80,15 @@ class RunConfig(BaseModel):
     """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`; for a local
     checkpoint, those that shape its config (`dtype`, `n_ctx`, `first_n_layers`,
     `default_prepend_bos`, `n_devices`)."""
+    model_train_tokens: int = Field(0, ge=0)
+    """Tokens a `model_cfg` model is trained on (next-token prediction on `dataset_path`, in
+    contexts of its `n_ctx` tokens, Adam, seeded by `seed`) before its activations are made.
+    0 keeps its random weights."""
+    model_train_lr: float = Field(1e-3, gt=0)
+    """Adam learning rate of the model training (`model_train_tokens`); linear warm-up over the
+    first 5% of steps, cosine decay to a tenth of it."""
+    model_train_batch_size: int = Field(32, gt=0)
+    """Contexts (of the model's `n_ctx` tokens) per model-training step."""
 
     # --- hook and data -----------------------------------------------------------------------
     hook_name: str = "blocks.0.hook_resid_post"
@@ -269,6 +279,11 @@ class RunConfig(BaseModel):
             )
         if self.d_in is not None and self.d_in <= 0:
             raise ValueError(f"d_in must be positive, got {self.d_in}")
+        if self.model_train_tokens and self.model_cfg is None:
+            raise ValueError(
+                "model_train_tokens trains a locally built model, but model_cfg is not set; "
+                "set model_cfg or remove model_train_tokens"
+            )
         if self.model_cfg is not None and "n_ctx" in self.model_cfg and self.context_size > self.model_cfg["n_ctx"]:
             raise ValueError(
                 f"context_size ({self.context_size}) is larger than the model's n_ctx "

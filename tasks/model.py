@@ -1,5 +1,6 @@
 """Stage 1, build model: a TransformerLens pretrained model, a local Hugging Face checkpoint
-folder, or one built locally from a config.
+folder, or one built locally from a config (seeded random weights, optionally trained on the
+dataset by next-token prediction).
 
 The stage returns a small description of the model (kind, name, dimensions, where its files
 are, its tokenizer's fingerprint), never the model itself; later stages call `load_model` with
@@ -8,8 +9,11 @@ that description.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,8 +50,10 @@ def model_spec(cfg: RunConfig) -> dict[str, Any]:
     spec: dict[str, Any] = {"model_name": cfg.model_name, "kind": kind}
     if cfg.model_cfg is not None:
         spec.update(model_cfg=cfg.model_cfg, tokenizer_path=cfg.tokenizer_path, seed=cfg.seed)
-        if cfg.tokenizer_path is None:
+        if cfg.tokenizer_path is None or cfg.model_train_tokens:
             spec.update(dataset_path=cfg.dataset_path)
+        if cfg.model_train_tokens:  # absent when 0, so untrained models keep their folders
+            spec.update(train={"tokens": cfg.model_train_tokens, "lr": cfg.model_train_lr, "batch_size": cfg.model_train_batch_size})
     elif folder is not None:
         tokenizer_dir = checkpoint_tokenizer_dir(folder, cfg.tokenizer_path)
         spec.update(
@@ -190,10 +196,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return stable_hash(definition, 16)
 
 
-def _dataset_texts(dataset_path: str, seed: int):
+def _dataset_texts(dataset_path: str, seed: int, limit: int | None = TOKENIZER_TRAINING_TEXTS):
     dataset = load_text_dataset(dataset_path, streaming=True, seed=seed)
     for i, row in enumerate(dataset):
-        if i >= TOKENIZER_TRAINING_TEXTS:
+        if limit is not None and i >= limit:
             return
         if "text" not in row:
             raise ValueError(
@@ -202,8 +208,8 @@ def _dataset_texts(dataset_path: str, seed: int):
         yield row["text"]
 
 
-def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer) -> dict[str, Any]:
-    return {
+def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    described = {
         "kind": kind,
         "name": name,
         "path": path,
@@ -214,6 +220,9 @@ def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer) -> 
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "outputs": [path] if path else [],
     }
+    if training:
+        described["training"] = training
+    return described
 
 
 @stage("build-model", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
@@ -239,10 +248,12 @@ def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
         _build_local(spec, out)
     info = read_json(out / "model.json")
     hooked_cfg = _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta")
-    return _describe("local", spec["model_name"], str(out), hooked_cfg, load_tokenizer(out / "tokenizer"))
+    return _describe("local", spec["model_name"], str(out), hooked_cfg, load_tokenizer(out / "tokenizer"), info.get("training"))
 
 
 def _build_local(spec: dict[str, Any], out: Path) -> None:
+    """Build the model folder, all or nothing: an interrupted build (or training) leaves only a
+    temporary folder, and the next run starts it again."""
     if verify_manifest(out) is None:
         if out.exists():
             raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
@@ -255,9 +266,97 @@ def _build_local(spec: dict[str, Any], out: Path) -> None:
             tokenizer = load_tokenizer(tmp / "tokenizer")
             hooked_cfg = _hooked_config(spec["model_cfg"], len(tokenizer), spec["seed"], "cpu")
             model = _local_model(hooked_cfg, tokenizer)
+            info = {"model_cfg": spec["model_cfg"], "d_vocab": len(tokenizer), "seed": spec["seed"]}
+            if "train" in spec:
+                info["training"] = train_local_model(model, spec["dataset_path"], spec["seed"], **spec["train"])
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-            write_json(tmp / "model.json", {"model_cfg": spec["model_cfg"], "d_vocab": len(tokenizer), "seed": spec["seed"]})
+            write_json(tmp / "model.json", info)
             write_manifest(tmp, {"spec": spec})
+
+
+def packed_contexts(model, dataset_path: str, seed: int, n_contexts: int) -> torch.Tensor:
+    """Up to `n_contexts` contexts `[n, n_ctx]` of the dataset, tokenised and packed as SAELens's
+    activation store packs them (BOS first, documents separated by BOS), so that the model is
+    trained on what it later sees."""
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    tokenizer = model.tokenizer
+
+    def documents():
+        for text in _dataset_texts(dataset_path, seed, limit=None):
+            yield torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    contexts = []
+    packed = concat_and_batch_sequences(
+        documents(), model.cfg.n_ctx, begin_batch_token_id=tokenizer.bos_token_id, sequence_separator_token_id=tokenizer.bos_token_id
+    )
+    for context in packed:
+        contexts.append(context)
+        if len(contexts) == n_contexts:
+            break
+    return torch.stack(contexts)
+
+
+@contextlib.contextmanager
+def _deterministic_kernels():
+    """Deterministic kernels for a while: on CPU the embedding's gradient is otherwise summed in
+    an order that depends on thread timing, so two trainings would differ in the last bits."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def train_local_model(model, dataset_path: str, seed: int, tokens: int, lr: float, batch_size: int) -> dict[str, Any]:
+    """Train `model` in place by next-token prediction on `tokens` tokens of the dataset (Adam,
+    warm-up then cosine decay, batches in a seeded order; deterministic on CPU). Logs the loss to
+    the Prefect log and a progress artifact; returns the training's settings and its final loss
+    (the mean over the last tenth of the steps)."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    n_ctx = model.cfg.n_ctx
+    steps = max(1, -(-tokens // (batch_size * n_ctx)))
+    data = packed_contexts(model, dataset_path, seed, steps * batch_size)
+    logger.info(f"Training the model on {steps * batch_size * n_ctx} tokens ({steps} steps; {len(data)} distinct contexts of {n_ctx} tokens)")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(-(-steps * batch_size // len(data)))])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    warm_up = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warm_up:
+            return (step + 1) / warm_up
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm_up) / max(1, steps - warm_up)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    progress = create_progress_artifact(0.0, description=f"Training the model ({steps} steps)")
+    started, log_every, recent = time.monotonic(), max(1, steps // 10), []
+    with _deterministic_kernels():
+        for step in range(steps):
+            loss = model(data[order[step * batch_size : (step + 1) * batch_size]], return_type="loss")
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"model training diverged at step {step} (loss {loss.item()}); lower model_train_lr")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            recent = (recent + [loss.item()])[-log_every:]
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                rate = (step + 1) * batch_size * n_ctx / max(time.monotonic() - started, 1e-9)
+                logger.info(f"Model training step {step + 1}/{steps}: loss {sum(recent) / len(recent):.4f}, {rate:,.0f} tokens/s")
+                update_progress_artifact(progress, 100 * (step + 1) / steps)
+    return {
+        "tokens": steps * batch_size * n_ctx,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "final_loss": sum(recent) / len(recent),
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def _local_model(hooked_cfg, tokenizer):

@@ -65,6 +65,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"dataset {cfg.dataset_path} holds token ids, so no tokenizer can be trained on it for the local "
             f"model; set tokenizer_path to the tokenizer the dataset was made with"
         )
+    if tokenized and cfg.model_train_tokens:
+        raise ConfigError(
+            f"model_train_tokens trains the model on text, but dataset {cfg.dataset_path} holds token ids; "
+            f"train the model on a text dataset, or set model_train_tokens: 0"
+        )
     if tokenized:
         try:
             tokenizer = meta_model(cfg, with_tokenizer=True).tokenizer
@@ -103,8 +108,14 @@ def default_run_name(cfg: RunConfig) -> str:
     folder = checkpoint_folder(cfg)
     model = "".join(c if c.isalnum() else "-" for c in (folder.name if folder else cfg.model_name)).strip("-")
     hook = cfg.hook_name.replace("blocks.", "L").replace("hook_", "").replace(".", "-")
-    identity = {k: v for k, v in run_identity(cfg).items() if k not in DERIVED_FIELDS}
+    # Fields at their defaults are left out, so a saeflow version that adds a field keeps the names.
+    defaults = _default_fields()
+    identity = {k: v for k, v in run_identity(cfg).items() if k not in DERIVED_FIELDS and (k not in defaults or v != defaults[k])}
     return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
+
+
+def _default_fields() -> dict:
+    return RunConfig.model_construct().result_fields()
 
 
 def check_artifacts_dir(artifacts_dir: str | Path) -> None:
@@ -136,7 +147,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
     if stored.exists():
-        previous = read_json(stored)["result_fields"]
+        # A field the run's saeflow version did not have yet ran at its default.
+        previous = _default_fields() | read_json(stored)["result_fields"]
         current = run_identity(cfg)
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:

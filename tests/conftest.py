@@ -1,6 +1,7 @@
 """Shared test setup: offline, CPU, one Prefect server for the whole session, small local models."""
 
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -58,21 +59,22 @@ def prefect_server():
         os.environ.pop("PREFECT_API_URL", None)
 
 
-def task_states(flow_state) -> dict[str, str]:
-    """Task name -> state name ("Completed", "Cached", ...) for the flow run behind a final state."""
+def task_states(flow_state, n_tasks: int | None = None, timeout: float = 30) -> dict[str, str]:
+    """Task name -> state name ("Completed", "Cached", ...) for the flow run behind a final state.
+
+    The server records task-run states from events, a moment after the flow has ended: read until
+    every task run shown has a final state (and, given `n_tasks`, that many are shown)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    import time
-
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        while True:  # the server records task-run states from events, a moment after they happen
+        while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-            if all(run.state is not None for run in runs) or time.monotonic() > deadline:
-                break
+            settled = all(run.state and run.state.is_final() for run in runs) and n_tasks in (None, len(runs))
+            if settled or time.monotonic() > deadline:
+                return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
             time.sleep(0.2)
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
 def start(cfg, artifacts, run_name=None, new=False, **kwargs):

@@ -99,6 +99,8 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"k": 10}, "k is used only by the topk and batchtopk and matryoshka_batchtopk"),
         ({"architecture": "sparse"}, "architecture: Input should be"),
         ({"d_in": 0}, "d_in must be positive"),
+        ({"model_train_tokens": 1000}, "model_train_tokens trains a locally built model, but model_cfg is not set"),
+        ({"model_train_lr": 0}, "model_train_lr: Input should be greater than 0"),
     ],
 )
 def test_bad_values_get_one_clear_message(values, message):

@@ -56,6 +56,16 @@ def test_tokenized_flag_must_match_the_data():
     assert "is_dataset_tokenized is True, but dataset demo:stories holds raw text" in resolve_error(is_dataset_tokenized=True)
 
 
+def test_model_training_needs_text(tmp_path: Path):
+    from tasks.model import train_word_tokenizer
+
+    train_word_tokenizer(["Tom saw a cat ."], tmp_path / "tokenizer")
+    data = tmp_path / "tokens.jsonl"
+    data.write_text("\n".join(json.dumps({"tokens": [1, 5, 6, 7, 8]}) for _ in range(5)))
+    message = resolve_error(dataset_path=str(data), tokenizer_path=str(tmp_path / "tokenizer"), model_train_tokens=1000)
+    assert f"model_train_tokens trains the model on text, but dataset {data} holds token ids" in message
+
+
 def test_unknown_pretrained_model_offline_is_explained():
     message = resolve_error(model_cfg=None, model_name="not-a-real-model-xyz")
     assert "cannot read the architecture of model 'not-a-real-model-xyz'" in message
@@ -93,6 +103,22 @@ def test_continuing_a_run_with_a_result_changing_config_is_refused(tmp_path: Pat
     assert "lr: 0.0003 -> 0.001" in message and "seed: 42 -> 7" in message and "--new" in message
     # logging and checkpoint settings may change
     claim_run(resolve(tiny_config(n_checkpoints=2, prompts=["other"])), tmp_path, "mine", new=False)
+
+
+def test_a_run_started_before_a_field_existed_continues_under_the_same_name(tmp_path: Path):
+    import json
+
+    cfg = resolve(tiny_config())
+    name = claim_run(cfg, tmp_path, None, new=False)
+    stored = tmp_path / "runs" / name / "config.json"
+    record = json.loads(stored.read_text())
+    for field in ("activation_mode", "model_train_tokens"):  # what an older saeflow did not write
+        del record["result_fields"][field]
+    stored.write_text(json.dumps(record))
+    assert claim_run(cfg, tmp_path, None, new=False) == name
+    assert name != default_run_name(resolve(tiny_config(activation_mode="streaming")))
+    with pytest.raises(ConfigError, match="activation_mode: 'cached' -> 'streaming'"):
+        claim_run(resolve(tiny_config(activation_mode="streaming")), tmp_path, name, new=False)
 
 
 def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Path, capsys):
