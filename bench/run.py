@@ -50,9 +50,10 @@ DEFAULT_TOKENS = {"small": 600_000, "large": 160_000}
 RERUN_TOKENS = 200_000
 
 
-def bench_config(size: str, tokens: int):
+def bench_config(size: str, tokens: int, device: str = "cpu"):
     """The run both systems train: standard SAE x8 on the middle layer's residual stream, batch
-    4096, context 64, a mixing buffer of 64 model batches (the least that holds one batch)."""
+    4096, context 64, a mixing buffer of 64 model batches (the least that holds one batch). On a
+    GPU, the model and the SAE step run under bf16 autocast."""
     from tasks.config import make_config
     from tasks.preflight import resolve
 
@@ -70,6 +71,9 @@ def bench_config(size: str, tokens: int):
                 "expansion_factor": 8,
                 "eval_tokens": 4096,
                 "sparsity_tokens": 65_536,
+                "device": device,
+                "autocast": device != "cpu",
+                "autocast_lm": device != "cpu",
             }
         )
     )
@@ -79,6 +83,16 @@ def bench_config(size: str, tokens: int):
 
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
+DEVICE = ["cpu"]
+
+
+def sync() -> None:
+    """Wait for the GPU, so that timers measure work done rather than work queued (on a GPU the
+    timed split thus adds one sync per timed call, to both systems alike)."""
+    if DEVICE[0].startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def timed(owner, attribute: str, key: str) -> None:
@@ -86,10 +100,12 @@ def timed(owner, attribute: str, key: str) -> None:
     real = getattr(owner, attribute)
 
     def wrapper(*args, **kwargs):
+        sync()
         started = time.perf_counter()
         try:
             return real(*args, **kwargs)
         finally:
+            sync()
             TIMES[key] += time.perf_counter() - started
             CALLS[key] += 1
 
@@ -110,14 +126,17 @@ def threads() -> dict:
     }
 
 
-def matmul_reference(batch: int, d_in: int, d_sae: int, repeats: int = 20) -> dict:
-    """GFLOP/s of the five float32 matmuls of a standard SAE step at these shapes (encoder
-    forward, decoder forward, the decoder's weight and input gradients, the encoder's weight
-    gradient), timed here with `torch.matmul`."""
+def matmul_reference(batch: int, d_in: int, d_sae: int, device: str, dtype, repeats: int = 20) -> dict:
+    """GFLOP/s of the six float32 matmuls of a standard SAE step at these shapes (encoder and
+    decoder forward; the decoder's weight and input gradients; the encoder's weight gradient and,
+    because `b_dec` is subtracted from the input, its input gradient), timed here with
+    `torch.matmul` (in bf16 where the step runs under autocast)."""
     import torch
 
-    x, w_enc = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    f, w_dec, g = torch.randn(batch, d_sae), torch.randn(d_sae, d_in), torch.randn(batch, d_in)
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    x, w_enc, f, w_dec, g = randn(batch, d_in), randn(d_in, d_sae), randn(batch, d_sae), randn(d_sae, d_in), randn(batch, d_in)
 
     def step():
         torch.matmul(x, w_enc)
@@ -125,12 +144,15 @@ def matmul_reference(batch: int, d_in: int, d_sae: int, repeats: int = 20) -> di
         torch.matmul(f.T, g)
         torch.matmul(g, w_dec.T)
         torch.matmul(x.T, f)
+        torch.matmul(f, w_enc.T)
 
     step()
     times = []
     for _ in range(repeats):
+        sync()
         started = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
     return {"seconds_per_step": seconds, "gflops": sae_step_flops(batch, d_in, d_sae) / seconds / 1e9}
@@ -138,27 +160,33 @@ def matmul_reference(batch: int, d_in: int, d_sae: int, repeats: int = 20) -> di
 
 def sae_step_flops(batch: int, d_in: int, d_sae: int) -> float:
     """Matmul FLOPs of one standard-SAE training step (the rest is elementwise)."""
-    return 5 * 2 * batch * d_in * d_sae
+    return 6 * 2 * batch * d_in * d_sae
 
 
 def bare_forward(model, contexts, stop_at_layer: int, batch_prompts: int, seconds: float = 3.0) -> dict:
     """Tokens/s of the model alone, stopping at the hooked layer, no hooks: the ceiling of filling."""
     import torch
 
+    device = next(model.parameters()).device
+    contexts = contexts.to(device)
     done, started = 0, time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for start in range(0, len(contexts), batch_prompts):
             model(contexts[start : start + batch_prompts], stop_at_layer=stop_at_layer)
             done += contexts[start : start + batch_prompts].numel()
             if time.perf_counter() - started > seconds:
                 break
+    sync()
     return {"tokens": done, "tokens_per_s": done / (time.perf_counter() - started)}
 
 
 def step_report(cfg, run_seconds: float, train_seconds: float) -> dict:
     steps = CALLS["sae_step"]
     step_seconds = TIMES["sae_step"] / max(steps, 1)
-    reference = matmul_reference(cfg.train_batch_size_tokens, cfg.d_in, cfg.sae_width)
+    import torch
+
+    dtype = torch.bfloat16 if cfg.autocast else getattr(torch, cfg.dtype)
+    reference = matmul_reference(cfg.train_batch_size_tokens, cfg.d_in, cfg.sae_width, cfg.device, dtype)
     achieved = sae_step_flops(cfg.train_batch_size_tokens, cfg.d_in, cfg.sae_width) / step_seconds / 1e9
     return {
         "steps": steps,
@@ -167,6 +195,7 @@ def step_report(cfg, run_seconds: float, train_seconds: float) -> dict:
         "sae_step_gflops": achieved,
         "matmul_gflops": reference["gflops"],
         "sae_step_share_of_matmul": achieved / reference["gflops"],
+        "matmul_dtype": str(dtype).removeprefix("torch."),
         "train_tokens_per_s": steps * cfg.train_batch_size_tokens / train_seconds,
         "sae_step_only_tokens_per_s": cfg.train_batch_size_tokens / step_seconds,
         "train_share_of_step_ceiling": TIMES["sae_step"] / train_seconds,
@@ -180,10 +209,11 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     import torch
     from prefect import flow
     from sae_lens import SAETrainer
-    from transformer_lens import HookedTransformer
 
     import tasks.activations
+    import tasks.model
     import tasks.tokens
+    from sae_lens.training.activations_store import ActivationsStore
     from tasks.activations import fill_activations, store_spec
     from tasks.artifacts import RESULTS_DIRNAME
     from tasks.model import build_model, load_model, model_spec
@@ -192,9 +222,11 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
 
     artifacts = work / "artifacts"
     shutil.copytree(base / "models", artifacts / "models")
-    timed(HookedTransformer, "run_with_cache", "forward")
+    timed(tasks.model, "hooks_activations", "forward")
     timed(tasks.tokens, "_write_contexts", "pretokenise")
     timed(tasks.activations, "_fill", "fill")
+    timed(tasks.activations, "_save_shard", "write")
+    timed(ActivationsStore, "get_batch_tokens", "read_tokens")
     timed(tasks.activations.ShuffledBatches, "__next__", "data")
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
@@ -233,7 +265,9 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
             "pretokenise": TIMES["pretokenise"],
             "fill": TIMES["fill"],
             "model_forward": TIMES["forward"],
-            "fill_other": TIMES["fill"] - TIMES["forward"],
+            "fill_read_tokens": TIMES["read_tokens"],
+            "fill_write_shards": TIMES["write"],
+            "fill_other": TIMES["fill"] - TIMES["forward"] - TIMES["read_tokens"] - TIMES["write"],
             "train": TIMES["train"],
             "data_loading": TIMES["data"],
             "sae_step": TIMES["sae_step"],
@@ -358,9 +392,10 @@ def worker_prepare(cfg, work: Path) -> dict:
 
 
 def worker_main(args) -> None:
-    if args.system != "saelens":
+    if args.system != "saelens" or args.saelens_env == "same":
         import flows  # noqa: F401  (saeflow's process defaults, as its command line sets them)
-    cfg = bench_config(args.size, args.tokens)
+    DEVICE[0] = args.device
+    cfg = bench_config(args.size, args.tokens, args.device)
     work, base = Path(args.work), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
     if args.system == "prepare":
@@ -377,11 +412,14 @@ def worker_main(args) -> None:
 # --- the orchestrating process -------------------------------------------------------------------
 
 
+WORKER_FLAGS = ["same", "cpu"]  # the --saelens-env and --device of this invocation
+
+
 def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: str, repeats: int = 0) -> dict:
     result = work / f"{system}.json"
     env = {**USER_ENV, "PREFECT_API_URL": api_url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, __file__, "--worker", system, "--size", size, "--tokens", str(tokens)]
-    command += ["--work", str(work), "--base", str(base), "--result", str(result), "--repeats", str(repeats)]
+    command += ["--work", str(work), "--base", str(base), "--result", str(result), "--repeats", str(repeats), "--saelens-env", WORKER_FLAGS[0], "--device", WORKER_FLAGS[1]]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -431,6 +469,14 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", default=[], help="training tokens per size, e.g. small=600000 large=160000")
     parser.add_argument("--rerun-tokens", type=int, default=RERUN_TOKENS, help="training tokens of the cached re-run (0: skip it)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "run.json"))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast for the model and the SAE step)")
+    parser.add_argument(
+        "--saelens-env",
+        choices=["same", "default"],
+        default="same",
+        help="same: SAELens runs with saeflow's process defaults (OpenMP passive wait, threads = usable CPUs); "
+        "default: with the environment as it is (OpenMP spin-waits)",
+    )
     parser.add_argument("--worker", choices=["prepare", "saeflow", "saelens", "rerun"], dest="system", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -442,6 +488,10 @@ def main() -> None:
         return worker_main(args)
 
     tokens = dict(DEFAULT_TOKENS) | {k: int(v) for k, v in (item.split("=") for item in args.tokens)}
+    WORKER_FLAGS[:] = [args.saelens_env, args.device]
+    # The temporary Prefect server of this process: no telemetry (it only contends for its database).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -453,6 +503,8 @@ def main() -> None:
         "versions": versions(),
         "load_average_before": load_before,
         "repeats": args.repeats,
+        "saelens_env": args.saelens_env,
+        "device": args.device,
         "sizes": {},
     }
     work = Path(tempfile.mkdtemp(prefix="saeflow-bench-run-"))
@@ -483,7 +535,7 @@ def main() -> None:
 
     for size in args.sizes:
         pairs = list(zip(runs[size]["saeflow"], runs[size]["saelens"]))
-        cfg = bench_config(size, tokens[size])
+        cfg = bench_config(size, tokens[size], args.device)
         report["sizes"][size] = {
             "model": SIZES[size],
             "hook_name": cfg.hook_name,
@@ -548,6 +600,18 @@ def tables(report: dict) -> str:
                 f"| {summarise(runs, ('fill', 'bare_forward_tokens_per_s')):,.0f} | {summarise(runs, ('fill', 'share_of_bare_forward')):.2f} "
                 f"| {summarise(runs, ('fill', 'bytes_per_token')) if store else 0:,.0f} | {summarise(runs, ('fill', 'raw_bytes_per_token')) if store else 0:,.0f} |"
             )
+    lines += [
+        "",
+        "Where saeflow's end-to-end time goes (medians, seconds):",
+        "",
+        "| model | end to end | pretokenise | fill: forward | fill: token reads | fill: shard writes | fill: other | train: data | train: SAE step | train: other | Prefect and the rest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for size, result in report["sizes"].items():
+        model, runs = result["model"], result["runs"]["saeflow"]
+        keys = ("pretokenise", "model_forward", "fill_read_tokens", "fill_write_shards", "fill_other", "data_loading", "sae_step", "train_other", "rest")
+        cells = " | ".join(f"{summarise(runs, ('seconds', key)):.2f}" for key in keys)
+        lines.append(f"| {model['n_layers']}L d{model['d_model']} | {summarise(runs, ('end_to_end_seconds',)):.2f} | {cells} |")
     if "cached_rerun" in report:
         rerun = report["cached_rerun"]
         lines += [
