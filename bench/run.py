@@ -116,6 +116,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_now_mb() -> dict:
+    """This process's resident memory now, split into anonymous memory and mapped files (the
+    memory-mapped activation store's pages count as resident, but the kernel can drop them)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile") if key in status}
+
+
 def threads() -> dict:
     import torch
 
@@ -246,7 +253,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     started = time.perf_counter()
     refs = fill_and_train(config=cfg.model_dump(mode="json"), artifacts_dir=str(artifacts))
     seconds = time.perf_counter() - started
-    rss = peak_rss_mb()
+    rss, rss_split = peak_rss_mb(), rss_now_mb()
 
     store = Path(refs["store"]["path"])
     store_bytes = sum(p.stat().st_size for p in store.glob("shard-*.safetensors"))
@@ -261,6 +268,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
         "end_to_end_seconds": seconds,
         "end_to_end_tokens_per_s": cfg.training_tokens / seconds,
         "peak_rss_mb": rss,
+        "rss_at_end_mb": rss_split,
         "seconds": {
             "pretokenise": TIMES["pretokenise"],
             "fill": TIMES["fill"],
@@ -315,7 +323,7 @@ def worker_saelens(cfg, work: Path, base: Path) -> dict:
     setup = time.perf_counter() - started
     runner.run()
     seconds = time.perf_counter() - started
-    rss = peak_rss_mb()
+    rss, rss_split = peak_rss_mb(), rss_now_mb()
 
     contexts = torch.stack([runner.activations_store.get_batch_tokens() for _ in range(4096 // cfg.store_batch_size_prompts)]).flatten(0, 1)
     stop = int(cfg.hook_name.split(".")[1])
@@ -325,6 +333,7 @@ def worker_saelens(cfg, work: Path, base: Path) -> dict:
         "end_to_end_seconds": seconds,
         "end_to_end_tokens_per_s": cfg.training_tokens / seconds,
         "peak_rss_mb": rss,
+        "rss_at_end_mb": rss_split,
         "seconds": {
             "setup": setup,
             "model_forward": TIMES["forward"],
@@ -566,7 +575,7 @@ def tables(report: dict) -> str:
         f"load average before {report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
         f"medians of {report['repeats']} alternating runs each",
         "",
-        "| model | training tokens | system | end-to-end tokens/s | ratio (pairs) | forward s | data s | SAE step s | other train s | SAE step GFLOP/s | matmul GFLOP/s | step / matmul | train / step ceiling | peak RSS MB | threads |",
+        "| model | training tokens | system | end-to-end tokens/s | ratio (pairs) | forward s | data s | SAE step s | other train s | SAE step GFLOP/s | matmul GFLOP/s | step / matmul | train / step ceiling | peak RSS MB (at end: anon / files) | threads |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size, result in report["sizes"].items():
@@ -583,7 +592,7 @@ def tables(report: dict) -> str:
                 f"| {summarise(runs, ('seconds', 'sae_step')):.1f} | {summarise(runs, ('seconds', 'train_other')):.1f} "
                 f"| {summarise(runs, ('sae_step_gflops',)):.1f} | {summarise(runs, ('matmul_gflops',)):.1f} "
                 f"| {summarise(runs, ('sae_step_share_of_matmul',)):.0%} | {summarise(runs, ('train_share_of_step_ceiling',)):.0%} "
-                f"| {summarise(runs, ('peak_rss_mb',)):,.0f} | {t['torch_threads']} ({t['OMP_WAIT_POLICY'] or 'default wait'}) |"
+                f"| {summarise(runs, ('peak_rss_mb',)):,.0f} ({summarise(runs, ('rss_at_end_mb', 'RssAnon')):,.0f} / {summarise(runs, ('rss_at_end_mb', 'RssFile')):,.0f}) | {t['torch_threads']} ({t['OMP_WAIT_POLICY'] or 'default wait'}) |"
             )
     lines += [
         "",
