@@ -190,6 +190,10 @@ class RunConfig(BaseModel):
     """bf16 autocast for the model forward pass while filling the store (GPU)."""
     seed: int = 42
     """Seeds the SAE initialisation, the data order and locally built models."""
+    compile_sae: bool = False
+    """Compile the SAE's training step with `torch.compile` (SAELens's `compile_sae`). Results
+    differ from an uncompiled run in the last bits. On CPU it measured no faster and took about
+    16 s to compile (BENCHMARKS.md); meant for GPUs."""
 
     deterministic: bool = False
     """GPU: deterministic kernels (`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG`)

@@ -481,20 +481,35 @@ def hook_activations(model, tokens: torch.Tensor, hook_name: str, hook_head_inde
     return hooks_activations(model, tokens, [(hook_name, hook_head_index)])[0]
 
 
+class _AllHooksRead(Exception):
+    """Ends a forward pass once every requested hook has been read."""
+
+
 def hooks_activations(model, tokens: torch.Tensor, hooks: list[tuple[str, int | None]]) -> list[torch.Tensor]:
     """Activations `[batch, pos, d_in]` at several `(hook_name, hook_head_index)` hooks from one
-    forward pass that stops after the deepest of them, each flattened as SAELens's activation
-    store does (one head, or all heads concatenated)."""
-    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+    forward pass, each flattened as SAELens's activation store does (one head, or all heads
+    concatenated). The pass stops as soon as the last of the hooks has been read: for
+    `blocks.L.hook_resid_pre` the blocks from L on never run, where stopping at a layer boundary
+    (as SAELens does) would run block L too. The values are those of `run_with_cache`, bit for bit."""
+    names = sorted({name for name, _ in hooks})
+    read: dict[str, torch.Tensor] = {}
 
-    stops = [extract_stop_at_layer_from_tlens_hook_name(name) for name, _ in hooks]
-    stop_at_layer = None if None in stops else max(stops)
-    _, cache = model.run_with_cache(
-        tokens, names_filter=sorted({name for name, _ in hooks}), stop_at_layer=stop_at_layer, prepend_bos=False
-    )
+    def keep(acts: torch.Tensor, hook) -> None:
+        read[hook.name] = acts
+        if len(read) == len(names):
+            raise _AllHooksRead
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
+        try:
+            model(tokens, return_type=None, prepend_bos=False)
+        except _AllHooksRead:
+            pass
+    missing = sorted(set(names) - set(read))
+    if missing:
+        raise ValueError(f"hooks {missing} did not run in the model's forward pass; check hook_name against the model's hooks")
     out = []
     for name, head in hooks:
-        acts = cache[name]
+        acts = read[name]
         if head is not None:
             out.append(acts[:, :, head])
         else:

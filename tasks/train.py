@@ -12,8 +12,10 @@ The run config is mapped onto sae-lens 6.x (`LanguageModelSAERunnerConfig`, its
   `tasks/checkpoint.py`: complete, atomic and checksummed, the newest `keep_checkpoints` kept;
 - on start, the newest checkpoint whose checksums verify is loaded (SAE weights, optimizer,
   schedulers, counters, statistics, activation scaler, RNGs) and training continues from it;
-- a NaN/inf loss stops training before the update; the training log goes to `train_log.jsonl`,
-  the Prefect log and a progress artifact.
+- a NaN/inf loss stops training before the update (on a GPU, where a per-step check would stall
+  the pipeline, it is recorded on the device and checked at each log row, checkpoint and the
+  end: what was trained since the last checkpoint is discarded); the training log goes to
+  `train_log.jsonl`, the Prefect log and a progress artifact.
 
 The trained SAE (training format, before the final save) goes to `<run>/trained/`.
 """
@@ -100,6 +102,7 @@ def runner_config(cfg: RunConfig, run_name: str | None = None):
         prepend_bos=cfg.prepend_bos,
         autocast=cfg.autocast,
         autocast_lm=cfg.autocast_lm,
+        compile_sae=cfg.compile_sae,
         train_batch_size_tokens=cfg.train_batch_size_tokens,
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
@@ -151,7 +154,42 @@ class NonFiniteLoss(TrainingStopped):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _make_trainer(sae, runner_cfg, on_step_end):
+def nan_check_deferred(device: str) -> bool:
+    """Whether non-finite losses are checked at log rows and checkpoints instead of every step:
+    on an accelerator, where a per-step check would make the host wait for each step to finish
+    before it can queue the next. On CPU the check costs nothing."""
+    return torch.device(device).type != "cpu"
+
+
+class NonFiniteGuard:
+    """The first non-finite loss of the steps not yet checked, kept on the loss's device without
+    waiting for it; `check()` reads it (one host sync) and raises NonFiniteLoss."""
+
+    def __init__(self):
+        self.step: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.step is None:
+            self.step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.loss = torch.zeros((), device=loss.device)
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def check(self, now: int) -> None:
+        if self.step is not None and int(self.step) >= 0:
+            raise NonFiniteLoss(
+                f"loss is {self.loss.item()} at step {int(self.step)}; training stopped at step {now}, before anything "
+                f"trained since then was written (checks on {self.step.device.type} run at log rows and checkpoints). "
+                f"Lower lr, check the activations for NaN/inf, or try normalize_activations; the last good checkpoint is kept"
+            )
+
+
+def _make_trainer(sae, runner_cfg, on_step_end, guard: NonFiniteGuard | None = None):
+    """The trainer, its SAE's forward pass checked for non-finite losses: at once (stopping
+    before the update), or with `guard` recorded for checks at the step boundaries."""
     from sae_lens import SAETrainer
 
     class Trainer(SAETrainer):
@@ -164,9 +202,10 @@ def _make_trainer(sae, runner_cfg, on_step_end):
     forward = sae.training_forward_pass
 
     def checked_forward(step_input):
-        # Stop before backward() and the optimizer step can carry a NaN into the weights.
         output = forward(step_input)
-        if not torch.isfinite(output.loss):
+        if guard is not None:
+            guard.record(output.loss, step_input.n_training_steps + 1)
+        elif not torch.isfinite(output.loss):  # stop before backward() and the optimizer step
             raise NonFiniteLoss(
                 f"loss is {output.loss.item()} at step {step_input.n_training_steps + 1}; training stopped before the "
                 f"update. Lower lr, check the activations for NaN/inf, or try normalize_activations; the last good "
@@ -223,13 +262,18 @@ class TrainingLog:
         self.progress = create_progress_artifact(100 * done / self.total, description=f"Training SAE ({self.path.parent.name})")
         self.last = (time.monotonic(), trainer.n_training_samples)
 
+    def due(self, trainer) -> bool:
+        """Whether this step gets a log row."""
+        step = trainer.n_training_steps
+        return step % self.every == 0 or step == self.total
+
     @torch.no_grad()
     def after_step(self, trainer, step_output) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        step = trainer.n_training_steps
-        if step % self.every and step != self.total:
+        if not self.due(trainer):
             return
+        step = trainer.n_training_steps
         metrics = trainer.build_train_step_log_dict(step_output, trainer.n_training_samples)
         now, tokens = time.monotonic(), trainer.n_training_samples
         row = {
@@ -302,7 +346,12 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     log = TrainingLog(Path(run_dir) / "train_log.jsonl", cfg, logger)
     thresholds: list[int] = []
 
+    guard = NonFiniteGuard() if nan_check_deferred(cfg.device) else None
+
     def on_step_end(trainer, step_output) -> None:
+        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop_requests
+        if guard is not None and boundary:
+            guard.check(trainer.n_training_steps)
         log.after_step(trainer, step_output)
         if thresholds and trainer.n_training_samples > thresholds[0]:
             while thresholds and trainer.n_training_samples > thresholds[0]:
@@ -312,11 +361,13 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             folder = checkpoint(trainer)
             raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
 
-    trainer = _make_trainer(sae, runner_cfg, on_step_end)
+    if cfg.compile_sae:
+        sae.training_forward_pass = torch.compile(sae.training_forward_pass)
+    trainer = _make_trainer(sae, runner_cfg, on_step_end, guard)
     # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
     # spaced thresholds; SAELens itself is left none to take.
     thresholds[:], trainer.checkpoint_thresholds = trainer.checkpoint_thresholds, []
-    batches = training_batches(store_ref, batch, cfg.seed, chunk_contexts=cfg.n_batches_in_buffer * cfg.store_batch_size_prompts)
+    batches = training_batches(store_ref, batch, cfg.seed, chunk_contexts=cfg.n_batches_in_buffer * cfg.store_batch_size_prompts, device=cfg.device)
     resumed_from, resumed_from_step = resume_point(root, logger), 0
     if resumed_from is not None:
         resumed_from_step = load_checkpoint(trainer, resumed_from)["n_training_steps"]

@@ -81,6 +81,7 @@ def test_shuffled_batches_cover_each_row_once_per_epoch_and_seek_directly():
 
 def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_filled_alone(prefect_server, tmp_path: Path, monkeypatch):
     from transformer_lens import HookedTransformer
+    from transformer_lens.components import Unembed
 
     hooks = [
         {"hook_name": "blocks.0.hook_resid_post"},
@@ -92,9 +93,10 @@ def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_fille
     monkeypatch.setattr(activations, "SHARD_BYTES", 1)  # one model batch per shard: 16 shards per store
     alone = [fill_store(c.model_dump(mode="json"), str(tmp_path / "alone")) for c in cfgs]
 
-    passes = []
-    real_forward = HookedTransformer.forward
-    monkeypatch.setattr(HookedTransformer, "forward", lambda self, *a, **k: passes.append(k.get("stop_at_layer")) or real_forward(self, *a, **k))
+    passes, unembedded = [], []
+    real_forward, real_unembed = HookedTransformer.forward, Unembed.forward
+    monkeypatch.setattr(HookedTransformer, "forward", lambda self, *a, **k: passes.append(1) or real_forward(self, *a, **k))
+    monkeypatch.setattr(Unembed, "forward", lambda self, *a, **k: unembedded.append(1) or real_unembed(self, *a, **k))
     shared = str(tmp_path / "shared")
     first = fill_store(cfgs[0].model_dump(mode="json"), shared)  # one store already full
     n_batches = len(passes)
@@ -102,7 +104,8 @@ def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_fille
     passes.clear()
     together = fill_together([c.model_dump(mode="json") for c in cfgs], shared)
 
-    assert n_batches == 8192 // (16 * 32) and passes == [2] * n_batches  # one pass per batch, to layer 1
+    # One pass per batch, stopped after its last hook (blocks.1.hook_mlp_out): never to the unembedding.
+    assert n_batches == 8192 // (16 * 32) and len(passes) == n_batches and not unembedded
     assert (Path(first["path"]) / "shard-00000.safetensors").stat().st_mtime_ns == first_mtime
     assert [r["d_in"] for r in together] == [32, 32, 8, 32]
     for ref, got in zip(alone, together):

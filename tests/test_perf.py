@@ -1,0 +1,142 @@
+"""The speed-ups change nothing that is computed: each fast path gives, bit for bit on CPU, what
+the plain one gives (the forward that stops at the hook, the sorted store reads), the thread
+defaults follow the machine and yield to the environment, and the GPU's deferred NaN check
+still keeps a non-finite loss out of every checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_MODEL, tiny_config
+from test_resume import FAULTS, inject_nan_at_step, start
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    return HookedTransformer(HookedTransformerConfig(**TINY_MODEL, d_vocab=50, seed=0)).eval()
+
+
+def test_the_forward_stops_at_the_hook_and_reads_what_run_with_cache_reads(model):
+    from tasks.model import hooks_activations
+
+    tokens = torch.randint(0, 50, (4, 16))
+    ran = []
+    handle = model.blocks[1].attn.register_forward_pre_hook(lambda *args: ran.append("blocks.1.attn"))
+    try:
+        for hooks, block_1_attention_starts in (
+            ([("blocks.1.hook_resid_pre", None)], False),  # SAELens would run block 1 for this one
+            ([("blocks.0.hook_resid_post", None)], False),
+            ([("blocks.1.attn.hook_z", 2)], True),
+            ([("blocks.1.attn.hook_z", None)], True),
+            ([("blocks.0.mlp.hook_post", None), ("hook_embed", None), ("blocks.1.hook_resid_post", None)], True),
+        ):
+            _, cache = model.run_with_cache(tokens, names_filter=[name for name, _ in hooks])
+            expected = [cache[name][:, :, head] if head is not None else cache[name].flatten(2) if cache[name].ndim > 3 else cache[name] for name, head in hooks]
+            ran.clear()
+            for got, want in zip(hooks_activations(model, tokens, hooks), expected, strict=True):
+                assert torch.equal(got, want)
+                assert not got.requires_grad
+            assert bool(ran) == block_1_attention_starts
+    finally:
+        handle.remove()
+    assert not model.hook_dict["blocks.1.hook_resid_pre"].fwd_hooks  # no hook left behind
+    with pytest.raises(ValueError, match=r"hooks \['blocks.0.attn.hook_result'\] did not run"):  # only with use_attn_result
+        hooks_activations(model, tokens, [("blocks.0.attn.hook_result", None)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype):
+    from tasks.activations import ShuffledBatches, StoreRows
+
+    acts = torch.randn(1000, 8).to(dtype)
+    shards, start = [], 0
+    for i, rows in enumerate([300, 1, 499, 200]):  # uneven shards, one of a single row
+        save_file({"tokens": torch.zeros(rows, dtype=torch.int64), "activations": acts[start : start + rows]}, tmp_path / f"s{i}.safetensors")
+        shards.append({"file": f"s{i}.safetensors", "start": start, "stop": start + rows})
+        start += rows
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
+    store = StoreRows({"path": str(tmp_path), "dtype": str(dtype).removeprefix("torch."), "n_tokens": 1000})
+
+    generator = torch.Generator().manual_seed(0)
+    for rows in (torch.randint(0, 1000, (333,), generator=generator), torch.tensor([999, 0, 300, 300, 299, 301]), torch.arange(1000)):
+        assert torch.equal(store[rows], acts[rows])
+    # Batches that cross an epoch boundary (two permutations) are the ones the in-memory store gives.
+    from_disk, in_memory = ShuffledBatches(store, 384, seed=3), ShuffledBatches(acts, 384, seed=3)
+    for _ in range(6):
+        assert torch.equal(next(from_disk), next(in_memory))
+
+
+def test_usable_cpus_follow_the_affinity_and_the_container_quota(tmp_path):
+    from flows import usable_cpus
+
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one thread
+    assert usable_cpus(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * affinity + 1} 100000\n")  # a quota above the affinity does not add CPUs
+    assert usable_cpus(cpu_max) == affinity
+    assert usable_cpus(tmp_path / "missing") == affinity
+
+
+def test_torch_gets_the_thread_count_of_the_machine_unless_the_environment_says_otherwise():
+    from flows import usable_cpus
+
+    code = "import flows, torch; print(torch.get_num_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(default.stdout) == usable_cpus()
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(chosen.stdout) == 1
+
+
+def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(prefect_server, tmp_path, monkeypatch):
+    """The GPU's check (at log rows and checkpoints, not every step), run here on CPU."""
+    import tasks.train
+    from tasks.preflight import resolve
+
+    monkeypatch.setattr(tasks.train, "nan_check_deferred", lambda device: True)
+    inject_nan_at_step(monkeypatch, 45)  # 64 steps, checkpoints after 13, 26, 39, 52; log rows every 50
+    cfg = resolve(tiny_config(**FAULTS))
+    state = start(cfg, tmp_path, "deferred", return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "loss is nan at step 45; training stopped at step 50, before anything trained since then was written" in message
+    checkpoints = tmp_path / "runs" / "deferred" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000013", "step-000000026", "step-000000039"]
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoints / "step-000000039" / "sae_weights.safetensors").values())
+    log = tmp_path / "runs" / "deferred" / "train_log.jsonl"
+    assert not log.exists()  # the only log row due (step 50) was refused, not written with NaN
+
+
+def test_compile_sae_trains_like_the_uncompiled_step(tmp_path):
+    """torch.compile (off by default) matches eager mode to float32 rounding, not bit for bit."""
+    from tasks.preflight import resolve
+    from tasks.train import _make_trainer, new_training_sae
+
+    cfg = resolve(tiny_config())
+    assert cfg.compile_sae is False
+    batches = [torch.randn(512, cfg.d_in, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    weights = {}
+    for compiled in (False, True):
+        sae, runner_cfg = new_training_sae(cfg)
+        if compiled:
+            sae.training_forward_pass = torch.compile(sae.training_forward_pass)
+        trainer = _make_trainer(sae, runner_cfg, lambda *args: None)
+        for batch in batches:
+            trainer.step(batch)
+        weights[compiled] = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    for key, eager in weights[False].items():
+        torch.testing.assert_close(weights[True][key], eager, atol=1e-5, rtol=1e-4)
