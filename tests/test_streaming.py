@@ -59,15 +59,15 @@ def test_streaming_run_killed_several_times_ends_bitwise_equal(streaming_cfg, st
     _, config = streaming_cfg
     artifacts = tmp_path / "artifacts"
     for point, n in [("stream-step", 20), ("checkpoint-write", 1), ("stream-step", 25)]:
-        code, output = finish(cli(driver=(point, n), artifacts=artifacts, config=config, run_name="killed"))
+        code, output = finish(cli(driver=(point, n), artifacts=artifacts, config=config, run_name="stream-killed"))
         assert code == -signal.SIGKILL, output
-    code, output = finish(cli(artifacts=artifacts, config=config, run_name="killed"))
+    code, output = finish(cli(artifacts=artifacts, config=config, run_name="stream-killed"))
     assert code == 0, output
     assert "Resuming training from step-" in output
-    summary = json.loads((artifacts / "runs" / "killed" / "summary.json").read_text())
+    summary = json.loads((artifacts / "runs" / "stream-killed" / "summary.json").read_text())
     assert summary["training"]["resumed_from_step"] == 26  # the third process wrote it before its kill
     assert_bitwise_equal(weights(summary), streaming_reference[1])
-    assert flow_run_states("killed") == ["Crashed", "Crashed", "Crashed", "Completed"]
+    assert flow_run_states("stream-killed") == ["Crashed", "Crashed", "Crashed", "Completed"]
 
 
 def test_auto_streams_when_the_cache_would_exceed_the_limit_and_keeps_its_choice(tmp_path):
