@@ -292,24 +292,24 @@ def test_killed_training_on_an_imported_store_resumes_exactly(prefect_server, tm
 
     def cli(*driver):
         command = [sys.executable, str(ROOT / "tests" / "kill_driver.py"), *driver] if driver else [sys.executable, "-m", "flows.cli", "run"]
-        return subprocess.run([*command, str(config), "--artifacts-dir", str(artifacts), "--run-name", "killed"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return subprocess.run([*command, str(config), "--artifacts-dir", str(artifacts), "--run-name", "acts-killed"], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
     killed = cli("train-step", "24")
     assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert list((artifacts / "runs" / "killed" / "checkpoints").glob("step-*"))
+    assert list((artifacts / "runs" / "acts-killed" / "checkpoints").glob("step-*"))
 
     # a source file changed since: a new store, on which the checkpoints cannot continue
     shard = tmp_path / "acts" / "shard-00000.safetensors"
     times = shard.stat().st_atime_ns, shard.stat().st_mtime_ns
     os.utime(shard, ns=(times[0], times[1] + 10**9))
     with pytest.raises(Exception, match="its activations changed .*Restore them, or start a new run with --new"):
-        start(cfg, artifacts, run_name="killed")
+        start(cfg, artifacts, run_name="acts-killed")
     os.utime(shard, ns=times)
 
     resumed = cli()
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resuming training from step-" in resumed.stdout + resumed.stderr
-    summary = json.loads((artifacts / "runs" / "killed" / "summary.json").read_text())
+    summary = json.loads((artifacts / "runs" / "acts-killed" / "summary.json").read_text())
     assert summary["training"]["resumed_from_step"] > 0
     assert summary["activations"] == reference["activations"]
     a = load_file(Path(summary["training"]["path"]) / "sae_weights.safetensors")
