@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_MODEL, start, task_states
 from tasks.activations import load_eval_activations, load_store
 from tasks.config import ConfigError, load_config, make_config
-from tasks.preflight import resolve
+from tasks.preflight import claim_run, default_run_name, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGGER = logging.getLogger("test-sources")
@@ -298,13 +298,16 @@ def test_killed_training_on_an_imported_store_resumes_exactly(prefect_server, tm
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert list((artifacts / "runs" / "acts-killed" / "checkpoints").glob("step-*"))
 
-    # a source file changed since: a new store, on which the checkpoints cannot continue
+    # a source file changed since: another run, not a continuation of this one
     shard = tmp_path / "acts" / "shard-00000.safetensors"
     times = shard.stat().st_atime_ns, shard.stat().st_mtime_ns
+    name = default_run_name(cfg)
     os.utime(shard, ns=(times[0], times[1] + 10**9))
-    with pytest.raises(Exception, match="its activations changed .*Restore them, or start a new run with --new"):
-        start(cfg, artifacts, run_name="acts-killed")
+    assert default_run_name(cfg) != name
+    with pytest.raises(ConfigError, match=r"run 'acts-killed' was started with a different config \(activations_fingerprint: "):
+        claim_run(resolve(cfg), artifacts, "acts-killed", new=False)
     os.utime(shard, ns=times)
+    assert default_run_name(cfg) == name
 
     resumed = cli()
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
