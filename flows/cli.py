@@ -125,11 +125,14 @@ def _report(args) -> int:
     summary = finished_run(args.artifacts_dir, args.run)
     from tasks.report import metrics_table
 
-    print(f"Run {args.run} — metrics on {summary['metrics']['metrics']['eval_contexts']} held-out contexts\n")
-    for row in metrics_table(summary["metrics"]["metrics"]):
+    metrics = summary["metrics"]["metrics"]
+    held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else f"{metrics['eval_contexts']} held-out contexts"
+    print(f"Run {args.run} — metrics on {held_out}\n")
+    for row in metrics_table(metrics):
         print(f"  {row['metric']:<34} {row['value']:.6g}")
     print("\nFiles:")
-    for name, path in [("report", summary["report"]["path"]), ("dashboard", summary["analysis"]["dashboard"]), *[("plot", p) for p in summary["report"]["plots"]], ("metrics", summary["metrics"]["path"]), ("SAE", summary["sae"]["path"])]:
+    dashboard = [("dashboard", summary["analysis"]["dashboard"])] if "dashboard" in summary["analysis"] else []
+    for name, path in [("report", summary["report"]["path"]), *dashboard, *[("plot", p) for p in summary["report"]["plots"]], ("metrics", summary["metrics"]["path"]), ("SAE", summary["sae"]["path"])]:
         print(f"  {name:<10} {path}")
     return 0
 
@@ -144,6 +147,8 @@ def _analyze(args) -> int:
     from tasks.model import load_model
 
     cfg = read_json(run_dir(args.artifacts_dir, args.run) / "config.json")["config"]
+    if "skipped" in summary["model"]:
+        raise RunNotReady(f"run '{args.run}' has no model to run prompts through ({summary['model']['skipped']})")
     logger = logging.getLogger("saeflow.analyze")
     logger.propagate = False
     logger.handlers = [logging.StreamHandler(sys.stderr)]
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    print(json.dumps({k: summary[k] for k in ("run_name", "run_dir")} | {"sae": summary["sae"]["path"], "report": summary["report"]["path"], "dashboard": summary["analysis"]["dashboard"]}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("run_name", "run_dir")} | {"sae": summary["sae"]["path"], "report": summary["report"]["path"], "dashboard": summary["analysis"].get("dashboard")}, indent=2))
     return 0
 
 

@@ -97,9 +97,9 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["state"] == "Completed"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in zip(axes, ("explained_variance", "ce_loss_score"), ("explained variance", "CE-loss score")):
+        done = [r for r in rows if r["state"] == "Completed" and r[key] is not None]
         ax.scatter([r["l0"] for r in done], [r[key] for r in done])
         for r in done:
             ax.annotate(r["label"], (r["l0"], r[key]), fontsize=7)
@@ -140,7 +140,8 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         row = {"run": run_name, "label": label, "state": future.state.name}
         if future.state.is_completed():
             metrics = future.result()["metrics"]["metrics"]
-            row.update({k: metrics[k] for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
+            # no CE or KL score without a model (activations_path, synthetic)
+            row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
         else:
             row["error"] = future.state.message
         rows.append(row)
@@ -167,7 +168,7 @@ def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tupl
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(members):
         cfg = RunConfig(**config)
-        if cfg.activation_mode != "cached":  # streaming members make activations as they train
+        if cfg.activation_mode != "cached" or cfg.activation_source is not None:  # no model pass to share
             continue
         unbuilt = store_spec(cfg, {"kind": None, "name": cfg.model_name, "path": None})
         groups.setdefault(stable_hash([model_spec(cfg), shared_pass_key(unbuilt)]), []).append(i)

@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor", cat
 STAGE_VERSION = 1
 SHARD_BYTES = 64 * 2**20
 EVAL_TOKENS = "eval_tokens.safetensors"
+EVAL_ACTIVATIONS = "eval_activations.safetensors"  # held-out rows of a store made without a model
 
 
 def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") -> dict[str, Any]:
@@ -103,9 +104,9 @@ def _activations_store(model, dataset, spec: dict[str, Any]):
         )
 
 
-def _save_shard(path: Path, activations: torch.Tensor | None, tokens: torch.Tensor) -> str:
+def _save_shard(path: Path, activations: torch.Tensor | None, tokens: torch.Tensor | None) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
-    tensors = {"tokens": tokens.contiguous()}
+    tensors = {"tokens": tokens.contiguous()} if tokens is not None else {}
     if activations is not None:
         tensors["activations"] = activations.contiguous()
     save_file(tensors, tmp)
@@ -342,10 +343,15 @@ def load_eval_tokens(store_ref: dict[str, Any]) -> torch.Tensor:
     return load_file(Path(store_ref["path"]) / EVAL_TOKENS)["tokens"]
 
 
-def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor]:
+def load_eval_activations(store_ref: dict[str, Any]) -> torch.Tensor:
+    """The held-out activation rows `[n, d_in]` of a store made without a model."""
+    return load_file(Path(store_ref["path"]) / EVAL_ACTIVATIONS)["activations"]
+
+
+def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """All activations `[n_tokens, d_in]` (None for a streaming store) and their tokens
-    `[n_tokens]` of a filled store, checked against the manifest's row ranges (no row missing or
-    repeated)."""
+    `[n_tokens]` (None for activations made elsewhere without tokens) of a filled store, checked
+    against the manifest's row ranges (no row missing or repeated)."""
     folder = Path(store_ref["path"])
     manifest = read_json(folder / "manifest.json")
     if not manifest.get("complete"):
@@ -355,15 +361,16 @@ def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Te
         if shard["start"] != expected:
             raise RuntimeError(f"activation store {folder}: rows {expected}..{shard['start']} are missing")
         data = load_file(folder / shard["file"], device=device)
-        if len(data["tokens"]) != shard["stop"] - shard["start"]:
+        if len(data.get("tokens", data.get("activations"))) != shard["stop"] - shard["start"]:
             raise RuntimeError(f"activation store {folder}: {shard['file']} does not hold rows {shard['start']}..{shard['stop']}")
         if "activations" in data:
             acts.append(data["activations"])
-        tokens.append(data["tokens"])
+        if "tokens" in data:
+            tokens.append(data["tokens"])
         expected = shard["stop"]
     if expected != store_ref["n_tokens"]:
         raise RuntimeError(f"activation store {folder} holds {expected} rows, expected {store_ref['n_tokens']}")
-    return (torch.cat(acts) if acts else None), torch.cat(tokens)
+    return (torch.cat(acts) if acts else None), (torch.cat(tokens) if len(tokens) == len(manifest["shards"]) else None)
 
 
 class StoreRows:

@@ -31,6 +31,11 @@ ARCHITECTURE_FIELDS = {
     "matryoshka_widths": ("matryoshka_batchtopk",),
 }
 
+# Fields about the model and its data; meaningless when the activations come from elsewhere.
+MODEL_ONLY_FIELDS = (
+    "model_cfg", "tokenizer_path", "model_from_pretrained_kwargs", "model_train_tokens", "hook_head_index", "dataset_path", "activation_mode",
+)
+
 # Fields that do not change the trained SAE: they may differ when a run is continued.
 NON_RESULT_FIELDS = {
     "log_to_wandb",
@@ -67,7 +72,8 @@ class RunConfig(BaseModel):
     """TransformerLens pretrained model name (e.g. `tiny-stories-1M`, `gpt2`), or the path of a
     local Hugging Face checkpoint folder (`save_pretrained` output with its tokenizer) of an
     architecture TransformerLens supports, loaded without network. With `model_cfg` set, only a
-    label for the locally built model."""
+    label for the locally built model; with `activations_path` or `synthetic`, only a label
+    (default: the folder's name, or `synthetic`)."""
     model_cfg: dict[str, Any] | None = None
     """`HookedTransformerConfig` fields of a model built locally with random weights (seeded by
     `seed`; trained when `model_train_tokens` is set) instead of a pretrained one. `d_vocab`
@@ -92,7 +98,9 @@ class RunConfig(BaseModel):
 
     # --- hook and data -----------------------------------------------------------------------
     hook_name: str = "blocks.0.hook_resid_post"
-    """TransformerLens hook whose activations the SAE is trained on."""
+    """TransformerLens hook whose activations the SAE is trained on. With `activations_path`: the
+    activation column of a `CacheActivationsRunner` dataset; otherwise a label recorded in the
+    SAE's `cfg.json` (name the hook the activations came from)."""
     hook_layer: int | None = None
     """Layer of `hook_name` (guide name, no longer needed by SAELens); checked against it."""
     hook_head_index: int | None = None
@@ -100,6 +108,20 @@ class RunConfig(BaseModel):
     d_in: int | None = None
     """Width of the hook's activations. Read from the model when empty; a stated value that does
     not match the hook is an error."""
+    activations_path: str | None = None
+    """Train on activations made elsewhere instead of running a model: a folder of `.safetensors`
+    (tensor `activations`, or the file's only tensor; optional `tokens`) or `.npy` files of shape
+    `[n, d_in]`, read in file-name order, or a dataset folder written by SAELens's
+    `CacheActivationsRunner` (its `hook_name` column). Imported once into an activation store; the
+    last `eval_tokens` rows are held out for evaluation. No model is loaded: `model_name` and
+    `hook_name` are only labels."""
+    synthetic: dict[str, Any] | None = None
+    """Train on synthetic activations with known features instead of running a model: the fields
+    of SAELens's `SyntheticModelConfig` (`num_features`, `firing_probability`,
+    `mean_firing_magnitudes`, `std_firing_magnitudes`, `bias`, ...; `hidden_dim` defaults to
+    `d_in`, `seed` to `seed`). `training_tokens` + `eval_tokens` rows are generated and stored with
+    the feature dictionary; the evaluation adds SAELens's synthetic metrics (MCC, precision/recall,
+    shrinkage). See `configs/synthetic.yaml`."""
     dataset_path: str = "demo:stories"
     """Hugging Face dataset name, a local `.txt`/`.jsonl`/`.json`/`.parquet`/`.arrow` file or
     folder of them, a folder written by `Dataset.save_to_disk` (as SAELens's `PretokenizeRunner`
@@ -228,7 +250,8 @@ class RunConfig(BaseModel):
     # --- evaluation, saving and analysis ------------------------------------------------------
     eval_tokens: int = Field(65_536, gt=0)
     """Held-out tokens (the data after the training tokens, rounded up to whole contexts) for the
-    evaluation and the dashboard's max-activating contexts."""
+    evaluation and the dashboard's max-activating contexts. With `activations_path`: the last
+    `eval_tokens` rows of the source; with `synthetic`: `eval_tokens` more generated rows."""
     sparsity_tokens: int = Field(1_000_000, gt=0)
     """Stored activations the final SAE is run over to measure each feature's firing frequency
     (saved as `sparsity.safetensors`)."""
@@ -250,6 +273,12 @@ class RunConfig(BaseModel):
     def _aliases(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("architecture") in ARCHITECTURE_ALIASES:
             data = {**data, "architecture": ARCHITECTURE_ALIASES[data["architecture"]]}
+        if isinstance(data, dict) and "model_name" not in data:
+            # without a model, the label in run names and SAE metadata says where the activations came from
+            if data.get("activations_path"):
+                data = {**data, "model_name": Path(data["activations_path"]).name or "activations"}
+            elif data.get("synthetic") is not None:
+                data = {**data, "model_name": "synthetic"}
         return data
 
     @model_validator(mode="after")
@@ -273,16 +302,27 @@ class RunConfig(BaseModel):
                 f"(train_batch_size_tokens = {self.train_batch_size_tokens}); raise training_tokens "
                 f"or lower train_batch_size_tokens"
             )
+        if self.d_in is not None and self.d_in <= 0:
+            raise ValueError(f"d_in must be positive, got {self.d_in}")
+        if self.activations_path is not None and self.synthetic is not None:
+            raise ValueError("activations_path and synthetic are two sources of activations; give one of them")
+        if self.activation_source is not None:
+            for name in MODEL_ONLY_FIELDS:
+                if getattr(self, name) != RunConfig.model_fields[name].get_default(call_default_factory=True):
+                    key = "activations_path" if self.activations_path is not None else "synthetic"
+                    raise ValueError(
+                        f"{name} is set, but with {key} no model is run (saeflow cannot tell which model "
+                        f"and hook made the activations); remove {name}, or remove {key} to make the "
+                        f"activations with the model"
+                    )
         buffer_tokens = self.n_batches_in_buffer * self.context_size
-        if buffer_tokens < self.train_batch_size_tokens:
+        if buffer_tokens < self.train_batch_size_tokens and self.activation_source is None:
             raise ValueError(
                 f"the mixing buffer (n_batches_in_buffer * context_size = {self.n_batches_in_buffer} * "
                 f"{self.context_size} = {buffer_tokens} tokens) is smaller than train_batch_size_tokens "
                 f"({self.train_batch_size_tokens}); SAELens would fail at the first step. Raise "
                 f"n_batches_in_buffer to at least {-(-self.train_batch_size_tokens // self.context_size)}"
             )
-        if self.d_in is not None and self.d_in <= 0:
-            raise ValueError(f"d_in must be positive, got {self.d_in}")
         if self.model_train_tokens and self.model_cfg is None:
             raise ValueError(
                 "model_train_tokens trains a locally built model, but model_cfg is not set; "
@@ -294,6 +334,14 @@ class RunConfig(BaseModel):
                 f"({self.model_cfg['n_ctx']}); lower context_size"
             )
         return self
+
+    @property
+    def activation_source(self) -> Literal["files", "synthetic"] | None:
+        """Where the activations come from when no model makes them: `files` (`activations_path`),
+        `synthetic`, or None (the model runs over the dataset)."""
+        if self.activations_path is not None:
+            return "files"
+        return "synthetic" if self.synthetic is not None else None
 
     @property
     def sae_width(self) -> int:

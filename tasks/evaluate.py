@@ -7,6 +7,13 @@ KL-divergence score with its two divergences (effect on the model); the L2 ratio
 reconstruction bias (shrinkage); and from the per-feature firing density over the same tokens,
 the dead features (never fired) and dense features (firing on more than 10% of tokens). As in
 SAELens, special tokens (BOS, ...) are left out of every metric.
+
+Without a model (activations made elsewhere, or synthetic ones) the same metrics except the CE
+and KL ones are computed on the store's held-out activation rows. For synthetic activations,
+SAELens's `eval_sae_on_synthetic_data` adds how well the SAE recovered the known features (MCC,
+uniqueness, precision/recall/F1 of each latent as a detector of its matched feature, dead
+latents, shrinkage), as `synthetic_*`, on `eval_tokens` fresh seeded samples of the same
+generator (its ground-truth feature activations are not stored).
 """
 
 from __future__ import annotations
@@ -20,6 +27,57 @@ from tasks.artifacts import stage, write_json
 
 STAGE_VERSION = 1
 DENSE_THRESHOLD = 0.1
+ROWS_PER_BATCH = 4096
+
+
+class HeldOutRows:
+    """Stand-ins for SAELens's model and activation store in `run_evals` when there is no model:
+    a "token" is the number of a held-out activation row, and "running the model" looks it up.
+    Contexts are one row long; batches come in order and the last one may be shorter."""
+
+    context_size = 1
+    store_batch_size_prompts = ROWS_PER_BATCH
+
+    def __init__(self, activations: torch.Tensor):
+        self.activations, self.next_row = activations, 0
+
+    def get_batch_tokens(self, batch_size: int) -> torch.Tensor:
+        rows = torch.arange(self.next_row, min(self.next_row + batch_size, len(self.activations)))
+        self.next_row += len(rows)
+        return rows.unsqueeze(1)
+
+    def run_with_cache(self, rows: torch.Tensor, names_filter: list[str], **kwargs):
+        return None, {names_filter[0]: self.activations[rows]}
+
+
+def evaluate_rows(sae, activations: torch.Tensor, device: str) -> tuple[dict, dict, int]:
+    """SAELens's `run_evals` (all but the CE and KL metrics, which need a model) on activation rows."""
+    from sae_lens.evals import get_eval_everything_config, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    # The stored rows are already one SAE input each: no per-head reshaping by hook name.
+    sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index = "activations", None
+    rows = HeldOutRows(activations.to(device))
+    n_batches = -(-len(activations) // ROWS_PER_BATCH)
+    config = get_eval_everything_config(batch_size_prompts=ROWS_PER_BATCH, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches)
+    config.compute_kl = config.compute_ce_loss = False
+    groups, features = run_evals(sae, rows, rows, ActivationScaler(), eval_config=config, exclude_special_tokens=False)
+    return groups, features, len(activations)
+
+
+def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: str) -> dict[str, Any]:
+    """SAELens's `eval_sae_on_synthetic_data` against the store's ground truth, on `n_samples`
+    fresh samples drawn with a fixed seed, flattened into `synthetic_*` metrics."""
+    from sae_lens.synthetic import SyntheticModel, eval_sae_on_synthetic_data
+
+    from tasks.sources import eval_seed
+
+    truth = SyntheticModel.load_from_disk(store_ref["ground_truth"], device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(eval_seed(store_ref))
+        result = eval_sae_on_synthetic_data(sae, truth.feature_dict, truth.activation_generator, num_samples=n_samples, batch_size=ROWS_PER_BATCH)
+    flat = {k: v for k, v in result.to_dict().items() if k != "classification"} | result.to_dict()["classification"]
+    return {f"synthetic_{k}": v for k, v in flat.items()} | {"synthetic_samples": n_samples}
 
 
 def eval_store(model, sae, tokens: torch.Tensor, batch_prompts: int, device: str):
@@ -48,23 +106,29 @@ def eval_store(model, sae, tokens: torch.Tensor, batch_prompts: int, device: str
 
 @stage("evaluate", STAGE_VERSION, key_inputs=("sae_ref", "store_ref", "run_dir", "batch_prompts"))
 def evaluate(sae_ref: dict[str, Any], model_ref: dict[str, Any], store_ref: dict[str, Any], run_dir: str, batch_prompts: int, device: str, from_pretrained_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run SAELens's evaluations on the held-out tokens and write `metrics.json`."""
+    """Run SAELens's evaluations on the held-out tokens (or, without a model, the held-out
+    activation rows) and write `metrics.json`."""
     from sae_lens.evals import get_eval_everything_config, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from tasks.activations import load_eval_tokens
+    from tasks.activations import load_eval_activations, load_eval_tokens
     from tasks.load import open_sae
     from tasks.model import load_model
 
     sae, _ = open_sae(sae_ref["source"], device)
     sae.eval()
-    model = load_model(model_ref, device, from_pretrained_kwargs=from_pretrained_kwargs)
-    tokens = load_eval_tokens(store_ref)
-    batch_prompts = min(batch_prompts, len(tokens))
-    n_batches = len(tokens) // batch_prompts  # never more than the held-out tokens: no wrap-around
-    store = eval_store(model, sae, tokens, batch_prompts, device)
-    config = get_eval_everything_config(batch_size_prompts=batch_prompts, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches)
-    groups, features = run_evals(sae, store, model, ActivationScaler(), eval_config=config)
+    if model_ref is None:
+        groups, features, n_rows = evaluate_rows(sae, load_eval_activations(store_ref), device)
+        held_out = {"eval_rows": n_rows}
+    else:
+        model = load_model(model_ref, device, from_pretrained_kwargs=from_pretrained_kwargs)
+        tokens = load_eval_tokens(store_ref)
+        batch_prompts = min(batch_prompts, len(tokens))
+        n_batches = len(tokens) // batch_prompts  # never more than the held-out tokens: no wrap-around
+        store = eval_store(model, sae, tokens, batch_prompts, device)
+        config = get_eval_everything_config(batch_size_prompts=batch_prompts, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches)
+        groups, features = run_evals(sae, store, model, ActivationScaler(), eval_config=config)
+        held_out = {"eval_contexts": n_batches * batch_prompts}
 
     density = torch.tensor(features["feature_density"])
     metrics: dict[str, Any] = {name: value for group in groups.values() for name, value in group.items()}
@@ -72,8 +136,10 @@ def evaluate(sae_ref: dict[str, Any], model_ref: dict[str, Any], store_ref: dict
         dead_features=int((density == 0).sum()),
         dense_features=int((density > DENSE_THRESHOLD).sum()),
         d_sae=sae.cfg.d_sae,
-        eval_contexts=n_batches * batch_prompts,
+        **held_out,
     )
+    if "ground_truth" in store_ref:
+        metrics.update(synthetic_metrics(sae, store_ref, store_ref["eval_rows"], device))
     out = Path(run_dir) / "metrics.json"
     write_json(out, {"metrics": metrics, "feature_density": features["feature_density"]})
     return {"path": str(out), "metrics": metrics, "outputs": [str(out)]}

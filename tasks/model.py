@@ -69,8 +69,9 @@ def model_spec(cfg: RunConfig) -> dict[str, Any]:
 
 def checkpoint_folder(cfg: RunConfig) -> Path | None:
     """The local checkpoint folder `model_name` names (an existing path, or one written as a path:
-    `/...`, `./...`, `~/...`); None for a TransformerLens model name or a `model_cfg` model."""
-    if cfg.model_cfg is not None:
+    `/...`, `./...`, `~/...`); None for a TransformerLens model name, a `model_cfg` model, or
+    activations without a model (where `model_name` is only a label)."""
+    if cfg.model_cfg is not None or cfg.activation_source is not None:
         return None
     path = Path(cfg.model_name).expanduser()
     if path.exists() or cfg.model_name.startswith(("/", "./", "../", "~")):

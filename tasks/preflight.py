@@ -24,13 +24,41 @@ def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
     )
 
 
+def _resolve_source(cfg: RunConfig) -> RunConfig:
+    """Check activations made without a model (their files' headers, or the synthetic settings);
+    fill in `d_in`. Every row is checked for NaN/inf when the store is imported, before training."""
+    from tasks.sources import BadActivations, open_source, synthetic_model_config
+
+    if cfg.activation_source == "synthetic":
+        width = synthetic_model_config(cfg.synthetic, cfg.d_in, cfg.seed).hidden_dim
+    else:
+        try:
+            readers = open_source(cfg.activations_path, cfg.hook_name)
+        except BadActivations as error:
+            raise ConfigError(str(error)) from None
+        width, rows = readers[0].width, sum(r.rows for r in readers)
+        if cfg.d_in is not None and cfg.d_in != width:
+            raise ConfigError(f"d_in is {cfg.d_in} but the activations in {cfg.activations_path} have width {width}; set d_in: {width} or leave it out")
+        if rows - cfg.eval_tokens < cfg.train_batch_size_tokens:
+            raise ConfigError(
+                f"{cfg.activations_path} holds {rows} rows; holding out the last eval_tokens = {cfg.eval_tokens} for "
+                f"evaluation leaves {max(rows - cfg.eval_tokens, 0)} to train on, less than one batch "
+                f"(train_batch_size_tokens = {cfg.train_batch_size_tokens}); lower eval_tokens (e.g. to {max(rows // 10, 1)})"
+            )
+    return cfg.model_copy(update={"d_in": width, "hook_layer": hook_layer_of(cfg.hook_name)})
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Check the config against the model and the data; return it with `d_in` filled in."""
+    """Check the config against the model and the data (or the activation source); return it
+    with `d_in` filled in."""
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
     from tasks.model import hook_width, meta_model
     from tasks.tokens import check_token_dataset
-    from tasks.train import new_training_sae
 
+    if cfg.activation_source is not None:
+        cfg = _resolve_source(cfg)
+        _check_sae_settings(cfg)
+        return RunConfig(**cfg.model_dump())
     try:
         model = meta_model(cfg)
     except ConfigError:
@@ -77,12 +105,17 @@ def resolve(cfg: RunConfig) -> RunConfig:
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
     cfg = cfg.model_copy(update={"is_dataset_tokenized": tokenized})
+    _check_sae_settings(cfg)
+    return RunConfig(**cfg.model_dump())
+
+
+def _check_sae_settings(cfg: RunConfig) -> None:
+    from tasks.train import new_training_sae
 
     try:
         new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
-    return RunConfig(**cfg.model_dump())
 
 
 DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by `resolve`
@@ -90,13 +123,17 @@ DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by 
 
 def run_identity(cfg: RunConfig) -> dict:
     """What a run's result depends on: the config fields that change it, plus, for a local
-    checkpoint, the fingerprint of its files (so that a retrained checkpoint is a new run)."""
+    checkpoint or an `activations_path`, the fingerprint of its files (so that a retrained
+    checkpoint or rewritten activations make a new run)."""
     from tasks.model import checkpoint_fingerprint, checkpoint_folder, checkpoint_tokenizer_dir
+    from tasks.sources import source_fingerprint
 
     identity = cfg.result_fields()
     folder = checkpoint_folder(cfg)
     if folder is not None and folder.is_dir():
         identity["checkpoint_fingerprint"] = checkpoint_fingerprint(folder, checkpoint_tokenizer_dir(folder, cfg.tokenizer_path))
+    if cfg.activations_path is not None and Path(cfg.activations_path).exists():
+        identity["activations_fingerprint"] = stable_hash(source_fingerprint(Path(cfg.activations_path).resolve()))
     return identity
 
 

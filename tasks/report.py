@@ -43,6 +43,17 @@ METRIC_ROWS = [
     ("relative_reconstruction_bias", "relative reconstruction bias"),
     ("dead_features", "dead features"),
     ("dense_features", "dense features (>10% of tokens)"),
+    ("synthetic_mcc", "synthetic: MCC"),
+    ("synthetic_uniqueness", "synthetic: uniqueness"),
+    ("synthetic_precision", "synthetic: precision"),
+    ("synthetic_recall", "synthetic: recall"),
+    ("synthetic_f1_score", "synthetic: F1"),
+    ("synthetic_accuracy", "synthetic: accuracy"),
+    ("synthetic_dead_latents", "synthetic: dead latents"),
+    ("synthetic_shrinkage", "synthetic: shrinkage"),
+    ("synthetic_explained_variance", "synthetic: explained variance"),
+    ("synthetic_sae_l0", "synthetic: SAE L0"),
+    ("synthetic_true_l0", "synthetic: true L0"),
 ]
 
 
@@ -81,12 +92,24 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, Any], analysis: dict[str, Any], files: dict[str, str]) -> str:
     lines = [f"# saeflow run `{run_name}`", "", "## Config", ""]
-    for key in ("model_name", "hook_name", "architecture", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed", "activations"):
+    for key in ("model_name", "activations_path", "synthetic", "hook_name", "architecture", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed", "activations"):
         if config.get(key) is not None:
             lines.append(f"- **{key}**: `{config[key]}`")
-    lines += ["", "## Metrics (held-out tokens)", "", "| metric | value |", "| --- | --- |"]
+    held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else "held-out tokens"
+    lines += ["", f"## Metrics ({held_out})", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {row['metric']} | {row['value']:.6g} |" for row in metrics_table(metrics)]
-    lines += ["", "## Top features of the prompts", ""]
+    if "synthetic_mcc" in metrics:
+        lines += ["", f"Synthetic metrics: SAELens's `eval_sae_on_synthetic_data` on {metrics['synthetic_samples']} fresh samples of the ground-truth generator."]
+    if "skipped" in analysis:
+        lines += ["", "## Analysis", "", analysis["skipped"]]
+    else:
+        lines += _analysis_markdown(analysis)
+    lines += ["", "## Files", ""] + [f"- {name}: `{path}`" for name, path in files.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _analysis_markdown(analysis: dict[str, Any]) -> list[str]:
+    lines = ["", "## Top features of the prompts", ""]
     for prompt in analysis["prompts"]:
         top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in prompt["top_features"])
         lines.append(f"- \"{prompt['prompt']}\" at `{prompt['token']}`: {top}")
@@ -96,8 +119,7 @@ def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, An
             promoted = " ".join(f"`{t['token']}`" for t in effect["promoted"])
             inhibited = " ".join(f"`{t['token']}`" for t in effect["inhibited"])
             lines.append(f"| {effect['feature']} | {promoted} | {inhibited} |")
-    lines += ["", "## Files", ""] + [f"- {name}: `{path}`" for name, path in files.items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 @stage("report", STAGE_VERSION, key_inputs=("run_name", "run_dir", "metrics_ref", "analysis_ref", "sae_ref"))
@@ -114,15 +136,16 @@ def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dic
     plot_training_curves(rows, curves_png)
 
     metrics = metrics_ref["metrics"]
-    analysis = json.loads(Path(analysis_ref["path"]).read_text())
+    analysis = analysis_ref if "skipped" in analysis_ref else json.loads(Path(analysis_ref["path"]).read_text())
     files = {
-        "dashboard": analysis_ref["dashboard"],
+        "dashboard": analysis_ref.get("dashboard"),
         "feature density plot": str(density_png),
         "training curves": str(curves_png),
         "metrics": metrics_ref["path"],
-        "analysis": analysis_ref["path"],
+        "analysis": analysis_ref.get("path"),
         "SAE": sae_ref["path"],
     }
+    files = {name: path for name, path in files.items() if path is not None}
     markdown = render_markdown(run_name, config, metrics, analysis, files)
     report_md = run / "report.md"
     report_md.write_text(markdown)

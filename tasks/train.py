@@ -133,7 +133,7 @@ def new_training_sae(cfg: RunConfig, run_name: str | None = None):
 
     runner_cfg = runner_config(cfg, run_name)
     sae_cfg = type(runner_cfg.sae).from_sae_runner_config(runner_cfg)
-    sae_cfg.metadata.dataset_path = cfg.dataset_path
+    sae_cfg.metadata.dataset_path = cfg.activations_path or ("sae_lens.synthetic" if cfg.synthetic is not None else cfg.dataset_path)
     torch.manual_seed(cfg.seed)
     return TrainingSAE.from_dict(sae_cfg.to_dict()), runner_cfg
 
@@ -381,6 +381,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         )
     batches.next_batch = trainer.n_training_samples // batch
     trainer.data_provider = batches
+    if cfg.training_tokens > store_ref["n_tokens"]:
+        logger.info(f"Training on {cfg.training_tokens} activations: {cfg.training_tokens / store_ref['n_tokens']:.1f} passes over the {store_ref['n_tokens']} stored ones")
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()

@@ -1,0 +1,337 @@
+"""Activations without a model: folders of .safetensors / .npy shards, a SAELens
+CacheActivationsRunner dataset, the iterator API and synthetic ground truth. They are imported into
+an activation store and get the same training, resume, save and evaluation; bad input is refused
+before training, naming the file (and row)."""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_MODEL, start, task_states
+from tasks.activations import load_eval_activations, load_store
+from tasks.config import ConfigError, load_config, make_config
+from tasks.preflight import claim_run, default_run_name, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGGER = logging.getLogger("test-sources")
+D_IN = 16
+
+
+def source_config(path, **overrides):
+    """A small run on the activations at `path`: 16 steps of 512 rows, 1024 held out."""
+    values = {
+        "activations_path": str(path),
+        "expansion_factor": 4,
+        "train_batch_size_tokens": 512,
+        "training_tokens": 8192,
+        "eval_tokens": 1024,
+        "n_checkpoints": 2,
+        "log_every": 4,
+        "lr": 3e-3,
+    }
+    return make_config({**values, **overrides})
+
+
+def sparse_rows(n: int, seed: int) -> torch.Tensor:
+    """Rows made of a few of 64 directions, like real SAE inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(64, D_IN, generator=generator)
+    codes = torch.relu(torch.randn(n, 64, generator=generator) - 1.5)
+    return codes @ directions
+
+
+def import_store(cfg, artifacts: Path) -> dict:
+    """Run the import stage's body without Prefect (the stage adds only the lock and the cache)."""
+    from tasks.activations import store_dir
+    from tasks.sources import _import, import_spec
+
+    spec = import_spec(resolve(cfg))
+    return _import(spec, store_dir(artifacts, spec), LOGGER)
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """Three .safetensors shards named so that file-name order differs from string order."""
+    folder = tmp_path_factory.mktemp("shards")
+    acts, tokens = sparse_rows(9216, seed=0), torch.arange(9216) % 100
+    for name, (lo, hi) in {"acts-1": (0, 4000), "acts-2": (4000, 8000), "acts-10": (8000, 9216)}.items():
+        save_file({"activations": acts[lo:hi], "tokens": tokens[lo:hi]}, folder / f"{name}.safetensors")
+    (folder / "README.txt").write_text("other files are ignored")
+    return folder, acts, tokens
+
+
+@pytest.fixture(scope="module")
+def shard_run(prefect_server, shard_folder, tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    state = start(source_config(shard_folder[0]), artifacts, return_state=True)
+    assert state.is_completed()
+    return artifacts, state, state.result()
+
+
+def test_a_folder_of_safetensors_shards_trains_and_evaluates_without_a_model(shard_folder, shard_run):
+    from sae_lens import SAE
+
+    folder, acts, tokens = shard_folder
+    artifacts, state, summary = shard_run
+    assert task_states(state) == {s: "Completed" for s in ("import-activations", "train-sae", "save-sae", "load-sae", "evaluate", "report")}
+    assert summary["run_name"].startswith("shards")  # the folder's name labels the run
+    assert "no model" in summary["model"]["skipped"] and "No model" in summary["analysis"]["skipped"]
+    assert summary["training"]["n_training_steps"] == 16
+
+    # rows in file-name order (acts-1, acts-2, acts-10); the last eval_tokens held out, never trained on
+    stored, stored_tokens = load_store(summary["activations"])
+    assert torch.equal(stored, acts[:8192]) and torch.equal(stored_tokens, tokens[:8192])
+    held_out = load_eval_activations(summary["activations"])
+    assert torch.equal(held_out, acts[8192:])
+
+    # metrics on the held-out rows, recomputed independently with the saved SAE
+    metrics = json.loads(Path(summary["metrics"]["path"]).read_text())["metrics"]
+    sae = SAE.load_from_disk(summary["sae"]["path"])
+    assert sae.cfg.metadata.dataset_path == str(folder)
+    with torch.no_grad():
+        features = sae.encode(held_out)
+        reconstruction = sae.decode(features)
+    assert metrics["eval_rows"] == 1024
+    assert metrics["l0"] == pytest.approx((features != 0).sum(-1).float().mean().item(), rel=1e-5)
+    assert metrics["mse"] == pytest.approx((held_out - reconstruction).pow(2).sum(-1).mean().item(), rel=1e-4)
+    assert metrics["dead_features"] == int(((features != 0).sum(0) == 0).sum())
+    assert 0 < metrics["explained_variance"] <= 1
+    assert "ce_loss_score" not in metrics and "kl_div_score" not in metrics
+
+    report = Path(summary["report"]["path"]).read_text()
+    assert "1024 held-out activation rows" in report and "No model" in report
+    assert "- dashboard:" not in report and "- analysis:" not in report
+
+
+def test_a_sweep_over_imported_activations_shares_one_store(shard_folder, shard_run):
+    from flows.sweep import run_sweep
+
+    artifacts, _, first = shard_run
+    sweep = artifacts.parent / "sweep.yaml"
+    base = source_config(shard_folder[0]).model_dump(exclude_unset=True)
+    sweep.write_text(yaml.safe_dump({"name": "acts", "base": base, "grid": {"l1_coefficient": [1.0, 2.0]}}))
+    rows = run_sweep(str(sweep), str(artifacts))
+    assert [r["state"] for r in rows] == ["Completed", "Completed"]
+    assert rows[0]["run"] == first["run_name"]  # the earlier run is a member, already finished
+    assert len(list((artifacts / "activations").iterdir())) == 1
+    assert rows[1]["ce_loss_score"] is None and rows[1]["explained_variance"] > 0
+    assert (artifacts / "sweeps" / "acts" / "frontier.png").is_file()
+
+
+def test_npy_shards_import_in_file_name_order_as_the_store_dtype(tmp_path):
+    acts = sparse_rows(9216, seed=1).double()
+    for name, (lo, hi) in {"part-2": (0, 5000), "part-10": (5000, 9216)}.items():
+        np.save(tmp_path / f"{name}.npy", acts[lo:hi].numpy())
+    ref = import_store(source_config(tmp_path), tmp_path / "artifacts")
+    stored, tokens = load_store(ref)
+    assert stored.dtype == torch.float32 and tokens is None
+    assert torch.equal(stored, acts[:8192].float())
+    assert torch.equal(load_eval_activations(ref), acts[8192:].float())
+
+
+def test_a_cache_activations_runner_dataset_imports_the_models_activations(tmp_path, monkeypatch):
+    """Made by SAELens's own CacheActivationsRunner; it always loads its model from the hub, so
+    the test hands it a local model through its `load_model`."""
+    import sae_lens.cache_activations_runner as runner_module
+    from datasets import Dataset
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from transformer_lens import HookedTransformerConfig
+
+    from tasks.data import generate_stories
+    from tasks.model import _local_model, hook_activations, load_tokenizer, train_word_tokenizer
+
+    train_word_tokenizer(generate_stories(200, seed=0), tmp_path / "tokenizer")
+    tokenizer = load_tokenizer(tmp_path / "tokenizer")
+    model = _local_model(HookedTransformerConfig(**TINY_MODEL, d_vocab=len(tokenizer), seed=0, device="cpu"), tokenizer)
+    monkeypatch.setattr(runner_module, "load_model", lambda **kwargs: model)
+    contexts = torch.randint(4, len(tokenizer), (64, 16), generator=torch.Generator().manual_seed(0))
+    cached = tmp_path / "cached"
+    runner_cfg = CacheActivationsRunnerConfig(
+        dataset_path="local", model_name="tiny", model_batch_size=4, hook_name="blocks.0.hook_resid_post", d_in=32,
+        training_tokens=1024, context_size=16, new_cached_activations_path=str(cached), shuffle=False, device="cpu",
+        buffer_size_gb=256 * 32 * 4 / 1e9, prepend_bos=False,
+    )
+    CacheActivationsRunner(runner_cfg, override_dataset=Dataset.from_dict({"tokens": contexts.tolist()})).run()
+
+    cfg = source_config(cached, hook_name="blocks.0.hook_resid_post", train_batch_size_tokens=128, training_tokens=512, eval_tokens=256)
+    assert resolve(cfg).d_in == 32
+    ref = import_store(cfg, tmp_path / "artifacts")
+    stored, tokens = load_store(ref)
+    with torch.no_grad():
+        expected = hook_activations(model, contexts, "blocks.0.hook_resid_post", None).reshape(-1, 32)
+    assert torch.equal(tokens, contexts.reshape(-1)[:768])
+    assert torch.allclose(stored, expected[:768], atol=1e-5)
+    assert torch.allclose(load_eval_activations(ref), expected[768:], atol=1e-5)
+    with pytest.raises(ConfigError, match=r"no activation column 'blocks.0.hook_mlp_out' \(its activation columns: \['blocks.0.hook_resid_post'\]\); set hook_name"):
+        resolve(source_config(cached, hook_name="blocks.0.hook_mlp_out"))
+
+
+def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
+    import tasks.sources
+    from tasks.sources import write_activations
+
+    monkeypatch.setattr(tasks.sources, "SHARD_BYTES", 1000 * D_IN * 4)  # about 1000 rows per file
+    batches = [sparse_rows(300, seed=i) for i in range(10)]
+    written = write_activations((b.numpy() if i % 2 else b for i, b in enumerate(batches)), tmp_path / "acts")
+    assert (written["rows"], written["d_in"], len(written["files"])) == (3000, D_IN, 3)
+    assert torch.equal(torch.cat([load_file(f)["activations"] for f in written["files"]]), torch.cat(batches))
+    with pytest.raises(FileExistsError, match="is not empty"):
+        write_activations(batches, tmp_path / "acts")
+    with pytest.raises(ValueError, match=r"batch 1 has shape \(4, 8\); expected \[batch, 16\]"):
+        write_activations([torch.zeros(4, D_IN), torch.zeros(4, 8)], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"batch 0 has shape \(2, 4, 16\); expected \[batch, d_in\] \(flatten"):
+        write_activations([torch.zeros(2, 4, D_IN)], tmp_path / "bad3d")
+    with pytest.raises(ValueError, match="the iterable was empty"):
+        write_activations(iter(()), tmp_path / "empty")
+
+
+def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, shard_folder, monkeypatch):
+    import tasks.sources
+
+    monkeypatch.setattr(tasks.sources, "SHARD_BYTES", 1000 * D_IN * 4)
+    cfg = source_config(shard_folder[0])
+    reference = import_store(cfg, tmp_path / "a")
+    assert reference["n_shards"] == 9
+
+    written, real_save = [], tasks.sources._save_shard
+
+    def crash_after_three(path, acts, tokens):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return real_save(path, acts, tokens)
+
+    monkeypatch.setattr(tasks.sources, "_save_shard", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        import_store(cfg, tmp_path / "b")
+    monkeypatch.setattr(tasks.sources, "_save_shard", lambda path, *a: written.append(path.name) or real_save(path, *a))
+    resumed = import_store(cfg, tmp_path / "b")
+    assert written == [f"shard-{i:05d}.safetensors" for i in range(9)] + ["eval_activations.safetensors"]
+    assert torch.equal(load_store(resumed)[0], load_store(reference)[0])
+    assert torch.equal(load_eval_activations(resumed), load_eval_activations(reference))
+
+
+@pytest.mark.parametrize(
+    "files, overrides, message",
+    [
+        ({"a.safetensors": torch.zeros(10_000, 8)}, {"d_in": 16}, r"d_in is 16 but the activations in .* have width 8; set d_in: 8 or leave it out"),
+        ({"a.npy": np.zeros((6000, 16), np.float32), "b.npy": np.zeros((6000, 12), np.float32)}, {}, r"b.npy has rows of width 12 but .*a.npy has width 16; every shard must have the same width"),
+        ({"a.safetensors": torch.zeros(10_000, 16), "b.safetensors": torch.zeros(0, 16)}, {}, r"b.safetensors is empty \(0 rows\); remove it"),
+        ({"a.npy": np.zeros((10, 100, 16), np.float32)}, {}, r"a.npy has shape \(10, 100, 16\); activations must be \[n, d_in\] \(flatten"),
+        ({"a.npy": np.zeros((10_000, 16), np.int64)}, {}, r"a.npy does not hold floating-point numbers"),
+        ({"a.safetensors": {"x": torch.zeros(10_000, 16), "y": torch.zeros(10_000, 16)}}, {}, r"holds the tensors \['x', 'y'\]; name the activations 'activations'"),
+        ({"a.safetensors": b"not a safetensors file"}, {}, r"a.safetensors is not a readable safetensors file"),
+        ({"notes.txt": b"no shards here"}, {}, r"holds no .safetensors or .npy files and is not a dataset written by CacheActivationsRunner"),
+        ({"a.npy": np.zeros((5000, 16), np.float32)}, {"eval_tokens": 65536}, r"holds 5000 rows; holding out the last eval_tokens = 65536 .* leaves 0 to train on.*lower eval_tokens"),
+    ],
+    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "too-few-rows"],
+)
+def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides, message):
+    for name, content in files.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, np.ndarray):
+            np.save(path, content)
+        else:
+            save_file(content if isinstance(content, dict) else {"activations": content}, path)
+    with pytest.raises(ConfigError, match=message):
+        resolve(source_config(tmp_path, **overrides))
+    with pytest.raises(ConfigError, match=r"activations_path .*missing does not exist"):
+        resolve(source_config(tmp_path / "missing"))
+
+
+def test_nan_rows_stop_the_import_naming_file_and_row(tmp_path):
+    from tasks.sources import BadActivations
+
+    acts = sparse_rows(9216, seed=2)
+    acts[5000 + 17, 3] = float("nan")
+    acts[5000 + 40, 0] = float("inf")
+    save_file({"activations": acts[:5000]}, tmp_path / "a.safetensors")
+    save_file({"activations": acts[5000:]}, tmp_path / "b.safetensors")
+    with pytest.raises(BadActivations, match=r"b.safetensors, row 17 holds NaN or inf \(one of 2 such rows"):
+        import_store(source_config(tmp_path), tmp_path / "artifacts")
+    store = next((tmp_path / "artifacts" / "activations").iterdir())
+    assert list(store.iterdir()) == []  # the shards imported before the bad row are removed
+
+
+def test_config_refuses_a_model_with_external_activations(tmp_path):
+    with pytest.raises(ConfigError, match="model_cfg is set, but with activations_path no model is run"):
+        source_config(tmp_path, model_cfg=TINY_MODEL)
+    with pytest.raises(ConfigError, match="activations_path and synthetic are two sources"):
+        source_config(tmp_path, synthetic={"num_features": 4})
+    with pytest.raises(ConfigError, match=r"synthetic: unknown fields \['num_feature'\]"):
+        resolve(make_config({"synthetic": {"num_feature": 4}, "d_in": 8}))
+    with pytest.raises(ConfigError, match=r"synthetic.hidden_dim is 8 but d_in is 16"):
+        resolve(make_config({"synthetic": {"num_features": 4, "hidden_dim": 8}, "d_in": 16}))
+    with pytest.raises(ConfigError, match=r"synthetic: Unknown name: 'zipf'"):
+        resolve(make_config({"synthetic": {"num_features": 4, "firing_probability": {"generator_name": "zipf"}}, "d_in": 8}))
+
+
+def test_killed_training_on_an_imported_store_resumes_exactly(prefect_server, tmp_path):
+    """Activations written with the iterator API; a run SIGKILLed mid-training and run again
+    ends bitwise equal to an uninterrupted run (both on the same imported store)."""
+    import subprocess
+
+    from tasks.sources import write_activations
+
+    write_activations((sparse_rows(1024, seed=i) for i in range(9)), tmp_path / "acts")
+    cfg = source_config(tmp_path / "acts", training_tokens=16384, n_checkpoints=4)
+    artifacts = tmp_path / "artifacts"
+    reference = start(cfg, artifacts, run_name="straight")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+
+    def cli(*driver):
+        command = [sys.executable, str(ROOT / "tests" / "kill_driver.py"), *driver] if driver else [sys.executable, "-m", "flows.cli", "run"]
+        return subprocess.run([*command, str(config), "--artifacts-dir", str(artifacts), "--run-name", "acts-killed"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    killed = cli("train-step", "24")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert list((artifacts / "runs" / "acts-killed" / "checkpoints").glob("step-*"))
+
+    # a source file changed since: another run, not a continuation of this one
+    shard = tmp_path / "acts" / "shard-00000.safetensors"
+    times = shard.stat().st_atime_ns, shard.stat().st_mtime_ns
+    name = default_run_name(cfg)
+    os.utime(shard, ns=(times[0], times[1] + 10**9))
+    assert default_run_name(cfg) != name
+    with pytest.raises(ConfigError, match=r"run 'acts-killed' was started with a different config \(activations_fingerprint: "):
+        claim_run(resolve(cfg), artifacts, "acts-killed", new=False)
+    os.utime(shard, ns=times)
+    assert default_run_name(cfg) == name
+
+    resumed = cli()
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "Resuming training from step-" in resumed.stdout + resumed.stderr
+    summary = json.loads((artifacts / "runs" / "acts-killed" / "summary.json").read_text())
+    assert summary["training"]["resumed_from_step"] > 0
+    assert summary["activations"] == reference["activations"]
+    a = load_file(Path(summary["training"]["path"]) / "sae_weights.safetensors")
+    b = load_file(Path(reference["training"]["path"]) / "sae_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_synthetic_features_are_recovered_with_the_default_training_settings(prefect_server, tmp_path):
+    """configs/synthetic.yaml as documented: standard SAE, saeflow's default training settings."""
+    from sae_lens.synthetic import SyntheticModel
+
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml")
+    summary = start(cfg, tmp_path)
+    metrics = json.loads(Path(summary["metrics"]["path"]).read_text())["metrics"]
+    assert metrics["synthetic_mcc"] >= 0.9
+    assert metrics["synthetic_samples"] == cfg.eval_tokens and metrics["eval_rows"] == cfg.eval_tokens
+    assert 0 < metrics["synthetic_precision"] <= 1 and 0 < metrics["synthetic_recall"] <= 1
+    truth = SyntheticModel.load_from_disk(summary["activations"]["ground_truth"])
+    assert truth.feature_dict.feature_vectors.shape == (32, 16)
+    assert load_store(summary["activations"])[0].shape == (cfg.training_tokens, 16)
+    report = Path(summary["report"]["path"]).read_text()
+    assert f"| synthetic: MCC | {metrics['synthetic_mcc']:.6g} |" in report
