@@ -218,7 +218,7 @@ def _make_trainer(sae, runner_cfg, on_step_end, guard: NonFiniteGuard | None = N
 
 
 @contextlib.contextmanager
-def _stop_requests(requested: list[str], logger):
+def _stop_requests(requested: list[str]):
     """While training: the first SIGTERM/SIGINT is appended to `requested`, which asks for a
     checkpoint at the end of the current step; a second SIGINT exits at once."""
     if threading.current_thread() is not threading.main_thread():
@@ -230,8 +230,8 @@ def _stop_requests(requested: list[str], logger):
         if requested and signum == signal.SIGINT:
             sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")
             os._exit(EXIT_SIGINT)
+        # Only note it: logging here could re-enter a log handler the signal interrupted.
         requested.append(name)
-        logger.warning(f"{name} received: writing a checkpoint at the end of this step, then stopping")
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -358,6 +358,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
                 thresholds.pop(0)
             checkpoint(trainer)
         if stop_requests:
+            logger.warning(f"{stop_requests[0]} received: writing a checkpoint at the end of step {trainer.n_training_steps}, then stopping")
             folder = checkpoint(trainer)
             raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
 
@@ -386,7 +387,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
-    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests, logger):
+    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests):
         sae = trainer.fit()
     elapsed = time.monotonic() - started
     trained_tokens = trainer.n_training_samples - start_tokens

@@ -165,10 +165,10 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
 
 def test_second_sigint_exits_at_once():
     script = (
-        "import logging, os, signal, time\n"
+        "import os, signal, time\n"
         "from tasks.train import _stop_requests\n"
         "requested = []\n"
-        "with _stop_requests(requested, logging.getLogger()):\n"
+        "with _stop_requests(requested):\n"
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
         "    assert requested == ['SIGINT'], requested\n"
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
