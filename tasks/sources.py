@@ -5,8 +5,7 @@ generated with known features (`sae_lens.synthetic`) become an activation store 
 
 The rows are copied into the store, not referenced in place: the store is then one format for
 every source, immutable and checksummed, so a run resumes exactly and is evaluated on the same
-rows even if the source folder changes or is deleted. The cost is one more copy on disk, at most
-the size of memory (training holds the whole store in memory).
+rows even if the source folder changes or is deleted. The cost is one more copy on disk.
 
 Layout of `<artifacts>/activations/<key>/`: `shard-NNNNN.safetensors` (`activations` `[rows, d_in]`,
 plus `tokens` `[rows]` when the source has them), `eval_activations.safetensors` (the held-out
