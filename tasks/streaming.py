@@ -67,6 +67,7 @@ class StreamedBatches:
         self.next_batch = start_batch
         self.rows_per_epoch = contexts.numel()
         self._key, self._chunk = None, None
+        self._epoch, self._order = None, None
 
     def _generator(self, *key: int) -> torch.Generator:
         seed = self.seed
@@ -77,8 +78,9 @@ class StreamedBatches:
     def _chunk_rows(self, epoch: int, chunk: int) -> torch.Tensor:
         """The shuffled activation rows of one chunk, made by the model."""
         if self._key != (epoch, chunk):
-            order = torch.randperm(len(self.contexts), generator=self._generator(epoch))
-            picked = order[chunk * self.chunk_contexts : (chunk + 1) * self.chunk_contexts]
+            if self._epoch != epoch:  # one context order per epoch, not one per chunk
+                self._epoch, self._order = epoch, torch.randperm(len(self.contexts), generator=self._generator(epoch))
+            picked = self._order[chunk * self.chunk_contexts : (chunk + 1) * self.chunk_contexts]
             self._key, self._chunk = None, None  # free the previous chunk before making the next
             self._chunk = activations_for(self.model, self.contexts[picked], self.spec)
             perm = torch.randperm(len(self._chunk), generator=self._generator(epoch, chunk))
