@@ -19,6 +19,7 @@ import contextlib
 import os
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,28 @@ def _token_dataset(spec: dict[str, Any], tokens_ref: dict[str, Any] | None):
     if tokens_ref is not None:
         return open_tokens(tokens_ref)
     return load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
+
+
+class ContextBatches:
+    """Batches `[batch_prompts, context_size]` of the pretokenised contexts, read in slices of the
+    memory-mapped Arrow file: the batches SAELens's `ActivationsStore.get_batch_tokens` makes from
+    it row by row (which took a fifth of a fill's time), down to its end of data, where an
+    incomplete batch is dropped and the data starts again."""
+
+    def __init__(self, dataset, batch_prompts: int):
+        self.contexts = dataset.with_format("numpy")
+        self.batch_prompts = batch_prompts
+        self.next_context = 0
+
+    def next_batch(self, raise_at_epoch_end: bool = False) -> torch.Tensor:
+        start = self.next_context
+        if start + self.batch_prompts > len(self.contexts):
+            self.next_context = 0
+            if raise_at_epoch_end:
+                raise StopIteration(f"ran out of contexts after {start}; beginning the next epoch")
+            return self.next_batch()
+        self.next_context = start + self.batch_prompts
+        return torch.from_numpy(self.contexts[start : self.next_context]["tokens"]).long()
 
 
 def _activations_store(model, dataset, spec: dict[str, Any]):
@@ -161,7 +184,8 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_r
     with contextlib.ExitStack() as locks:
         for out in sorted(set(outs)):  # one order for every process: no deadlock
             locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
-        return _fill(specs, model_ref, tokens_ref, outs, get_run_logger())
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
+            return _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger())
 
 
 def _shard_rows(spec: dict[str, Any]) -> int:
@@ -171,39 +195,60 @@ def _shard_rows(spec: dict[str, Any]) -> int:
 
 
 class _StoreWriter:
-    """One store's manifest and the rows waiting to become its next shard."""
+    """One store's manifest and the rows waiting to become its next shard. Full shards are written
+    (and the manifest updated) on the `background` thread while the model runs on, one at a time
+    per store and in order, so a killed fill still leaves a manifest listing only whole shards."""
 
-    def __init__(self, spec: dict[str, Any], out: Path):
-        self.spec, self.out = spec, out
+    def __init__(self, spec: dict[str, Any], out: Path, background: ThreadPoolExecutor):
+        self.spec, self.out, self.background = spec, out, background
         self.manifest_path = out / "manifest.json"
         self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"spec": spec, "shards": []}
         if self.manifest["spec"] != spec:
             raise RuntimeError(f"{self.manifest_path} belongs to another store spec; move {out} away and run again")
         self.shards = _verified_shards(out, self.manifest)
-        self.done_rows = self.shards[-1]["stop"] if self.shards else 0
+        self.done_rows = self.shards[-1]["stop"] if self.shards else 0  # rows written or being written
         self.eval_done = _verified_eval_tokens(out, self.manifest) is not None
         self.rows_per_shard = _shard_rows(spec)
-        self.pending_acts, self.pending_tokens = [], []
+        self.pending_acts: torch.Tensor | None = None  # the next shard's rows, filled in place
+        self.pending_tokens: list[torch.Tensor] = []
+        self.pending_rows = 0
+        self.writing: Future | None = None
 
     @property
     def complete(self) -> bool:
         return self.done_rows >= self.spec["n_tokens"] and self.eval_done
 
     def add(self, acts: torch.Tensor | None, tokens: torch.Tensor, row: int) -> bool:
-        """Queue rows ending at `row`; write a shard when enough are queued. True if one was written."""
-        self.pending_acts.append(acts)
+        """Queue rows ending at `row`; start writing a shard when enough are queued. True if so."""
+        if acts is not None:
+            if self.pending_acts is None:
+                rows = min(self.rows_per_shard, self.spec["n_tokens"] - self.done_rows)
+                self.pending_acts = torch.empty((rows, acts.shape[1]), dtype=acts.dtype)
+            self.pending_acts[self.pending_rows : self.pending_rows + len(acts)] = acts
         self.pending_tokens.append(tokens)
+        self.pending_rows += len(tokens)
         if row - self.done_rows < self.rows_per_shard and row != self.spec["n_tokens"]:
             return False
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        acts = None if self.spec.get("tokens_only") else torch.cat(self.pending_acts)
-        sha = _save_shard(self.out / name, acts, torch.cat(self.pending_tokens))
-        self.shards.append({"file": name, "start": self.done_rows, "stop": row, "sha256": sha})
-        write_json(self.manifest_path, {**self.manifest, "spec": self.spec, "shards": self.shards, "complete": False})
-        self.done_rows, self.pending_acts, self.pending_tokens = row, [], []
+        self.wait()
+        acts = None if self.pending_acts is None else self.pending_acts[: self.pending_rows]
+        self.writing = self.background.submit(self._write_shard, acts, torch.cat(self.pending_tokens), self.done_rows, row)
+        self.done_rows, self.pending_acts, self.pending_tokens, self.pending_rows = row, None, [], 0
         return True
 
+    def _write_shard(self, acts: torch.Tensor | None, tokens: torch.Tensor, start: int, stop: int) -> None:
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        sha = _save_shard(self.out / name, acts, tokens)
+        self.shards.append({"file": name, "start": start, "stop": stop, "sha256": sha})
+        write_json(self.manifest_path, {**self.manifest, "spec": self.spec, "shards": self.shards, "complete": False})
+
+    def wait(self) -> None:
+        """Wait for the shard being written; raise what writing it raised."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
     def finish(self, eval_tokens: torch.Tensor) -> None:
+        self.wait()
         sha = _save_shard(self.out / EVAL_TOKENS, None, eval_tokens)
         entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha}
         self.manifest = {**self.manifest, "spec": self.spec, "shards": self.shards, "eval": entry}
@@ -228,7 +273,7 @@ class _StoredTokens:
 
     def __init__(self, writers: list[_StoreWriter]):
         writer = max(writers, key=lambda w: w.done_rows)
-        self.out, self.shards, self.loaded = writer.out, writer.shards, (None, None)
+        self.out, self.shards, self.loaded = writer.out, list(writer.shards), (None, None)
 
     def check(self, row: int, tokens: torch.Tensor, dataset_path: str) -> None:
         from safetensors import safe_open
@@ -248,13 +293,13 @@ class _StoredTokens:
                 return
 
 
-def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], logger) -> list[dict[str, Any]]:
+def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger) -> list[dict[str, Any]]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
     from tasks.model import hooks_activations, load_model
 
-    writers = {out: _StoreWriter(spec, out) for spec, out in zip(specs, outs)}
+    writers = {out: _StoreWriter(spec, out, background) for spec, out in zip(specs, outs)}
     todo = [w for w in writers.values() if not w.complete]
     if todo:
         spec = todo[0].spec
@@ -267,7 +312,10 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
-        store = _activations_store(model, _token_dataset(spec, tokens_ref), spec)
+        if tokens_ref is not None:
+            batch_tokens = ContextBatches(_token_dataset(spec, tokens_ref), spec["store_batch_size_prompts"]).next_batch
+        else:
+            batch_tokens = _activations_store(model, _token_dataset(spec, None), spec).get_batch_tokens
         dtype = getattr(torch, spec["dtype"])
         device = torch.device(spec["device"])
         progress = create_progress_artifact(100 * start_row / n_tokens, description=f"Filling activation store(s) {names}")
@@ -277,11 +325,11 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         def next_tokens():
             nonlocal wrapped
             try:
-                tokens = store.get_batch_tokens(raise_at_epoch_end=True)
+                tokens = batch_tokens(raise_at_epoch_end=True)
             except StopIteration:
                 wrapped = True
                 logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
-                tokens = store.get_batch_tokens()
+                tokens = batch_tokens()
             if int(tokens.max()) >= model.cfg.d_vocab:
                 raise ValueError(
                     f"dataset {spec['dataset_path']} holds token id {int(tokens.max())}, outside the model's vocabulary "

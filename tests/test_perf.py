@@ -77,6 +77,31 @@ def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype
         assert torch.equal(next(from_disk), next(in_memory))
 
 
+def test_context_batches_are_the_batches_sae_lens_reads_row_by_row(model):
+    """The fill's bulk reads of the pretokenised contexts give SAELens's `get_batch_tokens`
+    batches, down to its end of data: the incomplete batch dropped, the data started again."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    from tasks.activations import ContextBatches, _activations_store
+
+    generator = torch.Generator().manual_seed(0)
+    contexts = torch.randint(0, 50, (10, 16), generator=generator)
+    dataset = Dataset.from_dict({"tokens": contexts.tolist()}, features=Features({"tokens": Sequence(Value("int32"))}))
+    spec = {"streaming": False, "hook_name": "blocks.0.hook_resid_post", "hook_head_index": None, "context_size": 16, "d_in": 32,
+            "n_tokens": 160, "store_batch_size_prompts": 3, "prepend_bos": True, "device": "cpu", "dtype": "float32", "autocast_lm": False}
+    sae_lens_store, bulk = _activations_store(model, dataset, spec), ContextBatches(dataset, 3)
+    for expected_rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8], None, [0, 1, 2], [3, 4, 5]):
+        if expected_rows is None:  # one context left: both refuse a short batch and start again
+            for reader in (sae_lens_store.get_batch_tokens, bulk.next_batch):
+                with pytest.raises(StopIteration):
+                    reader(raise_at_epoch_end=True)
+            continue
+        theirs, ours = sae_lens_store.get_batch_tokens(raise_at_epoch_end=True), bulk.next_batch(raise_at_epoch_end=True)
+        assert ours.dtype == theirs.dtype == torch.long
+        assert torch.equal(ours, theirs) and torch.equal(ours, contexts[expected_rows])
+    assert torch.equal(bulk.next_batch(), contexts[[6, 7, 8]]) and torch.equal(bulk.next_batch(), contexts[[0, 1, 2]])  # wraps silently
+
+
 def test_usable_cpus_follow_the_affinity_and_the_container_quota(tmp_path):
     from flows import usable_cpus
 
