@@ -7,11 +7,12 @@ per row), `sae_lens.json` (SAELens's pretokenised-dataset metadata plus the toke
 fingerprint) and `manifest.json` (checksums). The key covers the dataset, the tokenizer's
 fingerprint, the context size, BOS handling and the number of contexts: the training contexts
 and then the held-out ones, each rounded up to whole store batches, and no more (a streamed hub
-dataset is read only that far).
+dataset is read only that far, and at most one tokenizer call's texts beyond).
 
 The packing is SAELens's `concat_and_batch_sequences` with the settings its `ActivationsStore`
 uses on text (BOS at the start of each context with `prepend_bos`, BOS between documents), fed by
-TransformerLens's `to_tokens`, so the contexts are the ones the store would make from the text.
+the ids TransformerLens's `to_tokens` gives each text (the tokenizer is called on many texts at
+once), so the contexts are the ones the store would make from the text.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ STAGE_VERSION = 1
 TOKENS_FILE = "tokens.arrow"
 METADATA_FILE = "sae_lens.json"  # where SAELens's PretokenizeRunner puts its metadata
 CHECK_ROWS = 64
+TEXTS_PER_CALL = 256  # texts per tokenizer call
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -83,11 +85,8 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
     dataset = load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
 
     def one_epoch():
-        documents = (
-            model.to_tokens(row["text"], truncate=False, move_to_device=False, prepend_bos=False).squeeze(0) for row in dataset
-        )
         return concat_and_batch_sequences(
-            documents,
+            _documents(model, dataset),
             spec["context_size"],
             begin_batch_token_id=bos if spec["prepend_bos"] else None,
             sequence_separator_token_id=bos,
@@ -118,6 +117,23 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
         sequence_separator_token="bos",
     )
     write_json(out / METADATA_FILE, {**metadata_from_config(runner_cfg).__dict__, "tokenizer_fingerprint": spec["tokenizer"]})
+
+
+def _documents(model, dataset):
+    """Each text's token ids, exactly as `model.to_tokens(text, prepend_bos=False, truncate=False)`
+    gives them, but tokenising many texts per tokenizer call (one `to_tokens` call per text cost
+    more than the tokenising itself)."""
+    import torch
+    from transformer_lens.utilities.tokenize_utils import get_tokens_with_bos_removed
+
+    for batch in dataset.iter(batch_size=TEXTS_PER_CALL):
+        for ids in model.tokenizer(batch["text"], truncation=False)["input_ids"]:
+            # One unpadded row, as `to_tokens` holds one text: TransformerLens's own removal of the
+            # BOS the tokenizer prepends then does what it does there, whichever side it pads.
+            tokens = torch.tensor([ids], dtype=torch.long)
+            if model.cfg.tokenizer_prepends_bos:
+                tokens = get_tokens_with_bos_removed(model.tokenizer, tokens)
+            yield tokens[0]
 
 
 def open_tokens(tokens_ref: dict[str, Any]):

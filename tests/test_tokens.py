@@ -1,0 +1,93 @@
+"""Pretokenising: the contexts written are byte for byte the ones the per-document path wrote
+(TransformerLens's `to_tokens` on each text, SAELens's packing, one Arrow row at a time)."""
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+import tasks.data
+import tasks.model
+import tasks.tokens
+from tasks.data import generate_stories
+from tasks.model import SPECIAL_TOKENS, _hooked_config, _on_meta, load_tokenizer
+
+CONTEXT_SIZE = 16
+
+
+def _tokenizer(folder: Path, kind: str):
+    """The stories' word-level tokenizer: as saeflow loads its own (TransformerLens strips the BOS it
+    prepends), the same padding on the left (TransformerLens strips BOS another way), or one with
+    no BOS token at all (nothing to strip; TransformerLens uses EOS as BOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(generate_stories(200, seed=0), trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    bos = {} if kind == "no-bos" else {"bos_token": "<bos>"}
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", **bos).save_pretrained(str(folder))
+    if kind == "no-bos":
+        return AutoTokenizer.from_pretrained(str(folder))
+    loaded = load_tokenizer(folder)
+    loaded.padding_side = "left" if kind == "bos-left" else "right"
+    return loaded
+
+
+def _old_write_contexts(spec, model, dataset, path: Path) -> None:
+    """The per-document path the pretokenise stage used before it tokenised in batches."""
+    from datasets import Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    bos = model.tokenizer.bos_token_id
+
+    def one_epoch():
+        documents = (
+            model.to_tokens(row["text"], truncate=False, move_to_device=False, prepend_bos=False).squeeze(0) for row in dataset
+        )
+        return concat_and_batch_sequences(
+            documents, spec["context_size"], begin_batch_token_id=bos if spec["prepend_bos"] else None, sequence_separator_token_id=bos
+        )
+
+    n_contexts, written = spec["n_contexts"], 0
+    with ArrowWriter(features=Features({"tokens": Sequence(Value("int32"))}), path=str(path)) as writer:
+        while written < n_contexts:
+            for context in itertools.islice(one_epoch(), n_contexts - written):
+                writer.write({"tokens": context.tolist()})
+                written += 1
+        writer.finalize()
+
+
+@pytest.mark.parametrize(
+    ("kind", "prepend_bos", "streaming"),
+    [("bos", True, False), ("bos", False, True), ("bos-left", True, True), ("no-bos", True, False), ("no-bos", False, True)],
+)
+def test_contexts_are_the_per_document_ones_byte_for_byte(tmp_path: Path, monkeypatch, caplog, kind, prepend_bos, streaming):
+    tokenizer = _tokenizer(tmp_path / "tokenizer", kind)
+    model = _on_meta(_hooked_config({"n_layers": 1, "d_model": 8, "n_ctx": 64, "d_head": 4, "act_fn": "relu"}, len(tokenizer), 0, "meta"), tokenizer)
+    assert model.cfg.tokenizer_prepends_bos == (kind != "no-bos")
+    # Empty texts, a text that begins with BOS itself, an unknown word; a dataset that runs out twice.
+    texts = generate_stories(40, seed=5)
+    texts[3:3] = ["", "<bos> Tom saw the cat .", ""]
+    texts[20:20] = ["zebra", "", "Tom ."]
+    dataset = Dataset.from_dict({"text": texts})
+    if streaming:
+        dataset = dataset.to_iterable_dataset()
+    spec = {"dataset_path": "test", "streaming": streaming, "seed": 0, "tokenizer": "fingerprint", "context_size": CONTEXT_SIZE, "prepend_bos": prepend_bos, "n_contexts": 300}
+    monkeypatch.setattr(tasks.model, "tokenizing_model", lambda model_ref, kwargs: model)
+    monkeypatch.setattr(tasks.data, "load_text_dataset", lambda path, streaming, seed: dataset)
+    monkeypatch.setattr(tasks.tokens, "TEXTS_PER_CALL", 7)  # many calls, and batches that straddle the empty texts
+
+    (tmp_path / "new").mkdir()
+    with caplog.at_level(logging.WARNING):
+        tasks.tokens._write_contexts(spec, {}, {}, tmp_path / "new", logging.getLogger("test"))
+    assert caplog.text.count("ran out after") == 2
+    _old_write_contexts(spec, model, dataset, tmp_path / "old.arrow")
+    assert (tmp_path / "new" / tasks.tokens.TOKENS_FILE).read_bytes() == (tmp_path / "old.arrow").read_bytes()
+
+    rows = Dataset.from_file(str(tmp_path / "new" / tasks.tokens.TOKENS_FILE))["tokens"]
+    assert len(rows) == 300 and all(len(row) == CONTEXT_SIZE for row in rows)
+    assert all(row[0] == tokenizer.bos_token_id for row in rows) == prepend_bos  # no-bos: TransformerLens's BOS is EOS
