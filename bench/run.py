@@ -116,9 +116,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """Samples this process's resident memory every 20 ms, split into anonymous memory and mapped
+    files (the memory-mapped activation store's pages count in `ru_maxrss`, but they are page
+    cache the kernel can drop), and keeps the peak of each."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0.0, "RssFile": 0.0}
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            for key, value in rss_now_mb().items():
+                self.peak[key] = max(self.peak[key], value)
+            time.sleep(0.02)
+
+
+SAMPLER: list[RssSampler] = []  # the worker's sampler, started first
+
+
 def rss_now_mb() -> dict:
-    """This process's resident memory now, split into anonymous memory and mapped files (the
-    memory-mapped activation store's pages count as resident, but the kernel can drop them)."""
+    """This process's resident memory now: anonymous memory and mapped files."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile") if key in status}
 
@@ -220,7 +240,6 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     import tasks.activations
     import tasks.model
     import tasks.tokens
-    from sae_lens.training.activations_store import ActivationsStore
     from tasks.activations import fill_activations, store_spec
     from tasks.artifacts import RESULTS_DIRNAME
     from tasks.model import build_model, load_model, model_spec
@@ -232,8 +251,9 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     timed(tasks.model, "hooks_activations", "forward")
     timed(tasks.tokens, "_write_contexts", "pretokenise")
     timed(tasks.activations, "_fill", "fill")
-    timed(tasks.activations, "_save_shard", "write")
-    timed(ActivationsStore, "get_batch_tokens", "read_tokens")
+    timed(tasks.activations, "_save_shard", "write")  # on the writer thread, beside the forward
+    timed(tasks.activations._StoreWriter, "wait", "write_wait")  # the fill waiting for a write
+    timed(tasks.activations.ContextBatches, "next_batch", "read_tokens")
     timed(tasks.activations.ShuffledBatches, "__next__", "data")
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
@@ -253,7 +273,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     started = time.perf_counter()
     refs = fill_and_train(config=cfg.model_dump(mode="json"), artifacts_dir=str(artifacts))
     seconds = time.perf_counter() - started
-    rss, rss_split = peak_rss_mb(), rss_now_mb()
+    rss, rss_split = peak_rss_mb(), dict(SAMPLER[0].peak)
 
     store = Path(refs["store"]["path"])
     store_bytes = sum(p.stat().st_size for p in store.glob("shard-*.safetensors"))
@@ -268,14 +288,15 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
         "end_to_end_seconds": seconds,
         "end_to_end_tokens_per_s": cfg.training_tokens / seconds,
         "peak_rss_mb": rss,
-        "rss_at_end_mb": rss_split,
+        "peak_rss_split_mb": rss_split,
         "seconds": {
             "pretokenise": TIMES["pretokenise"],
             "fill": TIMES["fill"],
             "model_forward": TIMES["forward"],
             "fill_read_tokens": TIMES["read_tokens"],
             "fill_write_shards": TIMES["write"],
-            "fill_other": TIMES["fill"] - TIMES["forward"] - TIMES["read_tokens"] - TIMES["write"],
+            "fill_write_wait": TIMES["write_wait"],
+            "fill_other": TIMES["fill"] - TIMES["forward"] - TIMES["read_tokens"] - TIMES["write_wait"],
             "train": TIMES["train"],
             "data_loading": TIMES["data"],
             "sae_step": TIMES["sae_step"],
@@ -323,7 +344,7 @@ def worker_saelens(cfg, work: Path, base: Path) -> dict:
     setup = time.perf_counter() - started
     runner.run()
     seconds = time.perf_counter() - started
-    rss, rss_split = peak_rss_mb(), rss_now_mb()
+    rss, rss_split = peak_rss_mb(), dict(SAMPLER[0].peak)
 
     contexts = torch.stack([runner.activations_store.get_batch_tokens() for _ in range(4096 // cfg.store_batch_size_prompts)]).flatten(0, 1)
     stop = int(cfg.hook_name.split(".")[1])
@@ -333,7 +354,7 @@ def worker_saelens(cfg, work: Path, base: Path) -> dict:
         "end_to_end_seconds": seconds,
         "end_to_end_tokens_per_s": cfg.training_tokens / seconds,
         "peak_rss_mb": rss,
-        "rss_at_end_mb": rss_split,
+        "peak_rss_split_mb": rss_split,
         "seconds": {
             "setup": setup,
             "model_forward": TIMES["forward"],
@@ -401,6 +422,7 @@ def worker_prepare(cfg, work: Path) -> dict:
 
 
 def worker_main(args) -> None:
+    SAMPLER.append(RssSampler())
     if args.system != "saelens" or args.saelens_env == "same":
         import flows  # noqa: F401  (saeflow's process defaults, as its command line sets them)
     DEVICE[0] = args.device
@@ -575,7 +597,7 @@ def tables(report: dict) -> str:
         f"load average before {report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
         f"medians of {report['repeats']} alternating runs each",
         "",
-        "| model | training tokens | system | end-to-end tokens/s | ratio (pairs) | forward s | data s | SAE step s | other train s | SAE step GFLOP/s | matmul GFLOP/s | step / matmul | train / step ceiling | peak RSS MB (at end: anon / files) | threads |",
+        "| model | training tokens | system | end-to-end tokens/s | ratio (pairs) | forward s | data s | SAE step s | other train s | SAE step GFLOP/s | matmul GFLOP/s | step / matmul | train / step ceiling | peak RSS MB (peak anon / peak mapped files) | threads |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size, result in report["sizes"].items():
@@ -592,7 +614,7 @@ def tables(report: dict) -> str:
                 f"| {summarise(runs, ('seconds', 'sae_step')):.1f} | {summarise(runs, ('seconds', 'train_other')):.1f} "
                 f"| {summarise(runs, ('sae_step_gflops',)):.1f} | {summarise(runs, ('matmul_gflops',)):.1f} "
                 f"| {summarise(runs, ('sae_step_share_of_matmul',)):.0%} | {summarise(runs, ('train_share_of_step_ceiling',)):.0%} "
-                f"| {summarise(runs, ('peak_rss_mb',)):,.0f} ({summarise(runs, ('rss_at_end_mb', 'RssAnon')):,.0f} / {summarise(runs, ('rss_at_end_mb', 'RssFile')):,.0f}) | {t['torch_threads']} ({t['OMP_WAIT_POLICY'] or 'default wait'}) |"
+                f"| {summarise(runs, ('peak_rss_mb',)):,.0f} ({summarise(runs, ('peak_rss_split_mb', 'RssAnon')):,.0f} / {summarise(runs, ('peak_rss_split_mb', 'RssFile')):,.0f}) | {t['torch_threads']} ({t['OMP_WAIT_POLICY'] or 'default wait'}) |"
             )
     lines += [
         "",
@@ -605,20 +627,20 @@ def tables(report: dict) -> str:
             runs = result["runs"][system]
             store = system == "saeflow"
             lines.append(
-                f"| {model['n_layers']}L d{model['d_model']} | {system} | {summarise(runs, ('fill', 'tokens_per_s')):,.0f} "
+                f"| {model['n_layers']}L d{model['d_model']} | {system if store else 'saelens (forward only)'} | {summarise(runs, ('fill', 'tokens_per_s')):,.0f} "
                 f"| {summarise(runs, ('fill', 'bare_forward_tokens_per_s')):,.0f} | {summarise(runs, ('fill', 'share_of_bare_forward')):.2f} "
-                f"| {summarise(runs, ('fill', 'bytes_per_token')) if store else 0:,.0f} | {summarise(runs, ('fill', 'raw_bytes_per_token')) if store else 0:,.0f} |"
+                + (f"| {summarise(runs, ('fill', 'bytes_per_token')):,.0f} | {summarise(runs, ('fill', 'raw_bytes_per_token')):,.0f} |" if store else "| - | - |")
             )
     lines += [
         "",
         "Where saeflow's end-to-end time goes (medians, seconds):",
         "",
-        "| model | end to end | pretokenise | fill: forward | fill: token reads | fill: shard writes | fill: other | train: data | train: SAE step | train: other | Prefect and the rest |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | end to end | pretokenise | fill: forward | fill: token reads | fill: shard writes (writer thread) | fill: waiting for writes | fill: other | train: data | train: SAE step | train: other | Prefect and the rest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size, result in report["sizes"].items():
         model, runs = result["model"], result["runs"]["saeflow"]
-        keys = ("pretokenise", "model_forward", "fill_read_tokens", "fill_write_shards", "fill_other", "data_loading", "sae_step", "train_other", "rest")
+        keys = ("pretokenise", "model_forward", "fill_read_tokens", "fill_write_shards", "fill_write_wait", "fill_other", "data_loading", "sae_step", "train_other", "rest")
         cells = " | ".join(f"{summarise(runs, ('seconds', key)):.2f}" for key in keys)
         lines.append(f"| {model['n_layers']}L d{model['d_model']} | {summarise(runs, ('end_to_end_seconds',)):.2f} | {cells} |")
     if "cached_rerun" in report:
