@@ -37,7 +37,7 @@ MODEL = {"n_layers": 2, "d_model": 64, "n_ctx": 128, "d_head": 16, "n_heads": 4,
 
 def instrument() -> dict[str, float]:
     """Record when the training stage starts (it opens its batches) and when its first new step
-    asks for a batch."""
+    has its batch (in streaming mode, made by the model: the mixing buffer it resumes in)."""
     marks: dict[str, float] = {}
     training_batches = tasks.train.training_batches
 
@@ -47,8 +47,9 @@ def instrument() -> dict[str, float]:
 
     def timed(next_batch):
         def timed_next(self):
+            batch = next_batch(self)
             marks.setdefault("first_step", time.perf_counter())
-            return next_batch(self)
+            return batch
 
         return timed_next
 

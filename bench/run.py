@@ -143,13 +143,19 @@ def rss_now_mb() -> dict:
     return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile") if key in status}
 
 
+def wait_setting(threads: dict) -> str:
+    """How OpenMP threads wait, for the table: the policy, and GNU OpenMP's spin count if set."""
+    spin = threads.get("GOMP_SPINCOUNT")
+    return (threads["OMP_WAIT_POLICY"] or "default wait") + (f", spin {spin}" if spin else "")
+
+
 def threads() -> dict:
     import torch
 
     return {
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "SAEFLOW_THREADS")},
+        **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
     }
 
 
@@ -614,7 +620,7 @@ def tables(report: dict) -> str:
                 f"| {summarise(runs, ('seconds', 'sae_step')):.1f} | {summarise(runs, ('seconds', 'train_other')):.1f} "
                 f"| {summarise(runs, ('sae_step_gflops',)):.1f} | {summarise(runs, ('matmul_gflops',)):.1f} "
                 f"| {summarise(runs, ('sae_step_share_of_matmul',)):.0%} | {summarise(runs, ('train_share_of_step_ceiling',)):.0%} "
-                f"| {summarise(runs, ('peak_rss_mb',)):,.0f} ({summarise(runs, ('peak_rss_split_mb', 'RssAnon')):,.0f} / {summarise(runs, ('peak_rss_split_mb', 'RssFile')):,.0f}) | {t['torch_threads']} ({t['OMP_WAIT_POLICY'] or 'default wait'}) |"
+                f"| {summarise(runs, ('peak_rss_mb',)):,.0f} ({summarise(runs, ('peak_rss_split_mb', 'RssAnon')):,.0f} / {summarise(runs, ('peak_rss_split_mb', 'RssFile')):,.0f}) | {t['torch_threads']} ({wait_setting(t)}) |"
             )
     lines += [
         "",

@@ -9,8 +9,9 @@ and `manifest.json` listing each shard's row range and checksum. Shards are writ
 updated after each one, so a killed fill continues at the first missing shard. The key depends
 only on what determines the activations, never on SAE or training settings.
 
-The model reads the contexts of the pretokenise stage (`tasks/tokens.py`), or a dataset that
-already holds token ids, through SAELens's `ActivationsStore`, which also does the hook read.
+The model reads the contexts of the pretokenise stage (`tasks/tokens.py`), in slices of their
+Arrow file, or a dataset that already holds token ids, through SAELens's `ActivationsStore`; the
+forward stops once `tasks.model.hooks_activations` has read the hook(s).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 
 from tasks.artifacts import stage, write_json
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: cosine similarity without the model is averaged over the rows that are not all zero
 DENSE_THRESHOLD = 0.1
 ROWS_PER_BATCH = 4096
 
@@ -62,7 +62,23 @@ def evaluate_rows(sae, activations: torch.Tensor, device: str) -> tuple[dict, di
     config = get_eval_everything_config(batch_size_prompts=ROWS_PER_BATCH, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches)
     config.compute_kl = config.compute_ce_loss = False
     groups, features = run_evals(sae, rows, rows, ActivationScaler(), eval_config=config, exclude_special_tokens=False)
+    groups["reconstruction_quality"]["cossim"] = mean_cosine_similarity(sae, activations.to(device))
     return groups, features, len(activations)
+
+
+@torch.no_grad()
+def mean_cosine_similarity(sae, activations: torch.Tensor) -> float:
+    """Mean cosine similarity of reconstruction and input over the rows that are not all zero.
+    SAELens averages over every row, and an all-zero row (common in synthetic data: no feature
+    active) makes its mean NaN; a zero reconstruction of a nonzero row counts as 0."""
+    import torch.nn.functional as F
+
+    total, rows = 0.0, 0
+    for batch in activations.split(ROWS_PER_BATCH):
+        batch = batch[batch.norm(dim=-1) > 0]
+        total += F.cosine_similarity(sae(batch), batch, dim=-1).sum().item()
+        rows += len(batch)
+    return total / rows if rows else float("nan")
 
 
 def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: str) -> dict[str, Any]:

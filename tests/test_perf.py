@@ -116,15 +116,16 @@ def test_usable_cpus_follow_the_affinity_and_the_container_quota(tmp_path):
     assert usable_cpus(tmp_path / "missing") == affinity
 
 
-def test_torch_gets_the_thread_count_of_the_machine_unless_the_environment_says_otherwise():
+def test_torch_gets_the_thread_settings_of_the_machine_unless_the_environment_says_otherwise():
     from flows import usable_cpus
 
-    code = "import flows, torch; print(torch.get_num_threads())"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = "import os, flows, torch; print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     default = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert int(default.stdout) == usable_cpus()
-    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert int(chosen.stdout) == 1
+    assert default.stdout.split() == [str(usable_cpus()), "PASSIVE", "1000"]
+    chosen_env = {**env, "OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "0"}
+    chosen = subprocess.run([sys.executable, "-c", code], env=chosen_env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert chosen.stdout.split() == ["1", "PASSIVE", "0"]
 
 
 def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(prefect_server, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ before training, naming the file (and row)."""
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -320,6 +321,17 @@ def test_killed_training_on_an_imported_store_resumes_exactly(prefect_server, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cosine_similarity_leaves_out_all_zero_rows():
+    """Synthetic rows where no feature fires are all zero: their cosine similarity is undefined
+    and must not turn the mean into NaN; a zero reconstruction of a nonzero row counts as 0."""
+    from tasks.evaluate import mean_cosine_similarity
+
+    rows = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    assert mean_cosine_similarity(lambda x: 3 * x, rows) == pytest.approx(1.0)
+    assert mean_cosine_similarity(lambda x: torch.stack([x[:, 0], torch.zeros(len(x))], 1), rows) == pytest.approx(0.5)
+    assert math.isnan(mean_cosine_similarity(lambda x: x, torch.zeros(3, 2)))
+
+
 def test_synthetic_features_are_recovered_with_the_default_training_settings(prefect_server, tmp_path):
     """configs/synthetic.yaml as documented: standard SAE, saeflow's default training settings."""
     from sae_lens.synthetic import SyntheticModel
@@ -330,6 +342,7 @@ def test_synthetic_features_are_recovered_with_the_default_training_settings(pre
     assert metrics["synthetic_mcc"] >= 0.9
     assert metrics["synthetic_samples"] == cfg.eval_tokens and metrics["eval_rows"] == cfg.eval_tokens
     assert 0 < metrics["synthetic_precision"] <= 1 and 0 < metrics["synthetic_recall"] <= 1
+    assert 0.5 < metrics["cossim"] <= 1  # over the rows where some feature fires (the others are all zero)
     truth = SyntheticModel.load_from_disk(summary["activations"]["ground_truth"])
     assert truth.feature_dict.feature_vectors.shape == (32, 16)
     assert load_store(summary["activations"])[0].shape == (cfg.training_tokens, 16)
