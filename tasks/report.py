@@ -14,15 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from safetensors.torch import load_file
 
-matplotlib.use("Agg")  # renders with no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from tasks.artifacts import stage  # noqa: E402
-from tasks.save import LOG_EPS  # noqa: E402
+from tasks.artifacts import stage
+from tasks.save import LOG_EPS
 
 STAGE_VERSION = 1
 CURVES = [("loss", "loss"), ("mse", "MSE"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_features", "dead features")]
@@ -62,7 +58,19 @@ def artifact_key(run_name: str, kind: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"saeflow-{run_name}-{kind}".lower())).strip("-")
 
 
+def _pyplot():
+    """matplotlib's pyplot, rendering with no display; imported only when plotting (it added
+    about 20 MB and 0.4 s to every process that imports the pipeline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_feature_density(log_sparsity: torch.Tensor, path: Path) -> None:
+    plt = _pyplot()
     dead = log_sparsity <= torch.log10(torch.tensor(LOG_EPS)) + 1e-3
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(log_sparsity[~dead].numpy(), bins=50, color="#d2691e")
@@ -75,6 +83,7 @@ def plot_feature_density(log_sparsity: torch.Tensor, path: Path) -> None:
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     tokens = [r["tokens"] for r in rows]
     for ax, (key, label) in zip(axes, CURVES):
