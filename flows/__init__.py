@@ -3,7 +3,7 @@
 Importing this package sets process defaults that must be in place before torch and Prefect
 start: OpenMP threads spin only briefly (GNU OpenMP's 1,000 iterations) before they sleep, where
 OpenMP's default spins for long (several times slower on small machines whose cores other jobs
-use) and sleeping at once made small models' forward passes about 1.7x slower on a quiet one; as
+use) and sleeping at once made small models' forward passes 1.5-1.8x slower on a quiet one; as
 many of them as this process may use CPUs (`usable_cpus`: its CPU affinity and its container's
 CPU quota, where torch alone would count every core of the host), Prefect sends no telemetry,
 and its temporary server gets time to start on a 2-core machine. Values already set in the
