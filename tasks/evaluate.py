@@ -98,26 +98,32 @@ def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: st
 
 def eval_store(model, sae, tokens: torch.Tensor, batch_prompts: int, device: str):
     """A SAELens `ActivationsStore` that serves the given token contexts, in order, at the SAE's hook."""
+    import warnings
+
     from datasets import Dataset
     from sae_lens.training.activations_store import ActivationsStore
 
-    return ActivationsStore(
-        model=model,
-        dataset=Dataset.from_dict({"tokens": tokens.tolist()}),
-        streaming=False,
-        hook_name=sae.cfg.metadata.hook_name,
-        hook_head_index=sae.cfg.metadata.hook_head_index,
-        context_size=tokens.shape[1],
-        d_in=sae.cfg.d_in,
-        n_batches_in_buffer=1,
-        total_training_tokens=tokens.numel(),
-        store_batch_size_prompts=batch_prompts,
-        train_batch_size_tokens=tokens.shape[1],
-        prepend_bos=False,
-        normalize_activations="none",
-        device=torch.device(device),
-        dtype="float32",
-    )
+    with warnings.catch_warnings():
+        # SAELens compares the dataset's rows (contexts) with the tokens asked for, so it warns of
+        # "fewer samples" for any dataset of contexts; these are exactly the contexts to serve.
+        warnings.filterwarnings("ignore", message=".*fewer samples.*")
+        return ActivationsStore(
+            model=model,
+            dataset=Dataset.from_dict({"tokens": tokens.tolist()}),
+            streaming=False,
+            hook_name=sae.cfg.metadata.hook_name,
+            hook_head_index=sae.cfg.metadata.hook_head_index,
+            context_size=tokens.shape[1],
+            d_in=sae.cfg.d_in,
+            n_batches_in_buffer=1,
+            total_training_tokens=tokens.numel(),
+            store_batch_size_prompts=batch_prompts,
+            train_batch_size_tokens=tokens.shape[1],
+            prepend_bos=False,
+            normalize_activations="none",
+            device=torch.device(device),
+            dtype="float32",
+        )
 
 
 @stage("evaluate", STAGE_VERSION, key_inputs=("sae_ref", "store_ref", "run_dir", "batch_prompts"))
