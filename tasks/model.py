@@ -228,13 +228,11 @@ def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer, tra
 
 @stage("build-model", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
 def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
-    """Build (local), fetch (pretrained) or check (checkpoint) the model and describe it."""
+    """Build (local) or check (checkpoint) the model and describe it. A pretrained model is
+    described from its config and tokenizer alone: its weights are first loaded (and downloaded)
+    where they are used, on the run's device, not here on the CPU just to read their shapes."""
     if spec["kind"] == "pretrained":
-        from transformer_lens import HookedTransformer
-
-        model = HookedTransformer.from_pretrained_no_processing(
-            spec["model_name"], device="cpu", **spec["from_pretrained_kwargs"]
-        )
+        model = tokenizing_model({"kind": "pretrained", "name": spec["model_name"]}, spec["from_pretrained_kwargs"])
         return _describe("pretrained", spec["model_name"], None, model.cfg, model.tokenizer)
     if spec["kind"] == "checkpoint":
         folder = Path(spec["path"])

@@ -1,7 +1,8 @@
-"""Local Hugging Face checkpoints and pretokenised datasets as sources.
+"""Local Hugging Face checkpoints, pretrained names and pretokenised datasets as sources.
 
 Checkpoints load offline into TransformerLens with the config from their own config.json and give
-the transformers model's logits; a run trains on one; broken checkpoints and datasets tokenised
+the transformers model's logits, as does a pretrained name read from a hub cache (whose weights
+build-model never loads); a run trains on one; broken checkpoints and datasets tokenised
 with another tokenizer are refused before any work.
 """
 
@@ -85,6 +86,51 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
         model.save_pretrained(folders[name])
         tokenizer.save_pretrained(folders[name])
     return folders
+
+
+@pytest.fixture
+def hub_cache(checkpoints, tmp_path, monkeypatch) -> Path:
+    """A Hugging Face hub cache holding the tiny GPT-2 checkpoint as the hub's `gpt2` (with the
+    `n_ctx` the hub's config.json carries), so that a pretrained TransformerLens name loads offline
+    through TransformerLens's own code."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--gpt2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoints["gpt2"], snapshot)
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return snapshot
+
+
+def test_a_pretrained_model_is_described_without_loading_its_weights(hub_cache, tmp_path, monkeypatch):
+    """build-model reads a pretrained model's config and tokenizer only; its weights load (here
+    from the hub cache) where they are used, and give the transformers model's logits."""
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM
+
+    from tasks.model import load_tokenizer, tokenizer_fingerprint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("build-model loaded the pretrained weights")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(HookedTransformer, "from_pretrained_no_processing", no_weights)
+        patched.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+        model_ref = build_model.fn(model_spec(tiny_config(model_name="gpt2", model_cfg=None)), str(tmp_path / "artifacts"))
+    assert model_ref == {
+        "kind": "pretrained", "name": "gpt2", "path": None, "n_layers": 2, "d_model": 32, "n_ctx": 64,
+        "d_vocab": len(load_tokenizer(hub_cache)), "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(hub_cache)), "outputs": [],
+    }
+
+    model = load_model(model_ref, "cpu")
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), AutoModelForCausalLM.from_pretrained(hub_cache).eval()(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
 def checkpoint_config(folder: Path, **overrides):
