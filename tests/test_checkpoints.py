@@ -307,3 +307,20 @@ def test_a_run_on_a_checkpoint_trains_on_its_activations(prefect_server, checkpo
     with torch.no_grad():
         hidden = hf_model(tokens[:32].unsqueeze(0), output_hidden_states=True).hidden_states[1][0]
     torch.testing.assert_close(activations[:32], hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_on_a_pretrained_name_trains_and_analyses(prefect_server, hub_cache, tmp_path):
+    """A whole run on a pretrained TransformerLens name (the hub cache's `gpt2`): every stage runs,
+    the analysis included, which loads the model with its layer norms folded."""
+    from sae_lens import SAE
+
+    cfg = tiny_config(model_name="gpt2", model_cfg=None, training_tokens=4096, eval_tokens=1024, sparsity_tokens=4096, n_checkpoints=1, dashboard_features=4)
+    state = start(cfg, tmp_path, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert set(task_states(state).values()) == {"Completed"}
+    assert summary["model"]["kind"] == "pretrained" and summary["model"]["name"] == "gpt2"
+    assert SAE.load_from_disk(summary["sae"]["path"]).cfg.d_in == 32
+    analysis = json.loads(Path(summary["analysis"]["path"]).read_text())
+    assert analysis["projection_shape"] == [128, summary["model"]["d_vocab"]]  # W_dec @ W_U
+    assert len(analysis["prompts"][0]["top_features"]) == 3
