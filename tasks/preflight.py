@@ -116,6 +116,16 @@ def _check_sae_settings(cfg: RunConfig) -> None:
         new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
+    if cfg.compile_sae and cfg.device == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - inductor raises its own error types when it finds none
+            raise ConfigError(
+                "compile_sae: true on the CPU needs a C++ compiler (torch.compile builds C++ kernels) and none was "
+                "found: install g++ (or point the CXX environment variable at one), or set compile_sae: false"
+            ) from None
 
 
 DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by `resolve`

@@ -147,12 +147,19 @@ def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(prefect_serv
     assert not log.exists()  # the only log row due (step 50) was refused, not written with NaN
 
 
-def test_compile_sae_trains_like_the_uncompiled_step(tmp_path):
-    """torch.compile (off by default) matches eager mode to float32 rounding, not bit for bit."""
+@pytest.mark.parametrize(
+    "architecture",
+    [{}, {"architecture": "topk", "k": 8}, {"architecture": "batchtopk", "k": 8}, {"architecture": "jumprelu", "l0_coefficient": 0.5},
+     {"architecture": "gated", "l1_coefficient": 0.5}, {"architecture": "matryoshka", "k": 8, "matryoshka_widths": [32, 64, 128]}],
+    ids=lambda a: a.get("architecture", "standard"),
+)
+def test_compile_sae_trains_like_the_uncompiled_step(architecture):
+    """torch.compile (off by default) compiles every architecture's training step, and matches
+    eager mode to float32 rounding, not bit for bit."""
     from tasks.preflight import resolve
     from tasks.train import _make_trainer, new_training_sae
 
-    cfg = resolve(tiny_config())
+    cfg = resolve(tiny_config(**architecture))
     assert cfg.compile_sae is False
     batches = [torch.randn(512, cfg.d_in, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     weights = {}

@@ -76,6 +76,15 @@ def test_sae_lens_rejections_come_before_any_work():
     assert "SAELens rejects the matryoshka_batchtopk SAE settings" in message and "strictly increasing" in message
 
 
+def test_compile_sae_without_a_cpp_compiler_is_refused(monkeypatch):
+    import torch._inductor.config
+
+    assert resolve(tiny_config(compile_sae=True)).compile_sae
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-compiler++"))
+    message = resolve_error(compile_sae=True)
+    assert "compile_sae: true on the CPU needs a C++ compiler" in message and "set compile_sae: false" in message
+
+
 def test_unwritable_artifacts_dir(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -265,6 +265,31 @@ def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faul
     assert flow_run_states("retried") == ["Completed"]
 
 
+def test_a_compiled_training_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
+    """compile_sae: a run retried from its checkpoint ends bitwise equal to an uninterrupted
+    compiled run (the compiled step is deterministic), though not to an eager one."""
+    import tasks.activations
+
+    cfg = faults_cfg[0].model_copy(update={"compile_sae": True})
+    reference = weights(start(cfg, artifacts, "compiled-straight"))
+    assert any(not torch.equal(reference[key], faults_reference[key]) for key in reference)
+
+    real_next, failed = tasks.activations.ShuffledBatches.__next__, []
+
+    def flaky_next(self):
+        if self.next_batch == 30 and not failed:
+            failed.append(True)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_next(self)
+
+    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
+    state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, "compiled-retried", return_state=True)
+    assert state.is_completed() and failed
+    summary = state.result()
+    assert summary["training"]["resumed_from_step"] == 26
+    assert_bitwise_equal(weights(summary), reference)
+
+
 def test_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(artifacts, faults_cfg, monkeypatch):
     import tasks.checkpoint
 
