@@ -50,7 +50,7 @@ DEFAULT_TOKENS = {"small": 600_000, "large": 160_000}
 RERUN_TOKENS = 200_000
 
 
-def bench_config(size: str, tokens: int, device: str = "cpu"):
+def bench_config(size: str, tokens: int, device: str = "cpu", compile_sae: bool = False):
     """The run both systems train: standard SAE x8 on the middle layer's residual stream, batch
     4096, context 64, a mixing buffer of 64 model batches (the least that holds one batch). On a
     GPU, the model and the SAE step run under bf16 autocast."""
@@ -74,6 +74,7 @@ def bench_config(size: str, tokens: int, device: str = "cpu"):
                 "device": device,
                 "autocast": device != "cpu",
                 "autocast_lm": device != "cpu",
+                "compile_sae": compile_sae,
             }
         )
     )
@@ -83,6 +84,7 @@ def bench_config(size: str, tokens: int, device: str = "cpu"):
 
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
+STEP_SECONDS: list[float] = []  # each SAETrainer.step, in order
 DEVICE = ["cpu"]
 
 
@@ -108,6 +110,8 @@ def timed(owner, attribute: str, key: str) -> None:
             sync()
             TIMES[key] += time.perf_counter() - started
             CALLS[key] += 1
+            if key == "sae_step":
+                STEP_SECONDS.append(time.perf_counter() - started)
 
     setattr(owner, attribute, wrapper)
 
@@ -215,7 +219,8 @@ def bare_forward(model, contexts, stop_at_layer: int, batch_prompts: int, second
 
 def step_report(cfg, run_seconds: float, train_seconds: float) -> dict:
     steps = CALLS["sae_step"]
-    step_seconds = TIMES["sae_step"] / max(steps, 1)
+    # The median step: with compile_sae the first step also compiles (reported on its own).
+    step_seconds = statistics.median(STEP_SECONDS) if STEP_SECONDS else 0.0
     import torch
 
     dtype = torch.bfloat16 if cfg.autocast else getattr(torch, cfg.dtype)
@@ -225,6 +230,8 @@ def step_report(cfg, run_seconds: float, train_seconds: float) -> dict:
         "steps": steps,
         "sae_step_seconds": TIMES["sae_step"],
         "sae_step_ms": 1000 * step_seconds,
+        "first_sae_step_seconds": STEP_SECONDS[0] if STEP_SECONDS else 0.0,
+        "compile_sae": cfg.compile_sae,
         "sae_step_gflops": achieved,
         "matmul_gflops": reference["gflops"],
         "sae_step_share_of_matmul": achieved / reference["gflops"],
@@ -432,7 +439,7 @@ def worker_main(args) -> None:
     if args.system != "saelens" or args.saelens_env == "same":
         import flows  # noqa: F401  (saeflow's process defaults, as its command line sets them)
     DEVICE[0] = args.device
-    cfg = bench_config(args.size, args.tokens, args.device)
+    cfg = bench_config(args.size, args.tokens, args.device, compile_sae=args.compile_sae and args.system == "saeflow")
     work, base = Path(args.work), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
     if args.system == "prepare":
@@ -449,14 +456,17 @@ def worker_main(args) -> None:
 # --- the orchestrating process -------------------------------------------------------------------
 
 
-WORKER_FLAGS = ["same", "cpu"]  # the --saelens-env and --device of this invocation
+WORKER_FLAGS = ["same", "cpu", ""]  # the --saelens-env, --device and --compile-sae of this invocation
 
 
 def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: str, repeats: int = 0) -> dict:
     result = work / f"{system}.json"
     env = {**USER_ENV, "PREFECT_API_URL": api_url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # torch.compile's kernel cache lives in the benchmark's folder: the first compiled run is cold, later ones warm.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base.parent / "inductor-cache"))
     command = [sys.executable, __file__, "--worker", system, "--size", size, "--tokens", str(tokens)]
     command += ["--work", str(work), "--base", str(base), "--result", str(result), "--repeats", str(repeats), "--saelens-env", WORKER_FLAGS[0], "--device", WORKER_FLAGS[1]]
+    command += [WORKER_FLAGS[2]] if WORKER_FLAGS[2] else []
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -514,6 +524,11 @@ def main() -> None:
         help="same: SAELens runs with saeflow's process defaults (OpenMP passive wait, threads = usable CPUs); "
         "default: with the environment as it is (OpenMP spin-waits)",
     )
+    parser.add_argument(
+        "--compile-sae",
+        action="store_true",
+        help="compile saeflow's SAE training step with torch.compile (compile_sae: true); SAELens's runner stays at its default, uncompiled",
+    )
     parser.add_argument("--worker", choices=["prepare", "saeflow", "saelens", "rerun"], dest="system", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -525,7 +540,7 @@ def main() -> None:
         return worker_main(args)
 
     tokens = dict(DEFAULT_TOKENS) | {k: int(v) for k, v in (item.split("=") for item in args.tokens)}
-    WORKER_FLAGS[:] = [args.saelens_env, args.device]
+    WORKER_FLAGS[:] = [args.saelens_env, args.device, "--compile-sae" if args.compile_sae else ""]
     # The temporary Prefect server of this process: no telemetry (it only contends for its database).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -541,6 +556,7 @@ def main() -> None:
         "load_average_before": load_before,
         "repeats": args.repeats,
         "saelens_env": args.saelens_env,
+        "compile_sae": args.compile_sae,
         "device": args.device,
         "sizes": {},
     }
@@ -602,6 +618,14 @@ def tables(report: dict) -> str:
         f"{report['date']}; {report['machine']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"load average before {report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
         f"medians of {report['repeats']} alternating runs each",
+    ]
+    if report.get("compile_sae"):
+        firsts = {size: [run["first_sae_step_seconds"] for run in result["runs"]["saeflow"]] for size, result in report["sizes"].items()}
+        lines.append(
+            "saeflow's SAE step compiled (compile_sae: true), SAELens's not; saeflow's first step, which compiles (runs in order; "
+            "the first compiles with an empty kernel cache): " + "; ".join(f"{size} {', '.join(f'{s:.1f}' for s in seconds)} s" for size, seconds in firsts.items())
+        )
+    lines += [
         "",
         "| model | training tokens | system | end-to-end tokens/s | ratio (pairs) | forward s | data s | SAE step s | other train s | SAE step GFLOP/s | matmul GFLOP/s | step / matmul | train / step ceiling | peak RSS MB (peak anon / peak mapped files) | threads |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
