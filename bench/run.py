@@ -280,7 +280,9 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
         model_ref = build_model(model_spec(cfg), artifacts_dir)
         tokens_ref = pretokenise(tokens_spec(cfg, model_ref), model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir)
         store_ref = fill_activations(store_spec(cfg, model_ref), model_ref, tokens_ref, artifacts_dir)
-        trained = train_sae(train_spec(cfg), store_ref, str(Path(artifacts_dir) / "runs" / "bench"))
+        run_dir = Path(artifacts_dir) / "runs" / "bench"
+        run_dir.mkdir(parents=True, exist_ok=True)  # the run folder `claim_run` makes in the pipeline
+        trained = train_sae(train_spec(cfg), store_ref, str(run_dir))
         return {"model": model_ref, "tokens": tokens_ref, "store": store_ref, "trained": trained}
 
     started = time.perf_counter()
