@@ -244,18 +244,25 @@ def test_nan_stops_training_keeps_the_last_good_checkpoint_and_a_corrupted_one_i
     assert_bitwise_equal(weights(summary), faults_reference)
 
 
-def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faults_cfg, faults_reference, monkeypatch):
+def fail_once_at_batch(monkeypatch, batch: int) -> list:
+    """Make training fail once, as an out-of-memory error would, when it asks for `batch`; the
+    returned list is non-empty once it has."""
     import tasks.activations
 
     real_next, failed = tasks.activations.ShuffledBatches.__next__, []
 
     def flaky_next(self):
-        if self.next_batch == 30 and not failed:
+        if self.next_batch == batch and not failed:
             failed.append(True)
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_next(self)
 
     monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
+    return failed
+
+
+def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faults_cfg, faults_reference, monkeypatch):
+    failed = fail_once_at_batch(monkeypatch, 30)
     cfg = faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0})
     state = start(cfg, artifacts, "retried", return_state=True)
     assert state.is_completed() and failed
@@ -268,21 +275,11 @@ def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faul
 def test_a_compiled_training_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
     """compile_sae: a run retried from its checkpoint ends bitwise equal to an uninterrupted
     compiled run (the compiled step is deterministic), though not to an eager one."""
-    import tasks.activations
-
     cfg = faults_cfg[0].model_copy(update={"compile_sae": True})
     reference = weights(start(cfg, artifacts, "compiled-straight"))
     assert any(not torch.equal(reference[key], faults_reference[key]) for key in reference)
 
-    real_next, failed = tasks.activations.ShuffledBatches.__next__, []
-
-    def flaky_next(self):
-        if self.next_batch == 30 and not failed:
-            failed.append(True)
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_next(self)
-
-    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
+    failed = fail_once_at_batch(monkeypatch, 30)
     state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, "compiled-retried", return_state=True)
     assert state.is_completed() and failed
     summary = state.result()
