@@ -215,9 +215,9 @@ class RunConfig(BaseModel):
     compile_sae: bool = False
     """Compile the SAE's training step with `torch.compile` (SAELens's `compile_sae`), for long
     runs. Results differ from an uncompiled run in the last bits; a compiled run still resumes
-    bitwise exactly. On a 2-core CPU the step ran 1.6x faster at d_in 64 and 1.2x at d_in 256,
-    and the first step compiled for about 11 s (2 s with torch's kernel cache warm), so it pays
-    after about a thousand steps (BENCHMARKS.md). On the CPU it needs a C++ compiler."""
+    bitwise exactly. On a 2-core CPU the step ran 1.4-1.6x faster at d_in 64 and 1.1-1.2x at
+    d_in 256, and the first step compiled for 6-14 s (2 s with torch's kernel cache warm), so it
+    paid within a thousand steps (BENCHMARKS.md). On the CPU it needs a C++ compiler."""
 
     deterministic: bool = False
     """GPU: deterministic kernels (`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG`)
