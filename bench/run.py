@@ -50,7 +50,7 @@ DEFAULT_TOKENS = {"small": 600_000, "large": 160_000}
 RERUN_TOKENS = 200_000
 
 
-def bench_config(size: str, tokens: int, device: str = "cpu", compile_sae: bool = False):
+def bench_config(size: str, tokens: int, device: str = "cpu", compile_sae: bool = False, mode: str = "cached"):
     """The run both systems train: standard SAE x8 on the middle layer's residual stream, batch
     4096, context 64, a mixing buffer of 64 model batches (the least that holds one batch). On a
     GPU, the model and the SAE step run under bf16 autocast."""
@@ -75,6 +75,7 @@ def bench_config(size: str, tokens: int, device: str = "cpu", compile_sae: bool 
                 "autocast": device != "cpu",
                 "autocast_lm": device != "cpu",
                 "compile_sae": compile_sae,
+                "activation_mode": mode,
             }
         )
     )
@@ -252,6 +253,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
 
     import tasks.activations
     import tasks.model
+    import tasks.streaming
     import tasks.tokens
     from tasks.activations import fill_activations, store_spec
     from tasks.artifacts import RESULTS_DIRNAME
@@ -264,10 +266,20 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     timed(tasks.model, "hooks_activations", "forward")
     timed(tasks.tokens, "_write_contexts", "pretokenise")
     timed(tasks.activations, "_fill", "fill")
+    fill = tasks.activations._fill
+
+    def fill_then_note_its_forward(*args, **kwargs):
+        try:
+            return fill(*args, **kwargs)
+        finally:
+            TIMES["fill_forward"] = TIMES["forward"]  # what follows is streaming training's
+
+    tasks.activations._fill = fill_then_note_its_forward
     timed(tasks.activations, "_save_shard", "write")  # on the writer thread, beside the forward
     timed(tasks.activations._StoreWriter, "wait", "write_wait")  # the fill waiting for a write
     timed(tasks.activations.ContextBatches, "next_batch", "read_tokens")
     timed(tasks.activations.ShuffledBatches, "__next__", "data")
+    timed(tasks.streaming.StreamedBatches, "__next__", "data")  # the model forward inside it is timed too
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
 
@@ -279,7 +291,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
         cfg = RunConfig(**config)
         model_ref = build_model(model_spec(cfg), artifacts_dir)
         tokens_ref = pretokenise(tokens_spec(cfg, model_ref), model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir)
-        store_ref = fill_activations(store_spec(cfg, model_ref), model_ref, tokens_ref, artifacts_dir)
+        store_ref = fill_activations(store_spec(cfg, model_ref, cfg.activation_mode), model_ref, tokens_ref, artifacts_dir)
         run_dir = Path(artifacts_dir) / "runs" / "bench"
         run_dir.mkdir(parents=True, exist_ok=True)  # the run folder `claim_run` makes in the pipeline
         trained = train_sae(train_spec(cfg), store_ref, str(run_dir))
@@ -299,7 +311,9 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     stop = int(cfg.hook_name.split(".")[1])
     bare = bare_forward(model, contexts, stop, cfg.store_batch_size_prompts)
     fill_rate = n_tokens / TIMES["fill"]
+    train_forward = TIMES["forward"] - TIMES["fill_forward"]  # streaming mode's, inside the data loading
     return {
+        "activation_mode": cfg.activation_mode,
         "end_to_end_seconds": seconds,
         "end_to_end_tokens_per_s": cfg.training_tokens / seconds,
         "peak_rss_mb": rss,
@@ -311,9 +325,11 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
             "fill_read_tokens": TIMES["read_tokens"],
             "fill_write_shards": TIMES["write"],
             "fill_write_wait": TIMES["write_wait"],
-            "fill_other": TIMES["fill"] - TIMES["forward"] - TIMES["read_tokens"] - TIMES["write_wait"],
+            "fill_other": TIMES["fill"] - TIMES["fill_forward"] - TIMES["read_tokens"] - TIMES["write_wait"],
+            "fill_model_forward": TIMES["fill_forward"],
             "train": TIMES["train"],
-            "data_loading": TIMES["data"],
+            "train_model_forward": train_forward,
+            "data_loading": TIMES["data"] - train_forward,
             "sae_step": TIMES["sae_step"],
             "train_other": TIMES["train"] - TIMES["data"] - TIMES["sae_step"],
             "rest": seconds - TIMES["pretokenise"] - TIMES["fill"] - TIMES["train"],
@@ -441,7 +457,7 @@ def worker_main(args) -> None:
     if args.system != "saelens" or args.saelens_env == "same":
         import flows  # noqa: F401  (saeflow's process defaults, as its command line sets them)
     DEVICE[0] = args.device
-    cfg = bench_config(args.size, args.tokens, args.device, compile_sae=args.compile_sae and args.system == "saeflow")
+    cfg = bench_config(args.size, args.tokens, args.device, compile_sae=args.compile_sae and args.system == "saeflow", mode=args.mode)
     work, base = Path(args.work), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
     if args.system == "prepare":
@@ -458,7 +474,7 @@ def worker_main(args) -> None:
 # --- the orchestrating process -------------------------------------------------------------------
 
 
-WORKER_FLAGS = ["same", "cpu", ""]  # the --saelens-env, --device and --compile-sae of this invocation
+WORKER_FLAGS = ["same", "cpu", "", "cached"]  # the --saelens-env, --device, --compile-sae and --mode of this invocation
 
 
 def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: str, repeats: int = 0) -> dict:
@@ -468,7 +484,7 @@ def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: 
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base.parent / "inductor-cache"))
     command = [sys.executable, __file__, "--worker", system, "--size", size, "--tokens", str(tokens)]
     command += ["--work", str(work), "--base", str(base), "--result", str(result), "--repeats", str(repeats), "--saelens-env", WORKER_FLAGS[0], "--device", WORKER_FLAGS[1]]
-    command += [WORKER_FLAGS[2]] if WORKER_FLAGS[2] else []
+    command += ["--mode", WORKER_FLAGS[3]] + ([WORKER_FLAGS[2]] if WORKER_FLAGS[2] else [])
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -531,6 +547,13 @@ def main() -> None:
         action="store_true",
         help="compile saeflow's SAE training step with torch.compile (compile_sae: true); SAELens's runner stays at its default, uncompiled",
     )
+    parser.add_argument(
+        "--mode",
+        choices=["cached", "streaming"],
+        default="cached",
+        help="saeflow's activation mode: cached (store the activations, train from them) or streaming (store token ids, "
+        "make the activations while training, as SAELens's runner does)",
+    )
     parser.add_argument("--worker", choices=["prepare", "saeflow", "saelens", "rerun"], dest="system", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -542,7 +565,7 @@ def main() -> None:
         return worker_main(args)
 
     tokens = dict(DEFAULT_TOKENS) | {k: int(v) for k, v in (item.split("=") for item in args.tokens)}
-    WORKER_FLAGS[:] = [args.saelens_env, args.device, "--compile-sae" if args.compile_sae else ""]
+    WORKER_FLAGS[:] = [args.saelens_env, args.device, "--compile-sae" if args.compile_sae else "", args.mode]
     # The temporary Prefect server of this process: no telemetry (it only contends for its database).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -559,6 +582,7 @@ def main() -> None:
         "repeats": args.repeats,
         "saelens_env": args.saelens_env,
         "compile_sae": args.compile_sae,
+        "activation_mode": args.mode,
         "device": args.device,
         "sizes": {},
     }
@@ -619,7 +643,7 @@ def tables(report: dict) -> str:
     lines = [
         f"{report['date']}; {report['machine']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"load average before {report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
-        f"medians of {report['repeats']} alternating runs each",
+        f"medians of {report['repeats']} alternating runs each; saeflow's activation mode: {report.get('activation_mode', 'cached')}",
     ]
     if report.get("compile_sae"):
         firsts = {size: [run["first_sae_step_seconds"] for run in result["runs"]["saeflow"]] for size, result in report["sizes"].items()}
@@ -658,21 +682,24 @@ def tables(report: dict) -> str:
         for system in ("saeflow", "saelens"):
             runs = result["runs"][system]
             store = system == "saeflow"
+            token_ids_only = store and report.get("activation_mode") == "streaming"  # no forward while filling
+            label = "saeflow (token ids only)" if token_ids_only else system if store else "saelens (forward only)"
+            share = "-" if token_ids_only else f"{summarise(runs, ('fill', 'share_of_bare_forward')):.2f}"
             lines.append(
-                f"| {model['n_layers']}L d{model['d_model']} | {system if store else 'saelens (forward only)'} | {summarise(runs, ('fill', 'tokens_per_s')):,.0f} "
-                f"| {summarise(runs, ('fill', 'bare_forward_tokens_per_s')):,.0f} | {summarise(runs, ('fill', 'share_of_bare_forward')):.2f} "
+                f"| {model['n_layers']}L d{model['d_model']} | {label} | {summarise(runs, ('fill', 'tokens_per_s')):,.0f} "
+                f"| {summarise(runs, ('fill', 'bare_forward_tokens_per_s')):,.0f} | {share} "
                 + (f"| {summarise(runs, ('fill', 'bytes_per_token')):,.0f} | {summarise(runs, ('fill', 'raw_bytes_per_token')):,.0f} |" if store else "| - | - |")
             )
     lines += [
         "",
         "Where saeflow's end-to-end time goes (medians, seconds):",
         "",
-        "| model | end to end | pretokenise | fill: forward | fill: token reads | fill: shard writes (writer thread) | fill: waiting for writes | fill: other | train: data | train: SAE step | train: other | Prefect and the rest |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | end to end | pretokenise | fill: forward | fill: token reads | fill: shard writes (writer thread) | fill: waiting for writes | fill: other | train: model forward (streaming) | train: data | train: SAE step | train: other | Prefect and the rest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size, result in report["sizes"].items():
         model, runs = result["model"], result["runs"]["saeflow"]
-        keys = ("pretokenise", "model_forward", "fill_read_tokens", "fill_write_shards", "fill_write_wait", "fill_other", "data_loading", "sae_step", "train_other", "rest")
+        keys = ("pretokenise", "fill_model_forward", "fill_read_tokens", "fill_write_shards", "fill_write_wait", "fill_other", "train_model_forward", "data_loading", "sae_step", "train_other", "rest")
         cells = " | ".join(f"{summarise(runs, ('seconds', key)):.2f}" for key in keys)
         lines.append(f"| {model['n_layers']}L d{model['d_model']} | {summarise(runs, ('end_to_end_seconds',)):.2f} | {cells} |")
     if "cached_rerun" in report:
