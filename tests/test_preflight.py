@@ -76,12 +76,13 @@ def test_sae_lens_rejections_come_before_any_work():
     assert "SAELens rejects the matryoshka_batchtopk SAE settings" in message and "strictly increasing" in message
 
 
-def test_compile_sae_without_a_cpp_compiler_is_refused(monkeypatch):
+def test_compile_sae_without_a_cpp_compiler_is_refused():
     import torch._inductor.config
 
     assert resolve(tiny_config(compile_sae=True)).compile_sae
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-compiler++"))
-    message = resolve_error(compile_sae=True)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-compiler++")}):  # monkeypatch's undo deletes the setting
+        message = resolve_error(compile_sae=True)
+    assert resolve(tiny_config(compile_sae=True)).compile_sae
     assert "compile_sae: true on the CPU needs a C++ compiler" in message and "set compile_sae: false" in message
 
 
