@@ -474,7 +474,7 @@ def worker_main(args) -> None:
 # --- the orchestrating process -------------------------------------------------------------------
 
 
-WORKER_FLAGS = ["same", "cpu", "", "cached"]  # the --saelens-env, --device, --compile-sae and --mode of this invocation
+WORKER_FLAGS: list[str] = []  # this invocation's options that every worker takes too (--device, --mode, ...)
 
 
 def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: str, repeats: int = 0) -> dict:
@@ -483,8 +483,7 @@ def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: 
     # torch.compile's kernel cache lives in the benchmark's folder: the first compiled run is cold, later ones warm.
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base.parent / "inductor-cache"))
     command = [sys.executable, __file__, "--worker", system, "--size", size, "--tokens", str(tokens)]
-    command += ["--work", str(work), "--base", str(base), "--result", str(result), "--repeats", str(repeats), "--saelens-env", WORKER_FLAGS[0], "--device", WORKER_FLAGS[1]]
-    command += ["--mode", WORKER_FLAGS[3]] + ([WORKER_FLAGS[2]] if WORKER_FLAGS[2] else [])
+    command += ["--work", str(work), "--base", str(base), "--result", str(result), "--repeats", str(repeats), *WORKER_FLAGS]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -565,7 +564,7 @@ def main() -> None:
         return worker_main(args)
 
     tokens = dict(DEFAULT_TOKENS) | {k: int(v) for k, v in (item.split("=") for item in args.tokens)}
-    WORKER_FLAGS[:] = [args.saelens_env, args.device, "--compile-sae" if args.compile_sae else "", args.mode]
+    WORKER_FLAGS[:] = ["--saelens-env", args.saelens_env, "--device", args.device, "--mode", args.mode] + (["--compile-sae"] if args.compile_sae else [])
     # The temporary Prefect server of this process: no telemetry (it only contends for its database).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
