@@ -82,9 +82,11 @@ class StreamedBatches:
                 self._epoch, self._order = epoch, torch.randperm(len(self.contexts), generator=self._generator(epoch))
             picked = self._order[chunk * self.chunk_contexts : (chunk + 1) * self.chunk_contexts]
             self._key, self._chunk = None, None  # free the previous chunk before making the next
-            self._chunk = activations_for(self.model, self.contexts[picked], self.spec)
-            perm = torch.randperm(len(self._chunk), generator=self._generator(epoch, chunk))
-            self._chunk, self._key = self._chunk[perm], (epoch, chunk)
+            perm = torch.randperm(len(picked) * self.contexts.shape[1], generator=self._generator(epoch, chunk))
+            # Row `perm[i]` of the activations is served `i`-th: each model batch is written
+            # straight to its shuffled places, so the chunk is held once, not also unshuffled.
+            self._chunk = activations_for(self.model, self.contexts[picked], self.spec, positions=torch.argsort(perm))
+            self._key = (epoch, chunk)
         return self._chunk
 
     def __iter__(self):
@@ -105,17 +107,23 @@ class StreamedBatches:
 
 
 @torch.no_grad()
-def activations_for(model, contexts: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+def activations_for(model, contexts: torch.Tensor, spec: dict[str, Any], positions: torch.Tensor | None = None) -> torch.Tensor:
     """Hook activations `[n_contexts * context_size, d_in]` of token contexts, computed in model
-    batches of `store_batch_size_prompts` contexts, as the cached mode's fill does."""
+    batches of `store_batch_size_prompts` contexts, as the cached mode's fill does. With
+    `positions`, activation row `i` is put at row `positions[i]` instead."""
     from tasks.model import hooks_activations
 
     device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    out = []
+    out = torch.empty((contexts.numel(), spec["d_in"]), dtype=getattr(torch, spec["dtype"]), device=device)
+    positions = None if positions is None else positions.to(device)
     for start in range(0, len(contexts), spec["store_batch_size_prompts"]):
         batch = contexts[start : start + spec["store_batch_size_prompts"]].to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
             acts = hooks_activations(model, batch, [(spec["hook_name"], spec["hook_head_index"])])[0]
-        out.append(acts.reshape(-1, spec["d_in"]).to(device, dtype))
-    return torch.cat(out)
+        acts = acts.reshape(-1, spec["d_in"]).to(out.dtype)
+        first = start * contexts.shape[1]
+        if positions is None:
+            out[first : first + len(acts)] = acts
+        else:
+            out.index_copy_(0, positions[first : first + len(acts)], acts)
+    return out

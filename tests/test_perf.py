@@ -55,6 +55,27 @@ def test_the_forward_stops_at_the_hook_and_reads_what_run_with_cache_reads(model
         hooks_activations(model, tokens, [("blocks.0.attn.hook_result", None)])
 
 
+@pytest.mark.parametrize("hook", [("blocks.1.hook_resid_pre", None), ("blocks.1.attn.hook_z", 2)])
+def test_streamed_chunks_are_written_in_place_as_the_shuffled_activations(model, hook):
+    """A streaming chunk's rows are written straight to their shuffled places; the batches are
+    those of making the chunk's activations and then shuffling them, bit for bit."""
+    from tasks.streaming import StreamedBatches, activations_for
+
+    spec = {"device": "cpu", "dtype": "float32", "autocast_lm": False, "store_batch_size_prompts": 3, "hook_name": hook[0], "hook_head_index": hook[1]}
+    spec["d_in"] = 8 if hook[1] is not None else 32  # d_head, d_model
+    contexts = torch.randint(0, 50, (10, 8), generator=torch.Generator().manual_seed(1))
+    batches = StreamedBatches(model, contexts, spec, batch_size=12, seed=5, chunk_contexts=4)
+    served = torch.cat([next(batches) for _ in range(10)])  # 120 rows: a whole epoch of 3 chunks (4, 4, 2 contexts) and the next's first
+
+    expected = []
+    for epoch in (0, 1):
+        order = torch.randperm(10, generator=batches._generator(epoch))
+        for chunk, start in enumerate(range(0, 10, 4)):
+            acts = activations_for(model, contexts[order[start : start + 4]], spec)
+            expected.append(acts[torch.randperm(len(acts), generator=batches._generator(epoch, chunk))])
+    assert torch.equal(served, torch.cat(expected)[:120])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype):
     from tasks.activations import ShuffledBatches, StoreRows
