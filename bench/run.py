@@ -479,7 +479,8 @@ WORKER_FLAGS: list[str] = []  # this invocation's options that every worker take
 
 def spawn(system: str, size: str, tokens: int, work: Path, base: Path, api_url: str, repeats: int = 0) -> dict:
     result = work / f"{system}.json"
-    env = {**USER_ENV, "PREFECT_API_URL": api_url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), USER_ENV.get("PYTHONPATH")]))  # packages installed with --target stay found
+    env = {**USER_ENV, "PREFECT_API_URL": api_url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": pythonpath}
     # torch.compile's kernel cache lives in the benchmark's folder: the first compiled run is cold, later ones warm.
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base.parent / "inductor-cache"))
     command = [sys.executable, __file__, "--worker", system, "--size", size, "--tokens", str(tokens)]

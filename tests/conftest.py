@@ -97,3 +97,20 @@ def finished_run(prefect_server, tmp_path_factory):
     assert state.is_completed()
     summary = state.result()
     return {"cfg": resolve(tiny_config()), "artifacts": artifacts, "name": summary["run_name"], "state": state, "summary": summary}
+
+
+def fail_once_at_batch(monkeypatch, batch: int) -> list:
+    """Make training fail once, as an out-of-memory error would, when it asks for `batch`; the
+    returned list is non-empty once it has."""
+    import tasks.activations
+
+    real_next, failed = tasks.activations.ShuffledBatches.__next__, []
+
+    def flaky_next(self):
+        if self.next_batch == batch and not failed:
+            failed.append(True)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_next(self)
+
+    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
+    return failed

@@ -70,8 +70,8 @@ def test_streamed_chunks_are_written_in_place_as_the_shuffled_activations(model,
     expected = []
     for epoch in (0, 1):
         order = torch.randperm(10, generator=batches._generator(epoch))
-        for chunk, start in enumerate(range(0, 10, 4)):
-            acts = activations_for(model, contexts[order[start : start + 4]], spec)
+        for chunk, first in enumerate(range(0, 10, 4)):
+            acts = activations_for(model, contexts[order[first : first + 4]], spec)
             expected.append(acts[torch.randperm(len(acts), generator=batches._generator(epoch, chunk))])
     assert torch.equal(served, torch.cat(expected)[:120])
 

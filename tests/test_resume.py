@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import task_states, tiny_config
+from conftest import fail_once_at_batch, task_states, tiny_config
 from flows.pipeline import run_pipeline
 from tasks.artifacts import exclusive_lock, verify_manifest
 from tasks.preflight import claim_run, resolve
@@ -242,23 +242,6 @@ def test_nan_stops_training_keeps_the_last_good_checkpoint_and_a_corrupted_one_i
     assert len(list(checkpoints.glob("broken-step-000000039-*"))) == 1  # kept for inspection
     assert summary["training"]["resumed_from_step"] == 26
     assert_bitwise_equal(weights(summary), faults_reference)
-
-
-def fail_once_at_batch(monkeypatch, batch: int) -> list:
-    """Make training fail once, as an out-of-memory error would, when it asks for `batch`; the
-    returned list is non-empty once it has."""
-    import tasks.activations
-
-    real_next, failed = tasks.activations.ShuffledBatches.__next__, []
-
-    def flaky_next(self):
-        if self.next_batch == batch and not failed:
-            failed.append(True)
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_next(self)
-
-    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
-    return failed
 
 
 def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faults_cfg, faults_reference, monkeypatch):
