@@ -75,10 +75,12 @@ def main() -> None:
     for name in args.shapes:
         d_in, expansion = SHAPES[name]
         cfg = bench.bench_config("small", 4_000_000, args.device).model_copy(update={"d_in": d_in, "expansion_factor": expansion})
+        timings = {variant: time_steps(cfg, variant, args.steps) for variant in args.variants}
+        # After the steps, so that the GPU runs at the clocks it trained at (an idle one starts low)
+        bench.matmul_reference(BATCH, d_in, cfg.sae_width, args.device, dtype, repeats=10)
         matmul = bench.matmul_reference(BATCH, d_in, cfg.sae_width, args.device, dtype, repeats=50)
         row = {"d_in": d_in, "d_sae": cfg.sae_width, "matmul_gflops": matmul["gflops"]}
-        for variant in args.variants:
-            timing = time_steps(cfg, variant, args.steps)
+        for variant, timing in timings.items():
             gflops = bench.sae_step_flops(BATCH, d_in, cfg.sae_width) / (timing["step_ms"] / 1000) / 1e9
             row[variant] = timing | {"tokens_per_s": BATCH / (timing["step_ms"] / 1000), "gflops": gflops, "share_of_matmul": gflops / matmul["gflops"]}
             print(f"{name:6} d_in {d_in:4} d_sae {cfg.sae_width:6} {variant:13} {timing['step_ms']:8.3f} ms/step  "
