@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tasks.activations import training_batches
+from tasks.activations import read_ahead, training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
 
@@ -381,13 +381,13 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             n_batches_for_norm_estimate=min(trainer.cfg.n_batches_for_norm_estimate, math.ceil(store_ref["n_tokens"] / batch)),
         )
     batches.next_batch = trainer.n_training_samples // batch
-    trainer.data_provider = batches
     if cfg.training_tokens > store_ref["n_tokens"]:
         logger.info(f"Training on {cfg.training_tokens} activations: {cfg.training_tokens / store_ref['n_tokens']:.1f} passes over the {store_ref['n_tokens']} stored ones")
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
-    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests):
+    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests), read_ahead(batches, cfg.device) as provider:
+        trainer.data_provider = provider
         sae = trainer.fit()
     elapsed = time.monotonic() - started
     trained_tokens = trainer.n_training_samples - start_tokens

@@ -1,7 +1,8 @@
 """The speed-ups change nothing that is computed: each fast path gives, bit for bit on CPU, what
-the plain one gives (the forward that stops at the hook, the sorted store reads), the thread
-defaults follow the machine and yield to the environment, and the GPU's deferred NaN check
-still keeps a non-finite loss out of every checkpoint."""
+the plain one gives (the forward that stops at the hook, the sorted store reads, the batch read
+ahead on a background thread), the thread defaults follow the machine and yield to the
+environment, and the GPU's deferred NaN check still keeps a non-finite loss out of every
+checkpoint."""
 
 import json
 import os
@@ -96,6 +97,44 @@ def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype
     from_disk, in_memory = ShuffledBatches(store, 384, seed=3), ShuffledBatches(acts, 384, seed=3)
     for _ in range(6):
         assert torch.equal(next(from_disk), next(in_memory))
+
+
+def test_read_ahead_reads_the_next_batch_on_another_thread_and_changes_nothing():
+    import threading
+
+    from tasks.activations import ReadAhead, ShuffledBatches, read_ahead
+
+    data = torch.randn(40, 3)
+    plain = ShuffledBatches(data, 4, seed=3)
+    expected = [next(plain) for _ in range(12)]  # across an epoch boundary
+    with ReadAhead(ShuffledBatches(data, 4, seed=3)) as ahead:
+        assert all(torch.equal(next(ahead), batch) for batch in expected)
+
+    asked, second_asked = [], threading.Event()
+
+    def batches():
+        for i in range(3):
+            asked.append(threading.current_thread().name)
+            if i == 1:
+                second_asked.set()
+            yield i
+        raise RuntimeError("the store's disk went away")
+
+    with ReadAhead(batches()) as ahead:
+        assert next(ahead) == 0
+        assert second_asked.wait(10)  # batch 1 is being made before it is asked for
+        assert next(ahead) == 1 and next(ahead) == 2
+        with pytest.raises(RuntimeError, match="disk went away"):  # raised in its place, not earlier
+            next(ahead)
+    assert all(name.startswith("saeflow-read-ahead") for name in asked)
+    assert not any(thread.name.startswith("saeflow-read-ahead") for thread in threading.enumerate())
+
+    # Training reads ahead on accelerators only; on the CPU it reads in the training loop.
+    stream = iter(range(5))
+    with read_ahead(stream, "cpu") as provider:
+        assert provider is stream
+    with read_ahead(stream, "cuda") as provider:
+        assert isinstance(provider, ReadAhead) and next(provider) == 0
 
 
 def test_context_batches_are_the_batches_sae_lens_reads_row_by_row(model):
