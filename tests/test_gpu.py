@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fail_once_at_batch, start, tiny_config
+from test_resume import assert_bitwise_equal
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -38,10 +39,7 @@ def test_a_retried_gpu_training_with_deterministic_kernels_ends_bitwise_equal(pr
     assert state.is_completed() and failed
     summary = state.result()
     assert summary["training"]["resumed_from_step"] == 26
-    resumed = trained_weights(summary)
-    assert resumed.keys() == reference.keys()
-    for key in reference:
-        assert torch.equal(resumed[key], reference[key]), f"{key} differs"
+    assert_bitwise_equal(trained_weights(summary), reference)
 
 
 @pytest.mark.parametrize("mode", ["cached", "streaming"])
