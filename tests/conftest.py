@@ -99,9 +99,9 @@ def finished_run(prefect_server, tmp_path_factory):
     return {"cfg": resolve(tiny_config()), "artifacts": artifacts, "name": summary["run_name"], "state": state, "summary": summary}
 
 
-def fail_once_at_batch(monkeypatch, batch: int) -> list:
-    """Make training fail once, as an out-of-memory error would, when it asks for `batch`; the
-    returned list is non-empty once it has."""
+def start_failing_once(cfg, artifacts, run_name: str, monkeypatch, batch: int = 30) -> dict:
+    """Run `cfg` with one retry while training fails once, as an out-of-memory error would, when
+    it asks for `batch`; the retried run must complete. Returns its summary."""
     import tasks.activations
 
     real_next, failed = tasks.activations.ShuffledBatches.__next__, []
@@ -113,4 +113,6 @@ def fail_once_at_batch(monkeypatch, batch: int) -> list:
         return real_next(self)
 
     monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
-    return failed
+    state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, run_name, return_state=True)
+    assert state.is_completed() and failed
+    return state.result()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fail_once_at_batch, start, tiny_config
+from conftest import start, start_failing_once, tiny_config
 from test_resume import assert_bitwise_equal
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -34,10 +34,7 @@ def test_a_retried_gpu_training_with_deterministic_kernels_ends_bitwise_equal(pr
     cfg = tiny_config(training_tokens=32_768, n_checkpoints=4, deterministic=True, **GPU)  # checkpoints after steps 13, 26, 39, 52
     reference = trained_weights(start(cfg, tmp_path, "straight"))
 
-    failed = fail_once_at_batch(monkeypatch, 30)
-    state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), tmp_path, "retried", return_state=True)
-    assert state.is_completed() and failed
-    summary = state.result()
+    summary = start_failing_once(cfg, tmp_path, "retried", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
     assert_bitwise_equal(trained_weights(summary), reference)
 

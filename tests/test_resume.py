@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import fail_once_at_batch, task_states, tiny_config
+from conftest import start_failing_once, task_states, tiny_config
 from flows.pipeline import run_pipeline
 from tasks.artifacts import exclusive_lock, verify_manifest
 from tasks.preflight import claim_run, resolve
@@ -245,11 +245,7 @@ def test_nan_stops_training_keeps_the_last_good_checkpoint_and_a_corrupted_one_i
 
 
 def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faults_cfg, faults_reference, monkeypatch):
-    failed = fail_once_at_batch(monkeypatch, 30)
-    cfg = faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0})
-    state = start(cfg, artifacts, "retried", return_state=True)
-    assert state.is_completed() and failed
-    summary = state.result()
+    summary = start_failing_once(faults_cfg[0], artifacts, "retried", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
     assert_bitwise_equal(weights(summary), faults_reference)
     assert flow_run_states("retried") == ["Completed"]
@@ -262,10 +258,7 @@ def test_a_compiled_training_resumes_exactly(artifacts, faults_cfg, faults_refer
     reference = weights(start(cfg, artifacts, "compiled-straight"))
     assert any(not torch.equal(reference[key], faults_reference[key]) for key in reference)
 
-    failed = fail_once_at_batch(monkeypatch, 30)
-    state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, "compiled-retried", return_state=True)
-    assert state.is_completed() and failed
-    summary = state.result()
+    summary = start_failing_once(cfg, artifacts, "compiled-retried", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
     assert_bitwise_equal(weights(summary), reference)
 
