@@ -99,6 +99,51 @@ def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype
         assert torch.equal(next(from_disk), next(in_memory))
 
 
+def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
+    """A whole epoch of random batches leaves none of the store mapped in the process: before each
+    `RELEASE_ROWS` rows are read, and after each batch, the store's resident pages (as
+    /proc/self/smaps counts them, and so RSS) are zero. The rows are the ones asked for."""
+    from tasks.activations import ShuffledBatches, StoreRows
+
+    acts = torch.randn(65536, 64)  # 16 MiB in 4 shards
+    shards = []
+    for i, first in enumerate(range(0, len(acts), 16384)):
+        save_file({"tokens": torch.zeros(16384, dtype=torch.int64), "activations": acts[first : first + 16384]}, tmp_path / f"s{i}.safetensors")
+        shards.append({"file": f"s{i}.safetensors", "start": first, "stop": first + 16384})
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
+
+    def store_resident_kb() -> int:
+        total, in_store = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                in_store = fields[-1].startswith(str(tmp_path))
+            elif in_store and fields[0] == "Rss:":
+                total += int(fields[1])
+        return total
+
+    store = StoreRows({"path": str(tmp_path), "dtype": "float32", "n_tokens": len(acts)})
+    assert store.parts[0][::1024].sum().isfinite() and store_resident_kb() > 0  # reading through the map shows
+    store[torch.arange(10)]
+    assert store_resident_kb() == 0
+
+    resident_before_reads = []
+    index_select = torch.index_select
+
+    def noting_index_select(*args, **kwargs):
+        resident_before_reads.append(store_resident_kb())
+        return index_select(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", noting_index_select)
+    from_disk, in_memory = ShuffledBatches(store, 4096, seed=0), ShuffledBatches(acts, 4096, seed=0)
+    resident_after_batches = []
+    for _ in range(16):
+        assert torch.equal(next(from_disk), next(in_memory))
+        resident_after_batches.append(store_resident_kb())
+    assert len(resident_before_reads) >= 16 * 4096 // StoreRows.RELEASE_ROWS
+    assert max(resident_before_reads) == 0 and max(resident_after_batches) == 0
+
+
 def test_read_ahead_reads_the_next_batch_on_another_thread_and_changes_nothing():
     import threading
 
