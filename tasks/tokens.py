@@ -7,7 +7,8 @@ per row), `sae_lens.json` (SAELens's pretokenised-dataset metadata plus the toke
 fingerprint) and `manifest.json` (checksums). The key covers the dataset, the tokenizer's
 fingerprint, the context size, BOS handling and the number of contexts: the training contexts
 and then the held-out ones, each rounded up to whole store batches, and no more (a streamed hub
-dataset is read only that far, and at most one tokenizer call's texts beyond).
+dataset is read only that far, and at most two tokenizer calls' texts beyond: the next call
+tokenises on a background thread while the last one's ids are packed).
 
 The packing is SAELens's `concat_and_batch_sequences` with the settings its `ActivationsStore`
 uses on text (BOS at the start of each context with `prepend_bos`, BOS between documents), fed by
@@ -122,18 +123,24 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
 def _documents(model, dataset):
     """Each text's token ids, exactly as `model.to_tokens(text, prepend_bos=False, truncate=False)`
     gives them, but tokenising many texts per tokenizer call (one `to_tokens` call per text cost
-    more than the tokenising itself)."""
+    more than the tokenising itself), the next call on a background thread (the tokenizer lets go
+    of the GIL) while these ids are packed: 0.77 s instead of 0.99 s for the benchmark's 2L
+    contexts on 2 cores."""
     import torch
     from transformer_lens.utilities.tokenize_utils import get_tokens_with_bos_removed
 
-    for batch in dataset.iter(batch_size=TEXTS_PER_CALL):
-        for ids in model.tokenizer(batch["text"], truncation=False)["input_ids"]:
-            # One unpadded row, as `to_tokens` holds one text: TransformerLens's own removal of the
-            # BOS the tokenizer prepends then does what it does there, whichever side it pads.
-            tokens = torch.tensor([ids], dtype=torch.long)
-            if model.cfg.tokenizer_prepends_bos:
-                tokens = get_tokens_with_bos_removed(model.tokenizer, tokens)
-            yield tokens[0]
+    from tasks.activations import ReadAhead
+
+    calls = (model.tokenizer(batch["text"], truncation=False)["input_ids"] for batch in dataset.iter(batch_size=TEXTS_PER_CALL))
+    with ReadAhead(calls) as tokenised:  # the next call tokenises (without the GIL) while these ids are packed
+        for ids_of_texts in tokenised:
+            for ids in ids_of_texts:
+                # One unpadded row, as `to_tokens` holds one text: TransformerLens's own removal of the
+                # BOS the tokenizer prepends then does what it does there, whichever side it pads.
+                tokens = torch.tensor([ids], dtype=torch.long)
+                if model.cfg.tokenizer_prepends_bos:
+                    tokens = get_tokens_with_bos_removed(model.tokenizer, tokens)
+                yield tokens[0]
 
 
 def open_tokens(tokens_ref: dict[str, Any]):
