@@ -278,11 +278,11 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     timed(tasks.activations, "_save_shard", "write")  # on the writer thread, beside the forward
     timed(tasks.activations._StoreWriter, "wait", "write_wait")  # the fill waiting for a write
     timed(tasks.activations.ContextBatches, "next_batch", "read_tokens")
-    if DEVICE[0] == "cpu":  # the training loop reads its batches
+    if tasks.activations.reads_ahead(DEVICE[0]):  # a thread reads the batches ahead: the loop's wait for them
+        timed(tasks.activations.ReadAhead, "__next__", "data")
+    else:  # the training loop reads its batches
         timed(tasks.activations.ShuffledBatches, "__next__", "data")
         timed(tasks.streaming.StreamedBatches, "__next__", "data")  # the model forward inside it is timed too
-    else:  # a thread reads them ahead (tasks.activations.read_ahead): the loop's wait for them
-        timed(tasks.activations.ReadAhead, "__next__", "data")
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
 
@@ -332,7 +332,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
             "fill_model_forward": TIMES["fill_forward"],
             "train": TIMES["train"],
             "train_model_forward": train_forward,
-            "data_loading": TIMES["data"] - (train_forward if DEVICE[0] == "cpu" else 0.0),
+            "data_loading": TIMES["data"] - (0.0 if tasks.activations.reads_ahead(DEVICE[0]) else train_forward),
             "sae_step": TIMES["sae_step"],
             "train_other": TIMES["train"] - TIMES["data"] - TIMES["sae_step"],
             "rest": seconds - TIMES["pretokenise"] - TIMES["fill"] - TIMES["train"],

@@ -568,12 +568,17 @@ class ShuffledBatches:
         return rows.to(self.device)
 
 
+def reads_ahead(device: str) -> bool:
+    """Whether training on `device` reads its batches ahead: on an accelerator, where reading a
+    batch took as long as the launch-bound SAE step (H200) and the host has cores to spare; not
+    on the CPU, where the reading thread competed with the step for the same cores (no gain
+    measured on 2 cores)."""
+    return torch.device(device).type != "cpu"
+
+
 def read_ahead(batches, device: str):
-    """`ReadAhead(batches)` on an accelerator, where reading a batch took as long as the launch-
-    bound SAE step (H200) and the host has cores to spare; on the CPU the batches themselves,
-    since there the reading thread competed with the step for the same cores (no gain measured
-    on 2 cores)."""
-    return contextlib.nullcontext(batches) if torch.device(device).type == "cpu" else ReadAhead(batches)
+    """`ReadAhead(batches)` where training on `device` reads ahead, else the batches themselves."""
+    return ReadAhead(batches) if reads_ahead(device) else contextlib.nullcontext(batches)
 
 
 class ReadAhead:
