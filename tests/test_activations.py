@@ -69,6 +69,22 @@ def test_interrupted_fill_resumes_at_the_first_missing_shard(prefect_server, tmp
     assert len(acts) == 8192
 
 
+@pytest.mark.parametrize(
+    ("d_in", "dtype", "n_tokens", "shards", "shard_mib"),
+    [
+        (64, "float32", 600_000, 5, 32),  # the benchmark's 2L store: 32 MiB shards
+        (64, "float32", 250_000_000, 129, 476),  # 64 GB: about 128 shards, not 1,900 of 32 MiB
+        (768, "bfloat16", 300_000_000, 862, 510),  # GPT-2 small over 300M tokens, 460 GB: shards stop at 512 MiB
+    ],
+)
+def test_big_stores_get_bigger_shards(d_in, dtype, n_tokens, shards, shard_mib):
+    spec = {"d_in": d_in, "dtype": dtype, "n_tokens": n_tokens, "store_batch_size_prompts": 32, "context_size": 64}
+    rows = activations._shard_rows(spec)
+    assert rows % (32 * 64) == 0  # whole model batches
+    assert -(-n_tokens // rows) == shards
+    assert int(rows * d_in * torch.empty((), dtype=getattr(torch, dtype)).element_size() / 2**20) == shard_mib
+
+
 def test_shuffled_batches_cover_each_row_once_per_epoch_and_seek_directly():
     data = torch.arange(10, dtype=torch.float32).unsqueeze(1)
     batches = ShuffledBatches(data, batch_size=4, seed=3)
