@@ -195,13 +195,16 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_r
             return _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger())
 
 
+def shard_bytes(store_bytes: int) -> int:
+    """Bytes per shard of a store of `store_bytes`: SHARD_BYTES up to stores of MAX_SHARDS of them,
+    then bigger, up to MAX_SHARD_BYTES."""
+    return max(SHARD_BYTES, min(store_bytes // MAX_SHARDS, MAX_SHARD_BYTES))
+
+
 def _shard_rows(spec: dict[str, Any]) -> int:
-    """Rows per shard: whole model batches, SHARD_BYTES up to stores of MAX_SHARDS of them, then
-    bigger, up to MAX_SHARD_BYTES."""
     bytes_per_row = spec["d_in"] * torch.empty((), dtype=getattr(torch, spec["dtype"])).element_size()
     rows_per_batch = spec["store_batch_size_prompts"] * spec["context_size"]
-    shard_bytes = max(SHARD_BYTES, min(spec["n_tokens"] * bytes_per_row // MAX_SHARDS, MAX_SHARD_BYTES))
-    return max(1, shard_bytes // (bytes_per_row * rows_per_batch)) * rows_per_batch
+    return max(1, shard_bytes(spec["n_tokens"] * bytes_per_row) // (bytes_per_row * rows_per_batch)) * rows_per_batch
 
 
 class _StoreWriter:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tasks.activations import EVAL_ACTIVATIONS, SHARD_BYTES, _save_shard, _verified_shards, store_dir
+from tasks.activations import EVAL_ACTIVATIONS, SHARD_BYTES, _save_shard, _verified_shards, shard_bytes, store_dir
 from tasks.artifacts import atomic_dir, exclusive_lock, file_sha256, read_json, stage, verify_manifest, write_json, write_manifest
 from tasks.config import ConfigError, RunConfig, stable_hash
 
@@ -331,7 +331,8 @@ def _copy_rows(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
     shards = _verified_shards(out, manifest)
     source, n_rows, n_eval = _source(spec, out)
     dtype = getattr(torch, spec["dtype"])
-    rows_per_shard = max(1, SHARD_BYTES // (spec["d_in"] * dtype.itemsize))
+    row_bytes = spec["d_in"] * dtype.itemsize
+    rows_per_shard = max(1, shard_bytes(n_rows * row_bytes) // row_bytes)
     done = shards[-1]["stop"] if shards else 0
     if done:
         logger.info(f"Activation store {out.name}: resuming the import at row {done} of {n_rows}")
@@ -365,7 +366,7 @@ def _copy_rows(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
 
 def write_activations(batches: Iterable, folder: str | Path) -> dict[str, Any]:
     """Write an iterable of `[batch, d_in]` activations (torch tensors or numpy arrays, e.g. made
-    with nnsight) as `.safetensors` shards of about 64 MB in `folder`, which `activations_path`
+    with nnsight) as `.safetensors` shards of about 32 MB in `folder`, which `activations_path`
     then reads. `folder` must be new or empty: nothing is overwritten. Returns the folder, the
     row count, the width and the files."""
     folder = Path(folder)

@@ -195,9 +195,10 @@ def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, shard_folder, monkeypatch):
+    import tasks.activations
     import tasks.sources
 
-    monkeypatch.setattr(tasks.sources, "SHARD_BYTES", 1000 * D_IN * 4)
+    monkeypatch.setattr(tasks.activations, "SHARD_BYTES", 1000 * D_IN * 4)
     cfg = source_config(shard_folder[0])
     reference = import_store(cfg, tmp_path / "a")
     assert reference["n_shards"] == 9
