@@ -35,9 +35,10 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor", cat
 
 STAGE_VERSION = 1
 # Two shards are in memory while filling (one filled, one written): 32 MB ones kept the
-# benchmark's fill below SAELens's peak memory, where 64 MB ones did not. Stores of more than
-# MAX_SHARDS x 32 MB get bigger shards (up to MAX_SHARD_BYTES): reading a training batch costs a
-# call per shard its rows lie in (28 ms per 4096-row batch from 2,000 shards, 3.5 ms from 32).
+# benchmark's fill (2L) below SAELens's peak memory, 64 MB ones did not, at the same speed.
+# Stores of more than MAX_SHARDS x 32 MB get bigger shards (up to MAX_SHARD_BYTES): reading a
+# training batch costs a call per shard its rows lie in (28 ms per 4096-row batch from 2,000
+# shards, 3.5 ms from 32).
 SHARD_BYTES = 32 * 2**20
 MAX_SHARDS = 128
 MAX_SHARD_BYTES = 512 * 2**20
