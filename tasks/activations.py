@@ -203,7 +203,7 @@ def shard_bytes(store_bytes: int) -> int:
 
 
 def _shard_rows(spec: dict[str, Any]) -> int:
-    bytes_per_row = spec["d_in"] * torch.empty((), dtype=getattr(torch, spec["dtype"])).element_size()
+    bytes_per_row = spec["d_in"] * getattr(torch, spec["dtype"]).itemsize
     rows_per_batch = spec["store_batch_size_prompts"] * spec["context_size"]
     return max(1, shard_bytes(spec["n_tokens"] * bytes_per_row) // (bytes_per_row * rows_per_batch)) * rows_per_batch
 

@@ -29,7 +29,7 @@ FREE_DISK_SHARE = 0.5  # `auto` caches at most this share of the free disk by de
 def store_gigabytes(cfg) -> float:
     """Disk size of the cached activations of a run: tokens x d_in x bytes per value."""
     n_tokens = -(-cfg.training_tokens // cfg.context_size) * cfg.context_size
-    return n_tokens * cfg.d_in * torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size() / 1e9
+    return n_tokens * cfg.d_in * getattr(torch, cfg.dtype).itemsize / 1e9
 
 
 def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path) -> tuple[str, str]:

@@ -82,7 +82,7 @@ def test_big_stores_get_bigger_shards(d_in, dtype, n_tokens, shards, shard_mib):
     rows = activations._shard_rows(spec)
     assert rows % (32 * 64) == 0  # whole model batches
     assert -(-n_tokens // rows) == shards
-    assert int(rows * d_in * torch.empty((), dtype=getattr(torch, dtype)).element_size() / 2**20) == shard_mib
+    assert int(rows * d_in * getattr(torch, dtype).itemsize / 2**20) == shard_mib
 
 
 def test_shuffled_batches_cover_each_row_once_per_epoch_and_seek_directly():
