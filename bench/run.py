@@ -278,7 +278,8 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     timed(tasks.activations, "_save_shard", "write")  # on the writer thread, beside the forward
     timed(tasks.activations._StoreWriter, "wait", "write_wait")  # the fill waiting for a write
     timed(tasks.activations.ContextBatches, "next_batch", "read_tokens")
-    if tasks.activations.reads_ahead(DEVICE[0]):  # a thread reads the batches ahead: the loop's wait for them
+    if tasks.activations.reads_ahead(DEVICE[0]):  # workers or a thread read the batches ahead: the loop's wait for them
+        timed(tasks.activations.WorkerReads, "__next__", "data")
         timed(tasks.activations.ReadAhead, "__next__", "data")
     else:  # the training loop reads its batches
         timed(tasks.activations.ShuffledBatches, "__next__", "data")

@@ -185,6 +185,51 @@ def test_read_ahead_reads_the_next_batch_on_another_thread_and_changes_nothing()
         assert isinstance(provider, ReadAhead) and next(provider) == 0
 
 
+def _write_store(folder: Path, acts: torch.Tensor, shard_rows: list[int]) -> dict:
+    shards, start = [], 0
+    for i, rows in enumerate(shard_rows):
+        save_file({"tokens": torch.zeros(rows, dtype=torch.int64), "activations": acts[start : start + rows]}, folder / f"s{i}.safetensors")
+        shards.append({"file": f"s{i}.safetensors", "start": start, "stop": start + rows})
+        start += rows
+    (folder / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
+    return {"path": str(folder), "dtype": str(acts.dtype).removeprefix("torch."), "n_tokens": start}
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory:UserWarning")  # asked for below on a machine without CUDA
+def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_training(tmp_path):
+    """On an accelerator a cached store's batches are read by worker processes: from the batch
+    training resumes at, across epoch boundaries, they are the ones the training loop would
+    read itself. The workers are gone when training stops, and an error reading a batch
+    reaches training when it asks for that batch."""
+    import multiprocessing
+
+    from tasks.activations import ReadAhead, ShuffledBatches, StoreRows, WorkerReads, read_ahead
+
+    acts = torch.randn(1000, 8)
+    store = _write_store(tmp_path, acts, [300, 1, 499, 200])
+    from_workers = ShuffledBatches(StoreRows(store), 384, seed=3)
+    from_workers.next_batch = 2
+    in_loop = ShuffledBatches(acts, 384, seed=3)
+    in_loop.next_batch = 2
+    with WorkerReads(from_workers, workers=2) as batches:
+        assert all(torch.equal(next(batches), next(in_loop)) for _ in range(10))  # 3,840 rows: 4 epochs
+        assert len(multiprocessing.active_children()) == 2
+    assert multiprocessing.active_children() == []
+
+    # What training on an accelerator gets: workers for a cached store, a thread for anything else.
+    with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cuda") as provider:
+        assert isinstance(provider, WorkerReads)
+    with read_ahead(ShuffledBatches(acts, 384, seed=3), "cuda") as provider:
+        assert isinstance(provider, ReadAhead)
+    assert multiprocessing.active_children() == []
+
+    opened_here = ShuffledBatches(StoreRows(store), 384, seed=3)
+    (tmp_path / "s2.safetensors").unlink()  # the workers open the store when they first read
+    with WorkerReads(opened_here, workers=2) as batches:
+        with pytest.raises(FileNotFoundError, match="s2.safetensors"):
+            next(batches)
+
+
 def test_context_batches_are_the_batches_sae_lens_reads_row_by_row(model):
     """The fill's bulk reads of the pretokenised contexts give SAELens's `get_batch_tokens`
     batches, down to its end of data: the incomplete batch dropped, the data started again."""
