@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# GPU check, for a machine with a CUDA device, this repository and its packages (9 minutes on an H200):
+# GPU check, for a machine with a CUDA device, this repository and its packages (stages 1-4: 9 minutes on an H200):
 #   1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py): bf16 training on cuda learns as on the
 #      CPU, cached and streaming; a retried training with deterministic kernels ends bitwise equal;
 #   2. one short training through the real pipeline (`saeflow run`) with device: cuda and bf16
 #      autocast for the model and the SAE step; prints its tokens/s from train_log.jsonl;
 #   3. the SAE step alone on device-resident batches against the bf16 matmul rate at its shapes,
 #      eager, compiled and with deterministic kernels (bench/gpu_step.py);
-#   4. bench/run.py on cuda (one repetition, saeflow against SAELens's runner).
+#   4. bench/run.py on cuda (one repetition, saeflow against SAELens's runner);
+#   5. SAE steps fed from a 2 GB store of 64 and 128 shards: by the training loop reading,
+#      by a reading thread and by 1, 2 and 4 worker processes, against resident batches
+#      (bench/feed.py).
 # Every stage runs even when one before it failed; the exit status says whether all passed.
-# Usage: bench/gpu_check.sh [PYTHON] [STAGE...]   (default: .venv/bin/python, stages 1 2 3 4;
-# measured on an H200: 1.5, 1.5, 1 and 5 minutes); results in bench/results/gpu_*.json
+# Usage: bench/gpu_check.sh [PYTHON] [STAGE...]   (default: .venv/bin/python, stages 1 2 3 4 5;
+# measured on an H200: 1.5, 1.5, 1 and 5 minutes, stage 5 not yet run); results in bench/results/gpu_*.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-.venv/bin/python}"
 STAGES=" ${*:2} "
-[[ "$STAGES" == "  " ]] && STAGES=" 1 2 3 4 "
+[[ "$STAGES" == "  " ]] && STAGES=" 1 2 3 4 5 "
 for s in $STAGES; do
-  [[ "$s" == [1-4] ]] || { echo "gpu_check: unknown stage '$s'; the stages are 1 2 3 4" >&2; exit 2; }
+  [[ "$s" == [1-5] ]] || { echo "gpu_check: unknown stage '$s'; the stages are 1 2 3 4 5" >&2; exit 2; }
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
@@ -61,6 +64,9 @@ stage "3. SAE step alone vs the bf16 matmul rate" "$PY" bench/gpu_step.py --devi
 
 stage "4. bench/run.py on cuda (1 repetition)" \
   "$PY" bench/run.py --device cuda --repeats 1 --tokens small=4000000 large=2000000 --rerun-tokens 0 --out bench/results/gpu_run.json
+
+stage "5. SAE steps fed from the store, by way of reading" \
+  "$PY" bench/feed.py --device cuda --dir "$WORK" --out bench/results/gpu_feed.json
 
 if ((${#failed[@]})); then
   echo "gpu_check: failed: ${failed[*]}" >&2
