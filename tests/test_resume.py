@@ -294,3 +294,32 @@ def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, caps
     err = capsys.readouterr().err
     assert f"run 'busy' is in use by process {os.getpid()}" in err and "--new" in err
     assert flow_run_states("busy") == []
+
+
+def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
+    """What training does on an accelerator, here on the CPU: the batches that worker processes
+    read (`WorkerReads`) train the weights that reading in the loop trains, also when a retry
+    resumes from a checkpoint part-way; no worker is left behind."""
+    import multiprocessing
+
+    import tasks.activations
+
+    monkeypatch.setattr(tasks.activations, "reads_ahead", lambda device: True)
+    real_next, given, failed = tasks.activations.WorkerReads.__next__, [], []
+
+    def flaky_next(self):
+        given.append(True)
+        if len(given) == 31 and not failed:  # batch 30 of the first attempt
+            failed.append(True)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_next(self)
+
+    monkeypatch.setattr(tasks.activations.WorkerReads, "__next__", flaky_next)
+    cfg = faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0})
+    state = start(cfg, artifacts, "worker-reads", return_state=True)
+    assert state.is_completed() and failed
+    summary = state.result()
+    assert summary["training"]["resumed_from_step"] == 26
+    assert len(given) == 31 + (64 - 26)  # every batch of both attempts came from the workers
+    assert_bitwise_equal(weights(summary), faults_reference)
+    assert multiprocessing.active_children() == []
