@@ -639,6 +639,18 @@ class _StoreReads(torch.utils.data.Dataset):
         return self._rows[rows]
 
 
+def _leave_signals_to_training(worker_id: int) -> None:
+    """A reading worker ignores SIGTERM and SIGINT, which schedulers (Slurm) and Ctrl-C send to
+    every process of a job: training answers them with a checkpoint at the step boundary and
+    stops its workers itself. Left to torch's handler, the worker died of it, and training
+    failed at once on the worker's death. A worker whose training process dies exits by itself
+    (DataLoader's watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class WorkerReads:
     """The batches of `batches` (a `ShuffledBatches` over a cached store), from its `next_batch`
     on, read ahead by `workers` processes: a torch DataLoader, which hands out each batch's rows
@@ -667,6 +679,7 @@ class WorkerReads:
             sampler=rows,
             num_workers=workers,
             pin_memory=self._device.type == "cuda",
+            worker_init_fn=_leave_signals_to_training,
             multiprocessing_context="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
         )
         self._batches = iter(loader)

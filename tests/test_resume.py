@@ -163,6 +163,35 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
     assert_bitwise_equal(weights(artifacts / "runs" / "termed"), slow_reference)
 
 
+
+def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worker_processes(artifacts, slow_cfg, slow_reference):
+    """Batch schedulers (Slurm) send SIGTERM to every process of a job. Where training reads in
+    worker processes (accelerators; here forced on the CPU), the workers leave the signal to
+    training, which checkpoints at the step boundary and exits 75 as without them."""
+    _, config = slow_cfg
+    checkpoints = artifacts / "runs" / "termed-job" / "checkpoints"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "worker_reads_driver.py"), str(config), "--artifacts-dir", str(artifacts), "--run-name", "termed-job"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the job
+    )
+    wait_for(lambda: any(checkpoints.glob("step-*")), first)
+    newest_before = max(p.name for p in checkpoints.glob("step-*"))
+    os.killpg(first.pid, signal.SIGTERM)
+    code, output = finish(first)
+    assert code == 75, output
+    assert "stopped by SIGTERM after step" in output
+    newest = max(checkpoints.glob("step-*"))
+    assert newest.name > newest_before and verify_manifest(newest) is not None
+
+    code, output = finish(cli(artifacts=artifacts, config=config, run_name="termed-job"))
+    assert code == 0, output
+    assert f"Resuming training from {newest.name}" in output
+    assert_bitwise_equal(weights(artifacts / "runs" / "termed-job"), slow_reference)
+
 def test_second_sigint_exits_at_once():
     script = (
         "import os, signal, time\n"
