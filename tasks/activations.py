@@ -604,17 +604,44 @@ def reads_ahead(device: str) -> bool:
     return torch.device(device).type != "cpu"
 
 
-def read_ahead(batches, device: str):
+def read_ahead(batches, device: str, logger=None):
     """The batches to train on `device` from: where training reads ahead, a cached store's
     batches are read by `READ_WORKERS` worker processes (`WorkerReads`) and a streaming store's
     are made one ahead on a thread (`ReadAhead`: the model runs on this process's device); on
-    the CPU, the batches themselves. A context manager, which stops the readers."""
+    the CPU, the batches themselves. A context manager, which stops the readers.
+
+    The workers hand their batches over through shared memory (/dev/shm). Where it has less
+    than twice what they hold at once (Docker's default is 64 MB), the batches are read on a
+    thread instead, with a warning on `logger` saying how to give the container more."""
     if not reads_ahead(device):
         return contextlib.nullcontext(batches)
-    if isinstance(batches, ShuffledBatches) and isinstance(batches.activations, StoreRows):
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return WorkerReads(batches, min(READ_WORKERS, cpus))
-    return ReadAhead(batches)
+    if not (isinstance(batches, ShuffledBatches) and isinstance(batches.activations, StoreRows)):
+        return ReadAhead(batches)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(READ_WORKERS, cpus)
+    store = batches.activations
+    held = 2 * workers * batches.batch_size * store.width * store.parts[0].dtype.itemsize  # 2 batches per worker
+    free = shared_memory_free()
+    if free is not None and free < 2 * held:
+        if logger is not None:
+            logger.warning(
+                f"/dev/shm has {free / 2**20:.0f} MiB free and the {workers} processes that read training batches ahead "
+                f"need about {2 * held / 2**20:.0f} MiB there: reading them on a thread instead, which was slower on a GPU. "
+                "Give the container more shared memory (docker run --shm-size=1g; on Kubernetes, an emptyDir volume "
+                "with medium: Memory mounted at /dev/shm)."
+            )
+        return ReadAhead(batches)
+    return WorkerReads(batches, workers)
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Bytes free in the shared memory that DataLoader workers hand tensors over in (None where
+    there is no such folder, as on macOS)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 # Worker processes reading a cached store's batches ahead on an accelerator. On the H200's host,
@@ -666,7 +693,7 @@ class WorkerReads:
 
     def __init__(self, batches: ShuffledBatches, workers: int):
         import itertools
-        import multiprocessing
+        import sys
 
         from torch.utils.data import DataLoader
 
@@ -680,7 +707,7 @@ class WorkerReads:
             num_workers=workers,
             pin_memory=self._device.type == "cuda",
             worker_init_fn=_leave_signals_to_training,
-            multiprocessing_context="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
+            multiprocessing_context="fork" if sys.platform == "linux" else None,  # fork is unsafe on macOS
         )
         self._batches = iter(loader)
 

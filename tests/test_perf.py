@@ -195,14 +195,14 @@ def _write_store(folder: Path, acts: torch.Tensor, shard_rows: list[int]) -> dic
     return {"path": str(folder), "dtype": str(acts.dtype).removeprefix("torch."), "n_tokens": start}
 
 
-@pytest.mark.filterwarnings("ignore:.*pin_memory:UserWarning")  # asked for below on a machine without CUDA
-def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_training(tmp_path):
+def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_training(tmp_path, monkeypatch):
     """On an accelerator a cached store's batches are read by worker processes: from the batch
     training resumes at, across epoch boundaries, they are the ones the training loop would
     read itself. The workers are gone when training stops, and an error reading a batch
     reaches training when it asks for that batch."""
     import multiprocessing
 
+    import tasks.activations
     from tasks.activations import ReadAhead, ShuffledBatches, StoreRows, WorkerReads, read_ahead
 
     acts = torch.randn(1000, 8)
@@ -222,6 +222,18 @@ def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_t
     with read_ahead(ShuffledBatches(acts, 384, seed=3), "cuda") as provider:
         assert isinstance(provider, ReadAhead)
     assert multiprocessing.active_children() == []
+
+    # Shared memory to hand the batches over: 2 workers hold 2 batches of 384 x 8 x 4 bytes
+    # each, and twice that must be free. With a byte less (as in Docker's 64 MB default, at real
+    # sizes) a thread reads them, and the run's log says how to give the container more.
+    monkeypatch.setattr(tasks.activations, "READ_WORKERS", 2)
+    warned = []
+    logger = type("Logger", (), {"warning": lambda self, message: warned.append(message)})()
+    for free, reader in ((2 * 2 * 2 * 384 * 8 * 4, WorkerReads), (2 * 2 * 2 * 384 * 8 * 4 - 1, ReadAhead)):
+        monkeypatch.setattr(tasks.activations, "shared_memory_free", lambda: free)
+        with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cuda", logger) as provider:
+            assert isinstance(provider, reader) and torch.equal(next(provider).cpu(), next(ShuffledBatches(acts, 384, seed=3)))
+    assert len(warned) == 1 and "/dev/shm has 0 MiB free" in warned[0] and "--shm-size" in warned[0]
 
     opened_here = ShuffledBatches(StoreRows(store), 384, seed=3)
     (tmp_path / "s2.safetensors").unlink()  # the workers open the store when they first read
