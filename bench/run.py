@@ -558,6 +558,7 @@ def main() -> None:
         help="saeflow's activation mode: cached (store the activations, train from them) or streaming (store token ids, "
         "make the activations while training, as SAELens's runner does)",
     )
+    parser.add_argument("--tables", metavar="REPORT", help="print the tables of a report written before (also one stopped part-way) and exit")
     parser.add_argument("--worker", choices=["prepare", "saeflow", "saelens", "rerun"], dest="system", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -567,6 +568,9 @@ def main() -> None:
     if args.system:
         args.tokens = int(args.tokens[0])
         return worker_main(args)
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())))
+        return
 
     tokens = dict(DEFAULT_TOKENS) | {k: int(v) for k, v in (item.split("=") for item in args.tokens)}
     WORKER_FLAGS[:] = ["--saelens-env", args.saelens_env, "--device", args.device, "--mode", args.mode] + (["--compile-sae"] if args.compile_sae else [])
@@ -592,6 +596,9 @@ def main() -> None:
     }
     work = Path(tempfile.mkdtemp(prefix="saeflow-bench-run-"))
     started = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = {size: {"saeflow": [], "saelens": []} for size in args.sizes}
     try:
         with prefect_test_harness(server_startup_timeout=180):
             url = PREFECT_API_URL.value()
@@ -599,7 +606,6 @@ def main() -> None:
             for size in args.sizes:
                 bases[size] = work / f"base-{size}"
                 spawn("prepare", size, tokens[size], work / f"prepare-{size}", bases[size], url)
-            runs = {size: {"saeflow": [], "saelens": []} for size in args.sizes}
             for repeat in range(args.repeats):
                 order = ["saeflow", "saelens"] if repeat % 2 == 0 else ["saelens", "saeflow"]
                 for size in args.sizes:
@@ -607,18 +613,30 @@ def main() -> None:
                         folder = work / f"{size}-{system}-{repeat}"
                         runs[size][system].append(spawn(system, size, tokens[size], folder, bases[size], url))
                         shutil.rmtree(folder, ignore_errors=True)
+                        # Written after every run, so that an invocation stopped part-way (a GPU lent for minutes) keeps its pairs.
+                        write_report(report, runs, tokens, args.device, started, out, complete=False)
             if args.rerun_tokens:
                 size = args.sizes[0]
                 report["cached_rerun"] = spawn("rerun", size, args.rerun_tokens, work / "rerun", bases[size], url, repeats=args.repeats)
                 report["cached_rerun"] |= {"size": size, "training_tokens": args.rerun_tokens}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    write_report(report, runs, tokens, args.device, started, out, complete=True)
+    print(tables(report))
+    print(f"\n({out})")
+
+
+def write_report(report: dict, runs: dict, tokens: dict, device: str, started: float, out: Path, complete: bool) -> None:
+    """Fill `report` with the pairs run so far and write it to `out` (`complete`: false while
+    runs are still to come)."""
     report["load_average_after"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - started
-
-    for size in args.sizes:
-        pairs = list(zip(runs[size]["saeflow"], runs[size]["saelens"]))
-        cfg = bench_config(size, tokens[size], args.device)
+    report["complete"] = complete
+    for size, by_system in runs.items():
+        pairs = list(zip(by_system["saeflow"], by_system["saelens"]))
+        if not pairs:
+            continue
+        cfg = bench_config(size, tokens[size], device)
         report["sizes"][size] = {
             "model": SIZES[size],
             "hook_name": cfg.hook_name,
@@ -629,17 +647,12 @@ def main() -> None:
                 "end_to_end": [a["end_to_end_tokens_per_s"] / b["end_to_end_tokens_per_s"] for a, b in pairs],
                 "peak_rss": [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs],
             },
-            "runs": runs[size],
+            "runs": {system: done[: len(pairs)] for system, done in by_system.items()},
         }
     resume = ROOT / "bench" / "results" / "resume_latency.json"
     if resume.exists():
         report["resume_latency"] = {"source": str(resume.relative_to(ROOT)), **json.loads(resume.read_text())}
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(tables(report))
-    print(f"\n({out})")
 
 
 def tables(report: dict) -> str:
