@@ -312,6 +312,44 @@ def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(prefect_serv
     assert not log.exists()  # the only log row due (step 50) was refused, not written with NaN
 
 
+
+def test_the_deferred_nan_check_costs_one_copy_per_step_and_names_the_first_non_finite_loss():
+    """The GPU step is launch-bound, so recording a loss for the deferred check issues one
+    operation that computes (a copy into the buffer) and no host sync; the check names the
+    first non-finite loss, and a full buffer is checked before it takes the next."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tasks.train import NonFiniteGuard, NonFiniteLoss
+
+    guard = NonFiniteGuard()
+    guard.record(torch.tensor(1.0), 1)
+    dispatched = []
+
+    class Noting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            dispatched.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    loss = torch.tensor(2.0)
+    with Noting():
+        guard.record(loss, 2)
+    assert [op for op in dispatched if op not in ("select", "detach", "alias")] == ["copy_"]
+
+    guard.check(2)  # all finite
+    for step, loss in [(3, 1.0), (4, float("inf")), (5, float("nan"))]:
+        guard.record(torch.tensor(loss), step)
+    with pytest.raises(NonFiniteLoss, match="loss is inf at step 4; training stopped at step 5"):
+        guard.check(5)
+
+    guard = NonFiniteGuard()
+    guard.CAPACITY = 4
+    for step in range(1, 9):  # checked when full, before steps 5 and 9
+        guard.record(torch.tensor(0.5), step)
+    for step, loss in [(9, 1.0), (10, float("nan")), (11, 1.0), (12, 1.0)]:
+        guard.record(torch.tensor(loss), step)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 10; training stopped at step 12"):
+        guard.record(torch.tensor(1.0), 13)
+
 @pytest.mark.parametrize(
     "architecture",
     [{}, {"architecture": "topk", "k": 8}, {"architecture": "batchtopk", "k": 8}, {"architecture": "jumprelu", "l0_coefficient": 0.5},
