@@ -1,6 +1,7 @@
 """The SAE training step alone, on batches already on the device, against the matmul rate at its
 shapes (bf16 on a GPU, where the step runs under autocast; float32 on a CPU): eager, compiled
-(`compile_sae`), and eager with deterministic kernels (`deterministic`). Run by bench/gpu_check.sh.
+(`compile_sae`), eager with deterministic kernels (`deterministic`), and eager with torch's fused
+Adam (`fused_adam`, a candidate: fewer kernel launches). Run by bench/gpu_check.sh.
 
     python bench/gpu_step.py --device cuda [--shapes small large gpt2] [--steps 200]
 """
@@ -26,6 +27,9 @@ from tasks.train import NonFiniteGuard, _make_trainer, nan_check_deferred, new_t
 # (d_in, expansion factor): the benchmark's two models, and GPT-2 small's residual stream at x32
 SHAPES = {"small": (64, 8), "large": (256, 8), "gpt2": (768, 32)}
 BATCH = 4096
+# eager: SAELens's step as saeflow runs it; compiled: compile_sae; deterministic: deterministic kernels;
+# fused_adam: eager with torch's fused Adam in place of SAELens's (foreach) Adam, not in saeflow yet
+VARIANTS = ["eager", "compiled", "deterministic", "fused_adam"]
 
 
 def time_steps(cfg, variant: str, steps: int) -> dict:
@@ -35,6 +39,8 @@ def time_steps(cfg, variant: str, steps: int) -> dict:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)
     guard = NonFiniteGuard() if nan_check_deferred(cfg.device) else None
     trainer = _make_trainer(sae, runner_cfg, lambda *args: None, guard)
+    if variant == "fused_adam":  # what torch's fused Adam would gain (the LR schedule then steps the replaced optimizer)
+        trainer.optimizer = torch.optim.Adam(sae.parameters(), lr=runner_cfg.lr, betas=(runner_cfg.adam_beta1, runner_cfg.adam_beta2), fused=True)
     batches = [torch.randn(BATCH, cfg.d_in, device=cfg.device) for _ in range(8)]
     torch.use_deterministic_algorithms(variant == "deterministic")
     try:
@@ -63,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--variants", nargs="+", choices=["eager", "compiled", "deterministic"], default=["eager", "compiled", "deterministic"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_step.json"))
     args = parser.parse_args()
