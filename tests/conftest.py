@@ -101,18 +101,29 @@ def finished_run(prefect_server, tmp_path_factory):
 
 def start_failing_once(cfg, artifacts, run_name: str, monkeypatch, batch: int = 30) -> dict:
     """Run `cfg` with one retry while training fails once, as an out-of-memory error would, when
-    it asks for `batch`; the retried run must complete. Returns its summary."""
-    import tasks.activations
+    it asks for `batch`, however it reads its batches (in the loop, by worker processes or on a
+    thread); the retried run must complete. Returns its summary."""
+    import contextlib
 
-    real_next, failed = tasks.activations.ShuffledBatches.__next__, []
+    import tasks.train
 
-    def flaky_next(self):
-        if self.next_batch == batch and not failed:
-            failed.append(True)
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_next(self)
+    real_read_ahead, failed = tasks.train.read_ahead, []
 
-    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", flaky_next)
+    @contextlib.contextmanager
+    def failing_once(batches, *args, **kwargs):
+        first = batches.next_batch
+        with real_read_ahead(batches, *args, **kwargs) as provider:
+
+            def asked():
+                for number, given in enumerate(provider, first):
+                    if number == batch and not failed:
+                        failed.append(True)
+                        raise RuntimeError("CUDA out of memory (simulated)")
+                    yield given
+
+            yield asked()
+
+    monkeypatch.setattr(tasks.train, "read_ahead", failing_once)
     state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, run_name, return_state=True)
     assert state.is_completed() and failed
     return state.result()

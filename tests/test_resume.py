@@ -334,20 +334,14 @@ def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly
     import tasks.activations
 
     monkeypatch.setattr(tasks.activations, "reads_ahead", lambda device: True)
-    real_next, given, failed = tasks.activations.WorkerReads.__next__, [], []
+    real_next, given = tasks.activations.WorkerReads.__next__, []
 
-    def flaky_next(self):
+    def noting_next(self):
         given.append(True)
-        if len(given) == 31 and not failed:  # batch 30 of the first attempt
-            failed.append(True)
-            raise RuntimeError("CUDA out of memory (simulated)")
         return real_next(self)
 
-    monkeypatch.setattr(tasks.activations.WorkerReads, "__next__", flaky_next)
-    cfg = faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0})
-    state = start(cfg, artifacts, "worker-reads", return_state=True)
-    assert state.is_completed() and failed
-    summary = state.result()
+    monkeypatch.setattr(tasks.activations.WorkerReads, "__next__", noting_next)
+    summary = start_failing_once(faults_cfg[0], artifacts, "worker-reads", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
     assert len(given) == 31 + (64 - 26)  # every batch of both attempts came from the workers
     assert_bitwise_equal(weights(summary), faults_reference)
