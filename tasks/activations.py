@@ -620,7 +620,7 @@ def read_ahead(batches, device: str, logger=None):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(READ_WORKERS, cpus)
     store = batches.activations
-    held = 2 * workers * batches.batch_size * store.width * store.parts[0].dtype.itemsize  # 2 batches per worker
+    held = WorkerReads.BATCHES_PER_WORKER * workers * batches.batch_size * store.width * store.parts[0].dtype.itemsize
     free = shared_memory_free()
     if free is not None and free < 2 * held:
         if logger is not None:
@@ -691,6 +691,8 @@ class WorkerReads:
     GPU). The same batches in the same order as `batches` itself; an error reading a batch is
     raised when that batch is asked for. Use it as a context manager, which stops the workers."""
 
+    BATCHES_PER_WORKER = 2  # read ahead by each worker (DataLoader's prefetch_factor)
+
     def __init__(self, batches: ShuffledBatches, workers: int):
         import itertools
         import sys
@@ -705,6 +707,7 @@ class WorkerReads:
             batch_size=None,
             sampler=rows,
             num_workers=workers,
+            prefetch_factor=self.BATCHES_PER_WORKER,
             pin_memory=self._device.type == "cuda",
             worker_init_fn=_leave_signals_to_training,
             multiprocessing_context="fork" if sys.platform == "linux" else None,  # fork is unsafe on macOS
@@ -721,7 +724,7 @@ class WorkerReads:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._batches._shutdown_workers()
+        self._batches._shutdown_workers()  # what the DataLoader's iterator does when it is deleted; it has no public close
         self._batches = None
 
 
