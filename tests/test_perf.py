@@ -77,18 +77,23 @@ def test_streamed_chunks_are_written_in_place_as_the_shuffled_activations(model,
     assert torch.equal(served, torch.cat(expected)[:120])
 
 
+def _write_store(folder: Path, acts: torch.Tensor, shard_rows: list[int]) -> dict:
+    """A complete cached store of `acts` in shards of `shard_rows` rows, and its reference."""
+    shards, start = [], 0
+    for i, rows in enumerate(shard_rows):
+        save_file({"tokens": torch.zeros(rows, dtype=torch.int64), "activations": acts[start : start + rows]}, folder / f"s{i}.safetensors")
+        shards.append({"file": f"s{i}.safetensors", "start": start, "stop": start + rows})
+        start += rows
+    (folder / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
+    return {"path": str(folder), "dtype": str(acts.dtype).removeprefix("torch."), "n_tokens": start}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype):
     from tasks.activations import ShuffledBatches, StoreRows
 
     acts = torch.randn(1000, 8).to(dtype)
-    shards, start = [], 0
-    for i, rows in enumerate([300, 1, 499, 200]):  # uneven shards, one of a single row
-        save_file({"tokens": torch.zeros(rows, dtype=torch.int64), "activations": acts[start : start + rows]}, tmp_path / f"s{i}.safetensors")
-        shards.append({"file": f"s{i}.safetensors", "start": start, "stop": start + rows})
-        start += rows
-    (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
-    store = StoreRows({"path": str(tmp_path), "dtype": str(dtype).removeprefix("torch."), "n_tokens": 1000})
+    store = StoreRows(_write_store(tmp_path, acts, [300, 1, 499, 200]))  # uneven shards, one of a single row
 
     generator = torch.Generator().manual_seed(0)
     for rows in (torch.randint(0, 1000, (333,), generator=generator), torch.tensor([999, 0, 300, 300, 299, 301]), torch.arange(1000)):
@@ -107,11 +112,7 @@ def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
     from tasks.activations import ShuffledBatches, StoreRows
 
     acts = torch.randn(65536, 64)  # 16 MiB in 4 shards
-    shards = []
-    for i, first in enumerate(range(0, len(acts), 16384)):
-        save_file({"tokens": torch.zeros(16384, dtype=torch.int64), "activations": acts[first : first + 16384]}, tmp_path / f"s{i}.safetensors")
-        shards.append({"file": f"s{i}.safetensors", "start": first, "stop": first + 16384})
-    (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
+    store_ref = _write_store(tmp_path, acts, [16384] * 4)
 
     def store_resident_kb() -> int:
         total, in_store = 0, False
@@ -123,7 +124,7 @@ def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
                 total += int(fields[1])
         return total
 
-    store = StoreRows({"path": str(tmp_path), "dtype": "float32", "n_tokens": len(acts)})
+    store = StoreRows(store_ref)
     assert store.parts[0][::1024].sum().isfinite() and store_resident_kb() > 0  # reading through the map shows
     store[torch.arange(10)]
     assert store_resident_kb() == 0
@@ -183,16 +184,6 @@ def test_read_ahead_reads_the_next_batch_on_another_thread_and_changes_nothing()
         assert provider is stream
     with read_ahead(stream, "cuda") as provider:
         assert isinstance(provider, ReadAhead) and next(provider) == 0
-
-
-def _write_store(folder: Path, acts: torch.Tensor, shard_rows: list[int]) -> dict:
-    shards, start = [], 0
-    for i, rows in enumerate(shard_rows):
-        save_file({"tokens": torch.zeros(rows, dtype=torch.int64), "activations": acts[start : start + rows]}, folder / f"s{i}.safetensors")
-        shards.append({"file": f"s{i}.safetensors", "start": start, "stop": start + rows})
-        start += rows
-    (folder / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
-    return {"path": str(folder), "dtype": str(acts.dtype).removeprefix("torch."), "n_tokens": start}
 
 
 def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_training(tmp_path, monkeypatch):
@@ -312,7 +303,6 @@ def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(prefect_serv
     assert not log.exists()  # the only log row due (step 50) was refused, not written with NaN
 
 
-
 def test_the_deferred_nan_check_costs_one_copy_per_step_and_names_the_first_non_finite_loss():
     """The GPU step is launch-bound, so recording a loss for the deferred check issues one
     operation that computes (a copy into the buffer) and no host sync; the check names the
@@ -349,6 +339,7 @@ def test_the_deferred_nan_check_costs_one_copy_per_step_and_names_the_first_non_
         guard.record(torch.tensor(loss), step)
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 10; training stopped at step 12"):
         guard.record(torch.tensor(1.0), 13)
+
 
 @pytest.mark.parametrize(
     "architecture",
