@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows import pipeline
     from tasks.artifacts import Busy, exclusive_lock, run_dir
-    from tasks.train import TrainingPreempted
+    from tasks.train import PREEMPTIONS, TrainingPreempted
 
     try:  # refuse before a Prefect flow run is created; the flow takes the lock for real
         with exclusive_lock(run_dir(args.artifacts_dir, run_name) / ".lock", f"run '{run_name}'", wait=False):
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
+    PREEMPTIONS.clear()
     try:
         summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
     except TrainingPreempted as error:
@@ -234,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - one short message instead of a traceback
+        if PREEMPTIONS:  # training stopped as asked, but the signal also stopped the temporary Prefect server
+            print(
+                f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. Run the same command again to continue it. "
+                f"(Prefect could not be told: {type(error).__name__}: {error}; the signal stopped its temporary server too.)",
+                file=sys.stderr,
+            )
+            return EXIT_PREEMPTED
         print(
             f"saeflow: run '{run_name}' failed: {type(error).__name__}: {error}\n"
             f"Fix the cause and run the same command again: finished stages and checkpoints are kept. "

@@ -150,6 +150,12 @@ class TrainingPreempted(TrainingStopped):
     """SIGTERM or SIGINT: a checkpoint was written at the step boundary."""
 
 
+# The preemptions of this process, as their messages. A signal sent to a whole job (as Slurm
+# sends it) also stops Prefect's temporary server, a child of this process: the command line
+# then gets the lost connection, not TrainingPreempted, and reads here what training did.
+PREEMPTIONS: list[str] = []
+
+
 class NonFiniteLoss(TrainingStopped):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -372,7 +378,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         if stop_requests:
             logger.warning(f"{stop_requests[0]} received: writing a checkpoint at the end of step {trainer.n_training_steps}, then stopping")
             folder = checkpoint(trainer)
-            raise TrainingPreempted(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
+            PREEMPTIONS.append(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
+            raise TrainingPreempted(PREEMPTIONS[-1])
 
     if cfg.compile_sae:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)
