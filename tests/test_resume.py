@@ -163,7 +163,6 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
     assert_bitwise_equal(weights(artifacts / "runs" / "termed"), slow_reference)
 
 
-
 def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worker_processes(artifacts, slow_cfg, tmp_path):
     """Batch schedulers (Slurm) send SIGTERM to every process of a job: here a run with Prefect's
     temporary server (no PREFECT_API_URL), whose training reads in worker processes (as on an
@@ -190,6 +189,33 @@ def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worke
     assert "stopped by SIGTERM after step" in output and "Run the same command again to continue it" in output
     newest = max(checkpoints.glob("step-*"))
     assert newest.name > newest_before and verify_manifest(newest) is not None  # resuming from it: the test above
+
+
+def test_second_sigint_exits_at_once():
+    script = (
+        "import os, signal, time\n"
+        "from tasks.train import _stop_requests\n"
+        "requested = []\n"
+        "with _stop_requests(requested):\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+        "    assert requested == ['SIGINT'], requested\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "second SIGINT, exiting now" in result.stderr and "not reached" not in result.stdout
+
+
+@pytest.mark.parametrize(("point", "n"), [("fill-write", 3), ("fill-shard", 5), ("train-step", 30), ("checkpoint-write", 2)])
+def test_killed_at_a_precise_moment_resumes_exactly(artifacts, faults_cfg, faults_reference, point, n, tmp_path):
+    _, config = faults_cfg
+    fresh = tmp_path / "artifacts"  # own store, so that fill kills hit a fill
+    code, output = finish(cli(driver=(point, n), artifacts=fresh, config=config, run_name="once"))
+    assert code == -signal.SIGKILL, output
+    code, output = finish(cli(artifacts=fresh, config=config, run_name="once"))
+    assert code == 0, output
+    assert_bitwise_equal(weights(fresh / "runs" / "once"), faults_reference)
 
 
 def test_three_kills_in_one_run_still_end_exactly(faults_cfg, faults_reference, tmp_path):
