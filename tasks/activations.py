@@ -637,11 +637,12 @@ def read_ahead(batches, device: str, logger=None):
 def shared_memory_free(path: str = "/dev/shm") -> int | None:
     """Bytes free in the shared memory that DataLoader workers hand tensors over in (None where
     there is no such folder, as on macOS)."""
+    import shutil
+
     try:
-        stats = os.statvfs(path)
+        return shutil.disk_usage(path).free
     except OSError:
         return None
-    return stats.f_bavail * stats.f_frsize
 
 
 # Worker processes reading a cached store's batches ahead on an accelerator. On the H200's host,
