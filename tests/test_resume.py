@@ -4,6 +4,7 @@ bitwise equal to an uninterrupted run's, and faults leave the last good checkpoi
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,18 @@ def slow_reference(prefect_server, artifacts, slow_cfg):
     return weights(start(slow_cfg[0], artifacts, "slow-straight"))
 
 
+def signal_checkpoint(output: str, checkpoints: Path, newest_before: str) -> Path:
+    """The checkpoint the signal's stop names, checked: the newest, complete, at the step it
+    stopped after, no earlier than the newest one seen before the signal. (A signal that lands
+    just after a scheduled checkpoint stops at that very step, whose checkpoint it keeps.)"""
+    match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+) written", output)
+    assert match, output
+    folder = Path(match[2])
+    assert folder == checkpoints / f"step-{int(match[1]):09d}" == max(checkpoints.glob("step-*"))
+    assert folder.name >= newest_before and verify_manifest(folder) is not None
+    return folder
+
+
 def flow_run_states(run_name: str) -> list[str]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -152,9 +165,8 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
     first.send_signal(signal.SIGTERM)
     code, output = finish(first)
     assert code == 75, output
-    assert "stopped by SIGTERM after step" in output and "Run the same command again to continue it" in output
-    newest = max(checkpoints.glob("step-*"))
-    assert newest.name > newest_before and verify_manifest(newest) is not None  # the signal's own checkpoint
+    assert "Run the same command again to continue it" in output
+    newest = signal_checkpoint(output, checkpoints, newest_before)
     assert not (artifacts / "runs" / "termed" / "trained").exists()
 
     code, output = finish(cli(artifacts=artifacts, config=config, run_name="termed"))
@@ -186,9 +198,8 @@ def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worke
     os.killpg(first.pid, signal.SIGTERM)
     code, output = finish(first)
     assert code == 75, output
-    assert "stopped by SIGTERM after step" in output and "Run the same command again to continue it" in output
-    newest = max(checkpoints.glob("step-*"))
-    assert newest.name > newest_before and verify_manifest(newest) is not None  # resuming from it: the test above
+    assert "Run the same command again to continue it" in output
+    signal_checkpoint(output, checkpoints, newest_before)  # resuming from it: the test above
 
 
 def test_second_sigint_exits_at_once():
