@@ -131,11 +131,12 @@ def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
 
     # 32 rows of 256 bytes map at most 32 of the kernel's 64 KB fault-around windows: 2 MiB.
     monkeypatch.setattr(StoreRows, "RELEASE_ROWS", 32)
-    resident_before_reads = []
+    resident_before_reads, reads = [], iter(range(10**6))
     index_select = torch.index_select
 
     def noting_index_select(*args, **kwargs):
-        resident_before_reads.append(store_resident_kb())
+        if next(reads) % 4 == 0:  # reading smaps takes about 50 ms: every 4th read is enough to see growth
+            resident_before_reads.append(store_resident_kb())
         return index_select(*args, **kwargs)
 
     monkeypatch.setattr(torch, "index_select", noting_index_select)
@@ -144,7 +145,7 @@ def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
     for _ in range(4):
         assert torch.equal(next(from_disk), next(in_memory))
         resident_after_batches.append(store_resident_kb())
-    assert len(resident_before_reads) >= 4 * 4096 // 32
+    assert len(resident_before_reads) >= 4 * 4096 // 32 // 4
     assert max(resident_before_reads) <= 4096 and max(resident_after_batches) == 0
 
 
