@@ -604,21 +604,25 @@ def reads_ahead(device: str) -> bool:
     return torch.device(device).type != "cpu"
 
 
-def read_ahead(batches, device: str, logger=None):
-    """The batches to train on `device` from: where training reads ahead, a cached store's
-    batches are read by `READ_WORKERS` worker processes (`WorkerReads`) and a streaming store's
-    are made one ahead on a thread (`ReadAhead`: the model runs on this process's device); on
-    the CPU, the batches themselves. A context manager, which stops the readers.
+def read_ahead(batches, device: str, workers: int | None = None, logger=None):
+    """The batches to train on `device` from, as a context manager that stops their readers. A
+    cached store's batches are read ahead by `workers` worker processes (`WorkerReads`; by
+    default `READ_WORKERS`, at most the CPUs this process may use, where training reads ahead,
+    and none on the CPU), or with none in the training loop. A streaming store's are made one
+    ahead on a thread (`ReadAhead`: the model runs on this process's device) where training
+    reads ahead, and in the training loop on the CPU.
 
     The workers hand their batches over through shared memory (/dev/shm). Where it has less
-    than twice what they hold at once (Docker's default is 64 MB), the batches are read on a
-    thread instead, with a warning on `logger` saying how to give the container more."""
-    if not reads_ahead(device):
-        return contextlib.nullcontext(batches)
+    than twice what they hold at once (Docker's default is 64 MB), the batches are read in the
+    training loop instead (on the H200 a reading thread made training slower than that), with a
+    warning on `logger` saying how to give the container more."""
     if not (isinstance(batches, ShuffledBatches) and isinstance(batches.activations, StoreRows)):
-        return ReadAhead(batches)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(READ_WORKERS, cpus)
+        return ReadAhead(batches) if reads_ahead(device) else contextlib.nullcontext(batches)
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(READ_WORKERS, cpus) if reads_ahead(device) else 0
+    if workers == 0:
+        return contextlib.nullcontext(batches)
     store = batches.activations
     held = WorkerReads.BATCHES_PER_WORKER * workers * batches.batch_size * store.width * store.parts[0].dtype.itemsize
     free = shared_memory_free()
@@ -626,11 +630,14 @@ def read_ahead(batches, device: str, logger=None):
         if logger is not None:
             logger.warning(
                 f"/dev/shm has {free / 2**20:.0f} MiB free and the {workers} processes that read training batches ahead "
-                f"need about {2 * held / 2**20:.0f} MiB there: reading them on a thread instead, which was slower on a GPU. "
-                "Give the container more shared memory (docker run --shm-size=1g; on Kubernetes, an emptyDir volume "
-                "with medium: Memory mounted at /dev/shm)."
+                f"need about {2 * held / 2**20:.0f} MiB there: reading them in the training loop instead, which keeps the "
+                "SAE step waiting for data. Give the container more shared memory (docker run --shm-size=1g; on "
+                "Kubernetes, an emptyDir volume with medium: Memory mounted at /dev/shm), or set read_workers to fewer "
+                "processes."
             )
-        return ReadAhead(batches)
+        return contextlib.nullcontext(batches)
+    if logger is not None:
+        logger.info(f"{workers} worker processes read the training batches ahead (read_workers)")
     return WorkerReads(batches, workers)
 
 

@@ -55,6 +55,7 @@ NON_RESULT_FIELDS = {
     "dashboard_features",
     "dashboard_contexts",
     "max_cache_gb",
+    "read_workers",
 }
 
 
@@ -225,6 +226,13 @@ class RunConfig(BaseModel):
     """GPU: deterministic kernels (`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG`)
     so that a resumed run can match an uninterrupted one bit for bit; the SAE step ran 1.07-1.21x
     slower on an H200. CPU runs are deterministic without it."""
+    read_workers: int | None = Field(None, ge=0)
+    """Processes that read a cached activation store's training batches ahead of the SAE step and
+    hand them over through shared memory (/dev/shm). Default: 4 (at most the CPUs this process
+    may use) on an accelerator, where reading a batch in the training loop took about as long as
+    the step (H200); 0 on the CPU, where readers competed with the step for the cores. 0 reads
+    each batch in the training loop. The batches, and so the trained SAE, are the same whatever
+    it is. Streaming stores ignore it: on an accelerator they are made one batch ahead on a thread."""
 
     # --- checkpoints and logging --------------------------------------------------------------
     n_checkpoints: int = Field(10, ge=0)

@@ -405,7 +405,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
-    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests), read_ahead(batches, cfg.device, logger) as provider:
+    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
         trainer.data_provider = provider
         sae = trainer.fit()
     elapsed = time.monotonic() - started

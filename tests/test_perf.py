@@ -208,24 +208,32 @@ def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_t
         assert len(multiprocessing.active_children()) == 2
     assert multiprocessing.active_children() == []
 
-    # What training on an accelerator gets: workers for a cached store, a thread for anything else.
+    # What training on an accelerator gets: workers for a cached store, a thread for anything
+    # else; `read_workers` sets how many, 0 reading in the training loop, on any device.
     with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cuda") as provider:
-        assert isinstance(provider, WorkerReads)
+        assert isinstance(provider, WorkerReads) and len(multiprocessing.active_children()) == min(4, len(os.sched_getaffinity(0)))
     with read_ahead(ShuffledBatches(acts, 384, seed=3), "cuda") as provider:
         assert isinstance(provider, ReadAhead)
+    for device, workers in (("cuda", 0), ("cpu", None)):
+        cached = ShuffledBatches(StoreRows(store), 384, seed=3)
+        with read_ahead(cached, device, workers) as provider:
+            assert provider is cached
+    with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cpu", 3) as provider:
+        assert isinstance(provider, WorkerReads) and len(multiprocessing.active_children()) == 3
     assert multiprocessing.active_children() == []
 
     # Shared memory to hand the batches over: 2 workers hold 2 batches of 384 x 8 x 4 bytes
     # each, and twice that must be free. With a byte less (as in Docker's 64 MB default, at real
-    # sizes) a thread reads them, and the run's log says how to give the container more.
-    monkeypatch.setattr(tasks.activations, "READ_WORKERS", 2)
+    # sizes) training reads them in its loop, and the run's log says how to give the container more.
     warned = []
-    logger = type("Logger", (), {"warning": lambda self, message: warned.append(message)})()
-    for free, reader in ((2 * 2 * 2 * 384 * 8 * 4, WorkerReads), (2 * 2 * 2 * 384 * 8 * 4 - 1, ReadAhead)):
+    logger = type("Logger", (), {"warning": lambda self, message: warned.append(message), "info": lambda self, message: None})()
+    for free, workers_started in ((2 * 2 * 2 * 384 * 8 * 4, True), (2 * 2 * 2 * 384 * 8 * 4 - 1, False)):
         monkeypatch.setattr(tasks.activations, "shared_memory_free", lambda: free)
-        with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cuda", logger) as provider:
-            assert isinstance(provider, reader) and torch.equal(next(provider).cpu(), next(ShuffledBatches(acts, 384, seed=3)))
-    assert len(warned) == 1 and "/dev/shm has 0 MiB free" in warned[0] and "--shm-size" in warned[0]
+        cached = ShuffledBatches(StoreRows(store), 384, seed=3)
+        with read_ahead(cached, "cuda", 2, logger) as provider:
+            assert isinstance(provider, WorkerReads) is workers_started and (provider is cached) is not workers_started
+            assert torch.equal(next(provider).cpu(), next(ShuffledBatches(acts, 384, seed=3)))
+    assert len(warned) == 1 and "/dev/shm has 0 MiB free" in warned[0] and "--shm-size" in warned[0] and "read_workers" in warned[0]
 
     opened_here = ShuffledBatches(StoreRows(store), 384, seed=3)
     (tmp_path / "s2.safetensors").unlink()  # the workers open the store when they first read

@@ -178,14 +178,15 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
 def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worker_processes(artifacts, slow_cfg, tmp_path):
     """Batch schedulers (Slurm) send SIGTERM to every process of a job: here a run with Prefect's
     temporary server (no PREFECT_API_URL), whose training reads in worker processes (as on an
-    accelerator; forced on the CPU). The workers leave the signal to training, which checkpoints
-    at the step boundary and exits 75, though the signal stopped the temporary server too."""
+    accelerator; `read_workers` on the CPU). The workers leave the signal to training, which
+    checkpoints at the step boundary and exits 75, though the signal stopped the temporary
+    server too."""
     _, config = slow_cfg
     checkpoints = artifacts / "runs" / "termed-job" / "checkpoints"
     # Without retries, Prefect's client gives up on the stopped server at once instead of after about 2 minutes.
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_CLIENT_MAX_RETRIES": "0"}
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "worker_reads_driver.py"), str(config), "--artifacts-dir", str(artifacts), "--run-name", "termed-job"],
+        [sys.executable, "-m", "flows.cli", "run", str(config), "--set", "read_workers=2", "--artifacts-dir", str(artifacts), "--run-name", "termed-job"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -198,7 +199,7 @@ def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worke
     os.killpg(first.pid, signal.SIGTERM)
     code, output = finish(first)
     assert code == 75, output
-    assert "Run the same command again to continue it" in output
+    assert "2 worker processes read the training batches ahead" in output and "Run the same command again to continue it" in output
     signal_checkpoint(output, checkpoints, newest_before)  # resuming from it: the test above
 
 
@@ -336,14 +337,13 @@ def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, caps
 
 
 def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
-    """What training does on an accelerator, here on the CPU: the batches that worker processes
-    read (`WorkerReads`) train the weights that reading in the loop trains, also when a retry
-    resumes from a checkpoint part-way; no worker is left behind."""
+    """What training does on an accelerator, here on the CPU (`read_workers`): the batches that
+    worker processes read (`WorkerReads`) train the weights that reading in the loop trains, also
+    when a retry resumes from a checkpoint part-way; no worker is left behind."""
     import multiprocessing
 
     import tasks.activations
 
-    monkeypatch.setattr(tasks.activations, "reads_ahead", lambda device: True)
     real_next, given = tasks.activations.WorkerReads.__next__, []
 
     def noting_next(self):
@@ -351,7 +351,7 @@ def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly
         return real_next(self)
 
     monkeypatch.setattr(tasks.activations.WorkerReads, "__next__", noting_next)
-    summary = start_failing_once(faults_cfg[0], artifacts, "worker-reads", monkeypatch)
+    summary = start_failing_once(faults_cfg[0].model_copy(update={"read_workers": 2}), artifacts, "worker-reads", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
     assert len(given) == 31 + (64 - 26)  # every batch of both attempts came from the workers
     assert_bitwise_equal(weights(summary), faults_reference)
