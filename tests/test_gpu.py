@@ -1,7 +1,8 @@
 """The GPU path: `device: cuda` with bf16 autocast trains as the CPU does, and with deterministic
 kernels a retried GPU training ends bitwise equal to an uninterrupted one. On `cuda` training
-reads its batches ahead on a thread (`read_ahead`), so these runs check that path too: the
-simulated out-of-memory error is raised on that thread.
+reads a cached store's batches ahead in worker processes and makes a streaming store's on a
+thread (`read_ahead`), so these runs check those paths too: the retried run restarts the workers
+at the batch it resumes from.
 
 These need a CUDA device, so `pytest` deselects them (`-m "not gpu"` in pyproject.toml);
 bench/gpu_check.sh runs them on a GPU machine with `pytest -m gpu`. The deterministic test comes
