@@ -605,12 +605,13 @@ def reads_ahead(device: str) -> bool:
 
 
 def read_ahead(batches, device: str, workers: int | None = None, logger=None):
-    """The batches to train on `device` from, as a context manager that stops their readers. A
-    cached store's batches are read ahead by `workers` worker processes (`WorkerReads`; by
-    default `READ_WORKERS`, at most the CPUs this process may use, where training reads ahead,
-    and none on the CPU), or with none in the training loop. A streaming store's are made one
-    ahead on a thread (`ReadAhead`: the model runs on this process's device) where training
-    reads ahead, and in the training loop on the CPU.
+    """The batches to train on `device` from, as a context manager that stops their readers.
+
+    A cached store's batches are read ahead by `workers` processes (`WorkerReads`), or in the
+    training loop with 0. By default: `READ_WORKERS`, at most the CPUs this process may use,
+    where training reads ahead (`reads_ahead`), and 0 on the CPU. Other batches (a streaming
+    store's, made by the model on this process's device) are made one ahead on a thread
+    (`ReadAhead`) where training reads ahead.
 
     The workers hand their batches over through shared memory (/dev/shm). Where it has less
     than twice what they hold at once (Docker's default is 64 MB), the batches are read in the

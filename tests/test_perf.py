@@ -4,6 +4,7 @@ ahead on a background thread), the thread defaults follow the machine and yield 
 environment, and the GPU's deferred NaN check still keeps a non-finite loss out of every
 checkpoint."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -131,7 +132,7 @@ def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
 
     # 32 rows of 256 bytes map at most 32 of the kernel's 64 KB fault-around windows: 2 MiB.
     monkeypatch.setattr(StoreRows, "RELEASE_ROWS", 32)
-    resident_before_reads, reads = [], iter(range(10**6))
+    resident_before_reads, reads = [], itertools.count()
     index_select = torch.index_select
 
     def noting_index_select(*args, **kwargs):
