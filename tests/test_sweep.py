@@ -29,7 +29,7 @@ def write_sweep(folder: Path, grid: dict, **extra) -> Path:
 
 
 def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server, tmp_path):
-    sweep = write_sweep(tmp_path, {"l1_coefficient": [0.5, 1.0, 2.0, 4.0]})
+    sweep = write_sweep(tmp_path, {"l1_coefficient": [0.5, 1.0, 2.0]})
     artifacts = tmp_path / "artifacts"
     command = [sys.executable, "-m", "flows.cli", "sweep", str(sweep), "--artifacts-dir", str(artifacts), "--dask-workers", "2"]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -41,7 +41,7 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
     os.killpg(first.pid, signal.SIGKILL)  # the sweep and its Dask workers
     first.wait()
     finished = {p.parent.name: (p.parent / "trained" / "manifest.json").stat().st_mtime_ns for p in artifacts.glob("runs/*/summary.json")}
-    assert 1 <= len(finished) < 4
+    assert 1 <= len(finished) < 3  # two workers: the third member starts once one of the first two is done
     stores = list(artifacts.glob("activations/*"))
     assert len(stores) == 1
     shard_time = next(stores[0].glob("shard-*")).stat().st_mtime_ns
@@ -49,11 +49,11 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
     rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
-    assert [r["state"] for r in rows] == ["Completed"] * 4
-    assert [r["label"] for r in rows] == [f"l1_coefficient={v}" for v in (0.5, 1.0, 2.0, 4.0)]
+    assert [r["state"] for r in rows] == ["Completed"] * 3
+    assert [r["label"] for r in rows] == [f"l1_coefficient={v}" for v in (0.5, 1.0, 2.0)]
     for name, mtime in finished.items():  # finished members were not trained again
         assert (artifacts / "runs" / name / "trained" / "manifest.json").stat().st_mtime_ns == mtime
-    assert len(list(artifacts.glob("runs/*/summary.json"))) == 4
+    assert len(list(artifacts.glob("runs/*/summary.json"))) == 3
     assert list(artifacts.glob("activations/*")) == stores and next(stores[0].glob("shard-*")).stat().st_mtime_ns == shard_time
     assert (artifacts / "sweeps" / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows_by_l1 = sorted(rows, key=lambda r: r["label"])
@@ -64,7 +64,7 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
 
     with get_client(sync_client=True) as client:
         table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["saeflow-sweep-t-members"])))
-    assert len(json.loads(table.data) if isinstance(table.data, str) else table.data) == 4
+    assert len(json.loads(table.data) if isinstance(table.data, str) else table.data) == 3
 
 
 @pytest.mark.parametrize(
