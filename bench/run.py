@@ -25,6 +25,7 @@ built on disk (a locally built model, so neither side downloads anything):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,6 +88,23 @@ TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 STEP_SECONDS: list[float] = []  # each SAETrainer.step, in order
 DEVICE = ["cpu"]
+
+
+READ_IN_LOOP = [True]  # whether saeflow's training read its batches in the loop (not ahead)
+
+
+class LoopWait:
+    """The batches training gets, timed by `timed` where the training loop asks for them: the
+    whole read when it reads in the loop, the wait for a batch read ahead otherwise."""
+
+    def __init__(self, provider):
+        self.provider = provider
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.provider)
 
 
 def sync() -> None:
@@ -253,8 +271,8 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
 
     import tasks.activations
     import tasks.model
-    import tasks.streaming
     import tasks.tokens
+    import tasks.train
     from tasks.activations import fill_activations, store_spec
     from tasks.artifacts import RESULTS_DIRNAME
     from tasks.model import build_model, load_model, model_spec
@@ -278,12 +296,16 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     timed(tasks.activations, "_save_shard", "write")  # on the writer thread, beside the forward
     timed(tasks.activations._StoreWriter, "wait", "write_wait")  # the fill waiting for a write
     timed(tasks.activations.ContextBatches, "next_batch", "read_tokens")
-    if tasks.activations.reads_ahead(DEVICE[0]):  # workers or a thread read the batches ahead: the loop's wait for them
-        timed(tasks.activations.WorkerReads, "__next__", "data")
-        timed(tasks.activations.ReadAhead, "__next__", "data")
-    else:  # the training loop reads its batches
-        timed(tasks.activations.ShuffledBatches, "__next__", "data")
-        timed(tasks.streaming.StreamedBatches, "__next__", "data")  # the model forward inside it is timed too
+    timed(LoopWait, "__next__", "data")
+    real_read_ahead = tasks.train.read_ahead
+
+    @contextlib.contextmanager
+    def read_ahead_timing_the_loop_s_wait(batches, *args, **kwargs):
+        with real_read_ahead(batches, *args, **kwargs) as provider:
+            READ_IN_LOOP[0] = provider is batches  # else worker processes or a thread read them ahead
+            yield LoopWait(provider)
+
+    tasks.train.read_ahead = read_ahead_timing_the_loop_s_wait
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
 
@@ -315,7 +337,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     stop = int(cfg.hook_name.split(".")[1])
     bare = bare_forward(model, contexts, stop, cfg.store_batch_size_prompts)
     fill_rate = n_tokens / TIMES["fill"]
-    train_forward = TIMES["forward"] - TIMES["fill_forward"]  # streaming mode's: inside the data loading on a CPU, on the read-ahead thread on a GPU
+    train_forward = TIMES["forward"] - TIMES["fill_forward"]  # streaming mode's: inside the loop's wait when it reads in the loop
     return {
         "activation_mode": cfg.activation_mode,
         "end_to_end_seconds": seconds,
@@ -333,7 +355,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
             "fill_model_forward": TIMES["fill_forward"],
             "train": TIMES["train"],
             "train_model_forward": train_forward,
-            "data_loading": TIMES["data"] - (0.0 if tasks.activations.reads_ahead(DEVICE[0]) else train_forward),
+            "data_loading": TIMES["data"] - (train_forward if READ_IN_LOOP[0] else 0.0),
             "sae_step": TIMES["sae_step"],
             "train_other": TIMES["train"] - TIMES["data"] - TIMES["sae_step"],
             "rest": seconds - TIMES["pretokenise"] - TIMES["fill"] - TIMES["train"],
