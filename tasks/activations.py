@@ -598,7 +598,7 @@ class ShuffledBatches:
 
 def reads_ahead(device: str) -> bool:
     """Whether training on `device` reads its batches ahead: on an accelerator, where reading a
-    batch took as long as the launch-bound SAE step (H200) and the host has cores to spare; not
+    batch took longer than the launch-bound SAE step (H200) and the host has cores to spare; not
     on the CPU, where the reading thread competed with the step for the same cores (no gain
     measured on 2 cores)."""
     return torch.device(device).type != "cpu"
