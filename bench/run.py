@@ -88,6 +88,7 @@ TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 STEP_SECONDS: list[float] = []  # each SAETrainer.step, in order
 DEVICE = ["cpu"]
+HEAP_ON = [False]
 
 
 READ_IN_LOOP = [True]  # whether saeflow's training read its batches in the loop (not ahead)
@@ -164,6 +165,51 @@ def rss_now_mb() -> dict:
     """This process's resident memory now: anonymous memory and mapped files."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile") if key in status}
+
+
+HEAP: list[tuple[str, float, float]] = []  # with --heap: (where, MB in use, MB free) of glibc's heap
+
+
+def note_heap(where: str) -> None:
+    """Record glibc's heap now (`mallinfo2`, all arenas): bytes in use, and bytes free but kept."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+        _fields_ = [(name, ctypes.c_size_t) for name in names]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    HEAP.append((where, info.uordblks / 2**20, info.fordblks / 2**20))
+
+
+def noting_heap(owner, attribute: str, where: str, when: str) -> None:
+    """Record the heap (`note_heap`) on entering ("before") or leaving ("after") `owner.attribute`."""
+    real = getattr(owner, attribute)
+
+    def wrapper(*args, **kwargs):
+        if when == "before":
+            note_heap(where)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if when == "after":
+                note_heap(where)
+
+    setattr(owner, attribute, wrapper)
+
+
+def heap_report() -> dict:
+    """The heap after the fill (saeflow), when training starts, and after the SAE steps (the median
+    of the steps from the third on)."""
+    report = {}
+    for where in ("after_fill", "train_start", "after_step"):
+        rows = [(used, free) for at, used, free in HEAP if at == where]
+        rows = rows[2:] if where == "after_step" else rows
+        if rows:
+            report[where] = {"in_use_mb": statistics.median(r[0] for r in rows), "free_mb": statistics.median(r[1] for r in rows)}
+    return report
 
 
 def wait_setting(threads: dict) -> str:
@@ -308,6 +354,10 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
     tasks.train.read_ahead = read_ahead_timing_the_loop_s_wait
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
+    if HEAP_ON[0]:
+        noting_heap(tasks.activations, "_fill", "after_fill", "after")
+        noting_heap(SAETrainer, "fit", "train_start", "before")
+        noting_heap(SAETrainer, "step", "after_step", "after")
 
     @flow(name="saeflow-bench", persist_result=True, result_serializer="json", result_storage=artifacts.resolve() / RESULTS_DIRNAME)
     def fill_and_train(config: dict, artifacts_dir: str) -> dict:
@@ -371,6 +421,7 @@ def worker_saeflow(cfg, work: Path, base: Path) -> dict:
         },
         **step_report(cfg, seconds, TIMES["train"]),
         "threads": threads(),
+        **({"heap": heap_report()} if HEAP_ON[0] else {}),
     }
 
 
@@ -393,6 +444,9 @@ def worker_saelens(cfg, work: Path, base: Path) -> dict:
     timed(ActivationsStore, "__next__", "data")
     timed(SAETrainer, "step", "sae_step")
     timed(SAETrainer, "fit", "train")
+    if HEAP_ON[0]:
+        noting_heap(SAETrainer, "fit", "train_start", "before")
+        noting_heap(SAETrainer, "step", "after_step", "after")
 
     os.chdir(work)  # anything SAELens writes by default lands in the scratch folder
     torch.manual_seed(cfg.seed)
@@ -429,6 +483,7 @@ def worker_saelens(cfg, work: Path, base: Path) -> dict:
         },
         **step_report(cfg, seconds, TIMES["train"]),
         "threads": threads(),
+        **({"heap": heap_report()} if HEAP_ON[0] else {}),
     }
 
 
@@ -483,6 +538,7 @@ def worker_main(args) -> None:
     if args.system != "saelens" or args.saelens_env == "same":
         import flows  # noqa: F401  (saeflow's process defaults, as its command line sets them)
     DEVICE[0] = args.device
+    HEAP_ON[0] = args.heap
     cfg = bench_config(args.size, args.tokens, args.device, compile_sae=args.compile_sae and args.system == "saeflow", mode=args.mode)
     work, base = Path(args.work), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
@@ -580,6 +636,12 @@ def main() -> None:
         help="saeflow's activation mode: cached (store the activations, train from them) or streaming (store token ids, "
         "make the activations while training, as SAELens's runner does)",
     )
+    parser.add_argument(
+        "--heap",
+        action="store_true",
+        help="also record glibc's heap (mallinfo2: MB in use and MB free but kept) after the fill, when training starts and "
+        "after each SAE step, to see where peak RSS comes from (Linux with glibc; adds a little to each step's time)",
+    )
     parser.add_argument("--tables", metavar="REPORT", help="print the tables of a report written before (also one stopped part-way) and exit")
     parser.add_argument("--worker", choices=["prepare", "saeflow", "saelens", "rerun"], dest="system", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -595,7 +657,7 @@ def main() -> None:
         return
 
     tokens = dict(DEFAULT_TOKENS) | {k: int(v) for k, v in (item.split("=") for item in args.tokens)}
-    WORKER_FLAGS[:] = ["--saelens-env", args.saelens_env, "--device", args.device, "--mode", args.mode] + (["--compile-sae"] if args.compile_sae else [])
+    WORKER_FLAGS[:] = ["--saelens-env", args.saelens_env, "--device", args.device, "--mode", args.mode] + (["--compile-sae"] if args.compile_sae else []) + (["--heap"] if args.heap else [])
     # The temporary Prefect server of this process: no telemetry (it only contends for its database).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -614,6 +676,7 @@ def main() -> None:
         "compile_sae": args.compile_sae,
         "activation_mode": args.mode,
         "device": args.device,
+        "heap": args.heap,
         "sizes": {},
     }
     work = Path(tempfile.mkdtemp(prefix="saeflow-bench-run-"))
@@ -741,6 +804,23 @@ def tables(report: dict) -> str:
         keys = ("pretokenise", "fill_model_forward", "fill_read_tokens", "fill_write_shards", "fill_write_wait", "fill_other", "train_model_forward", "data_loading", "sae_step", "train_other", "rest")
         cells = " | ".join(f"{summarise(runs, ('seconds', key)):.2f}" for key in keys)
         lines.append(f"| {model['n_layers']}L d{model['d_model']} | {summarise(runs, ('end_to_end_seconds',)):.2f} | {cells} |")
+    if report.get("heap"):
+        lines += [
+            "",
+            "glibc's heap (mallinfo2, MB in use / MB free but kept; medians):",
+            "",
+            "| model | system | after the fill | when training starts | after an SAE step |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for size, result in report["sizes"].items():
+            model = result["model"]
+            for system in ("saeflow", "saelens"):
+                runs = result["runs"][system]
+                cells = []
+                for where in ("after_fill", "train_start", "after_step"):
+                    known = [run["heap"][where] for run in runs if where in run["heap"]]
+                    cells.append(f"{median([h['in_use_mb'] for h in known]):,.0f} / {median([h['free_mb'] for h in known]):,.0f}" if known else "-")
+                lines.append(f"| {model['n_layers']}L d{model['d_model']} | {system} | " + " | ".join(cells) + " |")
     if "cached_rerun" in report:
         rerun = report["cached_rerun"]
         lines += [
