@@ -3,7 +3,7 @@ data: end-to-end tokens/s, where the time goes (model forward, data loading, SAE
 step's GFLOP/s against `torch.matmul` at the same shapes, activation filling against the bare
 model forward, a fully cached re-run against an empty Prefect flow, and peak RSS.
 
-    .venv/bin/python bench/run.py [--sizes small large] [--repeats 3] [--tokens small=N large=N]
+    .venv/bin/python bench/run.py [--sizes small large] [--repeats 3] [--tokens small=N large=N] [--heap]
 
 Every measurement runs in a fresh subprocess (peak RSS is that process's `ru_maxrss`; no warm
 caches carry over), and the two systems alternate, so machine noise hits both alike. Writes
