@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -88,9 +89,7 @@ TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 STEP_SECONDS: list[float] = []  # each SAETrainer.step, in order
 DEVICE = ["cpu"]
-HEAP_ON = [False]
-
-
+HEAP_ON = [False]  # --heap
 READ_IN_LOOP = [True]  # whether saeflow's training read its batches in the loop (not ahead)
 
 
@@ -170,17 +169,23 @@ def rss_now_mb() -> dict:
 HEAP: list[tuple[str, float, float]] = []  # with --heap: (where, MB in use, MB free) of glibc's heap
 
 
-def note_heap(where: str) -> None:
-    """Record glibc's heap now (`mallinfo2`, all arenas): bytes in use, and bytes free but kept."""
+@functools.cache
+def mallinfo2():
+    """glibc's `mallinfo2` (the heap's figures over all arenas), callable."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
         names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
         _fields_ = [(name, ctypes.c_size_t) for name in names]
 
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = MallInfo2
-    info = mallinfo2()
+    function = ctypes.CDLL("libc.so.6").mallinfo2
+    function.restype = MallInfo2
+    return function
+
+
+def note_heap(where: str) -> None:
+    """Record glibc's heap now: bytes in use, and bytes free but kept."""
+    info = mallinfo2()()
     HEAP.append((where, info.uordblks / 2**20, info.fordblks / 2**20))
 
 
