@@ -4,8 +4,8 @@ A checkpoint folder `step-NNNNNNNNN/` holds everything that decides the rest of 
 
 - `sae_weights.safetensors`, `cfg.json`: the SAE (SAELens `save_model`, training format);
 - `trainer_state.safetensors` + `trainer_state.json`: optimizer, LR and coefficient schedulers,
-  counters, feature-firing and dead-feature statistics, and the RNG states (torch CPU and CUDA,
-  numpy, python), tensors in safetensors and the rest in JSON (no pickle, no `torch.load`);
+  counters, feature-firing and dead-feature statistics, and the RNG states (torch CPU and the
+  training GPU's, numpy, python), tensors in safetensors and the rest in JSON (no pickle, no `torch.load`);
 - `activation_scaler.json`: the normalisation state (SAELens's own format);
 - `sparsity.safetensors`: log10 feature firing frequency over the current window, for people;
 - `manifest.json`: the step, the data position and the sha256 of every file.
@@ -63,20 +63,25 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: str) -> dict[str, Any]:
+    """The RNG states; on a GPU only the training device's, so that a run resumes on a machine
+    with fewer GPUs visible (a requeued job)."""
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if torch.device(device).type == "cuda" else [],
         "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "rest": [numpy_state[0], *numpy_state[2:]]},
         "python": random.getstate(),
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: str) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and torch.device(device).type == "cuda":
+        # Checkpoints written before 2026-11-30 hold the state of every visible GPU, in order.
+        index = torch.device(device).index or 0
+        torch.cuda.set_rng_state(cuda[index] if index < len(cuda) else cuda[0], device)
     name, *rest = state["numpy"]["rest"]
     np.random.set_state((name, state["numpy"]["keys"].numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
@@ -95,7 +100,7 @@ def trainer_state(trainer) -> dict[str, Any]:
         "n_forward_passes_since_fired": trainer.n_forward_passes_since_fired,
         "n_frac_active_samples": trainer.n_frac_active_samples,
         "started_fine_tuning": trainer.started_fine_tuning,
-        "rng": _rng_state(),
+        "rng": _rng_state(trainer.cfg.device),
     }
 
 
@@ -146,7 +151,7 @@ def load_checkpoint(trainer, folder: Path) -> dict[str, Any]:
     trainer.n_frac_active_samples = state["n_frac_active_samples"]
     trainer.started_fine_tuning = state["started_fine_tuning"]
     trainer.activation_scaler.load(folder / SCALER)
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng"], device)
     return manifest
 
 

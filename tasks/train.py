@@ -272,11 +272,21 @@ class TrainingLog:
 
         done = trainer.n_training_steps
         if self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
+            rows = []
+            for line in filter(None, self.path.read_text().splitlines()):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a row whose write was cut short (full disk, power loss)
+                    self.logger.warning(f"{self.path}: dropping a row that was not written whole: {line[:80]!r}")
+                    continue
+                if row["step"] <= done:
+                    rows.append(line)
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(f"{row}\n" for row in rows))
             os.replace(tmp, self.path)
-        self.total = trainer.cfg.total_training_steps
+        # SAELens trains until all the tokens are seen: one step more than its
+        # `total_training_steps` when the batch does not divide them.
+        self.total = -(-trainer.cfg.total_training_samples // trainer.cfg.train_batch_size_samples)
         self.progress = create_progress_artifact(100 * done / self.total, description=f"Training SAE ({self.path.parent.name})")
         self.last = (time.monotonic(), trainer.n_training_samples)
 
@@ -408,6 +418,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
         trainer.data_provider = provider
         sae = trainer.fit()
+        if guard is not None:
+            guard.check(trainer.n_training_steps)
     elapsed = time.monotonic() - started
     trained_tokens = trainer.n_training_samples - start_tokens
     logger.info(f"Trained {trained_tokens} tokens in {elapsed:.1f}s ({trained_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")

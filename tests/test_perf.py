@@ -294,23 +294,37 @@ def test_torch_gets_the_thread_settings_of_the_machine_unless_the_environment_sa
     assert chosen.stdout.split() == ["1", "PASSIVE", "0"]
 
 
-def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(prefect_server, tmp_path, monkeypatch):
-    """The GPU's check (at log rows and checkpoints, not every step), run here on CPU."""
+@pytest.mark.parametrize(
+    "training_tokens, nan_step, stopped_at, checkpoints, log_steps",
+    [
+        # 64 steps, checkpoints after 13, 26, 39, 52; log rows every 50
+        (32_768, 45, 50, [13, 26, 39], []),  # the only row due (step 50) is refused, not written with NaN
+        # 65 steps (the batch does not divide the tokens): the last one is checked too
+        (33_024, 65, 65, [26, 39, 52], [50]),  # the newest 3 (keep_checkpoints)
+    ],
+)
+def test_a_deferred_nan_check_keeps_the_nan_out_of_every_checkpoint(
+    prefect_server, tmp_path, monkeypatch, training_tokens, nan_step, stopped_at, checkpoints, log_steps
+):
+    """The GPU's check (at log rows, checkpoints and the end, not every step), run here on CPU."""
     import tasks.train
     from tasks.preflight import resolve
 
     monkeypatch.setattr(tasks.train, "nan_check_deferred", lambda device: True)
-    inject_nan_at_step(monkeypatch, 45)  # 64 steps, checkpoints after 13, 26, 39, 52; log rows every 50
-    cfg = resolve(tiny_config(**FAULTS))
+    inject_nan_at_step(monkeypatch, nan_step)
+    cfg = resolve(tiny_config(**{**FAULTS, "training_tokens": training_tokens}))
     state = start(cfg, tmp_path, "deferred", return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert "loss is nan at step 45; training stopped at step 50, before anything trained since then was written" in message
-    checkpoints = tmp_path / "runs" / "deferred" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000013", "step-000000026", "step-000000039"]
-    assert all(torch.isfinite(t).all() for t in load_file(checkpoints / "step-000000039" / "sae_weights.safetensors").values())
-    log = tmp_path / "runs" / "deferred" / "train_log.jsonl"
-    assert not log.exists()  # the only log row due (step 50) was refused, not written with NaN
+    assert f"loss is nan at step {nan_step}; training stopped at step {stopped_at}, before anything trained since then was written" in message
+    run = tmp_path / "runs" / "deferred"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{n:09d}" for n in checkpoints]
+    newest = run / "checkpoints" / f"step-{checkpoints[-1]:09d}" / "sae_weights.safetensors"
+    assert all(torch.isfinite(t).all() for t in load_file(newest).values())
+    assert not (run / "trained").exists()
+    log = run / "train_log.jsonl"
+    rows = log.read_text().splitlines() if log.exists() else []
+    assert [json.loads(row)["step"] for row in rows] == log_steps
 
 
 def test_the_deferred_nan_check_costs_one_copy_per_step_and_names_the_first_non_finite_loss():

@@ -356,3 +356,45 @@ def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly
     assert len(given) == 31 + (64 - 26)  # every batch of both attempts came from the workers
     assert_bitwise_equal(weights(summary), faults_reference)
     assert multiprocessing.active_children() == []
+
+
+def test_a_training_log_row_cut_short_is_dropped_when_training_resumes(tmp_path, monkeypatch, caplog):
+    """A full disk or a power loss can leave the last row of train_log.jsonl half written; the
+    resumed run drops it (and the rows after its checkpoint) instead of failing on it."""
+    import logging
+    from types import SimpleNamespace
+
+    import prefect.artifacts
+
+    from tasks.train import TrainingLog
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda *args, **kwargs: None)
+    log = tmp_path / "train_log.jsonl"
+    rows = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (10, 20, 30)]
+    log.write_text("\n".join(rows) + '\n{"step": 40, "tok')
+    trainer = SimpleNamespace(n_training_steps=20, n_training_samples=20 * 512, cfg=SimpleNamespace(total_training_samples=33_024, train_batch_size_samples=512))
+    training_log = TrainingLog(log, tiny_config(), logging.getLogger("saeflow-test"))
+    with caplog.at_level(logging.WARNING):
+        training_log.start(trainer)
+    assert log.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    assert "dropping a row that was not written whole" in caplog.text
+    assert training_log.total == 65  # 33,024 tokens in batches of 512: the last step is the 65th
+
+
+def test_a_gpu_checkpoint_keeps_the_training_gpu_s_rng_and_resumes_where_fewer_gpus_are_visible(monkeypatch):
+    """Only the training device's CUDA RNG state is saved, so a job requeued onto a machine with
+    fewer GPUs resumes; older checkpoints (one state per visible GPU) restore the training GPU's."""
+    from tasks.checkpoint import _rng_state, _set_rng_state
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([int(str(device)[-1])], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({str(device): int(state)}))
+    assert _rng_state("cpu")["cuda"] == []
+    state = _rng_state("cuda:5")
+    assert [int(s) for s in state["cuda"]] == [5]
+    _set_rng_state(state, "cuda:0")  # requeued onto a one-GPU machine
+    assert restored == {"cuda:0": 5}
+    _set_rng_state({**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}, "cuda:3")
+    assert restored["cuda:3"] == 3
+    _set_rng_state({**state, "cuda": [torch.tensor([9], dtype=torch.uint8)]}, "cpu")  # a GPU checkpoint resumed on the CPU
+    assert "cpu" not in restored
