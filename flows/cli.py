@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saeflow: config error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
+    from tasks.artifacts import Busy
+
     try:
         cfg = load_config(args.config, args.overrides)
         from tasks.preflight import claim_run, resolve
@@ -212,17 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"saeflow: config error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-    from flows import pipeline
-    from tasks.artifacts import Busy, exclusive_lock, run_dir
-    from tasks.train import PREEMPTIONS, TrainingPreempted
-
-    try:  # refuse before a Prefect flow run is created; the flow takes the lock for real
-        with exclusive_lock(run_dir(args.artifacts_dir, run_name) / ".lock", f"run '{run_name}'", wait=False):
-            pass
-    except Busy as error:
+    except Busy as error:  # refused before a Prefect flow run is created
         print(f"saeflow: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+    from flows import pipeline
+    from tasks.train import PREEMPTIONS, TrainingPreempted
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()

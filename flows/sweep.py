@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import write_json
+from tasks.artifacts import Busy, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
 
@@ -122,7 +122,8 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
 
     names = [default_run_name(RunConfig(**config)) for config in members]
     for config, run_name in zip(members, names):
-        claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
+        with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
+            claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
     # Members whose stores differ only in their hook wait for one shared model pass that fills
     # all those stores; the others start at once.
     fills = shared_fills(members, artifacts_dir)

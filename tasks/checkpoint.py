@@ -8,7 +8,7 @@ A checkpoint folder `step-NNNNNNNNN/` holds everything that decides the rest of 
   training GPU's, numpy, python), tensors in safetensors and the rest in JSON (no pickle, no `torch.load`);
 - `activation_scaler.json`: the normalisation state (SAELens's own format);
 - `sparsity.safetensors`: log10 feature firing frequency over the current window, for people;
-- `manifest.json`: the step, the data position and the sha256 of every file.
+- `manifest.json`: the step, the data position, the run that wrote it and the sha256 of every file.
 
 It is written into a temporary folder, fsynced and renamed into place, so a crash leaves either
 the whole checkpoint or none of it. Loading takes the newest folder whose checksums verify.
@@ -104,10 +104,37 @@ def trainer_state(trainer) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, Any], keep: int) -> Path:
-    """Write the trainer's state after `steps` completed steps and keep the newest `keep`
-    checkpoints. Raises CheckpointWriteError (previous checkpoints intact) on I/O errors, and
-    ValueError rather than save non-finite weights."""
+def checkpoint_root(checkpoint_path: str | None, run_folder: Path) -> Path:
+    """Where a run's checkpoints go: `<checkpoint_path>/<run name>`, or `<run>/checkpoints`."""
+    return Path(checkpoint_path) / run_folder.name if checkpoint_path else run_folder / "checkpoints"
+
+
+def run_owner(cfg, run_name: str) -> dict[str, str]:
+    """What a checkpoint records of the run that wrote it: its name and the hash of the config
+    fields that change the result."""
+    from tasks.config import stable_hash
+
+    return {"run": run_name, "config": stable_hash(cfg.result_fields())}
+
+
+def foreign_checkpoint(root: Path, owner: dict[str, str]) -> str | None:
+    """Which checkpoint in `root`, if any, was written by a run with other settings (the same
+    run name in another artifacts folder, or a run folder deleted and started again with new
+    settings): resuming from it would continue that run's training."""
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        try:
+            written_by = read_json(folder / "manifest.json").get("run")
+        except (OSError, ValueError):
+            continue  # incomplete: set aside when training starts
+        if written_by is not None and written_by["config"] != owner["config"]:
+            return f"checkpoint {folder} was written by run '{written_by['run']}' with other settings"
+    return None
+
+
+def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, Any], keep: int, owner: dict[str, str]) -> Path:
+    """Write the trainer's state after `steps` completed steps, recording the run that wrote it
+    (`run_owner`), and keep the newest `keep` checkpoints. Raises CheckpointWriteError (previous
+    checkpoints intact) on I/O errors, and ValueError rather than save non-finite weights."""
     for name, param in trainer.sae.named_parameters():
         if not torch.isfinite(param).all():
             raise ValueError(f"SAE parameter {name} holds non-finite values at step {steps}; no checkpoint of this state is written")
@@ -120,7 +147,7 @@ def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, An
             write_json(tmp / STATE_JSON, _encode({**trainer_state(trainer), "n_training_steps": steps}, "state", tensors))
             save_file(tensors, tmp / STATE_TENSORS)
             trainer.activation_scaler.save(str(tmp / SCALER))
-            write_manifest(tmp, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples, "data": data_position})
+            write_manifest(tmp, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples, "data": data_position, "run": owner})
     except OSError as error:
         previous = newest_checkpoint(root)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"

@@ -247,7 +247,7 @@ class RunConfig(BaseModel):
     """Wait before each retry."""
     checkpoint_path: str | None = None
     """Folder for checkpoints (guide name); default `<artifacts>/runs/<run>/checkpoints`. The run
-    name is appended."""
+    name is appended; a relative path is made absolute when the run starts."""
     log_to_wandb: bool = False
     """Log training to Weights & Biases."""
     wandb_project: str = "saeflow"

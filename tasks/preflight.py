@@ -8,10 +8,11 @@ the run folder and refuses to continue a run whose stored config would change th
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
-from tasks.artifacts import read_json, run_dir, write_json
+from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
 from tasks.config import ConfigError, RunConfig, hook_layer_of, stable_hash
 
 
@@ -55,6 +56,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     from tasks.model import hook_width, meta_model
     from tasks.tokens import check_token_dataset
 
+    if cfg.checkpoint_path is not None:  # where it points must not depend on the folder a run starts in
+        cfg = cfg.model_copy(update={"checkpoint_path": os.path.abspath(os.path.expanduser(cfg.checkpoint_path))})
     if cfg.activation_source is not None:
         cfg = _resolve_source(cfg)
         _check_sae_settings(cfg)
@@ -181,28 +184,51 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     """Choose the run name and record the config in the run folder.
 
     The same config (or `run_name`) continues its run. `new` picks the first free name
-    `<name>-2`, `<name>-3`, ... and leaves the old run alone. Continuing a run whose stored config
-    differs in a field that changes the result is refused, naming the fields.
+    `<name>-2`, `<name>-3`, ... (free in the artifacts and the checkpoint folder) and leaves the
+    old run alone. Refused with ConfigError: continuing a run whose stored config differs in a
+    field that changes the result (naming the fields), moving `checkpoint_path` away from the
+    checkpoints of an unfinished run, and a checkpoint folder holding another run's checkpoints.
+    Raises Busy if another process holds the run.
     """
+    from tasks.checkpoint import checkpoint_root, foreign_checkpoint, run_owner
+
     check_artifacts_dir(artifacts_dir)
     base = run_name or default_run_name(cfg)
     name = base
     if new:
         n = 2
-        while run_dir(artifacts_dir, name).exists():
+        while run_dir(artifacts_dir, name).exists() or checkpoint_root(cfg.checkpoint_path, run_dir(artifacts_dir, name)).exists():
             name, n = f"{base}-{n}", n + 1
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
-    if stored.exists():
-        # A field the run's saeflow version did not have yet ran at its default.
-        previous = _default_fields() | read_json(stored)["result_fields"]
-        current = run_identity(cfg)
-        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    root = checkpoint_root(cfg.checkpoint_path, folder)
+    # Under the run's lock, so that a command refused because the run is in use changes nothing.
+    with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False):
+        if stored.exists():
+            stored_config = read_json(stored)
+            # A field the run's saeflow version did not have yet ran at its default.
+            previous = _default_fields() | stored_config["result_fields"]
+            current = run_identity(cfg)
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            if changed:
+                details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+                raise ConfigError(
+                    f"run '{name}' was started with a different config ({details}). Start a new run with --new "
+                    f"(the old one is kept), or restore those settings to continue it"
+                )
+            old_path = stored_config["config"].get("checkpoint_path")
+            old_root = checkpoint_root(old_path, folder)
+            if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and not (folder / "trained" / "manifest.json").exists():
+                raise ConfigError(
+                    f"checkpoint_path changed from {old_path!r} to {cfg.checkpoint_path!r}, but run '{name}' has its "
+                    f"checkpoints in {old_root}, which training would not find (it would start again from step 0). "
+                    f"Move them into {root}, or set checkpoint_path back to {old_path!r}"
+                )
+        foreign = foreign_checkpoint(root, run_owner(cfg, name))
+        if foreign:
             raise ConfigError(
-                f"run '{name}' was started with a different config ({details}). Start a new run with --new "
-                f"(the old one is kept), or restore those settings to continue it"
+                f"{foreign}; run '{name}' would continue its training. Give this run a checkpoint_path of its own "
+                f"(or another --run-name), or move {root} away"
             )
-    write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": run_identity(cfg)})
+        write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": run_identity(cfg)})
     return name

@@ -138,10 +138,6 @@ def new_training_sae(cfg: RunConfig, run_name: str | None = None):
     return TrainingSAE.from_dict(sae_cfg.to_dict()), runner_cfg
 
 
-def checkpoint_root(cfg: RunConfig, run_dir: Path) -> Path:
-    return Path(cfg.checkpoint_path) / run_dir.name if cfg.checkpoint_path else run_dir / "checkpoints"
-
-
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a signal, a non-finite loss); retrying would not help."""
 
@@ -347,7 +343,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     """Train the SAE on the stored activations, resuming from the newest valid checkpoint."""
     from prefect import get_run_logger
 
-    from tasks.checkpoint import load_checkpoint, resume_point, save_checkpoint
+    from tasks.checkpoint import checkpoint_root, load_checkpoint, resume_point, run_owner, save_checkpoint
 
     logger = get_run_logger()
     cfg = RunConfig(**spec)
@@ -359,7 +355,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
 
     sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
     batch = cfg.train_batch_size_tokens
-    root = checkpoint_root(cfg, Path(run_dir))
+    root = checkpoint_root(cfg.checkpoint_path, Path(run_dir))
+    owner = run_owner(cfg, Path(run_dir).name)
     stop_requests: list[str] = []
 
     def checkpoint(trainer) -> Path:
@@ -367,7 +364,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         folder = root / f"step-{steps:09d}"
         if not folder.exists():  # a scheduled checkpoint may have just been written at this step
             position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"]}
-            save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints)
+            save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints, owner)
             logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
         return folder
 

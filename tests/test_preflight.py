@@ -115,6 +115,27 @@ def test_continuing_a_run_with_a_result_changing_config_is_refused(tmp_path: Pat
     claim_run(resolve(tiny_config(n_checkpoints=2, prompts=["other"])), tmp_path, "mine", new=False)
 
 
+def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_refused(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(tiny_config())
+    run = tmp_path / "runs" / claim_run(cfg, tmp_path, "exp", new=False)
+    (run / "checkpoints" / "step-000000013").mkdir(parents=True)
+    moved = resolve(tiny_config(checkpoint_path="scratch"))
+    assert moved.checkpoint_path == str(tmp_path / "scratch")  # not wherever a later run starts
+    with pytest.raises(ConfigError) as error:
+        claim_run(moved, tmp_path, "exp", new=False)
+    assert str(error.value) == (
+        f"checkpoint_path changed from None to '{tmp_path / 'scratch'}', but run 'exp' has its checkpoints in "
+        f"{run / 'checkpoints'}, which training would not find (it would start again from step 0). Move them "
+        f"into {tmp_path / 'scratch' / 'exp'}, or set checkpoint_path back to None"
+    )
+    (tmp_path / "scratch" / "exp-2").mkdir(parents=True)
+    assert claim_run(moved, tmp_path, "exp", new=True) == "exp-3"  # a name free in both folders
+    (run / "trained").mkdir()
+    (run / "trained" / "manifest.json").write_text("{}")
+    assert claim_run(moved, tmp_path, "exp", new=False) == "exp"  # a finished run needs no checkpoint
+
+
 def test_a_run_started_before_a_field_existed_continues_under_the_same_name(tmp_path: Path):
     import json
 

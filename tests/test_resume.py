@@ -329,11 +329,34 @@ def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, caps
 
     cfg, config = faults_cfg
     name = claim_run(cfg, artifacts, "busy", new=False)
+    stored = (artifacts / "runs" / name / "config.json").read_text()
     with exclusive_lock(artifacts / "runs" / name / ".lock", f"run '{name}'", wait=False):
-        assert main(["run", str(config), "--artifacts-dir", str(artifacts), "--run-name", "busy"]) == EXIT_BAD_INPUT
+        command = ["run", str(config), "--artifacts-dir", str(artifacts), "--run-name", "busy", "--set", "keep_checkpoints=1"]
+        assert main(command) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert f"run 'busy' is in use by process {os.getpid()}" in err and "--new" in err
     assert flow_run_states("busy") == []
+    assert (artifacts / "runs" / name / "config.json").read_text() == stored  # the running run's record is left alone
+
+
+def test_checkpoints_name_their_run_and_another_run_s_are_refused(artifacts, faults_cfg, faults_reference, tmp_path):
+    """The same run name in another artifacts folder with a shared checkpoint_path (or a run folder
+    deleted and started again with new settings) must not continue another run's training."""
+    import shutil
+
+    from tasks.checkpoint import run_owner
+    from tasks.config import ConfigError
+
+    cfg = faults_cfg[0]
+    checkpoints = sorted((artifacts / "runs" / "faults-straight" / "checkpoints").glob("step-*"))
+    assert checkpoints and all(json.loads((c / "manifest.json").read_text())["run"] == run_owner(cfg, "faults-straight") for c in checkpoints)
+    shutil.copytree(checkpoints[-1], tmp_path / "shared" / "faults-straight" / checkpoints[-1].name)
+    other = cfg.model_copy(update={"lr": 1e-3, "checkpoint_path": str(tmp_path / "shared")})
+    with pytest.raises(ConfigError, match=f"checkpoint {tmp_path / 'shared' / 'faults-straight' / checkpoints[-1].name} was written by run 'faults-straight' with other settings; run 'faults-straight' would continue its training"):
+        claim_run(other, tmp_path / "elsewhere", "faults-straight", new=False)
+    assert not (tmp_path / "elsewhere" / "runs" / "faults-straight" / "config.json").exists()
+    same = cfg.model_copy(update={"checkpoint_path": str(tmp_path / "shared")})
+    assert claim_run(same, tmp_path / "elsewhere", "faults-straight", new=False) == "faults-straight"  # the same settings continue it
 
 
 def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
