@@ -71,7 +71,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     use_deterministic_kernels(cfg)
 
     with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False):
-        crash_ghost_runs(run_name)
+        crash_ghost_runs(run_name, artifacts_dir)
         if cfg.activation_source is None:
             model_ref = build_model(model_spec(cfg), artifacts_dir)
             text = tokens_spec(cfg, model_ref)  # None when the dataset already holds token ids
@@ -111,10 +111,11 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     return summary
 
 
-def crash_ghost_runs(run_name: str) -> None:
+def crash_ghost_runs(run_name: str, artifacts_dir: str) -> None:
     """Mark Crashed the flow runs (and their task runs) of this run that Prefect still shows
     Running: this process holds the run's lock, so their processes are gone (SIGKILL, OOM kill,
-    lost machine) and could not report it themselves."""
+    lost machine) and could not report it themselves. Only flow runs of this artifacts folder are
+    this run's: the same run name in another folder is another run, perhaps alive."""
     from prefect import get_client, get_run_logger, runtime
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -134,8 +135,9 @@ def crash_ghost_runs(run_name: str) -> None:
             flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]), state=running),
         )
+        here = Path(artifacts_dir).resolve()
         for ghost in ghosts:
-            if str(ghost.id) == str(runtime.flow_run.id):
+            if str(ghost.id) == str(runtime.flow_run.id) or Path(ghost.parameters.get("artifacts_dir", "artifacts")).resolve() != here:
                 continue
             message = f"Its process ended without reporting (killed?); run '{run_name}' was continued by flow run {runtime.flow_run.id}"
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ghost.id])))

@@ -421,3 +421,22 @@ def test_a_gpu_checkpoint_keeps_the_training_gpu_s_rng_and_resumes_where_fewer_g
     assert restored["cuda:3"] == 3
     _set_rng_state({**state, "cuda": [torch.tensor([9], dtype=torch.uint8)]}, "cpu")  # a GPU checkpoint resumed on the CPU
     assert "cpu" not in restored
+
+
+def test_only_ghost_runs_of_the_same_artifacts_folder_are_marked_crashed(artifacts, faults_cfg, faults_reference, tmp_path):
+    """A flow run left Running under this run's name is this run's ghost only if it ran in the
+    same artifacts folder: the same name in another folder is another run, perhaps alive."""
+    from prefect import get_client
+    from prefect.states import Running
+
+    from flows.pipeline import sae_pipeline
+
+    with get_client(sync_client=True) as client:
+        ghost, other = (
+            client.create_flow_run(sae_pipeline, name="faults-straight", parameters={"artifacts_dir": str(folder)}, state=Running()).id
+            for folder in (artifacts, tmp_path)
+        )
+    start(faults_cfg[0], artifacts, "faults-straight")  # finished: every stage is cached
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(ghost).state.name == "Crashed"
+        assert client.read_flow_run(other).state.name == "Running"
