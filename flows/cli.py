@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeflow", description="Restartable SAE training pipeline (SAELens + Prefect).")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline (continues the run if it exists)")
-    run.add_argument("config", nargs="?", help="YAML config; the built-in offline demo when left out")
+    run.add_argument("config", nargs="?", help="YAML config; left out: the config stored by the run that --run-name names, else the built-in offline demo")
     run.add_argument("--run-name", help="run name (default: derived from the config, so the same config continues its run)")
     run.add_argument("--artifacts-dir", default="artifacts", help="where every output goes (default: ./artifacts)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -83,8 +83,8 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
         raise RunNotReady(
-            f"run '{name}' has not finished: it has {', '.join(found)}. Run `saeflow run` with its config "
-            f"(or `--run-name {name}`) to finish it"
+            f"run '{name}' has not finished: it has {', '.join(found)}. Run `saeflow run --run-name {name}` "
+            f"(it reads the run's stored config) to finish it"
         )
     return read_json(summary)
 
@@ -119,6 +119,19 @@ def _serve(args) -> int:
     parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}
     pipeline_for(artifacts_dir).serve(name=args.name, cron=args.cron, interval=args.interval, parameters=parameters)
     return 0
+
+
+def _run_config(args):
+    """The config of `saeflow run`: the file given; without one, the config stored by the run that
+    `--run-name` names (so that a run is continued by its name alone), else the demo's."""
+    from tasks.artifacts import read_json, run_dir
+    from tasks.config import load_config, make_config
+
+    stored = run_dir(args.artifacts_dir, args.run_name) / "config.json" if args.run_name else None
+    if args.config is None and stored is not None and stored.is_file():
+        print(f"saeflow: the config stored in {stored}", file=sys.stderr)
+        return make_config(read_json(stored)["config"], args.overrides)
+    return load_config(args.config, args.overrides)
 
 
 def _report(args) -> int:
@@ -172,7 +185,7 @@ def _analyze(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tasks.config import ConfigError, config_reference, load_config
+    from tasks.config import ConfigError, config_reference
 
     if args.command == "config-reference":
         print(config_reference())
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.artifacts import Busy
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _run_config(args)
         from tasks.preflight import claim_run, resolve
 
         cfg = resolve(cfg)

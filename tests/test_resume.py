@@ -440,3 +440,10 @@ def test_only_ghost_runs_of_the_same_artifacts_folder_are_marked_crashed(artifac
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(ghost).state.name == "Crashed"
         assert client.read_flow_run(other).state.name == "Running"
+
+
+def test_a_run_is_continued_by_its_name_alone_with_its_stored_config(artifacts, faults_cfg, faults_reference, capsys):
+    from flows.cli import main
+
+    assert main(["run", "--artifacts-dir", str(artifacts), "--run-name", "faults-straight"]) == 0  # finished: all cached
+    assert f"the config stored in {artifacts / 'runs' / 'faults-straight' / 'config.json'}" in capsys.readouterr().err
