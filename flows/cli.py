@@ -154,7 +154,7 @@ def _analyze(args) -> int:
     logger.handlers = [logging.StreamHandler(sys.stderr)]
     logger.handlers[0].setFormatter(logging.Formatter("saeflow: %(message)s"))
     index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
-    setting = "the run's analysis_token_index (choose another with --token-index)" if args.token_index is None else "--token-index"
+    setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
     check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
     model = load_model(summary["model"], cfg["device"], processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
     sae, _ = open_sae({"path": summary["sae"]["path"]}, cfg["device"])

@@ -45,10 +45,8 @@ def prompt_tokens(model, prompt: str, token_index: int, context_size: int, prepe
     n = tokens.shape[1]
     if not -n <= token_index < n:
         counted = ", ".join([*(["the BOS token included"] if prepend_bos else []), *(["cut to context_size"] if truncated else [])])
-        raise ConfigError(
-            f"{setting} is {token_index}, but prompt {prompt!r} has {n} tokens{f' ({counted})' if counted else ''}; "
-            f"use an index from {-n} to {n - 1} (negative ones count from the end: -1 is the last token)"
-        )
+        fix = f"use an index from {-n} to {n - 1} (negative ones count from the end: -1 is the last token)" if n else "give a prompt that is not empty"
+        raise ConfigError(f"{setting} is {token_index}, but prompt {prompt!r} has {n} tokens{f' ({counted})' if counted else ''}; {fix}")
     return tokens
 
 
