@@ -154,7 +154,7 @@ def _analyze(args) -> int:
     summary = finished_run(args.artifacts_dir, args.run)
     import logging
 
-    from tasks.analyse import logit_effects, top_features_for_prompt
+    from tasks.analyse import check_token_index, logit_effects, top_features_for_prompt
     from tasks.artifacts import read_json, run_dir
     from tasks.load import open_sae
     from tasks.model import load_model
@@ -166,14 +166,16 @@ def _analyze(args) -> int:
     logger.propagate = False
     logger.handlers = [logging.StreamHandler(sys.stderr)]
     logger.handlers[0].setFormatter(logging.Formatter("saeflow: %(message)s"))
+    index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
+    setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
+    check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
     model = load_model(summary["model"], cfg["device"], processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
     sae, _ = open_sae({"path": summary["sae"]["path"]}, cfg["device"])
-    index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
     for prompt in args.prompt:
         result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logger)
-        print(f"{prompt!r} at token {result['token']!r}:")
-        active = [f["feature"] for f in result["top_features"] if f["activation"] > 0]
-        effects = {e["feature"]: e for e in logit_effects(model, sae, active, cfg["top_k_tokens"])[0]}
+        bos = " (the BOS token prepend_bos adds)" if result["is_bos"] else ""
+        print(f"{prompt!r} at token {result['token']!r}{bos}:" + ("" if result["top_features"] else " no feature fires"))
+        effects = {e["feature"]: e for e in logit_effects(model, sae, [f["feature"] for f in result["top_features"]], cfg["top_k_tokens"])[0]}
         for feature in result["top_features"]:
             line = f"  feature {feature['feature']:>6}  activation {feature['activation']:.4f}"
             if feature["feature"] in effects:
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("report", "analyze"):
         try:
             return _report(args) if args.command == "report" else _analyze(args)
-        except RunNotReady as error:
+        except (RunNotReady, ConfigError) as error:
             print(f"saeflow: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from tasks.artifacts import stage, write_json
-from tasks.config import RunConfig
+from tasks.config import ConfigError, RunConfig
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: prompts' features that do not fire left out; `is_bos`
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -33,16 +33,43 @@ def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-@torch.no_grad()
-def top_features_for_prompt(model, sae, prompt: str, token_index: int, k: int, context_size: int, prepend_bos: bool, logger=None) -> dict[str, Any]:
-    """The `k` most active SAE features at one token of a prompt."""
-    from tasks.model import hook_activations
-
+def prompt_tokens(model, prompt: str, token_index: int, context_size: int, prepend_bos: bool, setting: str = "analysis_token_index", logger=None) -> torch.Tensor:
+    """The prompt's tokens as the analysis sees them (cut to `context_size`), or a ConfigError
+    naming the prompt and `setting` when `token_index` is not one of them."""
     tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
-    if tokens.shape[1] > context_size:
+    truncated = tokens.shape[1] > context_size
+    if truncated:
         if logger:
             logger.warning(f"Prompt of {tokens.shape[1]} tokens is longer than context_size {context_size}; truncated")
         tokens = tokens[:, :context_size]
+    n = tokens.shape[1]
+    if not -n <= token_index < n:
+        counted = ", ".join([*(["the BOS token included"] if prepend_bos else []), *(["cut to context_size"] if truncated else [])])
+        fix = f"use an index from {-n} to {n - 1} (negative ones count from the end: -1 is the last token)" if n else "give a prompt that is not empty"
+        raise ConfigError(f"{setting} is {token_index}, but prompt {prompt!r} has {n} tokens{f' ({counted})' if counted else ''}; {fix}")
+    return tokens
+
+
+def check_token_index(model_ref: dict[str, Any], from_pretrained_kwargs: dict[str, Any], prompts: list[str], token_index: int, context_size: int, prepend_bos: bool, setting: str = "analysis_token_index") -> None:
+    """Raise a ConfigError if `token_index` is outside one of `prompts`, tokenised by the model's
+    tokenizer alone (no weights): a bad index stops a run before training, not after it."""
+    from tasks.model import tokenizing_model
+
+    model = tokenizing_model(model_ref, from_pretrained_kwargs)
+    for prompt in prompts:
+        prompt_tokens(model, prompt, token_index, context_size, prepend_bos, setting)
+
+
+@torch.no_grad()
+def top_features_for_prompt(model, sae, prompt: str, token_index: int, k: int, context_size: int, prepend_bos: bool, logger=None) -> dict[str, Any]:
+    """The (up to) `k` most active SAE features at one token of a prompt; features that do not
+    fire there are left out."""
+    from tasks.model import hook_activations
+
+    tokens = prompt_tokens(model, prompt, token_index, context_size, prepend_bos, logger=logger)
+    is_bos = prepend_bos and token_index % tokens.shape[1] == 0
+    if is_bos and logger:
+        logger.warning(f"Token {token_index} of {prompt!r} is the BOS token that prepend_bos adds: its features say nothing about the prompt")
     acts = hook_activations(model, tokens, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
     feature_acts = sae.encode(acts.to(sae.dtype))[0, token_index]
     values, indices = torch.topk(feature_acts, min(k, sae.cfg.d_sae))
@@ -51,7 +78,8 @@ def top_features_for_prompt(model, sae, prompt: str, token_index: int, k: int, c
         "tokens": model.to_str_tokens(tokens[0]),
         "token_index": token_index,
         "token": model.to_string(tokens[0, token_index]),
-        "top_features": [{"feature": int(i), "activation": float(v)} for v, i in zip(values, indices)],
+        "is_bos": is_bos,
+        "top_features": [{"feature": int(i), "activation": float(v)} for v, i in zip(values, indices) if v > 0],
     }
 
 
@@ -140,7 +168,7 @@ def render_dashboard(run_name: str, analysis: dict[str, Any]) -> str:
         )
     prompts = "".join(
         f"<li><q>{html.escape(p['prompt'])}</q> at <code>{html.escape(p['token'])}</code>: "
-        + ", ".join(f'<a href="#feature-{f["feature"]}">{f["feature"]}</a> ({f["activation"]:.3f})' for f in p["top_features"])
+        + (", ".join(f'<a href="#feature-{f["feature"]}">{f["feature"]}</a> ({f["activation"]:.3f})' for f in p["top_features"]) or "no feature fires")
         + "</li>"
         for p in analysis["prompts"]
     )
@@ -174,7 +202,7 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
         top_features_for_prompt(model, sae, p, spec["analysis_token_index"], spec["top_k_features"], spec["context_size"], spec["prepend_bos"], logger)
         for p in spec["prompts"]
     ]
-    features = sorted({f["feature"] for p in prompts for f in p["top_features"] if f["activation"] > 0})
+    features = sorted({f["feature"] for p in prompts for f in p["top_features"]})
     chosen_by = "active at the analysed prompt tokens"
     if not features and sparsity is not None:
         features = torch.topk(sparsity, min(spec["top_k_features"], len(sparsity))).indices.tolist()
@@ -209,6 +237,6 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
     page = Path(run_dir) / "dashboard.html"
     page.write_text(render_dashboard(Path(run_dir).name, analysis))
     for p in prompts:
-        top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in p["top_features"])
+        top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in p["top_features"]) or "no feature fires"
         logger.info(f"Top features at {p['token']!r} of {p['prompt']!r}: {top}")
     return {"path": str(out), "dashboard": str(page), "n_features": len(features), "outputs": [str(out), str(page)]}

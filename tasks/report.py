@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.artifacts import stage
+from tasks.config import ARCHITECTURE_FIELDS
 from tasks.save import LOG_EPS
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: tokens escaped, the architecture's settings in the config, no zero-activation features
 CURVES = [("loss", "loss"), ("mse", "MSE"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_features", "dead features")]
 METRIC_ROWS = [
     ("explained_variance", "explained variance"),
@@ -99,11 +100,36 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": label, "key": key, "value": metrics[key]} for key, label in METRIC_ROWS if key in metrics]
 
 
+def md_code(text: str, in_table: bool = False) -> str:
+    """`text` as a markdown code span that survives any backticks in it; in a table cell `|` is
+    escaped too (GFM ends a cell at a `|` even inside code, and reads `\\|` there as `|`)."""
+    if in_table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_token(token: str, in_table: bool = False) -> str:
+    """A token (or prompt) as its quoted Python repr in code: leading spaces and the empty token
+    stay visible, newlines and other control characters become escapes that keep the line whole."""
+    return md_code(repr(token), in_table)
+
+
+def config_keys(config: dict[str, Any]) -> list[str]:
+    """The settings that tell runs apart in the report: the architecture's own ones included."""
+    own = [key for key, architectures in ARCHITECTURE_FIELDS.items() if config.get("architecture") in architectures]
+    return [
+        "model_name", "activations_path", "synthetic", "hook_name", "hook_head_index", "architecture", *own,
+        "normalize_activations", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed", "activations",
+    ]
+
+
 def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, Any], analysis: dict[str, Any], files: dict[str, str]) -> str:
     lines = [f"# saeflow run `{run_name}`", "", "## Config", ""]
-    for key in ("model_name", "activations_path", "synthetic", "hook_name", "architecture", "d_in", "d_sae", "expansion_factor", "training_tokens", "lr", "seed", "activations"):
+    for key in config_keys(config):
         if config.get(key) is not None:
-            lines.append(f"- **{key}**: `{config[key]}`")
+            lines.append(f"- **{key}**: {md_code(str(config[key]))}")
     held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else "held-out tokens"
     lines += ["", f"## Metrics ({held_out})", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {row['metric']} | {row['value']:.6g} |" for row in metrics_table(metrics)]
@@ -120,13 +146,14 @@ def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, An
 def _analysis_markdown(analysis: dict[str, Any]) -> list[str]:
     lines = ["", "## Top features of the prompts", ""]
     for prompt in analysis["prompts"]:
-        top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in prompt["top_features"])
-        lines.append(f"- \"{prompt['prompt']}\" at `{prompt['token']}`: {top}")
+        top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in prompt["top_features"]) or "no feature fires"
+        bos = " (the BOS token `prepend_bos` adds, not a word of the prompt)" if prompt["is_bos"] else ""
+        lines.append(f"- {md_token(prompt['prompt'])} at {md_token(prompt['token'])}{bos}: {top}")
     if analysis["logit_effects"]:
         lines += ["", "## Tokens the features promote and inhibit (`W_dec @ W_U`)", "", "| feature | promotes | inhibits |", "| --- | --- | --- |"]
         for effect in analysis["logit_effects"]:
-            promoted = " ".join(f"`{t['token']}`" for t in effect["promoted"])
-            inhibited = " ".join(f"`{t['token']}`" for t in effect["inhibited"])
+            promoted = " ".join(md_token(t["token"], in_table=True) for t in effect["promoted"])
+            inhibited = " ".join(md_token(t["token"], in_table=True) for t in effect["inhibited"])
             lines.append(f"| {effect['feature']} | {promoted} | {inhibited} |")
     return lines
 

@@ -44,7 +44,7 @@ def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path) 
             return previous["mode"], previous["reason"] + " (decided when the run started)"
     size = store_gigabytes(cfg)
     if cfg.activation_mode != "auto":
-        mode, reason = cfg.activation_mode, f"activation_mode is {cfg.activation_mode} (cached activations would take {size:.2f} GB)"
+        mode, reason = cfg.activation_mode, f"set by activation_mode; cached activations would take {size:.2f} GB"
     else:
         if cfg.max_cache_gb is not None:
             limit, source = cfg.max_cache_gb, "max_cache_gb"

@@ -79,7 +79,7 @@ def test_top_features_for_a_prompt_match_an_independent_computation(finished_run
     values, indices = torch.topk(feature_acts, 3)
     assert [f["feature"] for f in prompt["top_features"]] == indices.tolist()
     assert [f["activation"] for f in prompt["top_features"]] == pytest.approx(values.tolist(), rel=1e-5)
-    assert all(f["activation"] >= 0 for f in prompt["top_features"])
+    assert all(f["activation"] > 0 for f in prompt["top_features"])
 
 
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"])

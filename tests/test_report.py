@@ -2,6 +2,7 @@
 
 import html
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from conftest import start, tiny_config
 from flows.cli import EXIT_BAD_INPUT, main
-from tasks.report import artifact_key
+from tasks.config import ConfigError
+from tasks.report import artifact_key, render_markdown
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +121,92 @@ def test_report_and_analyze_commands(finished_run, metrics, capsys):
     captured = capsys.readouterr()
     assert "'Tom fed the dog .' at token '.':" in captured.out and captured.out.count("  feature ") == 6
     assert "longer than context_size 32; truncated" in captured.err
+    assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom fed the dog .", "--token-index", "0"]) == 0
+    assert "'Tom fed the dog .' at token '<bos>' (the BOS token prepend_bos adds):" in capsys.readouterr().out
+
+
+def test_an_index_outside_a_prompt_names_the_prompt_and_the_setting(finished_run, capsys):
+    from tasks.analyse import check_token_index
+
+    model_ref = finished_run["summary"]["model"]
+    with pytest.raises(ConfigError, match=r"^analysis_token_index is -7, but prompt 'Tom fed the dog \.' has 6 tokens \(the BOS token included\); use an index from -6 to 5"):
+        check_token_index(model_ref, {}, ["Lily saw a big cat near the lake .", "Tom fed the dog ."], -7, 32, True)
+    with pytest.raises(ConfigError, match=r"has 32 tokens \(the BOS token included, cut to context_size\)"):
+        check_token_index(model_ref, {}, [" ".join(["Lily saw a cat ."] * 20)], 40, 32, True)
+    check_token_index(model_ref, {}, ["Tom fed the dog ."], -6, 32, True)
+    args = ["--artifacts-dir", str(finished_run["artifacts"]), "--prompt", "Tom fed the dog ."]
+    assert main(["analyze", finished_run["name"], *args, "--token-index", "12"]) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert captured.err == "saeflow: --token-index is 12, but prompt 'Tom fed the dog .' has 6 tokens (the BOS token included); use an index from -6 to 5 (negative ones count from the end: -1 is the last token)\n"
+    assert captured.out == ""
+
+
+def test_top_features_leave_out_features_that_do_not_fire(finished_run):
+    from tasks.analyse import top_features_for_prompt
+    from tasks.load import open_sae
+    from tasks.model import hook_activations, load_model
+
+    summary = finished_run["summary"]
+    model = load_model(summary["model"], "cpu", processed=True)
+    sae, _ = open_sae({"path": summary["sae"]["path"]}, "cpu")
+    tokens = model.to_tokens("Tom fed the dog .")
+    with torch.no_grad():
+        acts = sae.encode(hook_activations(model, tokens, sae.cfg.metadata.hook_name, None))[0]
+    for index in (0, -1):
+        result = top_features_for_prompt(model, sae, "Tom fed the dog .", index, sae.cfg.d_sae, 32, True)
+        firing = acts[index] > 0
+        assert 0 < int(firing.sum()) < sae.cfg.d_sae
+        assert sorted(f["feature"] for f in result["top_features"]) == firing.nonzero().flatten().tolist()
+        assert result["is_bos"] == (index == 0)
+
+
+def _rendered_tables(markdown: str) -> list[list[list[str]]]:
+    """The table rows of `markdown` as a GFM renderer reads them: each row's cells, as HTML."""
+    from markdown_it import MarkdownIt
+
+    page = MarkdownIt("commonmark").enable("table").render(markdown)
+    return [[re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)] for table in re.findall(r"<table>(.*?)</table>", page, re.S)]
+
+
+def _codes(cell: str) -> list[str]:
+    return [html.unescape(code) for code in re.findall(r"<code>(.*?)</code>", cell)]
+
+
+def test_report_renders_any_token_and_prompt_intact():
+    from markdown_it import MarkdownIt
+
+    tokens = ["\n", " |", "`x`", "", " word", "\\|", "a``b", "\t<b>"]
+    analysis = {
+        "prompts": [
+            {"prompt": "Tom | said\n`hi`", "token": "\n", "is_bos": False, "top_features": []},
+            {"prompt": "Tom fed the dog .", "token": "<bos>", "is_bos": True, "top_features": [{"feature": 3, "activation": 1.5}]},
+        ],
+        "logit_effects": [{"feature": 3, "promoted": [{"token": t, "logit": 1.0} for t in tokens], "inhibited": [{"token": t, "logit": -1.0} for t in tokens[::-1]]}],
+    }
+    markdown = render_markdown("run", {"architecture": "standard"}, {"mse": 0.25}, analysis, {})
+    metrics_table, effects_table = _rendered_tables(markdown)
+    assert metrics_table == [["metric", "value"], ["MSE", "0.25"]]
+    assert [len(row) for row in effects_table] == [3, 3]
+    feature, promoted, inhibited = effects_table[1]
+    assert feature == "3" and _codes(promoted) == [repr(t) for t in tokens] and _codes(inhibited) == [repr(t) for t in tokens[::-1]]
+
+    items = re.findall(r"<li>(.*?)</li>", MarkdownIt("commonmark").render(markdown.split("## Top features")[1].split("## Tokens")[0]), re.S)
+    assert [html.unescape(i) for i in items] == [
+        "<code>'Tom | said\\n`hi`'</code> at <code>'\\n'</code>: no feature fires",
+        "<code>'Tom fed the dog .'</code> at <code>'<bos>'</code> (the BOS token <code>prepend_bos</code> adds, not a word of the prompt): 3 (1.500)",
+    ]
+
+
+@pytest.mark.parametrize("architecture, shown", [("standard", ["l1_coefficient", "l1_warm_up_steps"]), ("topk", ["k"]), ("jumprelu", ["l0_coefficient", "l0_warm_up_steps"]), ("matryoshka_batchtopk", ["k", "matryoshka_widths"])])
+def test_report_config_names_the_settings_that_tell_runs_apart(architecture, shown):
+    config = tiny_config(architecture=architecture, hook_name="blocks.0.attn.hook_z", hook_head_index=2, normalize_activations="expected_average_only_in")
+    config = config.model_dump(mode="json") | {"activations": "cached (set by activation_mode; cached activations would take 0.01 GB)"}
+    markdown = render_markdown("run", config, {}, {"prompts": [], "logit_effects": []}, {})
+    settings = dict(re.findall(r"^- \*\*(\w+)\*\*: `(.*)`$", markdown, re.M))
+    assert settings["hook_head_index"] == "2" and settings["normalize_activations"] == "expected_average_only_in"
+    assert settings["architecture"] == architecture
+    assert {"l1_coefficient", "l1_warm_up_steps", "k", "l0_coefficient", "l0_warm_up_steps", "matryoshka_widths"} & set(settings) == set(shown)
+    assert settings["activations"] == config["activations"]
 
 
 def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):

@@ -37,7 +37,7 @@ def test_a_streaming_store_keeps_only_tokens_and_the_report_says_so(streaming_re
     assert summary["training"]["n_training_steps"] == FAULTS["training_tokens"] // 512
     assert 0 < summary["metrics"]["metrics"]["explained_variance"] <= 1
     report = Path(summary["report"]["path"]).read_text()
-    assert "- **activations**: `streaming (activation_mode is streaming" in report
+    assert "- **activations**: `streaming (set by activation_mode; cached activations would take " in report
 
 
 def test_streaming_differs_from_cached_only_in_data_order(streaming_reference, tmp_path):

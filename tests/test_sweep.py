@@ -99,7 +99,7 @@ def test_a_failing_member_does_not_stop_the_others(prefect_server, tmp_path):
     sweep = write_sweep(tmp_path, {}, members=[{"training_tokens": 8192}, {"training_tokens": 8192, "lr": 0.001, "analysis_token_index": 99}])
     rows = run_sweep(str(sweep), str(tmp_path / "artifacts"))
     assert [r["state"] for r in rows] == ["Completed", "Failed"]
-    assert "IndexError" in rows[1]["error"] and "l0" in rows[0]
+    assert "analysis_token_index is 99, but prompt" in rows[1]["error"] and "l0" in rows[0]
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
 
 
