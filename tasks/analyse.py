@@ -22,7 +22,7 @@ import torch
 from tasks.artifacts import stage, write_json
 from tasks.config import ConfigError, RunConfig
 
-STAGE_VERSION = 2  # 2: prompts' features that do not fire left out; `is_bos`
+STAGE_VERSION = 3  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -110,7 +110,11 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
 @torch.no_grad()
 def max_activating_contexts(model, sae, tokens: torch.Tensor, features: list[int], n_contexts: int, batch: int = 32, window: int = 12) -> dict[int, list[dict[str, Any]]]:
     """For each feature, the `n_contexts` held-out contexts where it fires hardest: the tokens up
-    to `window` before the peak and 3 after, each with the feature's activation."""
+    to `window` before the peak and 3 after, each with the feature's activation. Special tokens
+    (BOS, EOS, padding) count as 0, as in the metrics: a BOS residual's large norm would otherwise
+    make many features peak there."""
+    from sae_lens.util import get_special_token_ids
+
     from tasks.model import hook_activations
 
     per_token = []  # [n, ctx, len(features)]
@@ -118,7 +122,8 @@ def max_activating_contexts(model, sae, tokens: torch.Tensor, features: list[int
         chunk = tokens[start : start + batch].to(sae.device)
         acts = hook_activations(model, chunk, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
         per_token.append(sae.encode(acts.to(sae.dtype))[..., features].float().cpu())
-    per_token = torch.cat(per_token)
+    special = torch.isin(tokens, torch.tensor(get_special_token_ids(model.tokenizer), dtype=tokens.dtype))
+    per_token = torch.cat(per_token).masked_fill(special[..., None], 0.0)
     peak_values, peak_positions = per_token.max(dim=1)  # [n, F]
     result = {}
     for column, feature in enumerate(features):

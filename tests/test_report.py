@@ -227,3 +227,28 @@ def test_wandb_logging_works_offline(prefect_server, tmp_path, monkeypatch):
     assert len(runs) == 1
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
     assert summary["training"]["n_training_tokens"] == 8192
+
+
+def test_dashboard_contexts_never_peak_at_a_special_token(finished_run):
+    """Features whose strongest held-out activation is at a BOS token get their peaks at real
+    tokens instead, with the BOS shown as 0, as the metrics leave special tokens out."""
+    from tasks.activations import load_eval_tokens
+    from tasks.analyse import max_activating_contexts
+    from tasks.load import open_sae
+    from tasks.model import hook_activations, load_model
+
+    summary = finished_run["summary"]
+    model = load_model(summary["model"], "cpu", processed=True)
+    sae, _ = open_sae({"path": summary["sae"]["path"]}, "cpu")
+    tokens = load_eval_tokens(summary["activations"])[:64]
+    bos = tokens == model.tokenizer.bos_token_id
+    with torch.no_grad():
+        acts = sae.encode(hook_activations(model, tokens, sae.cfg.metadata.hook_name, None))  # [n, ctx, d_sae]
+    peaks_at_bos = [f for f in range(sae.cfg.d_sae) if bos.flatten()[acts[..., f].flatten().argmax()] and acts[..., f].max() > 0]
+    assert peaks_at_bos  # the tiny model has such features
+    contexts = max_activating_contexts(model, sae, tokens, peaks_at_bos, n_contexts=3)
+    expected = acts.masked_fill(bos[..., None], 0.0)
+    for feature in peaks_at_bos:
+        for context in contexts[feature]:
+            assert context["tokens"][context["peak"]] != model.tokenizer.bos_token
+        assert contexts[feature][0]["max"] == pytest.approx(float(expected[..., feature].max()))
