@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--prompt", action="append", required=True, help="prompt to analyse (repeatable)")
     analyze.add_argument("--token-index", type=int, help="token position to analyse (default: the run's analysis_token_index)")
     analyze.add_argument("--artifacts-dir", default="artifacts")
+    analyze.add_argument("--device", help="device for the model and the SAE, e.g. cpu for a run trained on a GPU (default: the run's device)")
     commands.add_parser("config-reference", help="print every config key with its default and meaning")
     return parser
 
@@ -169,8 +170,9 @@ def _analyze(args) -> int:
     index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
     setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
     check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
-    model = load_model(summary["model"], cfg["device"], processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
-    sae, _ = open_sae({"path": summary["sae"]["path"]}, cfg["device"])
+    device = args.device or cfg["device"]
+    model = load_model(summary["model"], device, processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
+    sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
     for prompt in args.prompt:
         result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logger)
         bos = " (the BOS token prepend_bos adds)" if result["is_bos"] else ""

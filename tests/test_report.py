@@ -125,6 +125,20 @@ def test_report_and_analyze_commands(finished_run, metrics, capsys):
     assert "'Tom fed the dog .' at token '<bos>' (the BOS token prepend_bos adds):" in capsys.readouterr().out
 
 
+def test_analyze_runs_a_gpu_run_on_the_cpu_with_device(finished_run, tmp_path, capsys):
+    """A run trained on a GPU, analysed on a machine without one: `--device cpu`."""
+    import shutil
+
+    run = tmp_path / "runs" / finished_run["name"]
+    shutil.copytree(finished_run["artifacts"] / "runs" / finished_run["name"], run)
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["device"] = "cuda"
+    (run / "config.json").write_text(json.dumps(stored))
+    args = ["analyze", finished_run["name"], "--artifacts-dir", str(tmp_path), "--prompt", "Tom fed the dog ."]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert "'Tom fed the dog .' at token '.':" in capsys.readouterr().out
+
+
 def test_an_index_outside_a_prompt_names_the_prompt_and_the_setting(finished_run, capsys):
     from tasks.analyse import check_token_index
 
