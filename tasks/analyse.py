@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tasks.artifacts import stage, write_json
+from tasks.artifacts import output_hashes, stage, write_json
 from tasks.config import RunConfig
 
 STAGE_VERSION = 1
@@ -211,4 +211,4 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
     for p in prompts:
         top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in p["top_features"])
         logger.info(f"Top features at {p['token']!r} of {p['prompt']!r}: {top}")
-    return {"path": str(out), "dashboard": str(page), "n_features": len(features), "outputs": [str(out), str(page)]}
+    return {"path": str(out), "dashboard": str(page), "n_features": len(features), "outputs": [str(out), str(page)], "output_sha256": output_hashes(out, page)}
