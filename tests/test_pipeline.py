@@ -183,30 +183,31 @@ def test_sparsity_counted_a_batch_at_a_time_equals_counting_all_rows_at_once(fin
 
 
 def test_changing_sparsity_tokens_or_eval_batch_reruns_what_they_change_and_going_back_restores_it(finished_run):
-    summary = finished_run["summary"]
+    # a run of its own (sharing the finished run's model and store), so that the finished run stays as it is
+    name, state = start(tiny_config(), finished_run["artifacts"], "sparsity-changes")
+    summary = state.result()
     sae_dir, run = Path(summary["sae"]["path"]), Path(summary["run_dir"])
     trained = Path(summary["training"]["path"]) / "sae_weights.safetensors"
     original, trained_mtime = (sae_dir / "sparsity.safetensors").read_bytes(), trained.stat().st_mtime_ns
     original_analysis = (run / "analysis.json").read_text()
     assert summary["metrics"]["metrics"]["eval_contexts"] == 2048
 
-    name, state = start(tiny_config(sparsity_tokens=4096, eval_batch_size_prompts=100), finished_run["artifacts"])
-    assert name == finished_run["name"]  # neither changes the trained SAE: the same run
+    _, state = start(tiny_config(sparsity_tokens=4096, eval_batch_size_prompts=100), finished_run["artifacts"], name)
     states = task_states(state)
     after_training = ("save-sae", "load-sae", "evaluate", "analyse", "report")
     assert {s: states[s] for s in after_training} == {s: "Completed" for s in after_training}
     assert {s for s, v in states.items() if v == "Cached"} == {"build-model", "pretokenise", "fill-activations"}
     result = state.result()
     assert result["sae"]["sparsity_tokens"] == 4096 and result["sae"]["manifest_sha256"] != summary["sae"]["manifest_sha256"]
-    assert result["metrics"]["metrics"]["eval_contexts"] == 2000
+    assert result["metrics"]["metrics"]["eval_contexts"] == 2000  # whole batches of 100 of the 2048 held-out contexts
     changed = load_file(sae_dir / "sparsity.safetensors")["sparsity"]
     assert not torch.equal(changed, safetensors.torch.load(original)["sparsity"])
     dashboard = json.loads((run / "analysis.json").read_text())["dashboard"]
     assert [d["frequency"] for d in dashboard] == pytest.approx([10 ** changed[d["feature"]].item() for d in dashboard])
-    assert trained.stat().st_mtime_ns == trained_mtime
+    assert trained.stat().st_mtime_ns == trained_mtime  # the trained SAE is never remade
     assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
-    _, state = start(tiny_config(), finished_run["artifacts"])
+    _, state = start(tiny_config(), finished_run["artifacts"], name)
     states = task_states(state)
     assert states["save-sae"] == states["analyse"] == states["report"] == "Completed"
     assert states["train-sae"] == "Cached"
