@@ -271,11 +271,11 @@ class RunConfig(BaseModel):
     again (the SAE is kept) and evaluates and analyses the remade `sae/` again."""
     eval_batch_size_prompts: int | None = Field(None, gt=0)
     """Held-out contexts per model pass in the evaluation (SAELens's name; empty: as
-    `store_batch_size_prompts`). For the CE and KL metrics SAELens holds up to six `[batch,
+    `store_batch_size_prompts`; unused without a model). For the CE and KL metrics SAELens holds up to six `[batch,
     context_size, d_vocab]` tensors at once (the clean, SAE-spliced and zero-ablated logits and
     the KL's softmaxes): lower it if the evaluation runs out of memory (big vocabularies, long
-    contexts). Only the evaluation runs again when it changes; whole
-    batches are evaluated, so the evaluated contexts are the held-out ones rounded down to a
+    contexts). Only the evaluation and the report run again when it
+    changes; whole batches are evaluated, so the evaluated contexts are the held-out ones rounded down to a
     multiple of it."""
     prompts: list[str] = Field(default_factory=lambda: ["The quick brown fox jumps over the lazy"])
     """Prompts analysed after training: top features at `analysis_token_index`."""
