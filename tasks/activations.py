@@ -20,6 +20,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -536,19 +537,39 @@ def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chun
     return ShuffledBatches(StoreRows(store_ref), batch_size, seed, device=device)
 
 
-def sample_activations(store_ref: dict[str, Any], n: int, seed: int) -> torch.Tensor:
-    """About `n` activation rows drawn at random (seeded): single rows from a cached store, whole
-    contexts (made by the model) from a streaming one."""
+def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batch_rows: int) -> Iterator[torch.Tensor]:
+    """About `n` activation rows drawn at random (seeded), in batches of `batch_rows` (the last
+    may be shorter): single rows from a cached store, in ascending order, read a batch at a time;
+    whole contexts from a streaming one, made by the model `store_batch_size_prompts` at a time.
+    Only a batch or two is held at once, never all `n` rows."""
     generator = torch.Generator().manual_seed(seed)
     if store_ref.get("mode") == "streaming":
-        from tasks.streaming import activations_for
+        from tasks.streaming import activation_batches
 
         model, contexts, spec = _streaming_source(store_ref)
         picked = torch.randperm(len(contexts), generator=generator)[: -(-n // spec["context_size"])].sort().values
-        return activations_for(model, contexts[picked], spec).cpu()
+        yield from rebatch(activation_batches(model, contexts[picked], spec), batch_rows)
+        return
     activations = StoreRows(store_ref)
     rows = torch.randperm(len(activations), generator=generator)[: min(n, len(activations))].sort().values
-    return activations[rows]
+    for start in range(0, len(rows), batch_rows):
+        yield activations[rows[start : start + batch_rows]]
+
+
+def rebatch(pieces: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The rows of `pieces`, in order, in batches of `size` rows (the last may be shorter)."""
+    held, n_held = [], 0
+    for piece in pieces:
+        held.append(piece)
+        n_held += len(piece)
+        if n_held >= size:
+            rows = torch.cat(held)
+            for start in range(0, len(rows) - size + 1, size):
+                yield rows[start : start + size]
+            rest = rows[len(rows) - len(rows) % size :]
+            held, n_held = [rest], len(rest)
+    if n_held:
+        yield torch.cat(held)
 
 
 class ShuffledBatches:

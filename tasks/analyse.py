@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tasks.artifacts import stage, write_json
+from tasks.artifacts import output_hashes, stage, write_json
 from tasks.config import ConfigError, RunConfig
 
 STAGE_VERSION = 3  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token
@@ -244,4 +244,4 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
     for p in prompts:
         top = ", ".join(f"{f['feature']} ({f['activation']:.3f})" for f in p["top_features"]) or "no feature fires"
         logger.info(f"Top features at {p['token']!r} of {p['prompt']!r}: {top}")
-    return {"path": str(out), "dashboard": str(page), "n_features": len(features), "outputs": [str(out), str(page)]}
+    return {"path": str(out), "dashboard": str(page), "n_features": len(features), "outputs": [str(out), str(page)], "output_sha256": output_hashes(out, page)}

@@ -4,7 +4,8 @@ Every stage is a Prefect task whose small JSON result (paths, hashes, counts, me
 persisted under `<artifacts>/prefect-results/`, keyed by the inputs that matter plus an explicit
 stage version, so editing a comment does not invalidate a ten-hour training. Prefect's cache does
 not know that a result points at files: a cached result whose files are gone is dropped before
-Prefect reads it, and the stage runs again.
+Prefect reads it, and the stage runs again, as does one whose files listed with their sha256 were
+rewritten since (by a run with other settings).
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success, fsync it and rename it to `final`.
 
     A crash leaves only a `.tmp-*` folder, never a half-written `final`. `final` must not exist:
-    nothing already written is overwritten.
+    nothing already written is overwritten, unless `replace` (for folders derived from others):
+    then the old `final` is renamed aside and deleted once the new one is in its place. A crash
+    between the two renames leaves no `final` (it is made again), never a mix of both.
     """
-    if final.exists():
+    if final.exists() and not replace:
         raise FileExistsError(f"{final} already exists; refusing to overwrite it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -85,11 +88,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             if path.is_file():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
@@ -142,13 +149,23 @@ def exclusive_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def output_hashes(*files: Path) -> dict[str, str]:
+    """`{path: sha256}` of files a stage's result depends on, for its `output_sha256`."""
+    return {str(f): file_sha256(f) for f in files}
+
+
+def _outputs_unchanged(result: dict[str, Any]) -> bool:
+    if not all(Path(p).exists() for p in result.get("outputs", [])):
+        return False
+    return all(Path(p).is_file() and file_sha256(Path(p)) == digest for p, digest in result.get("output_sha256", {}).items())
+
+
 def _drop_stale_record(ctx: TaskRunContext, key: str) -> None:
     store = ctx.result_store
     if store is None or not store.exists(key):
         return
     result = store.read(key).result
-    outputs = result.get("outputs", []) if isinstance(result, dict) else []
-    if all(Path(p).exists() for p in outputs):
+    if not isinstance(result, dict) or _outputs_unchanged(result):
         return
     record = Path(store.result_storage.basepath) / key
     record.unlink(missing_ok=True)
@@ -159,7 +176,9 @@ def stage(name: str, version: int, key_inputs: tuple[str, ...], **task_options: 
 
     Its cache key is the stage name, `version` and a hash of the parameters named in
     `key_inputs`. Bump `version` when a change to the stage changes what it produces. The result
-    must be a dict whose `outputs` list names the files or folders it stands for.
+    must be a dict whose `outputs` list names the files or folders it stands for; its optional
+    `output_sha256` (`output_hashes(...)`) names files whose contents it stands for, for files
+    that a run with other settings rewrites in place.
     """
 
     def cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:

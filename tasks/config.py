@@ -51,6 +51,7 @@ NON_RESULT_FIELDS = {
     "top_k_features",
     "top_k_tokens",
     "sparsity_tokens",
+    "eval_batch_size_prompts",
     "log_every",
     "dashboard_features",
     "dashboard_contexts",
@@ -266,7 +267,16 @@ class RunConfig(BaseModel):
     `eval_tokens` rows of the source; with `synthetic`: `eval_tokens` more generated rows."""
     sparsity_tokens: int = Field(1_000_000, gt=0)
     """Stored activations the final SAE is run over to measure each feature's firing frequency
-    (saved as `sparsity.safetensors`)."""
+    (saved as `sparsity.safetensors`), 8,192 at a time. Changing it on a finished run measures
+    again (the SAE is kept) and evaluates and analyses the remade `sae/` again."""
+    eval_batch_size_prompts: int | None = Field(None, gt=0)
+    """Held-out contexts per model pass in the evaluation (SAELens's name; empty: as
+    `store_batch_size_prompts`; unused without a model). For the CE and KL metrics SAELens holds up to six `[batch,
+    context_size, d_vocab]` tensors at once (the clean, SAE-spliced and zero-ablated logits and
+    the KL's softmaxes): lower it if the evaluation runs out of memory (big vocabularies, long
+    contexts). Only the evaluation and the report run again when it
+    changes; whole batches are evaluated, so the evaluated contexts are the held-out ones rounded down to a
+    multiple of it."""
     prompts: list[str] = Field(default_factory=lambda: ["The quick brown fox jumps over the lazy"])
     """Prompts analysed after training: top features at `analysis_token_index`."""
     analysis_token_index: int = -1

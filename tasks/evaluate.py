@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tasks.artifacts import stage, write_json
+from tasks.artifacts import output_hashes, stage, write_json
 
 STAGE_VERSION = 2  # 2: cosine similarity without the model is averaged over the rows that are not all zero
 DENSE_THRESHOLD = 0.1
@@ -164,4 +164,4 @@ def evaluate(sae_ref: dict[str, Any], model_ref: dict[str, Any], store_ref: dict
         metrics.update(synthetic_metrics(sae, store_ref, store_ref["eval_rows"], device))
     out = Path(run_dir) / "metrics.json"
     write_json(out, {"metrics": metrics, "feature_density": features["feature_density"]})
-    return {"path": str(out), "metrics": metrics, "outputs": [str(out)]}
+    return {"path": str(out), "metrics": metrics, "outputs": [str(out)], "output_sha256": output_hashes(out)}

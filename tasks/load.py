@@ -9,20 +9,27 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from tasks.artifacts import stage
+from tasks.artifacts import file_sha256, stage
 
 STAGE_VERSION = 1
 
 
 def open_sae(source: dict[str, Any], device: str = "cpu"):
     """The SAE and its log10 feature sparsity (None if unknown) from `{"path": folder}` or
-    `{"release": ..., "sae_id": ...}`."""
+    `{"release": ..., "sae_id": ...}`.
+
+    The pipeline's source also names the sha256 of the folder's `manifest.json`
+    (`"manifest_sha256"`, from the save stage): it makes the stages that read the SAE (load,
+    evaluate, analyse) run again whenever `sae/` is made again, and the folder is checked
+    against it."""
     from sae_lens import SAE
 
     if "path" in source:
         path = Path(source["path"])
         if not (path / "cfg.json").is_file():
             raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json is missing)")
+        if "manifest_sha256" in source and file_sha256(path / "manifest.json") != source["manifest_sha256"]:
+            raise RuntimeError(f"{path} changed since it was saved (its manifest.json is not the one asked for); run the pipeline again")
         sae = SAE.load_from_disk(path, device=device)
         sparsity_file = path / "sparsity.safetensors"
         sparsity = load_file(sparsity_file)["sparsity"] if sparsity_file.is_file() else None

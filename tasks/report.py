@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from tasks.artifacts import stage
+from tasks.artifacts import output_hashes, stage
 from tasks.config import ARCHITECTURE_FIELDS
 from tasks.save import LOG_EPS
 
@@ -187,4 +187,4 @@ def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dic
     report_md.write_text(markdown)
     create_markdown_artifact(markdown, key=artifact_key(run_name, "report"), description=f"saeflow report of run {run_name}")
     create_table_artifact(metrics_table(metrics), key=artifact_key(run_name, "metrics"), description=f"Metrics of run {run_name}")
-    return {"path": str(report_md), "plots": [str(density_png), str(curves_png)], "outputs": [str(report_md), str(density_png), str(curves_png)]}
+    return {"path": str(report_md), "plots": [str(density_png), str(curves_png)], "outputs": [str(report_md), str(density_png), str(curves_png)], "output_sha256": output_hashes(report_md, density_png, curves_png)}

@@ -6,33 +6,37 @@ normalisation folded in, BatchTopK saved as JumpReLU, ...), loadable with plain
 `sae_lens.SAE.load_from_disk`. `sparsity.safetensors` holds, under `sparsity`, the log10 firing
 frequency of each feature (SAELens's convention), measured by running the saved SAE over
 `sparsity_tokens` stored activations drawn at random (whole contexts, made by the model, in
-streaming mode); a feature that never fired reads -10.
+streaming mode), a batch at a time; a feature that never fired reads -10.
+
+`sae/` is derived from `trained/`: when the measurement's settings (`sparsity_tokens`, `seed`)
+differ from those recorded in its manifest, it is made again beside the old one and swapped in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from tasks.activations import sample_activations
-from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
+from tasks.activations import sample_activation_batches
+from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, verify_manifest, write_manifest
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256
 LOG_EPS = 1e-10
 ENCODE_BATCH = 8192
 
 
 @torch.no_grad()
-def firing_frequency(sae, activations: torch.Tensor) -> torch.Tensor:
-    """Fraction of the given activation rows on which each feature is non-zero."""
-    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    for start in range(0, len(activations), ENCODE_BATCH):
-        batch = activations[start : start + ENCODE_BATCH].to(sae.device, sae.dtype)
-        counts += (sae.encode(batch) != 0).sum(0).to("cpu", torch.float64)
-    return (counts / len(activations)).float()
+def firing_frequency(sae, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Fraction of the activation rows on which each feature is non-zero, and the number of rows."""
+    counts, n_rows = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0
+    for batch in batches:
+        counts += (sae.encode(batch.to(sae.device, sae.dtype)) != 0).sum(0).to("cpu", torch.float64)
+        n_rows += len(batch)
+    return (counts / n_rows).float(), n_rows
 
 
 @stage("save-sae", STAGE_VERSION, key_inputs=("trained_ref", "store_ref", "run_dir", "sparsity_tokens", "seed"))
@@ -43,16 +47,17 @@ def save_sae(
     from sae_lens import SAE, TrainingSAE
 
     out = Path(run_dir) / "sae"
-    if verify_manifest(out) is None:
-        if out.exists():
-            raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+    measured_with = {"sparsity_tokens": sparsity_tokens, "seed": seed}
+    manifest = verify_manifest(out)
+    if manifest is None and out.exists():
+        raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+    if manifest is None or manifest.get("measured_with") != measured_with:
         trained = TrainingSAE.load_from_disk(trained_ref["path"], device=device)
-        activations = sample_activations(store_ref, sparsity_tokens, seed)
-        n = len(activations)
-        with atomic_dir(out) as tmp:
+        # An older sae/ is replaced only once the new one is complete (it is remade from trained/).
+        with atomic_dir(out, replace=manifest is not None) as tmp:
             trained.save_inference_model(tmp)
             sae = SAE.load_from_disk(tmp, device=device)
-            frequency = firing_frequency(sae, activations)
+            frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH))
             save_file({"sparsity": torch.log10(frequency + LOG_EPS)}, tmp / "sparsity.safetensors")
             write_manifest(
                 tmp,
@@ -61,10 +66,17 @@ def save_sae(
                     "d_in": sae.cfg.d_in,
                     "d_sae": sae.cfg.d_sae,
                     "sparsity_tokens": n,
+                    "measured_with": measured_with,
                     "dead_features": int((frequency == 0).sum()),
                     "mean_l0": float(frequency.sum()),
                 },
             )
     manifest = read_json(out / "manifest.json")
     keys = ("architecture", "d_in", "d_sae", "sparsity_tokens", "dead_features", "mean_l0")
-    return {"path": str(out), **{k: manifest[k] for k in keys}, "outputs": [str(out)]}
+    return {
+        "path": str(out),
+        **{k: manifest[k] for k in keys},
+        "manifest_sha256": file_sha256(out / "manifest.json"),
+        "outputs": [str(out)],
+        "output_sha256": output_hashes(out / "manifest.json"),
+    }

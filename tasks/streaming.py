@@ -16,6 +16,7 @@ at the exact row, whatever its progress. Nothing about the mixing buffer has to 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,19 +112,28 @@ def activations_for(model, contexts: torch.Tensor, spec: dict[str, Any], positio
     """Hook activations `[n_contexts * context_size, d_in]` of token contexts, computed in model
     batches of `store_batch_size_prompts` contexts, as the cached mode's fill does. With
     `positions`, activation row `i` is put at row `positions[i]` instead."""
-    from tasks.model import hooks_activations
-
     device = torch.device(spec["device"])
     out = torch.empty((contexts.numel(), spec["d_in"]), dtype=getattr(torch, spec["dtype"]), device=device)
     positions = None if positions is None else positions.to(device)
-    for start in range(0, len(contexts), spec["store_batch_size_prompts"]):
-        batch = contexts[start : start + spec["store_batch_size_prompts"]].to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
-            acts = hooks_activations(model, batch, [(spec["hook_name"], spec["hook_head_index"])])[0]
-        acts = acts.reshape(-1, spec["d_in"]).to(out.dtype)
-        first = start * contexts.shape[1]
+    first = 0
+    for acts in activation_batches(model, contexts, spec):
         if positions is None:
             out[first : first + len(acts)] = acts
         else:
             out.index_copy_(0, positions[first : first + len(acts)], acts)
+        first += len(acts)
     return out
+
+
+@torch.no_grad()
+def activation_batches(model, contexts: torch.Tensor, spec: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The rows of `activations_for(model, contexts, spec)`, one model batch of
+    `store_batch_size_prompts` contexts `[batch * context_size, d_in]` at a time."""
+    from tasks.model import hooks_activations
+
+    device = torch.device(spec["device"])
+    for start in range(0, len(contexts), spec["store_batch_size_prompts"]):
+        batch = contexts[start : start + spec["store_batch_size_prompts"]].to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
+            acts = hooks_activations(model, batch, [(spec["hook_name"], spec["hook_head_index"])])[0]
+        yield acts.reshape(-1, spec["d_in"]).to(getattr(torch, spec["dtype"]))

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
@@ -147,3 +148,104 @@ def test_other_sae_settings_reuse_the_model_and_activations(finished_run):
     assert states["build-model"] == states["fill-activations"] == "Cached"
     assert states["train-sae"] == "Completed"
     assert state.result()["activations"] == finished_run["summary"]["activations"]
+
+
+def unchunked_frequency(sae, activations: torch.Tensor, batch: int) -> torch.Tensor:
+    """The save stage's sparsity as it was computed before batching: every sampled row at once."""
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(activations), batch):
+            counts += (sae.encode(activations[start : start + batch]) != 0).sum(0).to(torch.float64)
+    return (counts / len(activations)).float()
+
+
+def test_sparsity_counted_a_batch_at_a_time_equals_counting_all_rows_at_once(finished_run, tmp_path):
+    from sae_lens import SAE
+    from safetensors.torch import save_file
+
+    from tasks.activations import StoreRows, sample_activation_batches
+    from tasks.save import ENCODE_BATCH, LOG_EPS, firing_frequency
+
+    summary, cfg = finished_run["summary"], finished_run["cfg"]
+    store, sae = summary["activations"], SAE.load_from_disk(summary["sae"]["path"])
+    everything = StoreRows(store)
+    for n, batch in [(cfg.sparsity_tokens, ENCODE_BATCH), (5000, 1024)]:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        rows = torch.randperm(len(everything), generator=generator)[: min(n, len(everything))].sort().values
+        expected = unchunked_frequency(sae, everything[rows], batch)
+        sizes = []
+        frequency, n_rows = firing_frequency(sae, (sizes.append(len(b)) or b for b in sample_activation_batches(store, n, cfg.seed, batch)))
+        assert torch.equal(frequency, expected) and n_rows == len(rows)
+        assert max(sizes) == batch and len(sizes) == -(-len(rows) // batch)
+        if n == cfg.sparsity_tokens:  # the saved sparsity is, byte for byte, the one counted over all rows at once
+            save_file({"sparsity": torch.log10(expected + LOG_EPS)}, tmp_path / "sparsity.safetensors")
+            assert (tmp_path / "sparsity.safetensors").read_bytes() == (Path(summary["sae"]["path"]) / "sparsity.safetensors").read_bytes()
+
+
+def test_changing_sparsity_tokens_or_eval_batch_reruns_what_they_change_and_going_back_restores_it(finished_run):
+    # a run of its own (sharing the finished run's model and store), so that the finished run stays as it is
+    name, state = start(tiny_config(), finished_run["artifacts"], "sparsity-changes")
+    summary = state.result()
+    sae_dir, run = Path(summary["sae"]["path"]), Path(summary["run_dir"])
+    trained = Path(summary["training"]["path"]) / "sae_weights.safetensors"
+    original, trained_mtime = (sae_dir / "sparsity.safetensors").read_bytes(), trained.stat().st_mtime_ns
+    original_analysis = (run / "analysis.json").read_text()
+    assert summary["metrics"]["metrics"]["eval_contexts"] == 2048
+
+    _, state = start(tiny_config(sparsity_tokens=4096, eval_batch_size_prompts=100), finished_run["artifacts"], name)
+    states = task_states(state)
+    after_training = ("save-sae", "load-sae", "evaluate", "analyse", "report")
+    assert {s: states[s] for s in after_training} == {s: "Completed" for s in after_training}
+    assert {s for s, v in states.items() if v == "Cached"} == {"build-model", "pretokenise", "fill-activations"}
+    result = state.result()
+    assert result["sae"]["sparsity_tokens"] == 4096 and result["sae"]["manifest_sha256"] != summary["sae"]["manifest_sha256"]
+    assert result["metrics"]["metrics"]["eval_contexts"] == 2000  # whole batches of 100 of the 2048 held-out contexts
+    changed = load_file(sae_dir / "sparsity.safetensors")["sparsity"]
+    assert not torch.equal(changed, safetensors.torch.load(original)["sparsity"])
+    dashboard = json.loads((run / "analysis.json").read_text())["dashboard"]
+    assert [d["frequency"] for d in dashboard] == pytest.approx([10 ** changed[d["feature"]].item() for d in dashboard])
+    assert trained.stat().st_mtime_ns == trained_mtime  # the trained SAE is never remade
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+    _, state = start(tiny_config(), finished_run["artifacts"], name)
+    states = task_states(state)
+    assert states["save-sae"] == states["analyse"] == states["report"] == "Completed"
+    assert states["train-sae"] == "Cached"
+    assert (sae_dir / "sparsity.safetensors").read_bytes() == original
+    assert state.result()["sae"] == summary["sae"]
+    assert state.result()["metrics"]["metrics"]["eval_contexts"] == 2048
+    assert (run / "analysis.json").read_text() == original_analysis
+
+
+def test_sae_is_remade_only_when_its_measurement_changes_and_a_crash_while_swapping_it_is_recovered(finished_run, tmp_path, monkeypatch):
+    import os
+
+    from tasks.save import save_sae
+
+    summary = finished_run["summary"]
+    trained, store = summary["training"], summary["activations"]
+    first = save_sae.fn(trained, store, str(tmp_path), 4096, 42, "cpu")
+    sparsity = tmp_path / "sae" / "sparsity.safetensors"
+    inode = sparsity.stat().st_ino
+    assert save_sae.fn(trained, store, str(tmp_path), 4096, 42, "cpu") == first and sparsity.stat().st_ino == inode
+
+    real_rename, renames = os.rename, []
+
+    def crash_before_the_new_one_is_in(src, dst):
+        renames.append(Path(dst).name)
+        if Path(dst).name == "sae":
+            raise OSError("killed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_before_the_new_one_is_in)
+    with pytest.raises(OSError, match="killed"):
+        save_sae.fn(trained, store, str(tmp_path), 8192, 42, "cpu")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert renames[0].startswith(".old-sae-") and not (tmp_path / "sae").exists()  # the old one was moved aside whole
+
+    remade = save_sae.fn(trained, store, str(tmp_path), 8192, 42, "cpu")
+    assert remade["sparsity_tokens"] == 8192 and remade["manifest_sha256"] != first["manifest_sha256"]
+    assert remade["mean_l0"] != first["mean_l0"]
+    (tmp_path / "sae" / "cfg.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="fails its checksums"):
+        save_sae.fn(trained, store, str(tmp_path), 4096, 42, "cpu")

@@ -55,6 +55,29 @@ def test_streaming_differs_from_cached_only_in_data_order(streaming_reference, t
     assert first.shape == (512, 32) and not torch.equal(first, fifth)
 
 
+def test_streaming_sparsity_is_counted_a_model_batch_at_a_time_as_over_all_contexts_at_once(streaming_reference):
+    from sae_lens import SAE
+    from safetensors.torch import load_file
+
+    from tasks.activations import _streaming_source, sample_activation_batches
+    from tasks.save import ENCODE_BATCH, LOG_EPS, firing_frequency
+    from tasks.streaming import activations_for
+    from test_pipeline import unchunked_frequency
+
+    summary, _ = streaming_reference
+    store, sae = summary["activations"], SAE.load_from_disk(summary["sae"]["path"])
+    model, contexts, spec = _streaming_source(store)
+    for n, batch in [(1_000_000, ENCODE_BATCH), (3000, 1000)]:  # all contexts; 94 contexts in batches across model batches
+        picked = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(42))[: -(-n // spec["context_size"])].sort().values
+        expected = unchunked_frequency(sae, activations_for(model, contexts[picked], spec), batch)
+        sizes = []
+        frequency, n_rows = firing_frequency(sae, (sizes.append(len(b)) or b for b in sample_activation_batches(store, n, 42, batch)))
+        assert torch.equal(frequency, expected) and n_rows == len(picked) * spec["context_size"]
+        assert max(sizes) == batch and len(sizes) == -(-n_rows // batch)
+        if n == 1_000_000:  # the run's sparsity_tokens: the saved sparsity is the one counted over all contexts at once
+            assert torch.equal(load_file(Path(summary["sae"]["path"]) / "sparsity.safetensors")["sparsity"], torch.log10(expected + LOG_EPS))
+
+
 def test_streaming_run_killed_several_times_ends_bitwise_equal(streaming_cfg, streaming_reference, tmp_path):
     _, config = streaming_cfg
     artifacts = tmp_path / "artifacts"
