@@ -195,8 +195,10 @@ class RunConfig(BaseModel):
     training_tokens: int = Field(2_000_000, gt=0)
     """Tokens to train on; the activation store holds this many (rounded up to whole contexts)."""
     n_batches_in_buffer: int = Field(20, gt=0)
-    """SAELens mixing-buffer size in model batches; `n_batches_in_buffer * context_size` must be
-    at least `train_batch_size_tokens`."""
+    """Streaming mode only: the model makes the activations of a chunk of
+    `n_batches_in_buffer * store_batch_size_prompts` contexts at a time, whose tokens are shuffled
+    among themselves (training batches may span chunks). Unused in cached mode, which shuffles the
+    whole store."""
     store_batch_size_prompts: int = Field(32, gt=0)
     """Sequences per model forward pass while filling the activation store."""
     dead_feature_window: int = Field(1000, gt=0)
@@ -327,14 +329,6 @@ class RunConfig(BaseModel):
                         f"and hook made the activations); remove {name}, or remove {key} to make the "
                         f"activations with the model"
                     )
-        buffer_tokens = self.n_batches_in_buffer * self.context_size
-        if buffer_tokens < self.train_batch_size_tokens and self.activation_source is None:
-            raise ValueError(
-                f"the mixing buffer (n_batches_in_buffer * context_size = {self.n_batches_in_buffer} * "
-                f"{self.context_size} = {buffer_tokens} tokens) is smaller than train_batch_size_tokens "
-                f"({self.train_batch_size_tokens}); SAELens would fail at the first step. Raise "
-                f"n_batches_in_buffer to at least {-(-self.train_batch_size_tokens // self.context_size)}"
-            )
         if self.model_train_tokens and self.model_cfg is None:
             raise ValueError(
                 "model_train_tokens trains a locally built model, but model_cfg is not set; "

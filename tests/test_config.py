@@ -45,6 +45,13 @@ def test_guide_config_is_accepted_as_written():
     assert cfg.sae_width == 256
 
 
+def test_saeflow_s_own_defaults_are_accepted():
+    # no SAELens mixing buffer: a chunk of n_batches_in_buffer * context_size tokens smaller than a batch is fine
+    cfg = make_config({"model_name": "gpt2", "hook_name": "blocks.6.hook_resid_post"})
+    assert cfg.n_batches_in_buffer * cfg.context_size < cfg.train_batch_size_tokens
+    assert make_config({}) == RunConfig()
+
+
 def test_guide_config_maps_onto_sae_lens_6():
     from sae_lens import StandardTrainingSAEConfig
 
@@ -95,7 +102,6 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"context_size": 0}, "context_size: Input should be greater than 0"),
         ({"train_batch_size_tokens": -5}, "train_batch_size_tokens: Input should be greater than 0"),
         ({"training_tokens": 100}, "training_tokens (100) is smaller than one batch"),
-        ({"n_batches_in_buffer": 4}, "Raise n_batches_in_buffer to at least 8"),
         ({"k": 10}, "k is used only by the topk and batchtopk and matryoshka_batchtopk"),
         ({"architecture": "sparse"}, "architecture: Input should be"),
         ({"d_in": 0}, "d_in must be positive"),
