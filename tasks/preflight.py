@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
-from tasks.config import ConfigError, RunConfig, hook_layer_of, stable_hash
+from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, hook_layer_of, stable_hash
 
 
 def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
@@ -115,6 +115,19 @@ def resolve(cfg: RunConfig) -> RunConfig:
 def _check_sae_settings(cfg: RunConfig) -> None:
     from tasks.train import new_training_sae
 
+    width = cfg.sae_width
+    if cfg.architecture in ARCHITECTURE_FIELDS["k"] and cfg.k > width:
+        raise ConfigError(
+            f"k ({cfg.k}) is larger than the SAE's width (d_sae = {width}): a {cfg.architecture} SAE keeps k "
+            f"active features per token out of d_sae; lower k (e.g. to {max(width // 4, 1)}) or widen the SAE "
+            f"(d_sae or expansion_factor)"
+        )
+    wider = [w for w in cfg.matryoshka_widths if w > width]
+    if wider:
+        raise ConfigError(
+            f"matryoshka_widths {wider} exceed the SAE's width (d_sae = {width}); each nested width must be at "
+            f"most d_sae (which is added as the last one): lower them, or widen the SAE (d_sae or expansion_factor)"
+        )
     try:
         new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:

@@ -76,6 +76,19 @@ def test_sae_lens_rejections_come_before_any_work():
     assert "SAELens rejects the matryoshka_batchtopk SAE settings" in message and "strictly increasing" in message
 
 
+@pytest.mark.parametrize(("architecture", "extra"), [("topk", {}), ("batchtopk", {}), ("matryoshka", {"matryoshka_widths": [32]})])
+def test_k_above_d_sae_is_refused(architecture, extra):
+    assert resolve(tiny_config(architecture=architecture, k=128, **extra)).sae_width == 128  # d_in 32 * 4
+    message = resolve_error(architecture=architecture, k=129, **extra)
+    assert "k (129) is larger than the SAE's width (d_sae = 128)" in message and "lower k" in message
+
+
+def test_matryoshka_width_above_d_sae_is_named():
+    message = resolve_error(architecture="matryoshka", k=4, matryoshka_widths=[64, 256])
+    assert "matryoshka_widths [256] exceed the SAE's width (d_sae = 128)" in message
+    assert "strictly increasing" not in message
+
+
 def test_compile_sae_without_a_cpp_compiler_is_refused():
     import torch._inductor.config
 
