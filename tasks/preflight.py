@@ -25,6 +25,32 @@ def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
     )
 
 
+def _available_devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def _check_device(cfg: RunConfig) -> None:
+    """`device` names a device torch knows and this machine has."""
+    import torch
+
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):  # torch's message lists device types saeflow cannot use
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device '{cfg.device}' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: {', '.join(_available_devices())})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"a torch {torch.__version__} built without CUDA" if torch.version.cuda is None else "no CUDA GPU visible to torch"
+        raise ConfigError(f"device is '{cfg.device}', but this machine has {build}; use device: cpu (available here: {', '.join(_available_devices())})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device is '{cfg.device}', but torch sees {torch.cuda.device_count()} CUDA GPU(s); use one of: {', '.join(_available_devices())}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device is 'mps', but MPS (Apple GPU) is not available here; use one of: {', '.join(_available_devices())}")
+
+
 def _resolve_source(cfg: RunConfig) -> RunConfig:
     """Check activations made without a model (their files' headers, or the synthetic settings);
     fill in `d_in`. Every row is checked for NaN/inf when the store is imported, before training."""
@@ -56,6 +82,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     from tasks.model import hook_width, meta_model
     from tasks.tokens import check_token_dataset
 
+    _check_device(cfg)
     if cfg.checkpoint_path is not None:  # where it points must not depend on the folder a run starts in
         cfg = cfg.model_copy(update={"checkpoint_path": os.path.abspath(os.path.expanduser(cfg.checkpoint_path))})
     if cfg.activation_source is not None:

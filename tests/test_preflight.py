@@ -89,6 +89,19 @@ def test_matryoshka_width_above_d_sae_is_named():
     assert "strictly increasing" not in message
 
 
+def test_device_is_checked_against_this_machine():
+    import torch
+
+    assert "device 'cdua' is not a device saeflow can use" in resolve_error(device="cdua")
+    message = resolve_error(device="cuda:99")
+    assert message.startswith("device is 'cuda:99', but") and ": cpu" in message  # what is available instead
+    if not torch.cuda.is_available():
+        assert "use device: cpu" in resolve_error(device="cuda")
+    if not torch.backends.mps.is_available():
+        assert "MPS (Apple GPU) is not available here" in resolve_error(device="mps")
+    assert "is not a device saeflow can use" in resolve_error(activations_path=None, synthetic={"num_features": 8}, model_cfg=None, d_in=8, dataset_path="demo:stories", device="meta")
+
+
 def test_compile_sae_without_a_cpp_compiler_is_refused():
     import torch._inductor.config
 
