@@ -410,20 +410,25 @@ def make_config(values: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(_friendly_errors(error)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the built-in demo config when `path` is None) and validate it."""
-    if path is None:
-        path = DEMO_CONFIG
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML file holds (`what` names the file in messages), or ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give the path of a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, not {type(values).__name__}")
-    return make_config(values, overrides)
+        raise ConfigError(f"{what} {path} must hold a mapping of keys (key: value lines), not {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the built-in demo config when `path` is None) and validate it."""
+    return make_config(read_yaml_mapping(DEMO_CONFIG if path is None else path), overrides)
 
 
 def config_reference() -> str:

@@ -78,6 +78,8 @@ def _resolve_source(cfg: RunConfig) -> RunConfig:
 def resolve(cfg: RunConfig) -> RunConfig:
     """Check the config against the model and the data (or the activation source); return it
     with `d_in` filled in."""
+    from datasets.exceptions import DatasetGenerationError
+
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
     from tasks.model import hook_width, meta_model
     from tasks.tokens import check_token_dataset
@@ -118,6 +120,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
         tokenized = check_dataset_columns(dataset_columns(dataset), cfg.is_dataset_tokenized, cfg.dataset_path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
+    except DatasetGenerationError as error:  # `datasets` could not read a local file (an empty one, a malformed row)
+        cause = error.__cause__ or error
+        raise ConfigError(
+            f"cannot use dataset '{cfg.dataset_path}': the datasets library could not read its files "
+            f"({type(cause).__name__}: {cause}); check that each file holds data (an empty file has no rows) "
+            f"in the format its extension names"
+        ) from None
     if tokenized and cfg.model_cfg is not None and cfg.tokenizer_path is None:
         raise ConfigError(
             f"dataset {cfg.dataset_path} holds token ids, so no tokenizer can be trained on it for the local "

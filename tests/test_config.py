@@ -130,6 +130,11 @@ def test_missing_or_malformed_config_file(tmp_path: Path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory; give the path of a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_demo_config_is_valid():

@@ -52,6 +52,13 @@ def test_missing_dataset_column(tmp_path: Path):
     assert "has columns ['body'], but needs a 'text' column" in message
 
 
+def test_an_empty_text_file_is_a_config_error(tmp_path: Path):
+    (tmp_path / "empty.txt").write_text("")
+    message = resolve_error(dataset_path=str(tmp_path / "empty.txt"))
+    assert f"cannot use dataset '{tmp_path / 'empty.txt'}': the datasets library could not read its files" in message
+    assert "an empty file has no rows" in message
+
+
 def test_tokenized_flag_must_match_the_data():
     assert "is_dataset_tokenized is True, but dataset demo:stories holds raw text" in resolve_error(is_dataset_tokenized=True)
 
@@ -190,6 +197,8 @@ def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Pat
     assert not (artifacts / "models").exists() and not (artifacts / "runs").exists()
     assert main(["run", str(config), "--set", "l1_coeficient=2"]) == EXIT_BAD_INPUT
     assert "did you mean 'l1_coefficient'?" in capsys.readouterr().err
+    assert main(["run", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert f"config file {tmp_path} is a directory" in capsys.readouterr().err
 
 
 def test_cli_prints_the_config_reference(capsys):
