@@ -454,19 +454,30 @@ def _on_meta(hooked_cfg, tokenizer=None):
         return HookedTransformer(hooked_cfg, tokenizer=tokenizer)
 
 
-def hook_width(model, hook_name: str, hook_head_index: int | None) -> int:
-    """The width of one token's activation at a hook, as SAELens's activation store flattens it."""
-    tokens = torch.zeros((1, 2), dtype=torch.long, device="meta")
-    _, cache = model.run_with_cache(tokens, names_filter=[hook_name])
-    shape = cache[hook_name].shape
+def token_hooks(model) -> dict[str, tuple[int, ...] | None]:
+    """Every hook a forward pass of `model` (on the meta device) fills, with the shape of one
+    token's activation there: None where dimension 1 is not the token position (attention
+    patterns and scores, per head and query-key pair). Read from contexts of 2 and 3 tokens, so
+    that a dimension that only happens to equal the length is not taken for the position."""
+    shapes = []
+    for length in (2, 3):
+        _, cache = model.run_with_cache(torch.zeros((1, length), dtype=torch.long, device="meta"))
+        shapes.append({name: tuple(t.shape) for name, t in cache.items()})
+    short, long = shapes
+    return {name: s[2:] if s[1] == 2 and long[name][1] == 3 and long[name][2:] == s[2:] else None for name, s in short.items()}
+
+
+def hook_width(token_shape: tuple[int, ...], hook_name: str, hook_head_index: int | None) -> int:
+    """The width of one token's activation of `token_shape` (from `token_hooks`) at a hook, as
+    SAELens's activation store flattens it."""
     if hook_head_index is not None:
-        if len(shape) != 4:
+        if len(token_shape) != 2:
             raise ValueError(f"hook_head_index is set but {hook_name} has no head dimension; remove hook_head_index")
-        if not 0 <= hook_head_index < shape[2]:
-            raise ValueError(f"hook_head_index {hook_head_index} is out of range: {hook_name} has {shape[2]} heads")
-        return shape[3]
+        if not 0 <= hook_head_index < token_shape[0]:
+            raise ValueError(f"hook_head_index {hook_head_index} is out of range: {hook_name} has {token_shape[0]} heads")
+        return token_shape[1]
     width = 1
-    for size in shape[2:]:
+    for size in token_shape:
         width *= size
     return width
 

@@ -81,7 +81,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     from datasets.exceptions import DatasetGenerationError
 
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
-    from tasks.model import hook_width, meta_model
+    from tasks.model import hook_width, meta_model, token_hooks
     from tasks.tokens import check_token_dataset
 
     _check_device(cfg)
@@ -101,13 +101,26 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"model name (offline, it must already be in the Hugging Face cache), the path of a local "
             f"checkpoint folder, or give model_cfg"
         ) from None
-    hooks = sorted(model.hook_dict)
-    if cfg.hook_name not in model.hook_dict:
-        raise ConfigError(f"unknown hook_name '{cfg.hook_name}' for {cfg.model_name}; " + _valid_hooks_message(hooks, model.cfg.n_layers))
+    hooks = token_hooks(model)
+    if hooks.get(cfg.hook_name) is None:
+        if cfg.hook_name not in model.hook_dict:
+            problem = f"unknown hook_name '{cfg.hook_name}' for {cfg.model_name}"
+        elif cfg.hook_name in hooks:
+            problem = (
+                f"hook_name '{cfg.hook_name}' has no activation per token (its dimension 1 is not the token position: "
+                f"attention patterns and scores are per head and query-key pair), and the SAE is trained on one per token"
+            )
+        else:
+            problem = (
+                f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured (TransformerLens fills it "
+                f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in)"
+            )
+        per_token = sorted(name for name, shape in hooks.items() if shape is not None)
+        raise ConfigError(f"{problem}; " + _valid_hooks_message(per_token, model.cfg.n_layers))
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size ({cfg.context_size}) is larger than {cfg.model_name}'s n_ctx ({model.cfg.n_ctx}); lower context_size")
     try:
-        width = hook_width(model, cfg.hook_name, cfg.hook_head_index)
+        width = hook_width(hooks[cfg.hook_name], cfg.hook_name, cfg.hook_head_index)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.d_in is not None and cfg.d_in != width:

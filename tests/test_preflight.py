@@ -32,6 +32,19 @@ def test_unknown_hook_lists_the_valid_ones():
     assert "N in 0..1" in message and "hook_resid_post" in message and "hook_embed" in message
 
 
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
+def test_hooks_without_one_activation_per_token_are_refused(hook):
+    message = resolve_error(hook_name=hook)
+    assert f"hook_name '{hook}' has no activation per token" in message
+    assert "hook_z" in message and "hook_pattern" not in message.split("valid hooks")[1] and "hook_attn_scores" not in message.split("valid hooks")[1]
+
+
+def test_a_hook_the_model_does_not_compute_is_refused():
+    message = resolve_error(hook_name="blocks.0.attn.hook_result")
+    assert "hook_name 'blocks.0.attn.hook_result' is not computed by tiny-test as configured" in message
+    assert resolve(tiny_config(hook_name="blocks.0.attn.hook_result", model_cfg={**TINY_MODEL, "use_attn_result": True})).d_in == 128
+
+
 def test_stated_d_in_must_match_the_hook():
     assert "d_in is 64 but blocks.0.hook_resid_post of tiny-test has width 32" in resolve_error(d_in=64)
 
