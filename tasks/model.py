@@ -10,6 +10,7 @@ that description.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import tempfile
@@ -157,6 +158,15 @@ def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a pretrained TransformerLens model (reads the hub's config)."""
     from transformer_lens import loading
 
+    known = {n.lower(): n for n in loading.OFFICIAL_MODEL_NAMES}
+    known |= {a.lower(): a for n in loading.OFFICIAL_MODEL_NAMES for a in loading.MODEL_ALIASES.get(n, [])}
+    if name.lower() not in known:  # TransformerLens's own error lists every model it knows (~7,000 characters)
+        close = [known[n] for n in difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.6)]
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see TransformerLens's model table for the names"
+        raise ConfigError(
+            f"model_name '{name}' is neither a TransformerLens model name nor an existing folder; {hint} "
+            f"(a local checkpoint: give the path of its folder)"
+        )
     official = loading.get_official_model_name(name)
     kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
     return loading.get_pretrained_model_config(official, **kwargs)
@@ -418,6 +428,14 @@ def meta_model(cfg: RunConfig, with_tokenizer: bool = False):
     attaches the model's tokenizer (a pretrained one's from the hub or its cache)."""
     folder = checkpoint_folder(cfg)
     tokenizer = None
+    if cfg.tokenizer_path is not None:
+        tokenizer_dir = Path(cfg.tokenizer_path).expanduser()
+        if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(
+                f"tokenizer_path {tokenizer_dir} {'holds no tokenizer' if tokenizer_dir.is_dir() else 'does not exist'}; "
+                f"give the folder tokenizer.save_pretrained(folder) wrote"
+                + (", or leave tokenizer_path out to train a word-level tokenizer on the dataset" if cfg.model_cfg is not None else "")
+            )
     if cfg.model_cfg is not None:
         tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
         d_vocab = len(tokenizer) if tokenizer is not None else len(SPECIAL_TOKENS)

@@ -87,8 +87,20 @@ def test_model_training_needs_text(tmp_path: Path):
 
 
 def test_unknown_pretrained_model_offline_is_explained():
-    message = resolve_error(model_cfg=None, model_name="not-a-real-model-xyz")
-    assert "cannot read the architecture of model 'not-a-real-model-xyz'" in message
+    message = resolve_error(model_cfg=None, model_name="opt-125m")  # a TransformerLens name, not in the (empty) offline cache
+    assert "cannot read the architecture of model 'opt-125m'" in message
+
+
+def test_a_misspelt_model_name_gets_the_nearest_names():
+    message = resolve_error(model_cfg=None, model_name="gpt2-smal")
+    assert message.startswith("model_name 'gpt2-smal' is neither a TransformerLens model name nor an existing folder; did you mean 'gpt2-small'")
+    assert len(message) < 400
+
+
+def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
+    message = resolve_error(tokenizer_path=str(tmp_path / "nope"))
+    assert message.startswith(f"tokenizer_path {tmp_path / 'nope'} does not exist") and "leave tokenizer_path out" in message
+    assert f"tokenizer_path {tmp_path} holds no tokenizer" in resolve_error(tokenizer_path=str(tmp_path))
 
 
 def test_sae_lens_rejections_come_before_any_work():
