@@ -40,6 +40,7 @@ MODEL_ONLY_FIELDS = (
 NON_RESULT_FIELDS = {
     "log_to_wandb",
     "wandb_project",
+    "wandb_entity",
     "wandb_log_frequency",
     "n_checkpoints",
     "keep_checkpoints",
@@ -254,6 +255,8 @@ class RunConfig(BaseModel):
     """Log training to Weights & Biases."""
     wandb_project: str = "saeflow"
     """Weights & Biases project."""
+    wandb_entity: str | None = None
+    """Weights & Biases entity (user or team) the run is logged under; default: your default entity."""
     wandb_log_frequency: int = Field(10, gt=0)
     """Steps between Weights & Biases log entries."""
 

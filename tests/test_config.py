@@ -29,6 +29,7 @@ GUIDE_CONFIG = {
     "store_batch_size_prompts": 32,
     "log_to_wandb": False,
     "wandb_project": "saelens_training_example",
+    "wandb_entity": None,
     "wandb_log_frequency": 100,
     "checkpoint_path": "./sae_training_checkpoints",
     "n_checkpoints": 5,
@@ -63,6 +64,7 @@ def test_guide_config_maps_onto_sae_lens_6():
     trainer = runner.to_sae_trainer_config()
     assert trainer.total_training_samples == 10_000_000 and trainer.train_batch_size_samples == 512
     assert trainer.lr_end == pytest.approx(1e-5)
+    assert runner_config(make_config({**GUIDE_CONFIG, "wandb_entity": "my-team"})).logger.wandb_entity == "my-team"
     assert runner.checkpoint_path is None and runner.output_path is None  # SAELens writes nothing itself
 
 
