@@ -178,9 +178,10 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             f"most d_sae (which is added as the last one): lower them, or widen the SAE (d_sae or expansion_factor)"
         )
     try:
-        new_training_sae(cfg.model_copy(update={"device": "meta"}))
+        _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
+    _check_lr_schedule(runner_cfg.to_sae_trainer_config())
     if cfg.compile_sae and cfg.device == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -191,6 +192,31 @@ def _check_sae_settings(cfg: RunConfig) -> None:
                 "compile_sae: true on the CPU needs a C++ compiler (torch.compile builds C++ kernels) and none was "
                 "found: install g++ (or point the CXX environment variable at one), or set compile_sae: false"
             ) from None
+
+
+def _check_lr_schedule(trainer_cfg) -> None:
+    """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses (or what
+    leaves the schedule no room) is found before any work."""
+    import torch
+    from sae_lens.training.optim import get_lr_scheduler
+
+    steps, warm_up, decay = trainer_cfg.total_training_steps, trainer_cfg.lr_warm_up_steps, trainer_cfg.lr_decay_steps
+    cosine = trainer_cfg.lr_scheduler_name != "constant"
+    if warm_up + decay > steps or (cosine and warm_up + decay >= steps):
+        raise ConfigError(
+            f"lr_warm_up_steps + lr_decay_steps ({warm_up} + {decay}) leave no steps for the {trainer_cfg.lr_scheduler_name} "
+            f"schedule: the run has {steps} training steps (training_tokens // train_batch_size_tokens); lower them "
+            f"(together at most {steps - cosine}) or raise training_tokens"
+        )
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=trainer_cfg.lr)
+    try:
+        get_lr_scheduler(
+            trainer_cfg.lr_scheduler_name, optimizer, training_steps=steps, lr=trainer_cfg.lr, warm_up_steps=warm_up,
+            decay_steps=decay, lr_end=trainer_cfg.lr_end, num_cycles=trainer_cfg.n_restart_cycles,
+        )
+    except ValueError as error:
+        hint = "set lr_end above 0 (the decay runs from lr_end to 0), or lr_decay_steps: 0" if "lr_end=0.0" in str(error) else "change the lr_* settings"
+        raise ConfigError(f"SAELens rejects the learning-rate schedule: {error} ({hint})") from None
 
 
 DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by `resolve`

@@ -134,6 +134,17 @@ def test_device_is_checked_against_this_machine():
     assert "is not a device saeflow can use" in resolve_error(activations_path=None, synthetic={"num_features": 8}, model_cfg=None, d_in=8, dataset_path="demo:stories", device="meta")
 
 
+def test_learning_rate_schedules_are_checked_before_any_work():
+    # tiny_config: 32,768 tokens in batches of 512 = 64 steps
+    message = resolve_error(lr_scheduler_name="cosineannealing", lr_end=0, lr_decay_steps=5)
+    assert "SAELens rejects the learning-rate schedule: Cannot have decay_steps with lr_end=0.0" in message and "set lr_end above 0" in message
+    message = resolve_error(lr_warm_up_steps=40, lr_decay_steps=30)
+    assert "lr_warm_up_steps + lr_decay_steps (40 + 30) leave no steps for the constant schedule: the run has 64 training steps" in message
+    assert "(together at most 63)" in resolve_error(lr_scheduler_name="cosineannealing", lr_warm_up_steps=40, lr_decay_steps=24)
+    assert resolve(tiny_config(lr_warm_up_steps=40, lr_decay_steps=24)).lr_decay_steps == 24
+    assert resolve(tiny_config(lr_scheduler_name="cosineannealingwarmrestarts", lr_warm_up_steps=40, lr_decay_steps=23)).lr_warm_up_steps == 40
+
+
 def test_compile_sae_without_a_cpp_compiler_is_refused():
     import torch._inductor.config
 
