@@ -27,13 +27,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import Busy, write_json
-from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, stable_hash
+from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
 
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -43,18 +42,23 @@ SWEEP_KEYS = {"name", "base", "grid", "members"}
 def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False) -> tuple[str, list[RunConfig]]:
     """Read a sweep file into its name and its members' resolved configs, or raise ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec, dict) or set(spec) - SWEEP_KEYS:
-        raise ConfigError(f"{path}: a sweep file holds only {', '.join(sorted(SWEEP_KEYS))}; found {sorted(set(spec) - SWEEP_KEYS) if isinstance(spec, dict) else spec!r}")
+    spec = read_yaml_mapping(path, "sweep file")
+    if set(spec) - SWEEP_KEYS:
+        raise ConfigError(f"{path}: a sweep file holds only {', '.join(sorted(SWEEP_KEYS))}; found {sorted(set(spec) - SWEEP_KEYS)}")
     base = spec.get("base")
     if base is None or isinstance(base, str):
-        base_values = yaml.safe_load(Path(DEMO_CONFIG if base is None else path.parent / base).read_text())
+        try:
+            base_values = read_yaml_mapping(DEMO_CONFIG if base is None else path.parent / base, "base config file")
+        except ConfigError as error:
+            raise ConfigError(f"sweep file {path}: {error} (base: is a config path relative to the sweep file's folder, or a mapping of config keys)") from None
+    elif isinstance(base, dict):
+        base_values = base
     else:
-        base_values = dict(base)
+        raise ConfigError(f"sweep file {path}: base must be a config path or a mapping of config keys, not {base!r}")
     fields = list(RunConfig.model_fields)
     grid = spec.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"sweep file {path}: grid must map config keys to lists of values (e.g. grid: {{lr: [0.0001, 0.001]}}), not {grid!r}")
     for key, values in grid.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
@@ -62,7 +66,13 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep axis '{key}' needs a non-empty list of values, got {values!r}")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
-    members = combos + list(spec.get("members") or [])
+    listed = spec.get("members") or []
+    if not isinstance(listed, list) or not all(isinstance(m, dict) for m in listed):
+        raise ConfigError(
+            f"sweep file {path}: members must be a list of mappings of config keys (e.g. members: [{{lr: 0.001}}] "
+            f"or '- lr: 0.001' lines), not {listed!r}"
+        )
+    members = combos + listed
     if not members:
         raise ConfigError(f"{path} defines no member: give a grid or a members list")
     if len(members) > MAX_MEMBERS_WITHOUT_YES and not yes:

@@ -340,11 +340,18 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         def next_tokens():
             nonlocal wrapped
             try:
-                tokens = batch_tokens(raise_at_epoch_end=True)
-            except StopIteration:
-                wrapped = True
-                logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
-                tokens = batch_tokens()
+                try:
+                    tokens = batch_tokens(raise_at_epoch_end=True)
+                except StopIteration:
+                    wrapped = True
+                    logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
+                    tokens = batch_tokens()
+            except RuntimeError:  # SAELens stacks the rows of token ids: one shorter than the others fails there
+                if tokens_ref is None:
+                    _check_row_lengths(spec)
+                raise
+            if tokens.shape[1] != ctx:  # every row of the batch equally short
+                _check_row_lengths(spec)
             if int(tokens.max()) >= model.cfg.d_vocab:
                 raise ValueError(
                     f"dataset {spec['dataset_path']} holds token id {int(tokens.max())}, outside the model's vocabulary "
@@ -392,6 +399,23 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             writer.finish(eval_tokens)
     # A streaming store's training makes activations with the model: its result says which.
     return [writers[out].result() | ({"model": model_ref} if writers[out].spec.get("tokens_only") else {}) for out in outs]
+
+
+def _check_row_lengths(spec: dict[str, Any]) -> None:
+    """Name the first row of a dataset of token ids shorter than `context_size`, if there is one
+    (preflight checks only the first rows)."""
+    from tasks.data import TOKEN_COLUMNS, dataset_columns
+
+    dataset = _token_dataset(spec, None)
+    column = next(c for c in TOKEN_COLUMNS if c in dataset_columns(dataset))
+    for i, row in enumerate(dataset.select_columns([column])):
+        if len(row[column]) < spec["context_size"]:
+            raise ValueError(
+                f"dataset {spec['dataset_path']}: row {i} holds {len(row[column])} token ids, fewer than context_size "
+                f"({spec['context_size']}); every row of a dataset of token ids must hold at least context_size ids. "
+                f"Give the dataset as text (saeflow then tokenises and packs it), or pack it into rows of context_size "
+                f"ids with SAELens's PretokenizeRunner"
+            )
 
 
 def _verified_eval_tokens(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ MODEL_ONLY_FIELDS = (
 NON_RESULT_FIELDS = {
     "log_to_wandb",
     "wandb_project",
+    "wandb_entity",
     "wandb_log_frequency",
     "n_checkpoints",
     "keep_checkpoints",
@@ -196,8 +197,10 @@ class RunConfig(BaseModel):
     training_tokens: int = Field(2_000_000, gt=0)
     """Tokens to train on; the activation store holds this many (rounded up to whole contexts)."""
     n_batches_in_buffer: int = Field(20, gt=0)
-    """SAELens mixing-buffer size in model batches; `n_batches_in_buffer * context_size` must be
-    at least `train_batch_size_tokens`."""
+    """Streaming mode only: the model makes the activations of a chunk of
+    `n_batches_in_buffer * store_batch_size_prompts` contexts at a time, whose tokens are shuffled
+    among themselves (training batches may span chunks). Unused in cached mode, which shuffles the
+    whole store."""
     store_batch_size_prompts: int = Field(32, gt=0)
     """Sequences per model forward pass while filling the activation store."""
     dead_feature_window: int = Field(1000, gt=0)
@@ -253,6 +256,8 @@ class RunConfig(BaseModel):
     """Log training to Weights & Biases."""
     wandb_project: str = "saeflow"
     """Weights & Biases project."""
+    wandb_entity: str | None = None
+    """Weights & Biases entity (user or team) the run is logged under; default: your default entity."""
     wandb_log_frequency: int = Field(10, gt=0)
     """Steps between Weights & Biases log entries."""
 
@@ -337,14 +342,6 @@ class RunConfig(BaseModel):
                         f"and hook made the activations); remove {name}, or remove {key} to make the "
                         f"activations with the model"
                     )
-        buffer_tokens = self.n_batches_in_buffer * self.context_size
-        if buffer_tokens < self.train_batch_size_tokens and self.activation_source is None:
-            raise ValueError(
-                f"the mixing buffer (n_batches_in_buffer * context_size = {self.n_batches_in_buffer} * "
-                f"{self.context_size} = {buffer_tokens} tokens) is smaller than train_batch_size_tokens "
-                f"({self.train_batch_size_tokens}); SAELens would fail at the first step. Raise "
-                f"n_batches_in_buffer to at least {-(-self.train_batch_size_tokens // self.context_size)}"
-            )
         if self.model_train_tokens and self.model_cfg is None:
             raise ValueError(
                 "model_train_tokens trains a locally built model, but model_cfg is not set; "
@@ -426,20 +423,25 @@ def make_config(values: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(_friendly_errors(error)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the built-in demo config when `path` is None) and validate it."""
-    if path is None:
-        path = DEMO_CONFIG
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML file holds (`what` names the file in messages), or ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give the path of a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, not {type(values).__name__}")
-    return make_config(values, overrides)
+        raise ConfigError(f"{what} {path} must hold a mapping of keys (key: value lines), not {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the built-in demo config when `path` is None) and validate it."""
+    return make_config(read_yaml_mapping(DEMO_CONFIG if path is None else path), overrides)
 
 
 def config_reference() -> str:

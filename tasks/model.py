@@ -10,6 +10,7 @@ that description.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import tempfile
@@ -157,6 +158,15 @@ def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a pretrained TransformerLens model (reads the hub's config)."""
     from transformer_lens import loading
 
+    known = {n.lower(): n for n in loading.OFFICIAL_MODEL_NAMES}
+    known |= {a.lower(): a for n in loading.OFFICIAL_MODEL_NAMES for a in loading.MODEL_ALIASES.get(n, [])}
+    if name.lower() not in known:  # TransformerLens's own error lists every model it knows (~7,000 characters)
+        close = [known[n] for n in difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.6)]
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see TransformerLens's model table for the names"
+        raise ConfigError(
+            f"model_name '{name}' is neither a TransformerLens model name nor an existing folder; {hint} "
+            f"(a local checkpoint: give the path of its folder)"
+        )
     official = loading.get_official_model_name(name)
     kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
     return loading.get_pretrained_model_config(official, **kwargs)
@@ -418,6 +428,14 @@ def meta_model(cfg: RunConfig, with_tokenizer: bool = False):
     attaches the model's tokenizer (a pretrained one's from the hub or its cache)."""
     folder = checkpoint_folder(cfg)
     tokenizer = None
+    if cfg.tokenizer_path is not None:
+        tokenizer_dir = Path(cfg.tokenizer_path).expanduser()
+        if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(
+                f"tokenizer_path {tokenizer_dir} {'holds no tokenizer' if tokenizer_dir.is_dir() else 'does not exist'}; "
+                f"give the folder tokenizer.save_pretrained(folder) wrote"
+                + (", or leave tokenizer_path out to train a word-level tokenizer on the dataset" if cfg.model_cfg is not None else "")
+            )
     if cfg.model_cfg is not None:
         tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
         d_vocab = len(tokenizer) if tokenizer is not None else len(SPECIAL_TOKENS)
@@ -454,19 +472,30 @@ def _on_meta(hooked_cfg, tokenizer=None):
         return HookedTransformer(hooked_cfg, tokenizer=tokenizer)
 
 
-def hook_width(model, hook_name: str, hook_head_index: int | None) -> int:
-    """The width of one token's activation at a hook, as SAELens's activation store flattens it."""
-    tokens = torch.zeros((1, 2), dtype=torch.long, device="meta")
-    _, cache = model.run_with_cache(tokens, names_filter=[hook_name])
-    shape = cache[hook_name].shape
+def token_hooks(model) -> dict[str, tuple[int, ...] | None]:
+    """Every hook a forward pass of `model` (on the meta device) fills, with the shape of one
+    token's activation there: None where dimension 1 is not the token position (attention
+    patterns and scores, per head and query-key pair). Read from contexts of 2 and 3 tokens, so
+    that a dimension that only happens to equal the length is not taken for the position."""
+    shapes = []
+    for length in (2, 3):
+        _, cache = model.run_with_cache(torch.zeros((1, length), dtype=torch.long, device="meta"))
+        shapes.append({name: tuple(t.shape) for name, t in cache.items()})
+    short, long = shapes
+    return {name: s[2:] if s[1] == 2 and long[name][1] == 3 and long[name][2:] == s[2:] else None for name, s in short.items()}
+
+
+def hook_width(token_shape: tuple[int, ...], hook_name: str, hook_head_index: int | None) -> int:
+    """The width of one token's activation of `token_shape` (from `token_hooks`) at a hook, as
+    SAELens's activation store flattens it."""
     if hook_head_index is not None:
-        if len(shape) != 4:
+        if len(token_shape) != 2:
             raise ValueError(f"hook_head_index is set but {hook_name} has no head dimension; remove hook_head_index")
-        if not 0 <= hook_head_index < shape[2]:
-            raise ValueError(f"hook_head_index {hook_head_index} is out of range: {hook_name} has {shape[2]} heads")
-        return shape[3]
+        if not 0 <= hook_head_index < token_shape[0]:
+            raise ValueError(f"hook_head_index {hook_head_index} is out of range: {hook_name} has {token_shape[0]} heads")
+        return token_shape[1]
     width = 1
-    for size in shape[2:]:
+    for size in token_shape:
         width *= size
     return width
 

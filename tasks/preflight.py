@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
-from tasks.config import ConfigError, RunConfig, hook_layer_of, stable_hash
+from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, hook_layer_of, stable_hash
 
 
 def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
@@ -23,6 +23,32 @@ def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
         f"valid hooks are blocks.N.<name> for N in 0..{n_layers - 1} with <name> one of: "
         f"{', '.join(in_block)}; and {', '.join(outside)}"
     )
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def _check_device(cfg: RunConfig) -> None:
+    """`device` names a device torch knows and this machine has."""
+    import torch
+
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):  # torch's message lists device types saeflow cannot use
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device '{cfg.device}' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: {', '.join(_available_devices())})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"a torch {torch.__version__} built without CUDA" if torch.version.cuda is None else "no CUDA GPU visible to torch"
+        raise ConfigError(f"device is '{cfg.device}', but this machine has {build}; use device: cpu (available here: {', '.join(_available_devices())})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device is '{cfg.device}', but torch sees {torch.cuda.device_count()} CUDA GPU(s); use one of: {', '.join(_available_devices())}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device is 'mps', but MPS (Apple GPU) is not available here; use one of: {', '.join(_available_devices())}")
 
 
 def _resolve_source(cfg: RunConfig) -> RunConfig:
@@ -52,10 +78,13 @@ def _resolve_source(cfg: RunConfig) -> RunConfig:
 def resolve(cfg: RunConfig) -> RunConfig:
     """Check the config against the model and the data (or the activation source); return it
     with `d_in` filled in."""
+    from datasets.exceptions import DatasetGenerationError
+
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
-    from tasks.model import hook_width, meta_model
+    from tasks.model import hook_width, meta_model, token_hooks
     from tasks.tokens import check_token_dataset
 
+    _check_device(cfg)
     if cfg.checkpoint_path is not None:  # where it points must not depend on the folder a run starts in
         cfg = cfg.model_copy(update={"checkpoint_path": os.path.abspath(os.path.expanduser(cfg.checkpoint_path))})
     if cfg.activation_source is not None:
@@ -72,13 +101,26 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"model name (offline, it must already be in the Hugging Face cache), the path of a local "
             f"checkpoint folder, or give model_cfg"
         ) from None
-    hooks = sorted(model.hook_dict)
-    if cfg.hook_name not in model.hook_dict:
-        raise ConfigError(f"unknown hook_name '{cfg.hook_name}' for {cfg.model_name}; " + _valid_hooks_message(hooks, model.cfg.n_layers))
+    hooks = token_hooks(model)
+    if hooks.get(cfg.hook_name) is None:
+        if cfg.hook_name not in model.hook_dict:
+            problem = f"unknown hook_name '{cfg.hook_name}' for {cfg.model_name}"
+        elif cfg.hook_name in hooks:
+            problem = (
+                f"hook_name '{cfg.hook_name}' has no activation per token (its dimension 1 is not the token position: "
+                f"attention patterns and scores are per head and query-key pair), and the SAE is trained on one per token"
+            )
+        else:
+            problem = (
+                f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured (TransformerLens fills it "
+                f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in)"
+            )
+        per_token = sorted(name for name, shape in hooks.items() if shape is not None)
+        raise ConfigError(f"{problem}; " + _valid_hooks_message(per_token, model.cfg.n_layers))
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size ({cfg.context_size}) is larger than {cfg.model_name}'s n_ctx ({model.cfg.n_ctx}); lower context_size")
     try:
-        width = hook_width(model, cfg.hook_name, cfg.hook_head_index)
+        width = hook_width(hooks[cfg.hook_name], cfg.hook_name, cfg.hook_head_index)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.d_in is not None and cfg.d_in != width:
@@ -91,6 +133,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
         tokenized = check_dataset_columns(dataset_columns(dataset), cfg.is_dataset_tokenized, cfg.dataset_path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
+    except DatasetGenerationError as error:  # `datasets` could not read a local file (an empty one, a malformed row)
+        cause = error.__cause__ or error
+        raise ConfigError(
+            f"cannot use dataset '{cfg.dataset_path}': the datasets library could not read its files "
+            f"({type(cause).__name__}: {cause}); check that each file holds data (an empty file has no rows) "
+            f"in the format its extension names"
+        ) from None
     if tokenized and cfg.model_cfg is not None and cfg.tokenizer_path is None:
         raise ConfigError(
             f"dataset {cfg.dataset_path} holds token ids, so no tokenizer can be trained on it for the local "
@@ -115,10 +164,24 @@ def resolve(cfg: RunConfig) -> RunConfig:
 def _check_sae_settings(cfg: RunConfig) -> None:
     from tasks.train import new_training_sae
 
+    width = cfg.sae_width
+    if cfg.architecture in ARCHITECTURE_FIELDS["k"] and cfg.k > width:
+        raise ConfigError(
+            f"k ({cfg.k}) is larger than the SAE's width (d_sae = {width}): a {cfg.architecture} SAE keeps k "
+            f"active features per token out of d_sae; lower k (e.g. to {max(width // 4, 1)}) or widen the SAE "
+            f"(d_sae or expansion_factor)"
+        )
+    wider = [w for w in cfg.matryoshka_widths if w > width]
+    if wider:
+        raise ConfigError(
+            f"matryoshka_widths {wider} exceed the SAE's width (d_sae = {width}); each nested width must be at "
+            f"most d_sae (which is added as the last one): lower them, or widen the SAE (d_sae or expansion_factor)"
+        )
     try:
-        new_training_sae(cfg.model_copy(update={"device": "meta"}))
+        _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
+    _check_lr_schedule(runner_cfg.to_sae_trainer_config())
     if cfg.compile_sae and cfg.device == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -129,6 +192,31 @@ def _check_sae_settings(cfg: RunConfig) -> None:
                 "compile_sae: true on the CPU needs a C++ compiler (torch.compile builds C++ kernels) and none was "
                 "found: install g++ (or point the CXX environment variable at one), or set compile_sae: false"
             ) from None
+
+
+def _check_lr_schedule(trainer_cfg) -> None:
+    """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses (or what
+    leaves the schedule no room) is found before any work."""
+    import torch
+    from sae_lens.training.optim import get_lr_scheduler
+
+    steps, warm_up, decay = trainer_cfg.total_training_steps, trainer_cfg.lr_warm_up_steps, trainer_cfg.lr_decay_steps
+    cosine = trainer_cfg.lr_scheduler_name != "constant"
+    if warm_up + decay > steps or (cosine and warm_up + decay >= steps):
+        raise ConfigError(
+            f"lr_warm_up_steps + lr_decay_steps ({warm_up} + {decay}) leave no steps for the {trainer_cfg.lr_scheduler_name} "
+            f"schedule: the run has {steps} training steps (training_tokens // train_batch_size_tokens); lower them "
+            f"(together at most {steps - cosine}) or raise training_tokens"
+        )
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=trainer_cfg.lr)
+    try:
+        get_lr_scheduler(
+            trainer_cfg.lr_scheduler_name, optimizer, training_steps=steps, lr=trainer_cfg.lr, warm_up_steps=warm_up,
+            decay_steps=decay, lr_end=trainer_cfg.lr_end, num_cycles=trainer_cfg.n_restart_cycles,
+        )
+    except ValueError as error:
+        hint = "set lr_end above 0 (the decay runs from lr_end to 0), or lr_decay_steps: 0" if "lr_end=0.0" in str(error) else "change the lr_* settings"
+        raise ConfigError(f"SAELens rejects the learning-rate schedule: {error} ({hint})") from None
 
 
 DERIVED_FIELDS = ("d_in", "hook_layer", "is_dataset_tokenized")  # filled in by `resolve`

@@ -121,6 +121,7 @@ def runner_config(cfg: RunConfig, run_name: str | None = None):
         logger=LoggingConfig(
             log_to_wandb=cfg.log_to_wandb,
             wandb_project=cfg.wandb_project,
+            wandb_entity=cfg.wandb_entity,
             wandb_log_frequency=cfg.wandb_log_frequency,
             run_name=run_name,
         ),
@@ -450,7 +451,7 @@ def _wandb_run(cfg: RunConfig, runner_cfg, run_name: str):
         return
     import wandb
 
-    wandb.init(project=cfg.wandb_project, name=run_name, id=run_name, resume="allow", config=runner_cfg.to_dict())
+    wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_name, id=run_name, resume="allow", config=runner_cfg.to_dict())
     try:
         yield
     finally:

@@ -206,3 +206,27 @@ def test_a_dataset_that_runs_out_starts_again_and_one_too_small_is_refused(prefe
     data.write_text('{"text": "Tom ."}')
     with pytest.raises(ValueError, match="holds less text than one context of 32 tokens"):
         tokenise(cfg.model_dump(mode="json"), str(tmp_path / "b"))
+
+
+@flow
+def fill_token_ids(cfg_json: dict, artifacts_dir: str) -> dict:
+    from tasks.config import RunConfig
+
+    cfg = RunConfig(**cfg_json)
+    model_ref = build_model(model_spec(cfg), artifacts_dir)
+    return fill_activations(store_spec(cfg, model_ref), model_ref, None, artifacts_dir)
+
+
+@pytest.mark.parametrize("short_rows", [[70], list(range(64, 80))])
+def test_a_short_row_of_token_ids_past_the_checked_ones_is_named(prefect_server, tmp_path: Path, short_rows):
+    import json
+
+    from tasks.model import train_word_tokenizer
+
+    train_word_tokenizer(["Tom saw a cat ."], tmp_path / "tokenizer")
+    rows = [[1] + [5 + i % 4] * (19 if i in short_rows else 31) for i in range(80)]  # id 1 is <bos>
+    (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps({"tokens": r}) for r in rows))
+    cfg = resolve(tiny_config(dataset_path=str(tmp_path / "ids.jsonl"), tokenizer_path=str(tmp_path / "tokenizer"), training_tokens=2048, eval_tokens=512))
+    with pytest.raises(ValueError, match=r"row 64 holds 20 token ids, fewer than context_size \(32\)" if len(short_rows) > 1 else r"row 70 holds 20 token ids") as error:
+        fill_token_ids(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+    assert "PretokenizeRunner" in str(error.value)

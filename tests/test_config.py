@@ -29,6 +29,7 @@ GUIDE_CONFIG = {
     "store_batch_size_prompts": 32,
     "log_to_wandb": False,
     "wandb_project": "saelens_training_example",
+    "wandb_entity": None,
     "wandb_log_frequency": 100,
     "checkpoint_path": "./sae_training_checkpoints",
     "n_checkpoints": 5,
@@ -45,6 +46,13 @@ def test_guide_config_is_accepted_as_written():
     assert cfg.sae_width == 256
 
 
+def test_saeflow_s_own_defaults_are_accepted():
+    # no SAELens mixing buffer: a chunk of n_batches_in_buffer * context_size tokens smaller than a batch is fine
+    cfg = make_config({"model_name": "gpt2", "hook_name": "blocks.6.hook_resid_post"})
+    assert cfg.n_batches_in_buffer * cfg.context_size < cfg.train_batch_size_tokens
+    assert make_config({}) == RunConfig()
+
+
 def test_guide_config_maps_onto_sae_lens_6():
     from sae_lens import StandardTrainingSAEConfig
 
@@ -56,6 +64,7 @@ def test_guide_config_maps_onto_sae_lens_6():
     trainer = runner.to_sae_trainer_config()
     assert trainer.total_training_samples == 10_000_000 and trainer.train_batch_size_samples == 512
     assert trainer.lr_end == pytest.approx(1e-5)
+    assert runner_config(make_config({**GUIDE_CONFIG, "wandb_entity": "my-team"})).logger.wandb_entity == "my-team"
     assert runner.checkpoint_path is None and runner.output_path is None  # SAELens writes nothing itself
 
 
@@ -95,7 +104,6 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"context_size": 0}, "context_size: Input should be greater than 0"),
         ({"train_batch_size_tokens": -5}, "train_batch_size_tokens: Input should be greater than 0"),
         ({"training_tokens": 100}, "training_tokens (100) is smaller than one batch"),
-        ({"n_batches_in_buffer": 4}, "Raise n_batches_in_buffer to at least 8"),
         ({"k": 10}, "k is used only by the topk and batchtopk and matryoshka_batchtopk"),
         ({"architecture": "sparse"}, "architecture: Input should be"),
         ({"d_in": 0}, "d_in must be positive"),
@@ -124,6 +132,11 @@ def test_missing_or_malformed_config_file(tmp_path: Path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory; give the path of a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_demo_config_is_valid():

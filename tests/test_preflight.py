@@ -32,6 +32,19 @@ def test_unknown_hook_lists_the_valid_ones():
     assert "N in 0..1" in message and "hook_resid_post" in message and "hook_embed" in message
 
 
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
+def test_hooks_without_one_activation_per_token_are_refused(hook):
+    message = resolve_error(hook_name=hook)
+    assert f"hook_name '{hook}' has no activation per token" in message
+    assert "hook_z" in message and "hook_pattern" not in message.split("valid hooks")[1] and "hook_attn_scores" not in message.split("valid hooks")[1]
+
+
+def test_a_hook_the_model_does_not_compute_is_refused():
+    message = resolve_error(hook_name="blocks.0.attn.hook_result")
+    assert "hook_name 'blocks.0.attn.hook_result' is not computed by tiny-test as configured" in message
+    assert resolve(tiny_config(hook_name="blocks.0.attn.hook_result", model_cfg={**TINY_MODEL, "use_attn_result": True})).d_in == 128
+
+
 def test_stated_d_in_must_match_the_hook():
     assert "d_in is 64 but blocks.0.hook_resid_post of tiny-test has width 32" in resolve_error(d_in=64)
 
@@ -52,6 +65,13 @@ def test_missing_dataset_column(tmp_path: Path):
     assert "has columns ['body'], but needs a 'text' column" in message
 
 
+def test_an_empty_text_file_is_a_config_error(tmp_path: Path):
+    (tmp_path / "empty.txt").write_text("")
+    message = resolve_error(dataset_path=str(tmp_path / "empty.txt"))
+    assert f"cannot use dataset '{tmp_path / 'empty.txt'}': the datasets library could not read its files" in message
+    assert "an empty file has no rows" in message
+
+
 def test_tokenized_flag_must_match_the_data():
     assert "is_dataset_tokenized is True, but dataset demo:stories holds raw text" in resolve_error(is_dataset_tokenized=True)
 
@@ -67,13 +87,62 @@ def test_model_training_needs_text(tmp_path: Path):
 
 
 def test_unknown_pretrained_model_offline_is_explained():
-    message = resolve_error(model_cfg=None, model_name="not-a-real-model-xyz")
-    assert "cannot read the architecture of model 'not-a-real-model-xyz'" in message
+    message = resolve_error(model_cfg=None, model_name="opt-125m")  # a TransformerLens name, not in the (empty) offline cache
+    assert "cannot read the architecture of model 'opt-125m'" in message
+
+
+def test_a_misspelt_model_name_gets_the_nearest_names():
+    message = resolve_error(model_cfg=None, model_name="gpt2-smal")
+    assert message.startswith("model_name 'gpt2-smal' is neither a TransformerLens model name nor an existing folder; did you mean 'gpt2-small'")
+    assert len(message) < 400
+
+
+def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
+    message = resolve_error(tokenizer_path=str(tmp_path / "nope"))
+    assert message.startswith(f"tokenizer_path {tmp_path / 'nope'} does not exist") and "leave tokenizer_path out" in message
+    assert f"tokenizer_path {tmp_path} holds no tokenizer" in resolve_error(tokenizer_path=str(tmp_path))
 
 
 def test_sae_lens_rejections_come_before_any_work():
     message = resolve_error(architecture="matryoshka", k=4, matryoshka_widths=[64, 16])
     assert "SAELens rejects the matryoshka_batchtopk SAE settings" in message and "strictly increasing" in message
+
+
+@pytest.mark.parametrize(("architecture", "extra"), [("topk", {}), ("batchtopk", {}), ("matryoshka", {"matryoshka_widths": [32]})])
+def test_k_above_d_sae_is_refused(architecture, extra):
+    assert resolve(tiny_config(architecture=architecture, k=128, **extra)).sae_width == 128  # d_in 32 * 4
+    message = resolve_error(architecture=architecture, k=129, **extra)
+    assert "k (129) is larger than the SAE's width (d_sae = 128)" in message and "lower k" in message
+
+
+def test_matryoshka_width_above_d_sae_is_named():
+    message = resolve_error(architecture="matryoshka", k=4, matryoshka_widths=[64, 256])
+    assert "matryoshka_widths [256] exceed the SAE's width (d_sae = 128)" in message
+    assert "strictly increasing" not in message
+
+
+def test_device_is_checked_against_this_machine():
+    import torch
+
+    assert "device 'cdua' is not a device saeflow can use" in resolve_error(device="cdua")
+    message = resolve_error(device="cuda:99")
+    assert message.startswith("device is 'cuda:99', but") and ": cpu" in message  # what is available instead
+    if not torch.cuda.is_available():
+        assert "use device: cpu" in resolve_error(device="cuda")
+    if not torch.backends.mps.is_available():
+        assert "MPS (Apple GPU) is not available here" in resolve_error(device="mps")
+    assert "is not a device saeflow can use" in resolve_error(activations_path=None, synthetic={"num_features": 8}, model_cfg=None, d_in=8, dataset_path="demo:stories", device="meta")
+
+
+def test_learning_rate_schedules_are_checked_before_any_work():
+    # tiny_config: 32,768 tokens in batches of 512 = 64 steps
+    message = resolve_error(lr_scheduler_name="cosineannealing", lr_end=0, lr_decay_steps=5)
+    assert "SAELens rejects the learning-rate schedule: Cannot have decay_steps with lr_end=0.0" in message and "set lr_end above 0" in message
+    message = resolve_error(lr_warm_up_steps=40, lr_decay_steps=30)
+    assert "lr_warm_up_steps + lr_decay_steps (40 + 30) leave no steps for the constant schedule: the run has 64 training steps" in message
+    assert "(together at most 63)" in resolve_error(lr_scheduler_name="cosineannealing", lr_warm_up_steps=40, lr_decay_steps=24)
+    assert resolve(tiny_config(lr_warm_up_steps=40, lr_decay_steps=24)).lr_decay_steps == 24
+    assert resolve(tiny_config(lr_scheduler_name="cosineannealingwarmrestarts", lr_warm_up_steps=40, lr_decay_steps=23)).lr_warm_up_steps == 40
 
 
 def test_compile_sae_without_a_cpp_compiler_is_refused():
@@ -164,6 +233,8 @@ def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Pat
     assert not (artifacts / "models").exists() and not (artifacts / "runs").exists()
     assert main(["run", str(config), "--set", "l1_coeficient=2"]) == EXIT_BAD_INPUT
     assert "did you mean 'l1_coefficient'?" in capsys.readouterr().err
+    assert main(["run", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert f"config file {tmp_path} is a directory" in capsys.readouterr().err
 
 
 def test_cli_prints_the_config_reference(capsys):

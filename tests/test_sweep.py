@@ -84,6 +84,22 @@ def test_bad_sweep_files_are_refused_before_any_work(tmp_path, grid, extra, mess
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: missing.yaml\ngrid: {lr: [0.001]}\n", "base config file {folder}/missing.yaml does not exist (base: is a config path relative"),
+        ("grid: [lr, 1]\n", "grid must map config keys to lists of values"),
+        ("members: [lr=1]\n", "members must be a list of mappings of config keys"),
+        ("grid: {lr: [1\n", "sweep file {folder}/sweep.yaml is not valid YAML"),
+    ],
+)
+def test_malformed_sweep_files_are_config_errors(tmp_path, text, message):
+    (tmp_path / "sweep.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        sweep_members(tmp_path / "sweep.yaml")
+    assert message.format(folder=tmp_path) in str(error.value)
+
+
 def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     from flows.cli import EXIT_BAD_INPUT, main
 
