@@ -39,7 +39,7 @@ MAX_MEMBERS_WITHOUT_YES = 1000
 SWEEP_KEYS = {"name", "base", "grid", "members"}
 
 
-def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False) -> tuple[str, list[RunConfig]]:
+def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False, runs_here: bool = True) -> tuple[str, list[RunConfig]]:
     """Read a sweep file into its name and its members' resolved configs, or raise ConfigError."""
     path = Path(path)
     spec = read_yaml_mapping(path, "sweep file")
@@ -80,7 +80,7 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
     configs = []
     for member in members:
         try:
-            configs.append(resolve(make_config({**base_values, **member}, overrides)))
+            configs.append(resolve(make_config({**base_values, **member}, overrides), runs_here))
         except ConfigError as error:
             raise ConfigError(f"sweep member {member}: {error}") from None
     names = [default_run_name(c) for c in configs]
@@ -241,7 +241,7 @@ def check_dask_address(address: str) -> None:
 
 def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: bool = False, dask_address: str | None = None, dask_workers: int | None = None) -> list[dict[str, Any]]:
     """Validate the sweep file, then run its flow; returns one row per member."""
-    name, configs = sweep_members(path, overrides, yes)
+    name, configs = sweep_members(path, overrides, yes, runs_here=dask_address is None)  # a cluster's machines have their own devices
     if dask_address is not None:
         check_dask_address(dask_address)
     artifacts_dir = str(Path(artifacts_dir).resolve())

@@ -32,8 +32,8 @@ def _available_devices() -> list[str]:
     return devices + (["mps"] if torch.backends.mps.is_available() else [])
 
 
-def _check_device(cfg: RunConfig) -> None:
-    """`device` names a device torch knows and this machine has."""
+def _check_device(cfg: RunConfig, here: bool) -> None:
+    """`device` names a device torch knows and, with `here`, one this machine has."""
     import torch
 
     try:
@@ -42,6 +42,8 @@ def _check_device(cfg: RunConfig) -> None:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device '{cfg.device}' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: {', '.join(_available_devices())})")
+    if not here:
+        return
     if device.type == "cuda" and not torch.cuda.is_available():
         build = f"a torch {torch.__version__} built without CUDA" if torch.version.cuda is None else "no CUDA GPU visible to torch"
         raise ConfigError(f"device is '{cfg.device}', but this machine has {build}; use device: cpu (available here: {', '.join(_available_devices())})")
@@ -75,16 +77,17 @@ def _resolve_source(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"d_in": width, "hook_layer": hook_layer_of(cfg.hook_name)})
 
 
-def resolve(cfg: RunConfig) -> RunConfig:
+def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
     """Check the config against the model and the data (or the activation source); return it
-    with `d_in` filled in."""
+    with `d_in` filled in. `runs_here=False` (a sweep member run by a Dask cluster on other
+    machines) leaves out whether this machine has the config's device."""
     from datasets.exceptions import DatasetGenerationError
 
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
     from tasks.model import hook_width, meta_model, token_hooks
     from tasks.tokens import check_token_dataset
 
-    _check_device(cfg)
+    _check_device(cfg, runs_here)
     if cfg.checkpoint_path is not None:  # where it points must not depend on the folder a run starts in
         cfg = cfg.model_copy(update={"checkpoint_path": os.path.abspath(os.path.expanduser(cfg.checkpoint_path))})
     if cfg.activation_source is not None:

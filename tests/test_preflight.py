@@ -132,6 +132,10 @@ def test_device_is_checked_against_this_machine():
     if not torch.backends.mps.is_available():
         assert "MPS (Apple GPU) is not available here" in resolve_error(device="mps")
     assert "is not a device saeflow can use" in resolve_error(activations_path=None, synthetic={"num_features": 8}, model_cfg=None, d_in=8, dataset_path="demo:stories", device="meta")
+    # A sweep member that a Dask cluster runs on its own machines: only the name is checked here.
+    assert resolve(tiny_config(device="cuda:99"), runs_here=False).device == "cuda:99"
+    with pytest.raises(ConfigError, match="is not a device saeflow can use"):
+        resolve(tiny_config(device="cdua"), runs_here=False)
 
 
 def test_learning_rate_schedules_are_checked_before_any_work():
