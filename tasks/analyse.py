@@ -85,17 +85,17 @@ def top_features_for_prompt(model, sae, prompt: str, token_index: int, k: int, c
 
 @torch.no_grad()
 def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """Top promoted and inhibited tokens of each feature through `W_dec @ W_U`, and the
+    """Top promoted and inhibited tokens of each of `features` through `W_dec @ W_U`, and the
     projection's shape `(d_sae, d_vocab)`; empty when the hook has no direct path to the logits."""
     from tasks.model import residual_directions
 
     directions = residual_directions(model, sae.W_dec.to(model.W_U.dtype), sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
     if directions is None:
         return [], None
-    projection = directions @ model.W_U  # [d_sae, d_vocab]
+    # Only the rows asked for: the whole [d_sae, d_vocab] projection of a large SAE takes tens of GB.
+    rows = directions[features] @ model.W_U
     effects = []
-    for feature in features:
-        row = projection[feature]
+    for feature, row in zip(features, rows):
         top, bottom = torch.topk(row, k), torch.topk(-row, k)
         effects.append(
             {
@@ -104,7 +104,7 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
                 "inhibited": [{"token": model.to_string(int(i)), "logit": float(-v)} for v, i in zip(bottom.values, bottom.indices)],
             }
         )
-    return effects, list(projection.shape)
+    return effects, [directions.shape[0], model.W_U.shape[1]]
 
 
 @torch.no_grad()
