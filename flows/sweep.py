@@ -73,6 +73,13 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
             f"or '- lr: 0.001' lines), not {listed!r}"
         )
     members = combos + listed
+    varied = {key for member in members for key in member}
+    clashing = sorted(varied & {override.split("=", 1)[0].strip() for override in overrides})
+    if clashing:
+        raise ConfigError(
+            f"--set {', '.join(clashing)} would give every member of {path} the same value of what the sweep varies; "
+            f"change it in the sweep file, or drop the --set"
+        )
     if not members:
         raise ConfigError(f"{path} defines no member: give a grid or a members list")
     if len(members) > MAX_MEMBERS_WITHOUT_YES and not yes:

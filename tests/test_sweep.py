@@ -100,6 +100,13 @@ def test_malformed_sweep_files_are_config_errors(tmp_path, text, message):
     assert message.format(folder=tmp_path) in str(error.value)
 
 
+def test_a_set_that_overrides_what_the_sweep_varies_is_refused(tmp_path):
+    sweep = write_sweep(tmp_path, {"lr": [0.0001, 0.001]}, members=[{"l1_coefficient": 2.0}])
+    with pytest.raises(ConfigError, match=r"^--set l1_coefficient, lr would give every member of .* the same value of what the sweep varies"):
+        sweep_members(sweep, ["lr=5e-4", "l1_coefficient=1", "seed=3"])
+    assert len(sweep_members(sweep, ["seed=3"])[1]) == 3
+
+
 def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     from flows.cli import EXIT_BAD_INPUT, main
 
