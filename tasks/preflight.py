@@ -185,7 +185,7 @@ def _check_sae_settings(cfg: RunConfig) -> None:
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
     _check_lr_schedule(runner_cfg.to_sae_trainer_config())
-    if cfg.compile_sae and cfg.device == "cpu":
+    if cfg.compile_sae and cfg.device.startswith("cpu"):  # "cpu" or "cpu:0"
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         try:
