@@ -102,8 +102,8 @@ class RunConfig(BaseModel):
     # --- hook and data -----------------------------------------------------------------------
     hook_name: str = "blocks.0.hook_resid_post"
     """TransformerLens hook whose activations the SAE is trained on. With `activations_path`: the
-    activation column of a `CacheActivationsRunner` dataset; otherwise a label recorded in the
-    SAE's `cfg.json` (name the hook the activations came from)."""
+    activation column of a `CacheActivationsRunner` dataset; for tensor files (required there) the
+    hook they came from, recorded in the SAE's `cfg.json`."""
     hook_layer: int | None = None
     """Layer of `hook_name` (guide name, no longer needed by SAELens); checked against it."""
     hook_head_index: int | None = None

@@ -56,11 +56,19 @@ def _check_device(cfg: RunConfig, here: bool) -> None:
 def _resolve_source(cfg: RunConfig) -> RunConfig:
     """Check activations made without a model (their files' headers, or the synthetic settings);
     fill in `d_in`. Every row is checked for NaN/inf when the store is imported, before training."""
-    from tasks.sources import BadActivations, open_source, synthetic_model_config
+    from tasks.sources import BadActivations, is_saved_dataset, open_source, synthetic_model_config
 
     if cfg.activation_source == "synthetic":
         width = synthetic_model_config(cfg.synthetic, cfg.d_in, cfg.seed).hidden_dim
     else:
+        # Tensor files do not say which hook made them, and the SAE's cfg.json tells SAELens where
+        # to attach it: a default left in place would be a wrong claim, not a label.
+        if "hook_name" not in cfg.model_fields_set and not is_saved_dataset(Path(cfg.activations_path)):
+            raise ConfigError(
+                f"hook_name is not set: saeflow cannot tell which hook made the activations in {cfg.activations_path}, "
+                f"and the saved SAE's cfg.json records hook_name as the hook SAELens attaches it to; set hook_name to "
+                f"the hook they came from (e.g. blocks.6.hook_resid_post)"
+            )
         try:
             readers = open_source(cfg.activations_path, cfg.hook_name)
         except BadActivations as error:

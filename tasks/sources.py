@@ -154,7 +154,8 @@ class _CachedActivations:
         return acts, tokens
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a dataset folder saved by `datasets` (as SAELens's CacheActivationsRunner writes)."""
     return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
@@ -164,7 +165,7 @@ def open_source(path: str | Path, hook_name: str) -> list:
     path = Path(path)
     if not path.exists():
         raise BadActivations(f"activations_path {path} does not exist")
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         return [_CachedActivations(path, hook_name)]
     files = [path] if path.is_file() else sorted((p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES), key=_natural_key)
     if not files or files[0].suffix not in SHARD_SUFFIXES:

@@ -30,6 +30,7 @@ def source_config(path, **overrides):
     """A small run on the activations at `path`: 16 steps of 512 rows, 1024 held out."""
     values = {
         "activations_path": str(path),
+        "hook_name": "blocks.3.hook_resid_post",
         "expansion_factor": 4,
         "train_batch_size_tokens": 512,
         "training_tokens": 8192,
@@ -263,6 +264,17 @@ def test_nan_rows_stop_the_import_naming_file_and_row(tmp_path):
         import_store(source_config(tmp_path), tmp_path / "artifacts")
     store = next((tmp_path / "artifacts" / "activations").iterdir())
     assert list(store.iterdir()) == []  # the shards imported before the bad row are removed
+
+
+def test_tensor_files_need_the_hook_they_came_from(tmp_path):
+    """The SAE's cfg.json tells SAELens where to attach it: no default hook is written for
+    activations whose files cannot say which hook made them."""
+    save_file({"activations": sparse_rows(2048, seed=1)}, tmp_path / "a.safetensors")
+    values = source_config(tmp_path).model_dump(exclude_unset=True)
+    del values["hook_name"]
+    with pytest.raises(ConfigError, match=r"hook_name is not set: saeflow cannot tell which hook made the activations in .*; set hook_name"):
+        resolve(make_config(values))
+    assert resolve(source_config(tmp_path)).hook_name == "blocks.3.hook_resid_post"
 
 
 def test_config_refuses_a_model_with_external_activations(tmp_path):
