@@ -84,8 +84,8 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
         raise RunNotReady(
-            f"run '{name}' has not finished: it has {', '.join(found)}. Run `saeflow run --run-name {name}` "
-            f"(it reads the run's stored config) to finish it"
+            f"run '{name}' has not finished: it has {', '.join(found)}. Run `saeflow run --run-name {name}"
+            f"{'' if artifacts_dir == 'artifacts' else f' --artifacts-dir {artifacts_dir}'}` (it reads the run's stored config) to finish it"
         )
     return read_json(summary)
 
@@ -124,12 +124,19 @@ def _serve(args) -> int:
 
 def _run_config(args):
     """The config of `saeflow run`: the file given; without one, the config stored by the run that
-    `--run-name` names (so that a run is continued by its name alone), else the demo's."""
+    `--run-name` names (so that a run is continued by its name alone), else the demo's. A
+    `--run-name` without a config and without a stored one is refused, not given the demo."""
     from tasks.artifacts import read_json, run_dir
-    from tasks.config import load_config, make_config
+    from tasks.config import ConfigError, load_config, make_config
 
-    stored = run_dir(args.artifacts_dir, args.run_name) / "config.json" if args.run_name else None
-    if args.config is None and stored is not None and stored.is_file():
+    if args.config is None and args.run_name:
+        stored = run_dir(args.artifacts_dir, args.run_name) / "config.json"
+        if not stored.is_file():
+            runs = sorted(p.parent.name for p in stored.parent.parent.glob("*/config.json"))
+            raise ConfigError(
+                f"no run '{args.run_name}' with a stored config in {stored.parent.parent} (runs there: "
+                f"{', '.join(runs) or 'none'}); give its --artifacts-dir, or a config file to start it"
+            )
         print(f"saeflow: the config stored in {stored}", file=sys.stderr)
         return make_config(read_json(stored)["config"], args.overrides)
     return load_config(args.config, args.overrides)

@@ -239,6 +239,12 @@ def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Pat
     assert "did you mean 'l1_coefficient'?" in capsys.readouterr().err
     assert main(["run", str(tmp_path)]) == EXIT_BAD_INPUT
     assert f"config file {tmp_path} is a directory" in capsys.readouterr().err
+    # continuing a run by its name, in the wrong artifacts folder: refused, not given the demo config
+    claim_run(resolve(tiny_config()), artifacts, "mine", new=False)
+    assert main(["run", "--run-name", "mine", "--artifacts-dir", str(tmp_path / "elsewhere")]) == EXIT_BAD_INPUT
+    assert f"no run 'mine' with a stored config in {tmp_path / 'elsewhere' / 'runs'} (runs there: none); give its --artifacts-dir" in capsys.readouterr().err
+    assert main(["run", "--run-name", "nosuch", "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
+    assert "(runs there: mine)" in capsys.readouterr().err
 
 
 def test_cli_prints_the_config_reference(capsys):
