@@ -109,29 +109,26 @@ def checkpoint_root(checkpoint_path: str | None, run_folder: Path) -> Path:
     return Path(checkpoint_path) / run_folder.name if checkpoint_path else run_folder / "checkpoints"
 
 
-def run_owner(cfg, run_name: str) -> dict[str, str]:
-    """What a checkpoint records of the run that wrote it: its name and the hash of the config
-    fields that change the result."""
-    from tasks.config import stable_hash
-
-    return {"run": run_name, "config": stable_hash(cfg.result_fields())}
+def run_owner(cfg, run_name: str) -> dict[str, Any]:
+    """What a checkpoint records of the run that wrote it: its name and the config fields that
+    change the result."""
+    return {"run": run_name, "result_fields": cfg.result_fields()}
 
 
-def foreign_checkpoint(root: Path, owner: dict[str, str]) -> str | None:
-    """Which checkpoint in `root`, if any, was written by a run with other settings (the same
-    run name in another artifacts folder, or a run folder deleted and started again with new
-    settings): resuming from it would continue that run's training."""
-    for folder in sorted(root.glob("step-*"), reverse=True):
+def checkpoint_owners(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Each checkpoint in `root` that records the run that wrote it (`run_owner`), with that run."""
+    owners = []
+    for folder in sorted(root.glob("step-*")):
         try:
-            written_by = read_json(folder / "manifest.json").get("run")
+            owner = read_json(folder / "manifest.json").get("run")
         except (OSError, ValueError):
             continue  # incomplete: set aside when training starts
-        if written_by is not None and written_by["config"] != owner["config"]:
-            return f"checkpoint {folder} was written by run '{written_by['run']}' with other settings"
-    return None
+        if owner is not None:
+            owners.append((folder, owner))
+    return owners
 
 
-def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, Any], keep: int, owner: dict[str, str]) -> Path:
+def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, Any], keep: int, owner: dict[str, Any]) -> Path:
     """Write the trainer's state after `steps` completed steps, recording the run that wrote it
     (`run_owner`), and keep the newest `keep` checkpoints. Raises CheckpointWriteError (previous
     checkpoints intact) on I/O errors, and ValueError rather than save non-finite weights."""

@@ -289,7 +289,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     checkpoints of an unfinished run, and a checkpoint folder holding another run's checkpoints.
     Raises Busy if another process holds the run.
     """
-    from tasks.checkpoint import checkpoint_root, foreign_checkpoint, run_owner
+    from tasks.checkpoint import checkpoint_owners, checkpoint_root
 
     check_artifacts_dir(artifacts_dir)
     base = run_name or default_run_name(cfg)
@@ -301,16 +301,23 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)
+    current = run_identity(cfg)
+    for checkpoint, owner in checkpoint_owners(root):  # before anything is created
+        changed = _changed_fields(owner["result_fields"], cfg.result_fields())
+        if changed:
+            raise ConfigError(
+                f"checkpoint {checkpoint} was written by run '{owner['run']}' with other settings ({', '.join(changed)}); "
+                f"run '{name}' would continue its training. Give this run a checkpoint_path of its own (or another "
+                f"--run-name), or move {root} away"
+            )
     # Under the run's lock, so that a command refused because the run is in use changes nothing.
     with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False):
         if stored.exists():
             stored_config = read_json(stored)
-            # A field the run's saeflow version did not have yet ran at its default.
-            previous = _default_fields() | stored_config["result_fields"]
-            current = run_identity(cfg)
-            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            previous = stored_config["result_fields"]
+            changed = _changed_fields(previous, current)
             if changed:
-                details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+                details = "; ".join(f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}" for k in changed)
                 raise ConfigError(
                     f"run '{name}' was started with a different config ({details}). Start a new run with --new "
                     f"(the old one is kept), or restore those settings to continue it"
@@ -323,11 +330,15 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                     f"checkpoints in {old_root}, which training would not find (it would start again from step 0). "
                     f"Move them into {root}, or set checkpoint_path back to {old_path!r}"
                 )
-        foreign = foreign_checkpoint(root, run_owner(cfg, name))
-        if foreign:
-            raise ConfigError(
-                f"{foreign}; run '{name}' would continue its training. Give this run a checkpoint_path of its own "
-                f"(or another --run-name), or move {root} away"
-            )
-        write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": run_identity(cfg)})
+        write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
     return name
+
+
+def _changed_fields(previous: dict, current: dict) -> list[str]:
+    """The result-changing settings that differ between a run's record and now. A field the
+    record's saeflow version did not have yet ran at its default; a device counts by its kind
+    (a job requeued from cuda:3 onto a machine's cuda:0 trains alike)."""
+    previous, current = _default_fields() | previous, _default_fields() | current
+    for fields in (previous, current):
+        fields["device"] = str(fields["device"]).split(":")[0]
+    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))

@@ -209,6 +209,17 @@ def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_ref
     assert claim_run(moved, tmp_path, "exp", new=False) == "exp"  # a finished run needs no checkpoint
 
 
+def test_a_run_continues_on_another_gpu_of_the_same_kind(tmp_path: Path):
+    """A job requeued from cuda:3 onto a machine whose GPU is cuda:0 continues its run; moving it
+    to the CPU changes the result and is refused."""
+    cfg = resolve(tiny_config())
+    claim_run(cfg.model_copy(update={"device": "cuda:3"}), tmp_path, "gpu", new=False)
+    assert claim_run(cfg.model_copy(update={"device": "cuda:0"}), tmp_path, "gpu", new=False) == "gpu"
+    assert claim_run(cfg.model_copy(update={"device": "cuda"}), tmp_path, "gpu", new=False) == "gpu"
+    with pytest.raises(ConfigError, match="device: 'cuda' -> 'cpu'"):
+        claim_run(cfg, tmp_path, "gpu", new=False)
+
+
 def test_a_run_started_before_a_field_existed_continues_under_the_same_name(tmp_path: Path):
     import json
 

@@ -352,11 +352,17 @@ def test_checkpoints_name_their_run_and_another_run_s_are_refused(artifacts, fau
     assert checkpoints and all(json.loads((c / "manifest.json").read_text())["run"] == run_owner(cfg, "faults-straight") for c in checkpoints)
     shutil.copytree(checkpoints[-1], tmp_path / "shared" / "faults-straight" / checkpoints[-1].name)
     other = cfg.model_copy(update={"lr": 1e-3, "checkpoint_path": str(tmp_path / "shared")})
-    with pytest.raises(ConfigError, match=f"checkpoint {tmp_path / 'shared' / 'faults-straight' / checkpoints[-1].name} was written by run 'faults-straight' with other settings; run 'faults-straight' would continue its training"):
+    with pytest.raises(ConfigError, match=f"checkpoint {tmp_path / 'shared' / 'faults-straight' / checkpoints[-1].name} was written by run 'faults-straight' with other settings \\(lr\\); run 'faults-straight' would continue its training"):
         claim_run(other, tmp_path / "elsewhere", "faults-straight", new=False)
-    assert not (tmp_path / "elsewhere" / "runs" / "faults-straight" / "config.json").exists()
+    assert not (tmp_path / "elsewhere" / "runs").exists()  # a refused claim creates nothing
     same = cfg.model_copy(update={"checkpoint_path": str(tmp_path / "shared")})
     assert claim_run(same, tmp_path / "elsewhere", "faults-straight", new=False) == "faults-straight"  # the same settings continue it
+    # A checkpoint written before a setting existed (an older saeflow) still belongs to its run.
+    manifest = tmp_path / "shared" / "faults-straight" / checkpoints[-1].name / "manifest.json"
+    record = json.loads(manifest.read_text())
+    del record["run"]["result_fields"]["activation_mode"]
+    manifest.write_text(json.dumps(record))
+    assert claim_run(same, tmp_path / "elsewhere", "faults-straight", new=False) == "faults-straight"
 
 
 def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
