@@ -206,18 +206,17 @@ def _check_sae_settings(cfg: RunConfig) -> None:
 
 
 def _check_lr_schedule(trainer_cfg) -> None:
-    """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses (or what
-    leaves the schedule no room) is found before any work."""
+    """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses is found
+    before any work, and refuse the one schedule it builds but cannot step through."""
     import torch
     from sae_lens.training.optim import get_lr_scheduler
 
     steps, warm_up, decay = trainer_cfg.total_training_steps, trainer_cfg.lr_warm_up_steps, trainer_cfg.lr_decay_steps
-    cosine = trainer_cfg.lr_scheduler_name != "constant"
-    if warm_up + decay > steps or (cosine and warm_up + decay >= steps):
+    if trainer_cfg.lr_scheduler_name == "cosineannealing" and decay == 0 and warm_up == steps:
+        # Its cosine phase has no step: the first step after the warm-up divides by zero.
         raise ConfigError(
-            f"lr_warm_up_steps + lr_decay_steps ({warm_up} + {decay}) leave no steps for the {trainer_cfg.lr_scheduler_name} "
-            f"schedule: the run has {steps} training steps (training_tokens // train_batch_size_tokens); lower them "
-            f"(together at most {steps - cosine}) or raise training_tokens"
+            f"lr_warm_up_steps ({warm_up}) takes all {steps} training steps (training_tokens // train_batch_size_tokens), "
+            f"leaving the cosineannealing schedule no step; lower lr_warm_up_steps or raise training_tokens"
         )
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=trainer_cfg.lr)
     try:
@@ -226,7 +225,12 @@ def _check_lr_schedule(trainer_cfg) -> None:
             decay_steps=decay, lr_end=trainer_cfg.lr_end, num_cycles=trainer_cfg.n_restart_cycles,
         )
     except ValueError as error:
-        hint = "set lr_end above 0 (the decay runs from lr_end to 0), or lr_decay_steps: 0" if "lr_end=0.0" in str(error) else "change the lr_* settings"
+        if "lr_end=0.0" in str(error):
+            hint = "set lr_end above 0 (the decay runs from lr_end to 0), or lr_decay_steps: 0"
+        elif "T_0" in str(error):
+            hint = f"lr_warm_up_steps + lr_decay_steps must leave at least n_restart_cycles of the run's {steps} steps"
+        else:
+            hint = "change the lr_* settings"
         raise ConfigError(f"SAELens rejects the learning-rate schedule: {error} ({hint})") from None
 
 

@@ -142,10 +142,13 @@ def test_learning_rate_schedules_are_checked_before_any_work():
     # tiny_config: 32,768 tokens in batches of 512 = 64 steps
     message = resolve_error(lr_scheduler_name="cosineannealing", lr_end=0, lr_decay_steps=5)
     assert "SAELens rejects the learning-rate schedule: Cannot have decay_steps with lr_end=0.0" in message and "set lr_end above 0" in message
-    message = resolve_error(lr_warm_up_steps=40, lr_decay_steps=30)
-    assert "lr_warm_up_steps + lr_decay_steps (40 + 30) leave no steps for the constant schedule: the run has 64 training steps" in message
-    assert "(together at most 63)" in resolve_error(lr_scheduler_name="cosineannealing", lr_warm_up_steps=40, lr_decay_steps=24)
-    assert resolve(tiny_config(lr_warm_up_steps=40, lr_decay_steps=24)).lr_decay_steps == 24
+    message = resolve_error(lr_scheduler_name="cosineannealing", lr_warm_up_steps=64)
+    assert "lr_warm_up_steps (64) takes all 64 training steps" in message
+    message = resolve_error(lr_scheduler_name="cosineannealingwarmrestarts", lr_warm_up_steps=40, lr_decay_steps=24)
+    assert "Expected positive integer T_0" in message and "must leave at least n_restart_cycles of the run's 64 steps" in message
+    # schedules SAELens builds and steps through are accepted, even ones longer than the run
+    assert resolve(tiny_config(lr_warm_up_steps=40, lr_decay_steps=30)).lr_decay_steps == 30
+    assert resolve(tiny_config(lr_scheduler_name="cosineannealing", lr_warm_up_steps=40, lr_decay_steps=24)).lr_decay_steps == 24
     assert resolve(tiny_config(lr_scheduler_name="cosineannealingwarmrestarts", lr_warm_up_steps=40, lr_decay_steps=23)).lr_warm_up_steps == 40
 
 
