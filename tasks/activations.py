@@ -17,6 +17,7 @@ forward stops once `tasks.model.hooks_activations` has read the hook(s).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 import warnings
@@ -460,6 +461,17 @@ def load_store(store_ref: dict[str, Any], device: str = "cpu") -> tuple[torch.Te
     return (torch.cat(acts) if acts else None), (torch.cat(tokens) if len(tokens) == len(manifest["shards"]) else None)
 
 
+def _allow_open_files(needed: int) -> None:
+    """Raise this process's soft limit on open files up to its hard limit when `needed` more files
+    may be open than it leaves room for (each memory-mapped shard keeps a descriptor open;
+    common soft limits are 1,024 while a 460 GB store has 862 shards)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed + 256 > soft and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class StoreRows:
     """The activations of a filled cached store as one `[n_tokens, d_in]` table of rows, read
     through memory maps of the shards: indexing copies only the rows asked for, never the store.
@@ -486,15 +498,25 @@ class StoreRows:
         manifest = read_json(folder / "manifest.json")
         if not manifest.get("complete"):
             raise RuntimeError(f"activation store {folder} is not complete; run the pipeline again to finish filling it")
+        _allow_open_files(2 * len(manifest["shards"]))  # a worker process holds its parent's maps and its own
         self.maps, self.parts, stops, expected = [], [], [], 0
         for shard in manifest["shards"]:
             if shard["start"] != expected:
                 raise RuntimeError(f"activation store {folder}: rows {expected}..{shard['start']} are missing")
             path = folder / shard["file"]
-            with open(path, "rb") as f:  # safetensors: 8-byte header length, JSON header, raw data
-                header_len = struct.unpack("<Q", f.read(8))[0]
-                entry = json.loads(f.read(header_len))["activations"]
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            try:
+                with open(path, "rb") as f:  # safetensors: 8-byte header length, JSON header, raw data
+                    header_len = struct.unpack("<Q", f.read(8))[0]
+                    entry = json.loads(f.read(header_len))["activations"]
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as error:
+                if error.errno != errno.EMFILE:
+                    raise
+                raise RuntimeError(
+                    f"activation store {folder} has {len(manifest['shards'])} shards, each kept open while training reads "
+                    f"it, and this process may not open more files: raise the open-files limit (`ulimit -n`, or "
+                    f"LimitNOFILE / your scheduler's setting) to at least {2 * len(manifest['shards']) + 256}"
+                ) from None
             rows, width = entry["shape"]
             if rows != shard["stop"] - shard["start"]:
                 raise RuntimeError(f"activation store {folder}: {shard['file']} does not hold rows {shard['start']}..{shard['stop']}")

@@ -105,6 +105,32 @@ def test_store_rows_read_in_sorted_order_give_the_rows_asked_for(tmp_path, dtype
         assert torch.equal(next(from_disk), next(in_memory))
 
 
+def test_a_store_of_more_shards_than_the_open_files_soft_limit_is_read(tmp_path):
+    """Each mapped shard keeps a file open: with a soft limit below the shard count (1,024 is
+    common, a 460 GB store has 862 shards) the limit is raised to the hard one; with a hard limit
+    too low the error says how to raise it."""
+    acts = torch.randn(300, 4)
+    ref = _write_store(tmp_path, acts, [1] * 300)
+    torch.save(acts, tmp_path / "acts.pt")
+    code = f"""
+import resource, torch
+from tasks.activations import StoreRows
+ref, acts = {ref!r}, torch.load({str(tmp_path / "acts.pt")!r})
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+assert torch.equal(StoreRows(ref)[torch.arange(300)], acts)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+try:
+    StoreRows(ref)
+except RuntimeError as error:
+    print(error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "True"
+    assert out[1].endswith("has 300 shards, each kept open while training reads it, and this process may not open more files: raise the open-files limit (`ulimit -n`, or LimitNOFILE / your scheduler's setting) to at least 856")
+
+
 def test_store_rows_let_go_of_the_store_pages_they_read(tmp_path, monkeypatch):
     """Random batches leave none of the store mapped in the process: the store's resident pages
     (as /proc/self/smaps counts them, and so RSS) are zero after each batch, and stay a small
