@@ -124,7 +124,8 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
         else:
             problem = (
                 f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured (TransformerLens fills it "
-                f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in)"
+                f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in, which "
+                f"saeflow applies to a locally built model_cfg model)"
             )
         per_token = sorted(name for name, shape in hooks.items() if shape is not None)
         raise ConfigError(f"{problem}; " + _valid_hooks_message(per_token, model.cfg.n_layers))
