@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks.activations import fill_activations, store_spec
+from tasks.activations import fill_activations, store_dir, store_spec
 from tasks.analyse import analyse, analysis_spec, check_token_index
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
 from tasks.config import RunConfig, load_config
@@ -77,7 +77,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
             check_token_index(model_ref, cfg.model_from_pretrained_kwargs, cfg.prompts, cfg.analysis_token_index, cfg.context_size, cfg.prepend_bos)
             text = tokens_spec(cfg, model_ref)  # None when the dataset already holds token ids
             tokens_ref = pretokenise(text, model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir) if text else None
-            mode, why = choose_activation_mode(cfg, artifacts_dir, run)
+            mode, why = choose_activation_mode(cfg, artifacts_dir, run, store_dir(artifacts_dir, store_spec(cfg, model_ref, "cached")))
             store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, tokens_ref, artifacts_dir)
         else:
             model_ref = tokens_ref = None

@@ -145,7 +145,7 @@ class RunConfig(BaseModel):
     """`cached`: the hook's activations are computed once and kept on disk (fast re-runs, shared by
     sweeps). `streaming`: only the token ids are kept and training makes the activations on the fly
     (for runs too big to cache). `auto`: streaming when the cached activations would exceed
-    `max_cache_gb`; decided once when the run starts."""
+    `max_cache_gb` and no run has cached them yet; decided once when the run starts."""
     max_cache_gb: float | None = Field(None, gt=0)
     """Largest activation cache `auto` allows, in GB (10^9 bytes). Empty: half the free disk of the
     artifacts folder."""

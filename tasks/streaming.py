@@ -33,9 +33,10 @@ def store_gigabytes(cfg) -> float:
     return n_tokens * cfg.d_in * getattr(torch, cfg.dtype).itemsize / 1e9
 
 
-def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path) -> tuple[str, str]:
+def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path, cached_store: str | Path | None = None) -> tuple[str, str]:
     """The run's activation mode and why. `auto` is decided once per run and kept in
-    `<run>/activation_mode.json`, so a resumed run never changes mode (and data order)."""
+    `<run>/activation_mode.json`, so a resumed run never changes mode (and data order); it takes
+    the `cached_store` folder (this run's cached store) when another run has filled it already."""
     from tasks.artifacts import read_json, write_json
 
     recorded = Path(run_dir) / MODE_FILE
@@ -44,8 +45,11 @@ def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path) 
         if cfg.activation_mode in ("auto", previous["mode"]):
             return previous["mode"], previous["reason"] + " (decided when the run started)"
     size = store_gigabytes(cfg)
+    filled = cached_store is not None and (Path(cached_store) / "manifest.json").is_file() and read_json(Path(cached_store) / "manifest.json").get("complete")
     if cfg.activation_mode != "auto":
         mode, reason = cfg.activation_mode, f"set by activation_mode; cached activations would take {size:.2f} GB"
+    elif filled:  # it takes no more disk, and the run shares its data order with the runs before
+        mode, reason = "cached", f"activation_mode auto: the cached activations ({size:.2f} GB) are on disk already ({cached_store})"
     else:
         if cfg.max_cache_gb is not None:
             limit, source = cfg.max_cache_gb, "max_cache_gb"

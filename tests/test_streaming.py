@@ -105,3 +105,11 @@ def test_auto_streams_when_the_cache_would_exceed_the_limit_and_keeps_its_choice
     assert choose_activation_mode(relaxed, tmp_path, tmp_path / "runs" / "other")[0] == "cached"
     default = choose_activation_mode(cfg.model_copy(update={"max_cache_gb": None}), tmp_path, tmp_path / "runs" / "third")
     assert default[0] == "cached" and "(half the free disk)" in default[1]
+    # A cached store of these activations already filled by another run costs no more disk.
+    store = tmp_path / "activations" / "filled"
+    store.mkdir(parents=True)
+    (store / "manifest.json").write_text(json.dumps({"complete": False}))
+    assert choose_activation_mode(cfg, tmp_path, tmp_path / "runs" / "fourth", store)[0] == "streaming"  # still being filled
+    (store / "manifest.json").write_text(json.dumps({"complete": True}))
+    mode, why = choose_activation_mode(cfg, tmp_path, tmp_path / "runs" / "fifth", store)
+    assert mode == "cached" and why == f"activation_mode auto: the cached activations (0.00 GB) are on disk already ({store})"
