@@ -72,7 +72,8 @@ def _fsync_dir(path: Path) -> None:
 def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success, fsync it and rename it to `final`.
 
-    A crash leaves only a `.tmp-*` folder, never a half-written `final`. `final` must not exist:
+    A crash leaves only a `.tmp-*` folder, never a half-written `final`, and the next write of
+    `final` removes it (callers hold a lock on `final`). `final` must not exist:
     nothing already written is overwritten, unless `replace` (for folders derived from others):
     then the old `final` is renamed aside and deleted once the new one is in its place. A crash
     between the two renames leaves no `final` (it is made again), never a mix of both.
@@ -80,6 +81,10 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     if final.exists() and not replace:
         raise FileExistsError(f"{final} already exists; refusing to overwrite it")
     final.parent.mkdir(parents=True, exist_ok=True)
+    # What a killed write of `final` left (its callers hold a lock on `final`, so none is running).
+    for leftover in [*final.parent.glob(f".tmp-{final.name}-*"), *final.parent.glob(f".old-{final.name}-*")]:
+        if len(leftover.name) == len(f".tmp-{final.name}-") + 8:  # not another folder's whose name starts alike
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -279,9 +279,9 @@ class RunConfig(BaseModel):
     `store_batch_size_prompts`; unused without a model). For the CE and KL metrics SAELens holds up to six `[batch,
     context_size, d_vocab]` tensors at once (the clean, SAE-spliced and zero-ablated logits and
     the KL's softmaxes): lower it if the evaluation runs out of memory (big vocabularies, long
-    contexts). Only the evaluation and the report run again when it
-    changes; whole batches are evaluated, so the evaluated contexts are the held-out ones rounded down to a
-    multiple of it."""
+    contexts). Changed on a finished run, only the evaluation and the report are computed again (the
+    training task only finds its result on disk); whole batches are evaluated, so the evaluated
+    contexts are the held-out ones rounded down to a multiple of it."""
     prompts: list[str] = Field(default_factory=lambda: ["The quick brown fox jumps over the lazy"])
     """Prompts analysed after training: top features at `analysis_token_index`."""
     analysis_token_index: int = -1

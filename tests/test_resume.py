@@ -453,3 +453,18 @@ def test_a_run_is_continued_by_its_name_alone_with_its_stored_config(artifacts, 
 
     assert main(["run", "--artifacts-dir", str(artifacts), "--run-name", "faults-straight"]) == 0  # finished: all cached
     assert f"the config stored in {artifacts / 'runs' / 'faults-straight' / 'config.json'}" in capsys.readouterr().err
+
+
+def test_the_next_write_of_a_folder_removes_what_a_killed_write_of_it_left(tmp_path):
+    """A SIGKILL inside `atomic_dir` (a pretokenise, a model build, a sae/ swap) leaves hidden
+    folders, gigabytes for big data; the next write of the same folder removes them, and only them."""
+    from tasks.artifacts import atomic_dir
+
+    left = [tmp_path / ".tmp-sae-0123abcd", tmp_path / ".old-sae-89ef4567"]
+    other = tmp_path / ".tmp-sae-v2-0123abcd"  # another folder's, perhaps being written now
+    for folder in (*left, other):
+        folder.mkdir()
+        (folder / "weights").write_bytes(b"x")
+    with atomic_dir(tmp_path / "sae") as tmp:
+        (tmp / "cfg.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-sae-v2-0123abcd", "sae"]
