@@ -574,7 +574,7 @@ def _streaming_source(store_ref: dict[str, Any]):
 def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chunk_contexts: int, device: str = "cpu"):
     """The seeded training batches of a store on `device`: `ShuffledBatches` over cached
     activations, or `StreamedBatches` made by the model from a streaming store's tokens
-    (`chunk_contexts` per mixing buffer). Set `.next_batch` to start elsewhere than at batch 0."""
+    (`chunk_contexts` per chunk). Set `.next_batch` to start elsewhere than at batch 0."""
     if store_ref.get("mode") == "streaming":
         from tasks.streaming import StreamedBatches
 

@@ -5,12 +5,13 @@ bytes a token instead of `d_in` floats) and training makes the activations on th
 of contexts at a time, through the model. The order is fixed by the seed:
 
 - every epoch visits the contexts in a seeded random order, cut into chunks of
-  `n_batches_in_buffer * store_batch_size_prompts` contexts (the mixing buffer);
+  `n_batches_in_buffer * store_batch_size_prompts` contexts (SAELens would call it a mixing
+  buffer, but nothing is mixed across chunks);
 - the rows (tokens) of a chunk are shuffled with a seed of their own and served in order.
 
 So batch `b` is a pure function of `(seed, b)`, like the cached mode's `ShuffledBatches`: a resumed
-run regenerates just the chunk it stopped in (one buffer's worth of model passes) and continues
-at the exact row, whatever its progress. Nothing about the mixing buffer has to be checkpointed.
+run regenerates just the chunk it stopped in (one chunk of model passes) and continues
+at the exact row, whatever its progress. Nothing about the chunk has to be checkpointed.
 """
 
 from __future__ import annotations
