@@ -128,7 +128,8 @@ class RunConfig(BaseModel):
     dataset_path: str = "demo:stories"
     """Hugging Face dataset name, a local `.txt`/`.jsonl`/`.json`/`.parquet`/`.arrow` file or
     folder of them, a folder written by `Dataset.save_to_disk` (as SAELens's `PretokenizeRunner`
-    writes), or `demo:stories` for the built-in generated story corpus (offline)."""
+    writes) or `DatasetDict.save_to_disk` (its `train` split), or `demo:stories` for the built-in
+    generated story corpus (offline)."""
     is_dataset_tokenized: bool | None = None
     """Whether the dataset holds token ids (`tokens`/`input_ids`) rather than `text`. Empty: read
     from the data; a stated value that does not match the data is an error. Token ids are checked

@@ -63,7 +63,8 @@ def _demo_stories(seed: int) -> tuple[str, ...]:
 
 def load_text_dataset(dataset_path: str, streaming: bool = True, seed: int = 0) -> Dataset | IterableDataset:
     """Open a dataset by name: `demo:stories`, a local file or folder (of data files, or written
-    by `Dataset.save_to_disk` as SAELens's PretokenizeRunner does), or a Hugging Face hub name."""
+    by `Dataset.save_to_disk` as SAELens's PretokenizeRunner does, or by `DatasetDict.save_to_disk`:
+    its train split), or a Hugging Face hub name (its train split)."""
     if dataset_path.startswith(DEMO_PREFIX):
         kind = dataset_path[len(DEMO_PREFIX) :]
         if kind != "stories":
@@ -72,6 +73,11 @@ def load_text_dataset(dataset_path: str, streaming: bool = True, seed: int = 0) 
     path = Path(dataset_path).expanduser()
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
         return load_from_disk(str(path))
+    if (path / "dataset_dict.json").is_file():  # `DatasetDict.save_to_disk`: its train split, as from the hub
+        splits = load_from_disk(str(path))
+        if "train" not in splits:
+            raise ValueError(f"{path} holds the splits {sorted(splits)} and no 'train'; give the folder of the split to use ({path}/<split>)")
+        return splits["train"]
     if path.exists():
         files = sorted(
             p for p in ([path] if path.is_file() else path.rglob("*")) if p.suffix in LOCAL_FORMATS and p.name not in METADATA_FILES

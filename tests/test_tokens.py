@@ -91,3 +91,15 @@ def test_contexts_are_the_per_document_ones_byte_for_byte(tmp_path: Path, monkey
     rows = Dataset.from_file(str(tmp_path / "new" / tasks.tokens.TOKENS_FILE))["tokens"]
     assert len(rows) == 300 and all(len(row) == CONTEXT_SIZE for row in rows)
     assert all(row[0] == tokenizer.bos_token_id for row in rows) == prepend_bos  # no-bos: TransformerLens's BOS is EOS
+
+
+def test_a_saved_dataset_dict_gives_its_train_split(tmp_path: Path):
+    from datasets import DatasetDict
+
+    from tasks.data import load_text_dataset
+
+    DatasetDict({"train": Dataset.from_dict({"text": ["a b", "c d"]}), "test": Dataset.from_dict({"text": ["e"]})}).save_to_disk(str(tmp_path / "both"))
+    assert load_text_dataset(str(tmp_path / "both"))["text"] == ["a b", "c d"]
+    DatasetDict({"validation": Dataset.from_dict({"text": ["e"]})}).save_to_disk(str(tmp_path / "no-train"))
+    with pytest.raises(ValueError, match=r"holds the splits \['validation'\] and no 'train'; give the folder of the split to use"):
+        load_text_dataset(str(tmp_path / "no-train"))
