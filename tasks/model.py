@@ -485,23 +485,24 @@ def token_hooks(model) -> dict[str, tuple[int, ...] | None]:
     return {name: s[2:] if s[1] == 2 and long[name][1] == 3 and long[name][2:] == s[2:] else None for name, s in short.items()}
 
 
-EVAL_FLATTENS = ("hook_q", "hook_k", "hook_v", "hook_z")  # the head-dimension hooks SAELens's run_evals flattens
+HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")  # the head-dimension hooks SAELens's evaluation handles
 
 
 def hook_width(token_shape: tuple[int, ...], hook_name: str, hook_head_index: int | None) -> int:
     """The width of one token's activation of `token_shape` (from `token_hooks`) at a hook, as
     SAELens's activation store flattens it."""
+    if len(token_shape) == 2 and not any(name in hook_name for name in HEAD_HOOKS):
+        raise ValueError(
+            f"{hook_name} has a head dimension, and SAELens's evaluation splices an SAE into such a hook only "
+            f"for {', '.join(HEAD_HOOKS)} hooks, whole or one head (it would fail after training); train on one of "
+            f"those, or on a hook without heads"
+        )
     if hook_head_index is not None:
         if len(token_shape) != 2:
             raise ValueError(f"hook_head_index is set but {hook_name} has no head dimension; remove hook_head_index")
         if not 0 <= hook_head_index < token_shape[0]:
             raise ValueError(f"hook_head_index {hook_head_index} is out of range: {hook_name} has {token_shape[0]} heads")
         return token_shape[1]
-    if len(token_shape) == 2 and not any(name in hook_name for name in EVAL_FLATTENS):
-        raise ValueError(
-            f"{hook_name} has a head dimension, which SAELens's evaluation flattens only for "
-            f"{', '.join(EVAL_FLATTENS)} hooks (it would fail after training); set hook_head_index to train on one head"
-        )
     width = 1
     for size in token_shape:
         width *= size

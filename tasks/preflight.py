@@ -92,7 +92,7 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
     from datasets.exceptions import DatasetGenerationError
 
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
-    from tasks.model import hook_width, meta_model, token_hooks
+    from tasks.model import HEAD_HOOKS, hook_width, meta_model, token_hooks
     from tasks.tokens import check_token_dataset
 
     _check_device(cfg, runs_here)
@@ -127,7 +127,7 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
                 f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in, which "
                 f"saeflow applies to a locally built model_cfg model)"
             )
-        per_token = sorted(name for name, shape in hooks.items() if shape is not None)
+        per_token = sorted(name for name, shape in hooks.items() if shape is not None and (len(shape) == 1 or any(h in name for h in HEAD_HOOKS)))
         raise ConfigError(f"{problem}; " + _valid_hooks_message(per_token, model.cfg.n_layers))
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size ({cfg.context_size}) is larger than {cfg.model_name}'s n_ctx ({model.cfg.n_ctx}); lower context_size")

@@ -43,10 +43,12 @@ def test_a_hook_the_model_does_not_compute_is_refused():
     message = resolve_error(hook_name="blocks.0.attn.hook_result")
     assert "hook_name 'blocks.0.attn.hook_result' is not computed by tiny-test as configured" in message
     computed = {**TINY_MODEL, "use_attn_result": True}
-    # per head: SAELens's evaluation flattens the heads of hook_q/k/v/z only
-    assert "blocks.0.attn.hook_result has a head dimension, which SAELens's evaluation flattens only for hook_q" in resolve_error(hook_name="blocks.0.attn.hook_result", model_cfg=computed)
-    assert resolve(tiny_config(hook_name="blocks.0.attn.hook_result", model_cfg=computed, hook_head_index=1)).d_in == 32
+    # a head dimension: SAELens's evaluation splices into hook_q/k/v/z only, whole or one head
+    for head in (None, 1):
+        message = resolve_error(hook_name="blocks.0.attn.hook_result", model_cfg=computed, hook_head_index=head)
+        assert "blocks.0.attn.hook_result has a head dimension, and SAELens's evaluation splices an SAE into such a hook only for hook_q" in message
     assert resolve(tiny_config(hook_name="blocks.0.attn.hook_z")).d_in == 32
+    assert resolve(tiny_config(hook_name="blocks.0.attn.hook_z", hook_head_index=1)).d_in == 8
 
 
 def test_stated_d_in_must_match_the_hook():
