@@ -307,7 +307,28 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)
     current = run_identity(cfg)
-    for checkpoint, owner in checkpoint_owners(root):  # before anything is created
+    # Checked before anything is created; only the write needs the run's lock.
+    if stored.exists():
+        stored_config = read_json(stored)
+        previous = stored_config["result_fields"]
+        changed = _changed_fields(previous, current)
+        if changed:
+            details = "; ".join(f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"run '{name}' was started with a different config ({details}). Start a new run with --new "
+                f"(the old one is kept), or restore those settings to continue it"
+            )
+        old_path = stored_config["config"].get("checkpoint_path")
+        old_root = checkpoint_root(old_path, folder)
+        if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and not (folder / "trained" / "manifest.json").exists():
+            raise ConfigError(
+                f"checkpoint_path changed from {old_path!r} to {cfg.checkpoint_path!r}, but run '{name}' has its "
+                f"checkpoints in {old_root}, which training would not find (it would start again from step 0). "
+                f"Move them into {root}, or set checkpoint_path back to {old_path!r}"
+            )
+    for checkpoint, owner in checkpoint_owners(root):
+        if "result_fields" not in owner:
+            continue  # written before checkpoints recorded their settings
         changed = _changed_fields(owner["result_fields"], cfg.result_fields())
         if changed:
             raise ConfigError(
@@ -317,24 +338,6 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
             )
     # Under the run's lock, so that a command refused because the run is in use changes nothing.
     with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False):
-        if stored.exists():
-            stored_config = read_json(stored)
-            previous = stored_config["result_fields"]
-            changed = _changed_fields(previous, current)
-            if changed:
-                details = "; ".join(f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}" for k in changed)
-                raise ConfigError(
-                    f"run '{name}' was started with a different config ({details}). Start a new run with --new "
-                    f"(the old one is kept), or restore those settings to continue it"
-                )
-            old_path = stored_config["config"].get("checkpoint_path")
-            old_root = checkpoint_root(old_path, folder)
-            if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and not (folder / "trained" / "manifest.json").exists():
-                raise ConfigError(
-                    f"checkpoint_path changed from {old_path!r} to {cfg.checkpoint_path!r}, but run '{name}' has its "
-                    f"checkpoints in {old_root}, which training would not find (it would start again from step 0). "
-                    f"Move them into {root}, or set checkpoint_path back to {old_path!r}"
-                )
         write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
     return name
 

@@ -363,6 +363,9 @@ def test_checkpoints_name_their_run_and_another_run_s_are_refused(artifacts, fau
     del record["run"]["result_fields"]["activation_mode"]
     manifest.write_text(json.dumps(record))
     assert claim_run(same, tmp_path / "elsewhere", "faults-straight", new=False) == "faults-straight"
+    # The run's own checkpoints, with a setting changed: the config-drift refusal and its ways forward.
+    with pytest.raises(ConfigError, match=r"^run 'faults-straight' was started with a different config \(lr: 0.0003 -> 0.001\)\. Start a new run with --new"):
+        claim_run(cfg.model_copy(update={"lr": 1e-3}), artifacts, "faults-straight", new=False)
 
 
 def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
