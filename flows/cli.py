@@ -137,8 +137,12 @@ def _run_config(args):
                 f"no run '{args.run_name}' with a stored config in {stored.parent.parent} (runs there: "
                 f"{', '.join(runs) or 'none'}); give its --artifacts-dir, or a config file to start it"
             )
+        from tasks.preflight import DERIVED_FIELDS
+
         print(f"saeflow: the config stored in {stored}", file=sys.stderr)
-        return make_config(read_json(stored)["config"], args.overrides)
+        # Without what preflight filled in, so that a --set of hook_name or the model derives them again.
+        values = {k: v for k, v in read_json(stored)["config"].items() if k not in DERIVED_FIELDS}
+        return make_config(values, args.overrides)
     return load_config(args.config, args.overrides)
 
 

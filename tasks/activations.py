@@ -469,7 +469,11 @@ def _allow_open_files(needed: int) -> None:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if needed + 256 > soft and soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        wanted = needed + 256 if hard == resource.RLIM_INFINITY else hard  # macOS refuses an infinite soft limit
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass  # opening the shards then fails with the message that names the limit needed
 
 
 class StoreRows:

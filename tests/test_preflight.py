@@ -267,6 +267,19 @@ def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Pat
     assert "(runs there: mine)" in capsys.readouterr().err
 
 
+def test_a_variant_of_a_stored_run_derives_what_preflight_fills_in_again(tmp_path: Path):
+    """`saeflow run --run-name X --new --set hook_name=...`: the stored d_in and hook_layer were
+    filled in by preflight for X's hook, and are derived again for the new one."""
+    from argparse import Namespace
+
+    from flows.cli import _run_config
+
+    claim_run(resolve(tiny_config()), tmp_path, "mine", new=False)
+    args = Namespace(config=None, run_name="mine", artifacts_dir=str(tmp_path), overrides=["hook_name=blocks.1.hook_resid_post"])
+    variant = resolve(_run_config(args))
+    assert (variant.hook_name, variant.hook_layer, variant.d_in, variant.lr) == ("blocks.1.hook_resid_post", 1, 32, tiny_config().lr)
+
+
 def test_cli_prints_the_config_reference(capsys):
     assert main(["config-reference"]) == 0
     assert "| `expansion_factor` |" in capsys.readouterr().out
