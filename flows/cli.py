@@ -170,6 +170,7 @@ def _analyze(args) -> int:
     from tasks.artifacts import read_json, run_dir
     from tasks.config import ConfigError
     from tasks.load import open_sae
+    from tasks.preflight import missing_device
     from tasks.model import load_model
 
     cfg = read_json(run_dir(args.artifacts_dir, args.run) / "config.json")["config"]
@@ -183,10 +184,9 @@ def _analyze(args) -> int:
     setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
     check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
     device = args.device or cfg["device"]
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run '{args.run}' was trained on {device} and this machine has no CUDA GPU; add --device cpu")
+    missing = missing_device(device)
+    if missing:
+        raise ConfigError(f"run '{args.run}' {'is analysed' if args.device else 'was trained'} on {device}, but {missing}; add --device cpu")
     model = load_model(summary["model"], device, processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
     sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
     for prompt in args.prompt:

@@ -32,25 +32,33 @@ def _available_devices() -> list[str]:
     return devices + (["mps"] if torch.backends.mps.is_available() else [])
 
 
+def missing_device(device: str) -> str | None:
+    """Why this machine cannot run on `device` (a device string torch parses), or None."""
+    import torch
+
+    kind, index = torch.device(device).type, torch.device(device).index
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"this machine has {f'a torch {torch.__version__} built without CUDA' if torch.version.cuda is None else 'no CUDA GPU visible to torch'}"
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        return f"torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return "MPS (Apple GPU) is not available here"
+    return None
+
+
 def _check_device(cfg: RunConfig, here: bool) -> None:
     """`device` names a device torch knows and, with `here`, one this machine has."""
     import torch
 
     try:
-        device = torch.device(cfg.device)
+        kind = torch.device(cfg.device).type
     except (RuntimeError, ValueError):  # torch's message lists device types saeflow cannot use
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device '{cfg.device}' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: {', '.join(_available_devices())})")
-    if not here:
-        return
-    if device.type == "cuda" and not torch.cuda.is_available():
-        build = f"a torch {torch.__version__} built without CUDA" if torch.version.cuda is None else "no CUDA GPU visible to torch"
-        raise ConfigError(f"device is '{cfg.device}', but this machine has {build}; use device: cpu (available here: {', '.join(_available_devices())})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device is '{cfg.device}', but torch sees {torch.cuda.device_count()} CUDA GPU(s); use one of: {', '.join(_available_devices())}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device is 'mps', but MPS (Apple GPU) is not available here; use one of: {', '.join(_available_devices())}")
+    missing = missing_device(cfg.device) if here else None
+    if missing:
+        raise ConfigError(f"device is '{cfg.device}', but {missing}; use device: cpu or another device available here ({', '.join(_available_devices())})")
 
 
 def _resolve_source(cfg: RunConfig) -> RunConfig:
@@ -61,18 +69,19 @@ def _resolve_source(cfg: RunConfig) -> RunConfig:
     if cfg.activation_source == "synthetic":
         width = synthetic_model_config(cfg.synthetic, cfg.d_in, cfg.seed).hidden_dim
     else:
+        try:
+            readers = open_source(cfg.activations_path, cfg.hook_name)
+        except BadActivations as error:
+            raise ConfigError(str(error)) from None
         # Tensor files do not say which hook made them, and the SAE's cfg.json tells SAELens where
         # to attach it: a default left in place would be a wrong claim, not a label.
         if "hook_name" not in cfg.model_fields_set and not is_saved_dataset(Path(cfg.activations_path)):
             raise ConfigError(
                 f"hook_name is not set: saeflow cannot tell which hook made the activations in {cfg.activations_path}, "
                 f"and the saved SAE's cfg.json records hook_name as the hook SAELens attaches it to; set hook_name to "
-                f"the hook they came from (e.g. blocks.6.hook_resid_post)"
+                f"the hook they came from (e.g. blocks.6.hook_resid_post). A run started without it continues with "
+                f"`saeflow run --run-name NAME` (its stored config)"
             )
-        try:
-            readers = open_source(cfg.activations_path, cfg.hook_name)
-        except BadActivations as error:
-            raise ConfigError(str(error)) from None
         width, rows = readers[0].width, sum(r.rows for r in readers)
         if cfg.d_in is not None and cfg.d_in != width:
             raise ConfigError(f"d_in is {cfg.d_in} but the activations in {cfg.activations_path} have width {width}; set d_in: {width} or leave it out")

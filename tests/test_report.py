@@ -139,7 +139,9 @@ def test_analyze_runs_a_gpu_run_on_the_cpu_with_device(finished_run, tmp_path, c
     assert "'Tom fed the dog .' at token '.':" in capsys.readouterr().out
     if not torch.cuda.is_available():
         assert main(args) == EXIT_BAD_INPUT
-        assert capsys.readouterr().err == f"saeflow: run '{finished_run['name']}' was trained on cuda and this machine has no CUDA GPU; add --device cpu\n"
+        from tasks.preflight import missing_device
+
+        assert capsys.readouterr().err == f"saeflow: run '{finished_run['name']}' was trained on cuda, but {missing_device('cuda')}; add --device cpu\n"
 
 
 def test_an_index_outside_a_prompt_names_the_prompt_and_the_setting(finished_run, capsys):
