@@ -31,7 +31,7 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import Busy, write_json
+from tasks.artifacts import RESULTS_DIRNAME, Busy, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
 
@@ -155,8 +155,13 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     rows = []
     for run_name, label, future in zip(names, labels, (futures[i] for i in range(len(members)))):
         future.wait()
-        row = {"run": run_name, "label": label, "state": future.state.name}
-        if future.state.is_completed():
+        state = future.state
+        if not state.is_final():  # a Dask worker that died (OOM) leaves its task run Running
+            row = {"run": run_name, "label": label, "state": "Crashed", "error": f"its worker ended while it was {state.name}"}
+            rows.append(row)
+            continue
+        row = {"run": run_name, "label": label, "state": state.name}
+        if state.is_completed():
             metrics = future.result()["metrics"]["metrics"]
             # no CE or KL score without a model (activations_path, synthetic)
             row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
@@ -251,7 +256,14 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
     name, configs = sweep_members(path, overrides, yes, runs_here=dask_address is None)  # a cluster's machines have their own devices
     if dask_address is not None:
         check_dask_address(dask_address)
+    if dask_workers is not None and any(c.device.startswith("cuda") for c in configs):
+        # Members on a GPU ask Dask for a GPU resource, which a local cluster's workers do not have.
+        raise ConfigError(
+            "--dask-workers starts local Dask workers without a GPU resource, so members on cuda would wait forever; "
+            "on one machine leave --dask-workers out (members then run in threads, sharing the device), or start one "
+            "`dask worker` per GPU (CUDA_VISIBLE_DEVICES=i ... --resources GPU=1) and give --dask-address"
+        )
     artifacts_dir = str(Path(artifacts_dir).resolve())
-    sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers))
+    sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
     return sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir)
 

@@ -107,6 +107,18 @@ def test_a_set_that_overrides_what_the_sweep_varies_is_refused(tmp_path):
     assert len(sweep_members(sweep, ["seed=3"])[1]) == 3
 
 
+def test_a_local_dask_cluster_is_refused_members_on_a_gpu(tmp_path, monkeypatch):
+    """Its workers have no GPU resource: the members would wait forever."""
+    import tasks.preflight
+    from flows.sweep import run_sweep
+
+    monkeypatch.setattr(tasks.preflight, "missing_device", lambda device: None)  # as on a GPU machine
+    sweep = write_sweep(tmp_path, {"lr": [0.0001, 0.001]})
+    with pytest.raises(ConfigError, match="--dask-workers starts local Dask workers without a GPU resource, so members on cuda would wait forever"):
+        run_sweep(str(sweep), str(tmp_path / "artifacts"), overrides=["device=cuda"], dask_workers=2)
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     from flows.cli import EXIT_BAD_INPUT, main
 
