@@ -37,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)")
     serve.add_argument("config", nargs="?", help="YAML config; the built-in demo when left out")
     when = serve.add_mutually_exclusive_group()
-    when.add_argument("--cron", help="cron schedule, e.g. '0 2 * * *'")
+    when.add_argument("--cron", help="cron schedule in UTC, e.g. '0 2 * * *'")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
-    serve.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    serve.add_argument("--name", help="deployment name (default: the run's name)")
     serve.add_argument("--run-name", help="run that every scheduled flow run continues (default: the config's stable name)")
     serve.add_argument("--new-each-run", action="store_true", help="make every scheduled flow run a fresh run named with its scheduled time")
     serve.add_argument("--artifacts-dir", default="artifacts")
@@ -110,15 +110,28 @@ def _serve(args) -> int:
     from pathlib import Path
 
     from flows.pipeline import pipeline_for
-    from tasks.config import load_config
-    from tasks.preflight import check_artifacts_dir, resolve
+    from tasks.config import ConfigError, load_config
+    from tasks.preflight import check_artifacts_dir, default_run_name, resolve
 
+    if args.interval is not None and args.interval <= 0:
+        raise ConfigError(f"--interval is {args.interval:g}; give a number of seconds above 0")
+    if args.cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=args.cron)
+        except ValidationError:
+            raise ConfigError(f"--cron '{args.cron}' is not a cron expression; give five fields: minute hour day month weekday, e.g. '0 2 * * *' (02:00 UTC daily)") from None
     cfg = resolve(load_config(args.config, args.overrides))
     check_artifacts_dir(args.artifacts_dir)
     check_prefect_api()
     artifacts_dir = str(Path(args.artifacts_dir).resolve())
     parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}
-    pipeline_for(artifacts_dir).serve(name=args.name, cron=args.cron, interval=args.interval, parameters=parameters)
+    name = args.name or args.run_name or default_run_name(cfg)  # two configs served at once get two deployments
+    # One flow run at a time: one that comes due while the previous still trains waits for it
+    # (Late in the UI), instead of failing on the run's lock.
+    pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1)
     return 0
 
 

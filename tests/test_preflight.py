@@ -299,3 +299,10 @@ def test_cli_turns_a_failed_run_into_a_short_message_and_exit_1(tmp_path: Path, 
     err = capsys.readouterr().err
     assert "saeflow: run 'x' failed: RuntimeError: disk full" in err and "run the same command again" in err
     assert "Traceback" not in err
+
+
+def test_serve_refuses_a_bad_schedule_before_anything_starts(capsys):
+    assert main(["serve", "--cron", "0 2 * *"]) == EXIT_BAD_INPUT
+    assert "--cron '0 2 * *' is not a cron expression; give five fields" in capsys.readouterr().err
+    assert main(["serve", "--interval", "0"]) == EXIT_BAD_INPUT
+    assert "--interval is 0; give a number of seconds above 0" in capsys.readouterr().err
