@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import flows  # noqa: F401  (process defaults, also when a Prefect worker loads this file by its path)
 from prefect import flow, get_run_logger
 
 from tasks.activations import fill_activations, store_dir, store_spec
@@ -65,6 +66,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     `config` is a config mapping or the path of a YAML config. The run continues `run_name` (by
     default the config's stable name) unless `new_each_run` makes it a fresh one."""
     run_name = effective_run_name(config, run_name, new_each_run)
+    artifacts_dir = str(Path(artifacts_dir).resolve())  # a deployment may give it relative to its working directory
     cfg = resolve(load_config(config) if isinstance(config, str) else RunConfig(**config))
     claim_run(cfg, artifacts_dir, run_name, new=False)
     run = str(run_dir(artifacts_dir, run_name))
@@ -95,21 +97,20 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
         else:
             analysis = {"skipped": NO_MODEL_ANALYSIS}
         reported = report(run_name, run, cfg.model_dump(mode="json") | {"d_sae": saved["d_sae"], "activations": f"{mode} ({why})"}, metrics, analysis, saved)
-
-    summary = {
-        "run_name": run_name,
-        "run_dir": run,
-        "model": model_ref or {"skipped": f"no model: the activations come from {cfg.activations_path or 'sae_lens.synthetic'}"},
-        "tokens": tokens_ref,
-        "activations": store_ref,
-        "training": trained,
-        "sae": saved,
-        "loaded": loaded,
-        "metrics": metrics,
-        "analysis": analysis,
-        "report": reported,
-    }
-    write_json(Path(run) / "summary.json", summary)
+        summary = {
+            "run_name": run_name,
+            "run_dir": run,
+            "model": model_ref or {"skipped": f"no model: the activations come from {cfg.activations_path or 'sae_lens.synthetic'}"},
+            "tokens": tokens_ref,
+            "activations": store_ref,
+            "training": trained,
+            "sae": saved,
+            "loaded": loaded,
+            "metrics": metrics,
+            "analysis": analysis,
+            "report": reported,
+        }
+        write_json(Path(run) / "summary.json", summary)
     return summary
 
 
