@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -139,11 +140,14 @@ def exclusive_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise Busy(f"{what} is in use by {holder}; wait for it to finish, or start a new run with --new") from None
+            if not wait:
+                raise Busy(f"{what} is in use by {holder}; wait for it to finish, or start a new run with --new") from None
+            _log_info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
+            fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -152,6 +156,17 @@ def exclusive_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log_info(message: str) -> None:
+    """To the Prefect run's log inside a flow or task run, else to Python's logging."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().info(message)
+    except MissingContextError:
+        logging.getLogger("saeflow").info(message)
 
 
 def output_hashes(*files: Path) -> dict[str, str]:

@@ -471,3 +471,25 @@ def test_the_next_write_of_a_folder_removes_what_a_killed_write_of_it_left(tmp_p
     with atomic_dir(tmp_path / "sae") as tmp:
         (tmp / "cfg.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-sae-v2-0123abcd", "sae"]
+
+
+def test_waiting_for_a_lock_says_who_holds_it(tmp_path, caplog):
+    """A run waiting hours for a store another process fills must not look hung."""
+    import logging
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with exclusive_lock(tmp_path / ".lock", "activation store S", wait=False):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    threading.Timer(0.3, release.set).start()
+    with caplog.at_level(logging.INFO, logger="saeflow"), exclusive_lock(tmp_path / ".lock", "activation store S", wait=True):
+        pass
+    thread.join()
+    assert f"Waiting for activation store S, in use by process {os.getpid()}" in caplog.text
