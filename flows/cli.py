@@ -8,8 +8,9 @@
     saeflow config-reference
 
 Exit status: 0 done; 2 the config or the command line is wrong, or the run is already running
-elsewhere (nothing was started); 1 the run failed; 75 training was stopped by SIGTERM/SIGINT after
-writing a checkpoint. After 1 or 75, running the same command again continues the run.
+elsewhere (nothing was started); 1 the run (or a sweep member) failed; 75 it was stopped by SIGTERM/SIGINT
+at a safe point (training after writing a checkpoint). After 1 or 75, running the same command again
+continues.
 """
 
 from __future__ import annotations
@@ -232,15 +233,34 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "sweep":
         from flows.sweep import run_sweep
+        from tasks.stopping import STOP_REQUESTS
 
+        STOP_REQUESTS.clear()
         try:
             rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
             print(f"saeflow: config error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except Exception as error:
+            if not STOP_REQUESTS:
+                raise
+            # The signal also stopped the temporary Prefect server, so the sweep could not finish its table.
+            print(
+                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}; its members in training wrote a checkpoint first. Run the same "
+                f"command again to continue it. (Prefect could not be told: {type(error).__name__}: {error})",
+                file=sys.stderr,
+            )
+            return EXIT_PREEMPTED
         failed = [r for r in rows if r["state"] != "Completed"]
         for row in rows:
             print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
+        if failed and STOP_REQUESTS:
+            print(
+                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}: each member stopped at its next safe point (training with a "
+                f"checkpoint at the end of its step). Run the same command again to continue it.",
+                file=sys.stderr,
+            )
+            return EXIT_PREEMPTED
         return EXIT_FAILED if failed else 0
     if args.command == "serve":
         try:
@@ -265,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from flows import pipeline
-    from tasks.train import PREEMPTIONS, TrainingPreempted
+    from tasks.stopping import PREEMPTIONS, Preempted
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()
     try:
         summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
-    except TrainingPreempted as error:
+    except Preempted as error:
         print(f"saeflow: run '{run_name}' {error}. Run the same command again to continue it.", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:

@@ -14,7 +14,8 @@ A sweep file:
 Each member is an ordinary run (its stable name, its own folder, restartable). Members that
 share model, hook and data share one activation store: the first to get there fills it, the
 others wait for it; members at different hooks of the same model and data get their stores
-filled together, from one model pass. Re-running a sweep finds the finished members cached and trains the rest.
+filled together, from one model pass. Re-running a sweep finds the finished members cached and trains the rest. SIGTERM/SIGINT
+stops each member (in threads) at its next safe point: training writes a checkpoint first.
 The sweep writes `<artifacts>/sweeps/<name>/members.json` and `frontier.png` (L0 against
 explained variance and CE-loss score) and publishes a table artifact of every member's metrics.
 """
@@ -34,6 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.artifacts import RESULTS_DIRNAME, Busy, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
+from tasks.stopping import Preempted, stop_requested, stop_signals
 
 MAX_MEMBERS_WITHOUT_YES = 1000
 SWEEP_KEYS = {"name", "base", "grid", "members"}
@@ -102,8 +104,11 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
 
 @task(name="sweep-member")
 def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str) -> dict[str, Any]:
-    """One member: the ordinary pipeline, as a subflow run."""
+    """One member: the ordinary pipeline, as a subflow run; none once the sweep was asked to stop."""
     from flows.pipeline import pipeline_for
+
+    if stop := stop_requested():
+        raise Preempted(f"not started: {stop} was received before it started")
 
     return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
 
@@ -141,8 +146,22 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     for config, run_name in zip(members, names):
         with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
             claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
-    # Members whose stores differ only in their hook wait for one shared model pass that fills
-    # all those stores; the others start at once.
+    # Members run in threads, and only this (the main) thread can handle signals: here SIGTERM
+    # asks each member to stop at its next safe point (training: a checkpoint at the step boundary).
+    with stop_signals():
+        futures = _run_members(members, names, artifacts_dir)
+        rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
+    folder = Path(artifacts_dir) / "sweeps" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "members.json", rows)
+    plot_frontier(rows, folder / "frontier.png")
+    create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
+    return rows
+
+
+def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str) -> list:
+    """Submit every member; returns their futures, in order. Members whose stores differ only in
+    their hook wait for one shared model pass that fills all those stores; the others start at once."""
     fills = shared_fills(members, artifacts_dir)
     waiting = {id(fill): indices for fill, indices in fills}
     futures = {}
@@ -152,28 +171,23 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     for fill in as_completed([fill for fill, _ in fills]):  # failed or not: members fill what is missing
         for i in waiting[id(fill)]:
             futures[i] = _submit_member(members[i], names[i], artifacts_dir)
-    rows = []
-    for run_name, label, future in zip(names, labels, (futures[i] for i in range(len(members)))):
-        future.wait()
-        state = future.state
-        if not state.is_final():  # a Dask worker that died (OOM) leaves its task run Running
-            row = {"run": run_name, "label": label, "state": "Crashed", "error": f"its worker ended while it was {state.name}"}
-            rows.append(row)
-            continue
-        row = {"run": run_name, "label": label, "state": state.name}
-        if state.is_completed():
-            metrics = future.result()["metrics"]["metrics"]
-            # no CE or KL score without a model (activations_path, synthetic)
-            row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
-        else:
-            row["error"] = future.state.message
-        rows.append(row)
-    folder = Path(artifacts_dir) / "sweeps" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "members.json", rows)
-    plot_frontier(rows, folder / "frontier.png")
-    create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
-    return rows
+    return [futures[i] for i in range(len(members))]
+
+
+def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
+    """A member's row of the sweep table, once it has ended."""
+    future.wait()
+    state = future.state
+    if not state.is_final():  # a Dask worker that died (OOM) leaves its task run Running
+        return {"run": run_name, "label": label, "state": "Crashed", "error": f"its worker ended while it was {state.name}"}
+    row = {"run": run_name, "label": label, "state": state.name}
+    if state.is_completed():
+        metrics = future.result()["metrics"]["metrics"]
+        # no CE or KL score without a model (activations_path, synthetic)
+        row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
+    else:
+        row["error"] = state.message
+    return row
 
 
 def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str):

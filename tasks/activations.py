@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, read_json, stage, write_json
 from tasks.config import RunConfig, stable_hash
+from tasks.stopping import Preempted, stop_requested
 
 # SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
@@ -362,6 +363,9 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
 
         stored_tokens = _StoredTokens(todo)
         while row < n_tokens:
+            if stop := stop_requested():  # in a sweep; the shards written so far are kept
+                bar.close()
+                raise Preempted(f"filling activation store(s) {names} stopped by {stop} at row {row} of {n_tokens}; running again resumes it")
             tokens = next_tokens()
             take = min(rows_per_batch, n_tokens - row)
             flat_tokens = tokens.reshape(-1)[:take].to("cpu")

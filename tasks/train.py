@@ -26,9 +26,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ from safetensors.torch import save_file
 from tasks.activations import read_ahead, training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
+from tasks.stopping import PREEMPTIONS, Preempted, stop_requested, stop_signals
 
 STAGE_VERSION = 1
 ARCHITECTURE_KWARGS = {
@@ -49,7 +47,6 @@ ARCHITECTURE_KWARGS = {
     "matryoshka_batchtopk": ("k", "matryoshka_widths"),
     "jumprelu": ("l0_coefficient", "l0_warm_up_steps"),
 }
-EXIT_SIGINT = 130
 
 
 def training_sae_config(cfg: RunConfig):
@@ -143,14 +140,8 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a signal, a non-finite loss); retrying would not help."""
 
 
-class TrainingPreempted(TrainingStopped):
+class TrainingPreempted(TrainingStopped, Preempted):
     """SIGTERM or SIGINT: a checkpoint was written at the step boundary."""
-
-
-# The preemptions of this process, as their messages. A signal sent to a whole job (as Slurm
-# sends it) also stops Prefect's temporary server, a child of this process: the command line
-# then gets the lost connection, not TrainingPreempted, and reads here what training did.
-PREEMPTIONS: list[str] = []
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -230,30 +221,6 @@ def _make_trainer(sae, runner_cfg, on_step_end, guard: NonFiniteGuard | None = N
 
     sae.training_forward_pass = checked_forward
     return Trainer(cfg=runner_cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
-
-
-@contextlib.contextmanager
-def _stop_requests(requested: list[str]):
-    """While training: the first SIGTERM/SIGINT is appended to `requested`, which asks for a
-    checkpoint at the end of the current step; a second SIGINT exits at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals can only be handled in the main thread
-        return
-
-    def handle(signum, frame):
-        name = signal.Signals(signum).name
-        if requested and signum == signal.SIGINT:
-            sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")
-            os._exit(EXIT_SIGINT)
-        # Only note it: logging here could re-enter a log handler the signal interrupted.
-        requested.append(name)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 class TrainingLog:
@@ -353,12 +320,13 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         return _result(out)
     if out.exists():
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+    if stop := stop_requested():  # a sweep member whose activations were ready after the signal
+        raise TrainingPreempted(f"not started: {stop} was received before training began")
 
     sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
     batch = cfg.train_batch_size_tokens
     root = checkpoint_root(cfg.checkpoint_path, Path(run_dir))
     owner = run_owner(cfg, Path(run_dir).name)
-    stop_requests: list[str] = []
 
     def checkpoint(trainer) -> Path:
         steps = trainer.n_training_steps
@@ -375,7 +343,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     guard = NonFiniteGuard() if nan_check_deferred(cfg.device) else None
 
     def on_step_end(trainer, step_output) -> None:
-        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop_requests
+        stop = stop_requested()
+        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop
         if guard is not None and boundary:
             guard.check(trainer.n_training_steps)
         log.after_step(trainer, step_output)
@@ -383,11 +352,12 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             while thresholds and trainer.n_training_samples > thresholds[0]:
                 thresholds.pop(0)
             checkpoint(trainer)
-        if stop_requests:
-            logger.warning(f"{stop_requests[0]} received: writing a checkpoint at the end of step {trainer.n_training_steps}, then stopping")
+        if stop:
+            logger.warning(f"{stop} received: writing a checkpoint at the end of step {trainer.n_training_steps}, then stopping")
             folder = checkpoint(trainer)
-            PREEMPTIONS.append(f"stopped by {stop_requests[0]} after step {trainer.n_training_steps}; checkpoint {folder} written")
-            raise TrainingPreempted(PREEMPTIONS[-1])
+            message = f"stopped by {stop} after step {trainer.n_training_steps}; checkpoint {folder} written"
+            PREEMPTIONS.append(message)
+            raise TrainingPreempted(message)
 
     if cfg.compile_sae:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)
@@ -413,7 +383,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
-    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), _stop_requests(stop_requests), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
+    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), stop_signals(), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
         trainer.data_provider = provider
         sae = trainer.fit()
         if guard is not None:

@@ -206,11 +206,10 @@ def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worke
 def test_second_sigint_exits_at_once():
     script = (
         "import os, signal, time\n"
-        "from tasks.train import _stop_requests\n"
-        "requested = []\n"
-        "with _stop_requests(requested):\n"
+        "from tasks.stopping import STOP_REQUESTS, stop_signals\n"
+        "with stop_signals():\n"
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
-        "    assert requested == ['SIGINT'], requested\n"
+        "    assert STOP_REQUESTS == ['SIGINT'], STOP_REQUESTS\n"
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
         "print('not reached')\n"
     )

@@ -138,21 +138,106 @@ def test_a_failing_member_does_not_stop_the_others(prefect_server, tmp_path):
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
 
 
-def test_members_at_two_hooks_get_their_stores_from_one_shared_fill(prefect_server, tmp_path):
+def test_members_at_two_hooks_get_their_stores_from_one_shared_fill_which_sigterm_stops_between_shards(prefect_server, tmp_path, monkeypatch):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
 
+    import tasks.activations
+    import tasks.model
     from conftest import task_states
     from flows.sweep import run_sweep
 
     sweep = write_sweep(tmp_path, {"hook_name": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], "l1_coefficient": [1.0, 2.0]}, name="hooks")
     small = ["training_tokens=8192", "expansion_factor=4", "train_batch_size_tokens=512", "n_batches_in_buffer=16"]
-    rows = run_sweep(str(sweep), str(tmp_path / "artifacts"), overrides=small)
+    monkeypatch.setattr(tasks.activations, "SHARD_BYTES", 1)  # a shard per model batch
+    forward, calls = tasks.model.hooks_activations, []
 
-    assert [r["state"] for r in rows] == ["Completed"] * 4
+    def hooks_activations(*args):  # SIGTERM arrives during the shared fill's third model batch
+        calls.append(1)
+        return (signal_once_every_thread_gets_here(1)(forward) if len(calls) == 3 else forward)(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.model, "hooks_activations", hooks_activations)
+        rows = run_sweep(str(sweep), str(tmp_path / "artifacts"), overrides=small)
+    assert len(calls) == 3
+    assert [r["state"] for r in rows] == ["Failed"] * 4
+    assert all(r["error"].endswith("not started: SIGTERM was received before it started") for r in rows)
     stores = sorted((tmp_path / "artifacts" / "activations").iterdir())
-    assert len(stores) == 2 and all(json.loads((s / "manifest.json").read_text())["complete"] for s in stores)
+    written = [json.loads((s / "manifest.json").read_text())["shards"] for s in stores]
+    assert len(stores) == 2 and [len(shards) for shards in written] == [3, 3]
+    kept = {s / shard["file"]: (s / shard["file"]).stat().st_mtime_ns for s, shards in zip(stores, written) for shard in shards}
+    assert not list((tmp_path / "artifacts" / "runs").glob("*/checkpoints"))
+
+    rows = run_sweep(str(sweep), str(tmp_path / "artifacts"), overrides=small)
+    assert [r["state"] for r in rows] == ["Completed"] * 4
+    assert sorted((tmp_path / "artifacts" / "activations").iterdir()) == stores
+    assert all(json.loads((s / "manifest.json").read_text())["complete"] for s in stores)
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept  # the fill resumed after them
     with get_client(sync_client=True) as client:
-        run, = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-hooks"])))
-    states = task_states(run.state)
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-hooks"])), sort=FlowRunSort.START_TIME_DESC)
+    states = task_states(runs[0].state)
     assert states["fill-activation-stores"] == "Completed"
+
+
+def signal_once_every_thread_gets_here(parties: int):
+    """A wrapper for a function the members call: the calls of `parties` threads meet there, one
+    of them sends this process SIGTERM, and all go on once the sweep's handler has noted it."""
+    import threading
+
+    from tasks.stopping import STOP_REQUESTS
+
+    barrier = threading.Barrier(parties, timeout=300)
+
+    def at_the_signal(function):
+        def wrapped(*args, **kwargs):
+            if not STOP_REQUESTS and barrier.wait() == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while not STOP_REQUESTS:
+                assert time.monotonic() < deadline, "the sweep's SIGTERM handler did not note the signal"
+                time.sleep(0.01)
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    return at_the_signal
+
+
+def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_resumes_them(prefect_server, tmp_path, monkeypatch, capsys):
+    """Members train in threads, where no signal handler runs: the sweep notes SIGTERM for them,
+    each writes a checkpoint at the end of its step, and the command exits 75."""
+    import tasks.activations
+    from flows.cli import EXIT_PREEMPTED, main
+    from tasks.artifacts import verify_manifest
+
+    sweep = write_sweep(tmp_path, {"l1_coefficient": [1.0, 2.0]})
+    command = ["sweep", str(sweep), "--artifacts-dir", str(tmp_path / "artifacts"), "--set", "training_tokens=8192", "--set", "train_batch_size_tokens=512", "--set", "n_checkpoints=0"]
+    calls = {}
+    at_the_signal = signal_once_every_thread_gets_here(2)
+    fetch = tasks.activations.ShuffledBatches.__next__
+
+    def next_batch(self):  # both members meet at their third batch
+        calls[self] = calls.get(self, 0) + 1
+        return (at_the_signal(fetch) if calls[self] == 3 else fetch)(self)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", next_batch)
+    assert main(command) == EXIT_PREEMPTED
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is handler
+    out, err = capsys.readouterr()
+    assert "sweep stopped by SIGTERM" in err and "Run the same command again to continue it" in err
+    rows = json.loads((tmp_path / "artifacts" / "sweeps" / "t" / "members.json").read_text())
+    assert [r["state"] for r in rows] == ["Failed", "Failed"]
+    for row in rows:
+        run = tmp_path / "artifacts" / "runs" / row["run"]
+        assert f"stopped by SIGTERM after step 3; checkpoint {run / 'checkpoints' / 'step-000000003'} written" in row["error"]
+        assert verify_manifest(run / "checkpoints" / "step-000000003") is not None and not (run / "trained").exists()
+
+    assert main(command) == 0
+    rows = json.loads((tmp_path / "artifacts" / "sweeps" / "t" / "members.json").read_text())
+    assert [r["state"] for r in rows] == ["Completed", "Completed"]
+    for row in rows:
+        trained = json.loads((tmp_path / "artifacts" / "runs" / row["run"] / "trained" / "manifest.json").read_text())
+        assert trained["resumed_from_step"] == 3 and trained["n_training_steps"] == 16
