@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import exclusive_lock, file_sha256, read_json, stage, write_json
+from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, write_json
 from tasks.config import RunConfig, stable_hash
 from tasks.stopping import Preempted, stop_requested
 
@@ -52,6 +52,8 @@ EVAL_ACTIVATIONS = "eval_activations.safetensors"  # held-out rows of a store ma
 def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") -> dict[str, Any]:
     """What determines the stored activations: the stage's inputs and cache key. In streaming
     mode the store keeps only the tokens (`tokens_only`)."""
+    from tasks.data import dataset_seed
+
     n_contexts = -(-cfg.training_tokens // cfg.context_size)
     spec = {
         "model": {k: model_ref[k] for k in ("kind", "name", "path", "fingerprint") if k in model_ref},
@@ -69,7 +71,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") 
         "dtype": cfg.dtype,
         "device": cfg.device,
         "autocast_lm": cfg.autocast_lm,
-        "seed": cfg.seed,
+        **dataset_seed(cfg.dataset_path, cfg.seed),
     }
     if mode == "streaming":
         spec["tokens_only"] = True
@@ -77,7 +79,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") 
 
 
 def store_dir(artifacts_dir: str | Path, spec: dict[str, Any]) -> Path:
-    return Path(artifacts_dir) / "activations" / stable_hash(spec, 16)
+    return keyed_folder(Path(artifacts_dir) / "activations", spec)
 
 
 def _token_dataset(spec: dict[str, Any], tokens_ref: dict[str, Any] | None):
@@ -88,7 +90,7 @@ def _token_dataset(spec: dict[str, Any], tokens_ref: dict[str, Any] | None):
 
     if tokens_ref is not None:
         return open_tokens(tokens_ref)
-    return load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
+    return load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec.get("seed", 0))
 
 
 class ContextBatches:
@@ -220,7 +222,7 @@ class _StoreWriter:
         self.spec, self.out, self.background = spec, out, background
         self.manifest_path = out / "manifest.json"
         self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"spec": spec, "shards": []}
-        if self.manifest["spec"] != spec:
+        if not same_contents(self.manifest["spec"], spec):
             raise RuntimeError(f"{self.manifest_path} belongs to another store spec; move {out} away and run again")
         self.shards = _verified_shards(out, self.manifest)
         self.done_rows = self.shards[-1]["stop"] if self.shards else 0  # rows written or being written
@@ -256,7 +258,7 @@ class _StoreWriter:
         name = f"shard-{len(self.shards):05d}.safetensors"
         sha = _save_shard(self.out / name, acts, tokens)
         self.shards.append({"file": name, "start": start, "stop": stop, "sha256": sha})
-        write_json(self.manifest_path, {**self.manifest, "spec": self.spec, "shards": self.shards, "complete": False})
+        write_json(self.manifest_path, {**self.manifest, "shards": self.shards, "complete": False})
 
     def wait(self) -> None:
         """Wait for the shard being written; raise what writing it raised."""
@@ -268,7 +270,7 @@ class _StoreWriter:
         self.wait()
         sha = _save_shard(self.out / EVAL_TOKENS, None, eval_tokens)
         entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha}
-        self.manifest = {**self.manifest, "spec": self.spec, "shards": self.shards, "eval": entry}
+        self.manifest = {**self.manifest, "shards": self.shards, "eval": entry}
         write_json(self.manifest_path, {**self.manifest, "complete": True})
         self.eval_done = True
 

@@ -129,6 +129,27 @@ def verify_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def keyed_folder(parent: Path, spec: dict[str, Any]) -> Path:
+    """The folder under `parent` of what `spec` determines (a token folder, an activation store):
+    `<hash of spec>`, or else one that an earlier saeflow made for the same contents under a key
+    that also held the run's seed (for every dataset; it now counts only for the built-in one).
+    Such a folder is used where it is: moving it could pull it from under a run reading it."""
+    out = parent / stable_hash(spec, 16)
+    if "seed" in spec or (out / "manifest.json").exists():
+        return out
+    for manifest in sorted(parent.glob("*/manifest.json")):
+        stored = read_json(manifest).get("spec")
+        if isinstance(stored, dict) and "seed" in stored and same_contents(stored, spec):
+            return manifest.parent
+    return out
+
+
+def same_contents(stored_spec: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Whether a folder made for `stored_spec` holds what `spec` asks for: the same spec, or one that
+    only adds the seed an earlier saeflow put into every key (see `keyed_folder`)."""
+    return stored_spec == spec or ("seed" not in spec and {k: v for k, v in stored_spec.items() if k != "seed"} == spec)
+
+
 class Busy(RuntimeError):
     """Another process holds the lock of a run or an activation store."""
 

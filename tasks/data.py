@@ -61,6 +61,13 @@ def _demo_stories(seed: int) -> tuple[str, ...]:
     return tuple(generate_stories(20_000, seed))
 
 
+def dataset_seed(dataset_path: str, seed: int) -> dict[str, int]:
+    """The seed as part of what determines a dataset's contents: `{"seed": seed}` for the built-in
+    dataset, which is generated from it, `{}` for any other, which it does not change (so the runs
+    of a seed sweep share one token folder and one activation store)."""
+    return {"seed": seed} if dataset_path.startswith(DEMO_PREFIX) else {}
+
+
 def load_text_dataset(dataset_path: str, streaming: bool = True, seed: int = 0) -> Dataset | IterableDataset:
     """Open a dataset by name: `demo:stories`, a local file or folder (of data files, or written
     by `Dataset.save_to_disk` as SAELens's PretokenizeRunner does, or by `DatasetDict.save_to_disk`:

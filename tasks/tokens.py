@@ -22,8 +22,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, exclusive_lock, stage, verify_manifest, write_json, write_manifest
-from tasks.config import RunConfig, stable_hash
+from tasks.artifacts import atomic_dir, exclusive_lock, keyed_folder, stage, verify_manifest, write_json, write_manifest
+from tasks.config import RunConfig
 
 STAGE_VERSION = 1
 TOKENS_FILE = "tokens.arrow"
@@ -39,6 +39,8 @@ def _ceil_div(a: int, b: int) -> int:
 def tokens_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any] | None:
     """What determines the pretokenised contexts: the stage's inputs and cache key. None when the
     dataset already holds token ids."""
+    from tasks.data import dataset_seed
+
     if cfg.is_dataset_tokenized:
         return None
     batch = cfg.store_batch_size_prompts
@@ -47,7 +49,7 @@ def tokens_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any] | N
     return {
         "dataset_path": cfg.dataset_path,
         "streaming": cfg.streaming,
-        "seed": cfg.seed,
+        **dataset_seed(cfg.dataset_path, cfg.seed),
         "tokenizer": model_ref["tokenizer_fingerprint"],
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
@@ -60,7 +62,7 @@ def pretokenise(spec: dict[str, Any], model_ref: dict[str, Any], from_pretrained
     """Tokenise and pack `spec['n_contexts']` contexts of the dataset and keep them on disk."""
     from prefect import get_run_logger
 
-    out = Path(artifacts_dir) / "tokens" / stable_hash(spec, 16)
+    out = keyed_folder(Path(artifacts_dir) / "tokens", spec)
     # Runs started together (a sweep) wait here for the one tokenising.
     with exclusive_lock(out.with_name(out.name + ".lock"), f"token folder {out}", wait=True):
         if verify_manifest(out) is None:
@@ -83,7 +85,7 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
 
     model = tokenizing_model(model_ref, from_pretrained_kwargs)
     bos = model.tokenizer.bos_token_id
-    dataset = load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec["seed"])
+    dataset = load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec.get("seed", 0))
 
     def one_epoch():
         return concat_and_batch_sequences(

@@ -324,3 +324,44 @@ def test_a_run_on_a_pretrained_name_trains_and_analyses(prefect_server, hub_cach
     analysis = json.loads(Path(summary["analysis"]["path"]).read_text())
     assert analysis["projection_shape"] == [128, summary["model"]["d_vocab"]]  # W_dec @ W_U
     assert len(analysis["prompts"][0]["top_features"]) == 3
+
+
+def test_the_seed_keys_the_data_only_where_it_makes_the_data_and_earlier_seeded_folders_are_used(prefect_server, checkpoints, story_file, tmp_path):
+    """A seed sweep over a checkpoint and a text file shares one token folder and one activation
+    store (the seed changes the built-in dataset, not these); folders an earlier saeflow keyed by
+    the seed as well are found and used where they are, neither filled again nor moved."""
+    from tasks.activations import store_spec
+    from tasks.artifacts import read_json, write_json
+    from tasks.config import stable_hash
+    from tasks.tokens import tokens_spec
+
+    cfg = resolve(checkpoint_config(
+        checkpoints["gpt2"], dataset_path=str(story_file), training_tokens=4096, eval_tokens=1024, sparsity_tokens=4096,
+        n_checkpoints=1, dashboard_features=4, seed=1,
+    ))
+    model_ref = build_model(model_spec(cfg), str(tmp_path))
+    other_seed = cfg.model_copy(update={"seed": 2})
+    assert store_spec(cfg, model_ref) == store_spec(other_seed, model_ref) and tokens_spec(cfg, model_ref) == tokens_spec(other_seed, model_ref)
+    demo = cfg.model_copy(update={"dataset_path": "demo:stories"})
+    assert store_spec(demo, model_ref)["seed"] == 1 and tokens_spec(demo.model_copy(update={"seed": 2}), model_ref)["seed"] == 2
+
+    first = start(cfg, tmp_path, return_state=True).result()
+    # As an earlier saeflow left them: keyed by the seed too, and the seed in their spec.
+    legacy = {}
+    for kind, spec in (("activations", store_spec(cfg, model_ref)), ("tokens", tokens_spec(cfg, model_ref))):
+        folder = Path(first[kind]["path"])
+        manifest = read_json(folder / "manifest.json")
+        write_json(folder / "manifest.json", {**manifest, "spec": {**manifest["spec"], "seed": 1}})
+        legacy[kind] = folder.rename(folder.with_name(stable_hash({**spec, "seed": 1}, 16)))
+    def written() -> dict:  # shards, held-out tokens and manifest (not the lock file, which names its holder)
+        return {p: p.stat().st_mtime_ns for p in legacy["activations"].iterdir() if not p.name.startswith(".")}
+
+    before = written()
+
+    second = start(other_seed, tmp_path, return_state=True)
+    assert second.is_completed()
+    for kind in ("activations", "tokens"):
+        assert Path(second.result()[kind]["path"]) == legacy[kind]
+        assert [p for p in (tmp_path / kind).iterdir() if p.is_dir()] == [legacy[kind]]
+    assert written() == before and len(before) == 3
+    assert second.result()["sae"]["path"] != first["sae"]["path"]
