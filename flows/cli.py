@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "sweep":
         from flows.sweep import run_sweep
+        from tasks.artifacts import Busy
         from tasks.stopping import STOP_REQUESTS
 
         STOP_REQUESTS.clear()
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
             print(f"saeflow: config error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Busy as error:
+            print(f"saeflow: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except Exception as error:
             if not STOP_REQUESTS:

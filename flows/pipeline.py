@@ -114,11 +114,12 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     return summary
 
 
-def crash_ghost_runs(run_name: str, artifacts_dir: str) -> None:
-    """Mark Crashed the flow runs (and their task runs) of this run that Prefect still shows
-    Running: this process holds the run's lock, so their processes are gone (SIGKILL, OOM kill,
-    lost machine) and could not report it themselves. Only flow runs of this artifacts folder are
-    this run's: the same run name in another folder is another run, perhaps alive."""
+def crash_ghost_runs(run_name: str, artifacts_dir: str, flow_name: str = FLOW_NAME) -> None:
+    """Mark Crashed the flow runs (and their task runs) of this run (flow `flow_name`, flow run
+    `run_name`) that Prefect still shows Running: this process holds the run's lock, so their
+    processes are gone (SIGKILL, OOM kill, lost machine) and could not report it themselves. Only
+    flow runs of this artifacts folder are this run's: the same name in another folder is another
+    run, perhaps alive."""
     from prefect import get_client, get_run_logger, runtime
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -135,14 +136,14 @@ def crash_ghost_runs(run_name: str, artifacts_dir: str) -> None:
     running = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
     with get_client(sync_client=True) as client:
         ghosts = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]), state=running),
         )
         here = Path(artifacts_dir).resolve()
         for ghost in ghosts:
             if str(ghost.id) == str(runtime.flow_run.id) or Path(ghost.parameters.get("artifacts_dir", "artifacts")).resolve() != here:
                 continue
-            message = f"Its process ended without reporting (killed?); run '{run_name}' was continued by flow run {runtime.flow_run.id}"
+            message = f"Its process ended without reporting (killed?); '{run_name}' was continued by flow run {runtime.flow_run.id}"
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ghost.id])))
             for task_run in tasks:
                 if task_run.state and task_run.state.type == StateType.RUNNING:

@@ -32,11 +32,12 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import RESULTS_DIRNAME, Busy, write_json
+from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, stop_requested, stop_signals
 
+SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
 SWEEP_KEYS = {"name", "base", "grid", "members"}
 
@@ -134,28 +135,31 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-@flow(name="saeflow-sweep", flow_run_name="sweep-{name}", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name=SWEEP_FLOW_NAME, flow_run_name="sweep-{name}", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artifacts_dir: str) -> list[dict[str, Any]]:
     """Run every member (in parallel on the flow's task runner), then write the sweep's table,
     `members.json` and `frontier.png`. A failed member is reported, not fatal."""
     from prefect.artifacts import create_table_artifact
 
+    from flows.pipeline import crash_ghost_runs
     from tasks.report import artifact_key
 
-    names = [default_run_name(RunConfig(**config)) for config in members]
-    for config, run_name in zip(members, names):
-        with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
-            claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
-    # Members run in threads, and only this (the main) thread can handle signals: here SIGTERM
-    # asks each member to stop at its next safe point (training: a checkpoint at the step boundary).
-    with stop_signals():
-        futures = _run_members(members, names, artifacts_dir)
-        rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
     folder = Path(artifacts_dir) / "sweeps" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "members.json", rows)
-    plot_frontier(rows, folder / "frontier.png")
-    create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
+    hint = "wait for it to finish (a different sweep needs a name of its own: `name:` in its sweep file)"
+    with exclusive_lock(folder / ".lock", f"sweep '{name}' (in {artifacts_dir})", wait=False, hint=hint):
+        crash_ghost_runs(f"sweep-{name}", artifacts_dir, SWEEP_FLOW_NAME)
+        names = [default_run_name(RunConfig(**config)) for config in members]
+        for config, run_name in zip(members, names):
+            with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
+                claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
+        # Members run in threads, and only this (the main) thread can handle signals: here SIGTERM
+        # asks each member to stop at its next safe point (training: a checkpoint at the step boundary).
+        with stop_signals():
+            futures = _run_members(members, names, artifacts_dir)
+            rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
+        write_json(folder / "members.json", rows)
+        plot_frontier(rows, folder / "frontier.png")
+        create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
     return rows
 
 

@@ -155,9 +155,9 @@ class Busy(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
+def exclusive_lock(path: Path, what: str, wait: bool, hint: str = "wait for it to finish, or start a new run with --new") -> Iterator[None]:
     """Hold an exclusive lock on `path` (flock, released if the process dies). With `wait`, wait
-    for the holder to finish; without, raise Busy naming the holder."""
+    for the holder to finish; without, raise Busy naming the holder, and `hint`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -166,7 +166,7 @@ def exclusive_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "another process"
             if not wait:
-                raise Busy(f"{what} is in use by {holder}; wait for it to finish, or start a new run with --new") from None
+                raise Busy(f"{what} is in use by {holder}; {hint}") from None
             _log_info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)

@@ -60,11 +60,15 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
     assert all(0 < r["l0"] and r["explained_variance"] <= 1 for r in rows_by_l1)
 
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
         table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["saeflow-sweep-t-members"])))
+        sweeps = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-t"])), sort=FlowRunSort.START_TIME_ASC)
     assert len(json.loads(table.data) if isinstance(table.data, str) else table.data) == 3
+    # the killed sweep's flow run, which its process could not end, is marked Crashed by the next
+    assert [r.state.name for r in sweeps if r.parameters["artifacts_dir"] == str(artifacts)] == ["Crashed", "Completed"]
 
 
 @pytest.mark.parametrize(
@@ -128,11 +132,19 @@ def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_failing_member_does_not_stop_the_others(prefect_server, tmp_path):
+def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_started_twice(prefect_server, tmp_path, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
     from flows.sweep import run_sweep
+    from tasks.artifacts import exclusive_lock
 
     sweep = write_sweep(tmp_path, {}, members=[{"training_tokens": 8192}, {"training_tokens": 8192, "lr": 0.001, "analysis_token_index": 99}])
-    rows = run_sweep(str(sweep), str(tmp_path / "artifacts"))
+    artifacts = tmp_path / "artifacts"
+    with exclusive_lock(artifacts / "sweeps" / "t" / ".lock", "the sweep, as its process holds it", wait=False):
+        assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
+    assert f"sweep 't' (in {artifacts}) is in use by process {os.getpid()}" in capsys.readouterr().err
+    assert not (artifacts / "runs").exists()
+
+    rows = run_sweep(str(sweep), str(artifacts))
     assert [r["state"] for r in rows] == ["Completed", "Failed"]
     assert "analysis_token_index is 99, but prompt" in rows[1]["error"] and "l0" in rows[0]
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
