@@ -7,8 +7,8 @@
     saeflow analyze RUN --prompt TEXT [--prompt TEXT ...] [--token-index I] [--artifacts-dir DIR]
     saeflow config-reference
 
-Exit status: 0 done; 2 the config or the command line is wrong, or the run is already running
-elsewhere (nothing was started); 1 the run (or a sweep member) failed; 75 it was stopped by SIGTERM/SIGINT
+Exit status: 0 done; 2 the config or the command line is wrong, or the run (or sweep) is already
+running elsewhere (nothing was started); 1 the run (or a sweep member) failed; 75 it was stopped by SIGTERM/SIGINT
 at a safe point (training after writing a checkpoint). After 1 or 75, running the same command again
 continues.
 """
