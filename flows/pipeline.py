@@ -23,7 +23,7 @@ from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
 from tasks.config import RunConfig, load_config
 from tasks.evaluate import evaluate
 from tasks.load import load_sae
-from tasks.model import build_model, model_spec
+from tasks.model import build_model, model_spec, select_cuda_device
 from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
@@ -71,6 +71,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     claim_run(cfg, artifacts_dir, run_name, new=False)
     run = str(run_dir(artifacts_dir, run_name))
     use_deterministic_kernels(cfg)
+    select_cuda_device(cfg.device)  # the stages run in this thread
 
     with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False):
         crash_ghost_runs(run_name, artifacts_dir)

@@ -316,8 +316,9 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
-    from tasks.model import hooks_activations, load_model
+    from tasks.model import hooks_activations, load_model, select_cuda_device
 
+    select_cuda_device(specs[0]["device"])  # a sweep's shared fill runs in a thread of its own
     writers = {out: _StoreWriter(spec, out, background) for spec, out in zip(specs, outs)}
     todo = [w for w in writers.values() if not w.complete]
     if todo:

@@ -375,6 +375,15 @@ def _local_model(hooked_cfg, tokenizer):
     return HookedTransformer(hooked_cfg, tokenizer=tokenizer)
 
 
+def select_cuda_device(device: str) -> None:
+    """Make a numbered CUDA device (`cuda:1`) this thread's current one, so that what CUDA does on
+    the current device (pinning memory for the copies to it, a new context) happens there and not
+    on GPU 0 as well. Per thread: sweep members in threads may each use their own GPU."""
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is not None:
+        torch.cuda.set_device(target)
+
+
 def load_model(model_ref: dict[str, Any], device: str, processed: bool = False, from_pretrained_kwargs: dict | None = None):
     """Load the model a `build_model` result describes.
 

@@ -417,3 +417,20 @@ def test_compile_sae_trains_like_the_uncompiled_step(architecture):
         weights[compiled] = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     for key, eager in weights[False].items():
         torch.testing.assert_close(weights[True][key], eager, atol=1e-5, rtol=1e-4)
+
+
+def test_a_numbered_cuda_device_becomes_the_current_one_of_the_thread_that_uses_it(monkeypatch):
+    """Pinned memory and new CUDA contexts go to the current device: with `cuda:1` that must be
+    GPU 1, in the thread of each stage (sweep members are threads), or GPU 0 gets a context too."""
+    import threading
+
+    from tasks.model import select_cuda_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append((torch.device(device), threading.current_thread().name)))
+    member = threading.Thread(target=select_cuda_device, args=("cuda:1",), name="member")
+    member.start()
+    member.join()
+    for device in ("cuda", "cpu"):  # `cuda` is the current device already
+        select_cuda_device(device)
+    assert chosen == [(torch.device("cuda:1"), "member")]
