@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -191,6 +192,9 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
         row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
     else:
         row["error"] = state.message
+        with contextlib.suppress(MissingResult):  # the member's exception, where Prefect kept it
+            if isinstance(state.result(raise_on_failure=False), Preempted):
+                row["state"] = "Stopped"  # by a signal, at a safe point: the next run continues it
     return row
 
 

@@ -173,7 +173,7 @@ def test_members_at_two_hooks_get_their_stores_from_one_shared_fill_which_sigter
         patch.setattr(tasks.model, "hooks_activations", hooks_activations)
         rows = run_sweep(str(sweep), str(tmp_path / "artifacts"), overrides=small)
     assert len(calls) == 3
-    assert [r["state"] for r in rows] == ["Failed"] * 4
+    assert [r["state"] for r in rows] == ["Stopped"] * 4
     assert all(r["error"].endswith("not started: SIGTERM was received before it started") for r in rows)
     stores = sorted((tmp_path / "artifacts" / "activations").iterdir())
     written = [json.loads((s / "manifest.json").read_text())["shards"] for s in stores]
@@ -241,7 +241,7 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     out, err = capsys.readouterr()
     assert "sweep stopped by SIGTERM" in err and "Run the same command again to continue it" in err
     rows = json.loads((tmp_path / "artifacts" / "sweeps" / "t" / "members.json").read_text())
-    assert [r["state"] for r in rows] == ["Failed", "Failed"]
+    assert [r["state"] for r in rows] == ["Stopped", "Stopped"]
     for row in rows:
         run = tmp_path / "artifacts" / "runs" / row["run"]
         assert f"stopped by SIGTERM after step 3; checkpoint {run / 'checkpoints' / 'step-000000003'} written" in row["error"]
