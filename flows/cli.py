@@ -111,7 +111,7 @@ def _serve(args) -> int:
     from pathlib import Path
 
     from flows.pipeline import pipeline_for
-    from tasks.config import ConfigError, load_config
+    from tasks.config import ConfigError
     from tasks.preflight import check_artifacts_dir, default_run_name, resolve
 
     if args.interval is not None and args.interval <= 0:
@@ -124,7 +124,7 @@ def _serve(args) -> int:
             CronSchedule(cron=args.cron)
         except ValidationError:
             raise ConfigError(f"--cron '{args.cron}' is not a cron expression; give five fields: minute hour day month weekday, e.g. '0 2 * * *' (02:00 UTC daily)") from None
-    cfg = resolve(load_config(args.config, args.overrides))
+    cfg = resolve(_run_config(args))
     check_artifacts_dir(args.artifacts_dir)
     check_prefect_api()
     artifacts_dir = str(Path(args.artifacts_dir).resolve())
@@ -137,7 +137,7 @@ def _serve(args) -> int:
 
 
 def _run_config(args):
-    """The config of `saeflow run`: the file given; without one, the config stored by the run that
+    """The config of `saeflow run` and `serve`: the file given; without one, the config stored by the run that
     `--run-name` names (so that a run is continued by its name alone), else the demo's. A
     `--run-name` without a config and without a stored one is refused, not given the demo."""
     from tasks.artifacts import read_json, run_dir

@@ -176,7 +176,8 @@ class RunConfig(BaseModel):
     `jumprelu_bandwidth`, `aux_loss_coefficient`)."""
     normalize_activations: Literal["none", "expected_average_only_in", "layer_norm"] = "none"
     """Activation normalisation (SAELens): `expected_average_only_in` scales inputs to norm
-    sqrt(d_in), estimated from the stored activations and folded into the saved weights."""
+    sqrt(d_in), estimated from the stored activations and folded into the saved weights;
+    `layer_norm` normalises each input (mean 0, std 1) and undoes it on the output."""
 
     # --- training -----------------------------------------------------------------------------
     lr: float = Field(3e-4, gt=0)
@@ -184,7 +185,8 @@ class RunConfig(BaseModel):
     lr_end: float | None = Field(None, ge=0)
     """Final learning rate of cosine schedules (default `lr / 10`)."""
     lr_scheduler_name: Literal["constant", "cosineannealing", "cosineannealingwarmrestarts"] = "constant"
-    """Learning-rate schedule."""
+    """Learning-rate schedule (SAELens's): `constant`, `cosineannealing` (to `lr_end`, between the
+    warm-up and the decay) or `cosineannealingwarmrestarts`."""
     lr_warm_up_steps: int = Field(0, ge=0)
     """Steps of linear learning-rate warm-up."""
     lr_decay_steps: int = Field(0, ge=0)
@@ -293,7 +295,8 @@ class RunConfig(BaseModel):
     top_k_tokens: int = Field(10, gt=0)
     """Promoted and inhibited tokens listed per feature."""
     dashboard_features: int = Field(16, gt=0)
-    """Features shown on the HTML dashboard: the prompts' top features, then the most frequent."""
+    """Features shown on the HTML dashboard: the prompts' top features (all of them), topped up
+    with the most frequent ones to this many in all."""
     dashboard_contexts: int = Field(5, gt=0)
     """Max-activating held-out contexts shown per dashboard feature."""
 

@@ -448,11 +448,18 @@ def test_only_ghost_runs_of_the_same_artifacts_folder_are_marked_crashed(artifac
         assert client.read_flow_run(other).state.name == "Running"
 
 
-def test_a_run_is_continued_by_its_name_alone_with_its_stored_config(artifacts, faults_cfg, faults_reference, capsys):
+def test_a_run_is_continued_by_its_name_alone_with_its_stored_config_also_when_served(artifacts, faults_cfg, faults_reference, capsys, monkeypatch):
+    import flows.pipeline
     from flows.cli import main
 
     assert main(["run", "--artifacts-dir", str(artifacts), "--run-name", "faults-straight"]) == 0  # finished: all cached
     assert f"the config stored in {artifacts / 'runs' / 'faults-straight' / 'config.json'}" in capsys.readouterr().err
+
+    served = {}
+    monkeypatch.setattr(flows.pipeline, "pipeline_for", lambda artifacts_dir: type("Flow", (), {"serve": lambda self, **kwargs: served.update(kwargs)})())
+    assert main(["serve", "--artifacts-dir", str(artifacts), "--run-name", "faults-straight", "--interval", "3600"]) == 0
+    assert served["name"] == "faults-straight" and served["parameters"]["run_name"] == "faults-straight"
+    assert served["parameters"]["config"] == faults_cfg[0].model_dump(mode="json")
 
 
 def test_the_next_write_of_a_folder_removes_what_a_killed_write_of_it_left(tmp_path):
