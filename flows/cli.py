@@ -234,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import run_sweep
         from tasks.artifacts import Busy
-        from tasks.stopping import STOP_REQUESTS
+        from tasks.stopping import PREEMPTIONS, STOP_REQUESTS
 
         STOP_REQUESTS.clear()
+        PREEMPTIONS.clear()
         try:
             rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
@@ -249,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             if not STOP_REQUESTS:
                 raise
             # The signal also stopped the temporary Prefect server, so the sweep could not finish its table.
+            written = "".join(f"\n  {message}" for message in PREEMPTIONS) or " none"
             print(
-                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}; its members in training wrote a checkpoint first. Run the same "
+                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}. Checkpoints written on the way out:{written}\nRun the same "
                 f"command again to continue it. (Prefect could not be told: {type(error).__name__}: {error})",
                 file=sys.stderr,
             )
@@ -260,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
         if failed and STOP_REQUESTS:
             print(
-                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}: each member stopped at its next safe point (training with a "
-                f"checkpoint at the end of its step). Run the same command again to continue it.",
+                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}: the members marked Stopped stopped at a safe point "
+                f"({len(PREEMPTIONS)} in training, each after writing a checkpoint at the end of its step). Run the same "
+                f"command again to continue it.",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED

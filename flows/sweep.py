@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.context import FlowRunContext
 from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -146,22 +147,30 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     from tasks.report import artifact_key
 
     folder = Path(artifacts_dir) / "sweeps" / name
-    hint = "wait for it to finish (a different sweep needs a name of its own: `name:` in its sweep file)"
-    with exclusive_lock(folder / ".lock", f"sweep '{name}' (in {artifacts_dir})", wait=False, hint=hint):
+    with sweep_lock(name, artifacts_dir):
         crash_ghost_runs(f"sweep-{name}", artifacts_dir, SWEEP_FLOW_NAME)
         names = [default_run_name(RunConfig(**config)) for config in members]
         for config, run_name in zip(members, names):
             with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
                 claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
-        # Members run in threads, and only this (the main) thread can handle signals: here SIGTERM
-        # asks each member to stop at its next safe point (training: a checkpoint at the step boundary).
-        with stop_signals():
+        # Members in threads: only this (the main) thread can handle signals, so here SIGTERM asks
+        # each member to stop at its next safe point (training: a checkpoint at the step boundary).
+        # Members on Dask run in the workers' processes, which this could not reach: there the
+        # signal ends the sweep as Prefect ends a flow.
+        in_threads = isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner)
+        with stop_signals() if in_threads else contextlib.nullcontext():
             futures = _run_members(members, names, artifacts_dir)
             rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
         write_json(folder / "members.json", rows)
         plot_frontier(rows, folder / "frontier.png")
         create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
     return rows
+
+
+def sweep_lock(name: str, artifacts_dir: str):
+    """The lock a sweep holds while it runs: one process per sweep name and artifacts folder."""
+    hint = "wait for it to finish (a different sweep needs a name of its own: `name:` in its sweep file)"
+    return exclusive_lock(Path(artifacts_dir) / "sweeps" / name / ".lock", f"sweep '{name}' (in {artifacts_dir})", wait=False, hint=hint)
 
 
 def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str) -> list:
@@ -286,6 +295,8 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
             "`dask worker` per GPU (CUDA_VISIBLE_DEVICES=i ... --resources GPU=1) and give --dask-address"
         )
     artifacts_dir = str(Path(artifacts_dir).resolve())
+    with sweep_lock(name, artifacts_dir):  # refused here, before any Prefect server or flow run; the flow takes it again
+        pass
     sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
     return sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir)
 

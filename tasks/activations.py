@@ -331,6 +331,8 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             logger.info(f"Activation store(s) {names}: resuming at row {start_row} of {n_tokens}")
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
+        if stop := stop_requested():  # before loading the model: a sweep's member that waited for this lock
+            raise Preempted(f"filling activation store(s) {names} not started: {stop} was received before it began")
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
         if tokens_ref is not None:
             batch_tokens = ContextBatches(_token_dataset(spec, tokens_ref), spec["store_batch_size_prompts"]).next_batch

@@ -132,16 +132,21 @@ def verify_manifest(folder: Path) -> dict[str, Any] | None:
 def keyed_folder(parent: Path, spec: dict[str, Any]) -> Path:
     """The folder under `parent` of what `spec` determines (a token folder, an activation store):
     `<hash of spec>`, or else one that an earlier saeflow made for the same contents under a key
-    that also held the run's seed (for every dataset; it now counts only for the built-in one).
+    that also held the run's seed (for every dataset; it now counts only for the built-in one):
+    a complete one first (a seed sweep left one per seed), then one a killed fill left half done.
     Such a folder is used where it is: moving it could pull it from under a run reading it."""
     out = parent / stable_hash(spec, 16)
     if "seed" in spec or (out / "manifest.json").exists():
         return out
-    for manifest in sorted(parent.glob("*/manifest.json")):
-        stored = read_json(manifest).get("spec")
+    earlier = []
+    for path in sorted(parent.glob("*/manifest.json")):
+        if path.parent.name.startswith("."):  # a write's temporary folder (`atomic_dir`)
+            continue
+        manifest = read_json(path)
+        stored = manifest.get("spec")
         if isinstance(stored, dict) and "seed" in stored and same_contents(stored, spec):
-            return manifest.parent
-    return out
+            earlier.append((not manifest.get("complete", True), path.parent))  # token folders are complete once listed
+    return min(earlier)[1] if earlier else out
 
 
 def same_contents(stored_spec: dict[str, Any], spec: dict[str, Any]) -> bool:

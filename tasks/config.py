@@ -220,7 +220,7 @@ class RunConfig(BaseModel):
     """bf16 autocast for the model forward pass while filling the store (GPU)."""
     seed: int = 42
     """Seeds the SAE initialisation, the data order, locally built models and the built-in dataset
-    (only these last two change the pretokenised contexts and the activation store)."""
+    (which changes the pretokenised contexts and the activation store; a local model, the store)."""
     compile_sae: bool = False
     """Compile the SAE's training step with `torch.compile` (SAELens's `compile_sae`), for long
     runs. Results differ from an uncompiled run in the last bits; a compiled run still resumes

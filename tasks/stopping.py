@@ -37,7 +37,9 @@ def _note_stop(signum, frame) -> None:
     if STOP_REQUESTS and signum == signal.SIGINT:
         sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")
         os._exit(EXIT_SIGINT)
-    # Only note it: logging here could re-enter a log handler the signal interrupted.
+    # Only note it (and say so): logging here could re-enter a log handler the signal interrupted.
+    if not STOP_REQUESTS:
+        os.write(2, f"saeflow: {name} received: stopping at the next safe point (training writes a checkpoint first); a second Ctrl-C exits at once\n".encode())
     STOP_REQUESTS.append(name)
 
 

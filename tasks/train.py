@@ -260,7 +260,10 @@ class TrainingLog:
         return step % self.every == 0 or step == self.total
 
     @torch.no_grad()
-    def after_step(self, trainer, step_output) -> None:
+    def after_step(self, trainer, step_output, stopping: bool = False) -> None:
+        """The step's row, when due. `stopping` leaves out the progress artifact: a signal sent to
+        the whole job may have stopped Prefect's temporary server, whose client would retry for
+        minutes before the stop's checkpoint is written."""
         from prefect.artifacts import update_progress_artifact
 
         if not self.due(trainer):
@@ -286,7 +289,8 @@ class TrainingLog:
             f"step {step}/{self.total} | {row['tokens_per_s']:,.0f} tokens/s | loss {row['loss']:.4f} | "
             f"L0 {row['l0']:.1f} | EV {row['explained_variance']:.3f} | dead {row['dead_features']} | lr {row['lr']:.2e}"
         )
-        update_progress_artifact(self.progress, 100 * step / self.total)
+        if not stopping:
+            update_progress_artifact(self.progress, 100 * step / self.total)
 
 
 def _retry_unless_stopped(task, task_run, state) -> bool:
@@ -347,7 +351,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop
         if guard is not None and boundary:
             guard.check(trainer.n_training_steps)
-        log.after_step(trainer, step_output)
+        log.after_step(trainer, step_output, stopping=bool(stop))  # the row comes before its step's checkpoint
         if thresholds and trainer.n_training_samples > thresholds[0]:
             while thresholds and trainer.n_training_samples > thresholds[0]:
                 thresholds.pop(0)

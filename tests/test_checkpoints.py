@@ -365,3 +365,25 @@ def test_the_seed_keys_the_data_only_where_it_makes_the_data_and_earlier_seeded_
         assert [p for p in (tmp_path / kind).iterdir() if p.is_dir()] == [legacy[kind]]
     assert written() == before and len(before) == 3
     assert second.result()["sae"]["path"] != first["sae"]["path"]
+
+
+def test_of_several_earlier_seeded_folders_a_complete_one_is_used_and_no_write_s_leftover(tmp_path):
+    """A seed sweep of an earlier saeflow left a store per seed, one half filled, and a killed
+    write may have left a temporary folder: the complete store is used."""
+    from tasks.artifacts import keyed_folder, write_json
+    from tasks.config import stable_hash
+
+    spec = {"dataset_path": "data.jsonl", "n_tokens": 4096}
+
+    def earlier(name: str, seed: int, **manifest) -> Path:
+        write_json(tmp_path / name / "manifest.json", {"spec": {**spec, "seed": seed}, **manifest})
+        return tmp_path / name
+
+    earlier(".tmp-0000-0123abcd", 1)
+    half = earlier("1111", 1, complete=False)
+    assert keyed_folder(tmp_path, spec) == half
+    whole = earlier("2222", 2, complete=True)
+    earlier("3333", 3, complete=True)
+    assert keyed_folder(tmp_path, spec) == whole
+    assert keyed_folder(tmp_path, {**spec, "n_tokens": 8192}).parent == tmp_path and not keyed_folder(tmp_path, {**spec, "n_tokens": 8192}).exists()
+    assert keyed_folder(tmp_path, {**spec, "seed": 1}) == tmp_path / stable_hash({**spec, "seed": 1}, 16)  # the built-in dataset keeps its seed
