@@ -32,6 +32,21 @@ def _available_devices() -> list[str]:
     return devices + (["mps"] if torch.backends.mps.is_available() else [])
 
 
+def _unreachable_hub_hint(dataset_path: str, error: Exception) -> str:
+    """How to read a hub dataset where the hub cannot be reached (an offline compute node), for
+    `datasets`' "Couldn't reach ... on the Hub": it then reads the dataset from its own cache."""
+    import datasets
+
+    if not isinstance(error, ConnectionError):
+        return ""
+    return (
+        f". Without the hub, a hub dataset is read from the datasets cache ({datasets.config.HF_DATASETS_CACHE}, "
+        f"HF_DATASETS_CACHE), which does not hold it: load it once where the hub is reachable, into the same cache, "
+        f"with `datasets.load_dataset('{dataset_path}', split='train')` (not streaming: streaming caches nothing), "
+        f"or save it there with `save_to_disk` and set dataset_path to that folder"
+    )
+
+
 def missing_device(device: str) -> str | None:
     """Why this machine cannot run on `device` (a device string torch parses), or None."""
     import torch
@@ -153,7 +168,7 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
         dataset = load_text_dataset(cfg.dataset_path, streaming=True, seed=cfg.seed)
         tokenized = check_dataset_columns(dataset_columns(dataset), cfg.is_dataset_tokenized, cfg.dataset_path)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
+        raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}{_unreachable_hub_hint(cfg.dataset_path, error)}") from None
     except DatasetGenerationError as error:  # `datasets` could not read a local file (an empty one, a malformed row)
         cause = error.__cause__ or error
         raise ConfigError(

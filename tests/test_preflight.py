@@ -306,3 +306,61 @@ def test_serve_refuses_a_bad_schedule_before_anything_starts(capsys):
     assert "--cron '0 2 * *' is not a cron expression; give five fields" in capsys.readouterr().err
     assert main(["serve", "--interval", "0"]) == EXIT_BAD_INPUT
     assert "--interval is 0; give a number of seconds above 0" in capsys.readouterr().err
+
+
+@pytest.fixture
+def hub_dataset_cache(tmp_path: Path, monkeypatch) -> list[str]:
+    """The datasets cache of an offline compute node that shares it with a machine which once
+    loaded the hub dataset `someone/stories` (parquet files, not streamed): `datasets` writes it as
+    `someone___stories/default/<version>/<hash>/` holding `stories-train.arrow`. Built here from a
+    local parquet file, the same builder, moved to the hub name. Returns its texts."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.data import generate_stories
+
+    texts = generate_stories(400, seed=3)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "train.parquet")
+    datasets.load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train", cache_dir=str(tmp_path / "build"))
+    (built,) = [p for p in (tmp_path / "build" / "parquet").glob("*/*/*") if p.is_dir()]
+    cached = tmp_path / "cache" / "someone___stories" / "default" / built.parent.name / built.name
+    cached.parent.mkdir(parents=True)
+    built.rename(cached)
+    (cached / "parquet-train.arrow").rename(cached / "stories-train.arrow")
+    info = json.loads((cached / "dataset_info.json").read_text())
+    (cached / "dataset_info.json").write_text(json.dumps({**info, "dataset_name": "stories"}))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return texts
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_hub_dataset_in_the_datasets_cache_is_read_offline(hub_dataset_cache, streaming):
+    from tasks.data import load_text_dataset
+
+    cfg = resolve(tiny_config(dataset_path="someone/stories", streaming=streaming))
+    assert cfg.d_in == TINY_MODEL["d_model"]
+    assert [row["text"] for row in load_text_dataset("someone/stories", streaming=streaming)] == hub_dataset_cache
+
+
+def test_a_hub_dataset_missing_from_the_cache_offline_says_how_to_get_it():
+    message = resolve_error(dataset_path="someone/not-downloaded")
+    assert message.startswith("cannot use dataset 'someone/not-downloaded': Couldn't reach 'someone/not-downloaded' on the Hub")
+    assert "load_dataset('someone/not-downloaded', split='train')" in message and "save_to_disk" in message
+
+
+def test_a_run_on_a_cached_hub_dataset_completes_offline(hub_dataset_cache, prefect_server, tmp_path: Path):
+    """Every stage that reads the data (preflight, the tokenizer trained for the local model,
+    pretokenising, filling) reads the hub dataset from the datasets cache."""
+    from datasets import Dataset
+
+    from conftest import start
+    from tasks.model import load_tokenizer
+
+    summary = start(tiny_config(dataset_path="someone/stories", training_tokens=8192, n_checkpoints=0), tmp_path / "artifacts")
+    assert summary["training"]["n_training_tokens"] == 8192
+    tokenizer = load_tokenizer(Path(summary["model"]["path"]) / "tokenizer")  # trained on the hub dataset
+    contexts = Dataset.from_file(str(Path(summary["tokens"]["path"]) / "tokens.arrow"))["tokens"]
+    first_story = tokenizer(hub_dataset_cache[0], add_special_tokens=False)["input_ids"]
+    assert contexts[0][0] == tokenizer.bos_token_id and contexts[0][1:] == first_story[: len(contexts[0]) - 1]
