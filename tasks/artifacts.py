@@ -76,8 +76,9 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     A crash leaves only a `.tmp-*` folder, never a half-written `final`, and the next write of
     `final` removes it (callers hold a lock on `final`). `final` must not exist:
     nothing already written is overwritten, unless `replace` (for folders derived from others):
-    then the old `final` is renamed aside and deleted once the new one is in its place. A crash
-    between the two renames leaves no `final` (it is made again), never a mix of both.
+    then the old `final` is renamed aside and deleted once the new one is in its place (put back
+    if the new one's rename fails). A crash between the two renames leaves no `final` (it is made
+    again), never a mix of both.
     """
     if final.exists() and not replace:
         raise FileExistsError(f"{final} already exists; refusing to overwrite it")
@@ -97,7 +98,12 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if old.exists():  # the new one could not take its place: the old one stays
+                os.rename(old, final)
+            raise
         _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

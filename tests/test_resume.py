@@ -477,6 +477,25 @@ def test_the_next_write_of_a_folder_removes_what_a_killed_write_of_it_left(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-sae-v2-0123abcd", "sae"]
 
 
+def test_a_replacement_that_cannot_take_its_place_leaves_the_old_folder(tmp_path, monkeypatch):
+    import tasks.artifacts
+    from tasks.artifacts import atomic_dir
+
+    with atomic_dir(tmp_path / "sae") as tmp:
+        (tmp / "cfg.json").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".tmp-sae-"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(tasks.artifacts.os, "rename", rename)
+    with pytest.raises(OSError, match="No space left"), atomic_dir(tmp_path / "sae", replace=True) as tmp:
+        (tmp / "cfg.json").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"] and (tmp_path / "sae" / "cfg.json").read_text() == "old"
+
+
 def test_waiting_for_a_lock_says_who_holds_it(tmp_path, caplog):
     """A run waiting hours for a store another process fills must not look hung."""
     import logging
