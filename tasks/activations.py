@@ -428,6 +428,13 @@ def _check_row_lengths(spec: dict[str, Any]) -> None:
             )
 
 
+def store_contents(store_ref: dict[str, Any]) -> str:
+    """A hash of what a store holds (its manifest's sha256 of every shard and of the held-out
+    data): the same for a store filled again bit for bit, wherever it lies."""
+    manifest = read_json(Path(store_ref["path"]) / "manifest.json")
+    return stable_hash([shard["sha256"] for shard in manifest["shards"]] + [manifest["eval"]["sha256"]], 16)
+
+
 def _verified_eval_tokens(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     entry = manifest.get("eval")
     if entry and (out / entry["file"]).is_file() and file_sha256(out / entry["file"]) == entry["sha256"]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tasks.activations import read_ahead, training_batches
+from tasks.activations import read_ahead, store_contents, training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
 from tasks.stopping import PREEMPTIONS, Preempted, stop_requested, stop_signals
@@ -331,12 +331,13 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     batch = cfg.train_batch_size_tokens
     root = checkpoint_root(cfg.checkpoint_path, Path(run_dir))
     owner = run_owner(cfg, Path(run_dir).name)
+    contents = store_contents(store_ref)
 
     def checkpoint(trainer) -> Path:
         steps = trainer.n_training_steps
         folder = root / f"step-{steps:09d}"
         if not folder.exists():  # a scheduled checkpoint may have just been written at this step
-            position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"]}
+            position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"], "store_contents": contents}
             save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints, owner)
             logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
         return folder
@@ -372,7 +373,14 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     batches = training_batches(store_ref, batch, cfg.seed, chunk_contexts=cfg.n_batches_in_buffer * cfg.store_batch_size_prompts, device=cfg.device)
     resumed_from, resumed_from_step = resume_point(root, logger), 0
     if resumed_from is not None:
-        resumed_from_step = load_checkpoint(trainer, resumed_from)["n_training_steps"]
+        checkpoint_manifest = load_checkpoint(trainer, resumed_from)
+        resumed_from_step = checkpoint_manifest["n_training_steps"]
+        if checkpoint_manifest["data"].get("store_contents", contents) != contents:  # checkpoints before this check lack it
+            logger.warning(
+                f"{resumed_from.name} was trained on other activations than those in {store_ref['path']} now (the store was "
+                f"filled again since, on other hardware or from data that changed): training continues on these, so the "
+                f"run is not what it would have been uninterrupted"
+            )
         thresholds[:] = [t for t in thresholds if t >= trainer.n_training_samples]
         logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")
     elif cfg.normalize_activations == "expected_average_only_in":

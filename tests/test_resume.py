@@ -288,6 +288,29 @@ def test_retries_resume_from_the_checkpoint_in_the_same_flow_run(artifacts, faul
     assert flow_run_states("retried") == ["Completed"]
 
 
+def test_resuming_on_other_activations_than_the_checkpoint_s_is_told(artifacts, faults_cfg, monkeypatch, caplog):
+    """Checkpoints record what their store held; a resume on a store filled again with other
+    contents (other hardware, changed data) continues, with a warning that it is not exact."""
+    import logging
+
+    import tasks.checkpoint
+    from tasks.activations import store_contents
+
+    real_load_checkpoint = tasks.checkpoint.load_checkpoint
+
+    def as_if_trained_on_other_activations(trainer, folder):
+        manifest = real_load_checkpoint(trainer, folder)
+        return {**manifest, "data": {**manifest["data"], "store_contents": "0" * 16}}
+
+    monkeypatch.setattr(tasks.checkpoint, "load_checkpoint", as_if_trained_on_other_activations)
+    with caplog.at_level(logging.WARNING):
+        summary = start_failing_once(faults_cfg[0], artifacts, "other-activations", monkeypatch)
+    assert summary["training"]["resumed_from_step"] == 26
+    assert "step-000000026 was trained on other activations than those in" in caplog.text
+    checkpoints = sorted((artifacts / "runs" / "other-activations" / "checkpoints").glob("step-*/manifest.json"))
+    assert checkpoints and {json.loads(m.read_text())["data"]["store_contents"] for m in checkpoints} == {store_contents(summary["activations"])}
+
+
 def test_a_compiled_training_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
     """compile_sae: a run retried from its checkpoint ends bitwise equal to an uninterrupted
     compiled run (the compiled step is deterministic), though not to an eager one."""
