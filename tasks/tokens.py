@@ -11,9 +11,10 @@ dataset is read only that far, and at most two tokenizer calls' texts beyond: th
 tokenises on a background thread while the last one's ids are packed).
 
 The packing is SAELens's `concat_and_batch_sequences` with the settings its `ActivationsStore`
-uses on text (BOS at the start of each context with `prepend_bos`, BOS between documents), fed by
-the ids TransformerLens's `to_tokens` gives each text (the tokenizer is called on many texts at
-once), so the contexts are the ones the store would make from the text.
+uses on text (BOS at the start of each context with `prepend_bos`, BOS between documents), done
+on lists (`pack_contexts`), fed by the ids TransformerLens's `to_tokens` gives each text (the
+tokenizer is called on many texts at once), so the contexts are the ones the store would make
+from the text; tests/test_tokens.py compares the file with SAELens's own packing byte for byte.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
     from datasets import Features, Sequence, Value
     from datasets.arrow_writer import ArrowWriter
     from sae_lens.pretokenize_runner import PretokenizeRunnerConfig, metadata_from_config
-    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
     from tasks.data import load_text_dataset
     from tasks.model import tokenizing_model
@@ -88,12 +88,7 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
     dataset = load_text_dataset(spec["dataset_path"], streaming=spec["streaming"], seed=spec.get("seed", 0))
 
     def one_epoch():
-        return concat_and_batch_sequences(
-            _documents(model, dataset),
-            spec["context_size"],
-            begin_batch_token_id=bos if spec["prepend_bos"] else None,
-            sequence_separator_token_id=bos,
-        )
+        return pack_contexts(_documents(model, dataset), spec["context_size"], begin_batch_token_id=bos if spec["prepend_bos"] else None, separator_token_id=bos)
 
     n_contexts, written = spec["n_contexts"], 0
     features = Features({"tokens": Sequence(Value("int32"))})
@@ -101,7 +96,7 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
         while written < n_contexts:
             epoch_start = written
             for context in itertools.islice(one_epoch(), n_contexts - written):
-                writer.write({"tokens": context.tolist()})
+                writer.write({"tokens": context})
                 written += 1
             if written == epoch_start:
                 raise ValueError(f"dataset {spec['dataset_path']} holds less text than one context of {spec['context_size']} tokens")
@@ -123,26 +118,53 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
 
 
 def _documents(model, dataset):
-    """Each text's token ids, exactly as `model.to_tokens(text, prepend_bos=False, truncate=False)`
-    gives them, but tokenising many texts per tokenizer call (one `to_tokens` call per text cost
-    more than the tokenising itself), the next call on a background thread (the tokenizer lets go
-    of the GIL) while these ids are packed: 0.77 s instead of 0.99 s for the benchmark's 2L
-    contexts on 2 cores."""
+    """Each text's token ids (a list), exactly as `model.to_tokens(text, prepend_bos=False,
+    truncate=False)` gives them, but tokenising many texts per tokenizer call (one `to_tokens` call
+    per text cost more than the tokenising itself), the next call on a background thread (the
+    tokenizer lets go of the GIL) while these ids are packed."""
     import torch
     from transformer_lens.utilities.tokenize_utils import get_tokens_with_bos_removed
 
     from tasks.activations import ReadAhead
 
-    calls = (model.tokenizer(batch["text"], truncation=False)["input_ids"] for batch in dataset.iter(batch_size=TEXTS_PER_CALL))
+    tokenizer = model.tokenizer
+    # `to_tokens` drops the BOS the tokenizer prepends with TransformerLens's function, which for
+    # one unpadded row is `[1:]` when the tokenizer pads on the right.
+    drop_bos = model.cfg.tokenizer_prepends_bos and tokenizer.bos_token_id is not None
+    calls = (tokenizer(batch["text"], truncation=False)["input_ids"] for batch in dataset.iter(batch_size=TEXTS_PER_CALL))
     with ReadAhead(calls) as tokenised:  # the next call tokenises (without the GIL) while these ids are packed
         for ids_of_texts in tokenised:
             for ids in ids_of_texts:
-                # One unpadded row, as `to_tokens` holds one text: TransformerLens's own removal of the
-                # BOS the tokenizer prepends then does what it does there, whichever side it pads.
-                tokens = torch.tensor([ids], dtype=torch.long)
-                if model.cfg.tokenizer_prepends_bos:
-                    tokens = get_tokens_with_bos_removed(model.tokenizer, tokens)
-                yield tokens[0]
+                if drop_bos and tokenizer.padding_side == "right":
+                    ids = ids[1:]
+                elif drop_bos:
+                    ids = get_tokens_with_bos_removed(tokenizer, torch.tensor([ids], dtype=torch.long))[0].tolist()
+                yield ids
+
+
+def pack_contexts(documents, context_size: int, begin_batch_token_id: int | None, separator_token_id: int | None):
+    """Contexts of `context_size` ids packed from `documents` (lists of ids) as SAELens's
+    `concat_and_batch_sequences` packs them with these two settings (no begin-sequence token,
+    documents concatenated): each context starts with `begin_batch_token_id` unless its first id
+    already is that token, documents are joined by `separator_token_id` unless one starts with it,
+    and the last, partial context is dropped. SAELens does it with tensor operations per document,
+    which took most of pretokenising's time; on lists it is the same contexts."""
+    context: list[int] | None = None
+    for ids in documents:
+        offset = 0
+        while offset < len(ids):
+            if context is None:
+                prefix = [begin_batch_token_id] if begin_batch_token_id is not None and ids[offset] != begin_batch_token_id else []
+                take = context_size - len(prefix)
+                context = prefix + ids[offset : offset + take]
+            else:
+                prefix = [separator_token_id] if separator_token_id is not None and ids[offset] != separator_token_id else []
+                take = max(context_size - len(context) - len(prefix), 0)
+                context += prefix + ids[offset : offset + take]
+            offset += take
+            if len(context) == context_size:
+                yield context
+                context = None
 
 
 def open_tokens(tokens_ref: dict[str, Any]):

@@ -103,3 +103,29 @@ def test_a_saved_dataset_dict_gives_its_train_split(tmp_path: Path):
     DatasetDict({"validation": Dataset.from_dict({"text": ["e"]})}).save_to_disk(str(tmp_path / "no-train"))
     with pytest.raises(ValueError, match=r"holds the splits \['validation'\] and no 'train'; give the folder of the split to use"):
         load_text_dataset(str(tmp_path / "no-train"))
+
+
+@pytest.mark.parametrize("prepend_bos", [True, False])
+def test_packing_on_lists_gives_sae_lens_s_contexts(prepend_bos):
+    """`pack_contexts` against SAELens's `concat_and_batch_sequences` on documents made to hit its
+    cases: empty ones, ones that begin with BOS (no separator, no extra BOS), ones longer than
+    several contexts (continued in the next context, whose first id may be BOS), BOS inside."""
+    import random
+
+    import torch
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    from tasks.tokens import pack_contexts
+
+    bos, rng = 0, random.Random(7)
+    documents = []
+    for _ in range(400):
+        ids = [rng.choice([bos, 1, 2, 3, 4, 5]) for _ in range(rng.choice([0, 1, 2, 3, 7, 20, 45]))]
+        if ids and rng.random() < 0.3:
+            ids[0] = bos
+        documents.append(ids)
+    for context_size in (2, 3, 8, 16):
+        begin = bos if prepend_bos else None
+        expected = [c.tolist() for c in concat_and_batch_sequences(iter(torch.tensor(d, dtype=torch.long) for d in documents), context_size, begin_batch_token_id=begin, sequence_separator_token_id=bos)]
+        assert len(expected) > 100
+        assert list(pack_contexts(iter(documents), context_size, begin, bos)) == expected
