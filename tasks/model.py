@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import json
 import math
 import tempfile
@@ -287,23 +288,12 @@ def packed_contexts(model, dataset_path: str, seed: int, n_contexts: int) -> tor
     """Up to `n_contexts` contexts `[n, n_ctx]` of the dataset, tokenised and packed as SAELens's
     activation store packs them (BOS first, documents separated by BOS), so that the model is
     trained on what it later sees."""
-    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+    from tasks.tokens import pack_contexts
 
     tokenizer = model.tokenizer
-
-    def documents():
-        for text in _dataset_texts(dataset_path, seed, limit=None):
-            yield torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    contexts = []
-    packed = concat_and_batch_sequences(
-        documents(), model.cfg.n_ctx, begin_batch_token_id=tokenizer.bos_token_id, sequence_separator_token_id=tokenizer.bos_token_id
-    )
-    for context in packed:
-        contexts.append(context)
-        if len(contexts) == n_contexts:
-            break
-    return torch.stack(contexts)
+    documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in _dataset_texts(dataset_path, seed, limit=None))
+    packed = pack_contexts(documents, model.cfg.n_ctx, begin_batch_token_id=tokenizer.bos_token_id, separator_token_id=tokenizer.bos_token_id)
+    return torch.tensor(list(itertools.islice(packed, n_contexts)), dtype=torch.long)
 
 
 @contextlib.contextmanager
