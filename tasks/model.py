@@ -293,7 +293,10 @@ def packed_contexts(model, dataset_path: str, seed: int, n_contexts: int) -> tor
     tokenizer = model.tokenizer
     documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in _dataset_texts(dataset_path, seed, limit=None))
     packed = pack_contexts(documents, model.cfg.n_ctx, begin_batch_token_id=tokenizer.bos_token_id, separator_token_id=tokenizer.bos_token_id)
-    return torch.tensor(list(itertools.islice(packed, n_contexts)), dtype=torch.long)
+    contexts = list(itertools.islice(packed, n_contexts))
+    if not contexts:
+        raise ValueError(f"dataset {dataset_path} holds less text than one context of the model's n_ctx ({model.cfg.n_ctx}) tokens; model training needs more")
+    return torch.tensor(contexts, dtype=torch.long)
 
 
 @contextlib.contextmanager

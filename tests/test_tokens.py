@@ -129,3 +129,11 @@ def test_packing_on_lists_gives_sae_lens_s_contexts(prepend_bos):
         expected = [c.tolist() for c in concat_and_batch_sequences(iter(torch.tensor(d, dtype=torch.long) for d in documents), context_size, begin_batch_token_id=begin, sequence_separator_token_id=bos)]
         assert len(expected) > 100
         assert list(pack_contexts(iter(documents), context_size, begin, bos)) == expected
+
+
+def test_model_training_on_less_text_than_one_context_says_so(tmp_path: Path):
+    tokenizer = _tokenizer(tmp_path / "tokenizer", "bos")
+    model = _on_meta(_hooked_config({"n_layers": 1, "d_model": 8, "n_ctx": 64, "d_head": 4, "act_fn": "relu"}, len(tokenizer), 0, "meta"), tokenizer)
+    (tmp_path / "short.txt").write_text("Tom saw the cat .\n")
+    with pytest.raises(ValueError, match=r"short.txt holds less text than one context of the model's n_ctx \(64\) tokens"):
+        tasks.model.packed_contexts(model, str(tmp_path / "short.txt"), 0, 10)
