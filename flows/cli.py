@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import flows  # noqa: F401  (process defaults before torch and Prefect start)
 
@@ -62,8 +63,43 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--token-index", type=int, help="token position to analyse (default: the run's analysis_token_index)")
     analyze.add_argument("--artifacts-dir", default="artifacts")
     analyze.add_argument("--device", help="device for the model and the SAE, e.g. cpu for a run trained on a GPU (default: the run's device)")
+    stop = commands.add_parser(
+        "stop",
+        help="ask running runs to write a checkpoint at the end of their current training step and stop, wherever they run "
+        "(a Dask worker, another machine sharing the artifacts folder); running them again continues them",
+    )
+    stop.add_argument("runs", nargs="*", metavar="RUN", help="run names")
+    stop.add_argument("--all", action="store_true", help="every run of the artifacts folder that is running")
+    stop.add_argument("--artifacts-dir", default="artifacts")
     commands.add_parser("config-reference", help="print every config key with its default and meaning")
     return parser
+
+
+def _stop(args) -> int:
+    from tasks.artifacts import run_dir
+    from tasks.stopping import request_stop
+
+    runs = Path(args.artifacts_dir) / "runs"
+    if args.all == bool(args.runs):
+        print("saeflow: name the runs to stop, or give --all", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    missing = [name for name in args.runs if not run_dir(args.artifacts_dir, name).is_dir()]
+    if missing:
+        print(f"saeflow: no run {', '.join(repr(m) for m in missing)} in {runs}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    names = args.runs or sorted(p.name for p in runs.glob("*") if p.is_dir())
+    asked = 0
+    for name in names:
+        holder = request_stop(run_dir(args.artifacts_dir, name))
+        if holder is not None:
+            print(f"asked run '{name}' ({holder}) to stop: its training writes a checkpoint at the end of the current step")
+            asked += 1
+        elif args.runs:
+            print(f"run '{name}' is not running")
+    if not asked:
+        print(f"saeflow: no run {'named ' if args.runs else ''}in {runs} is running; nothing to stop", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 class RunNotReady(Exception):
@@ -224,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-reference":
         print(config_reference())
         return 0
+    if args.command == "stop":
+        return _stop(args)
     if args.command in ("report", "analyze"):
         try:
             return _report(args) if args.command == "report" else _analyze(args)
@@ -260,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         failed = [r for r in rows if r["state"] != "Completed"]
         for row in rows:
             print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
-        if failed and STOP_REQUESTS:
+        if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
+            # `saeflow stop` may have stopped members in other processes (Dask workers): no count here then
+            how = f"{len(PREEMPTIONS)} in training, each" if STOP_REQUESTS else "those in training each"
             print(
-                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}: the members marked Stopped stopped at a safe point "
-                f"({len(PREEMPTIONS)} in training, each after writing a checkpoint at the end of its step). Run the same "
+                f"saeflow: sweep stopped by {STOP_REQUESTS[0] if STOP_REQUESTS else 'saeflow stop'}: the members marked "
+                f"Stopped stopped at a safe point ({how} after writing a checkpoint at the end of its step). Run the same "
                 f"command again to continue it.",
                 file=sys.stderr,
             )

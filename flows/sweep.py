@@ -203,7 +203,7 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
         row["error"] = state.message
         with contextlib.suppress(MissingResult):  # the member's exception, where Prefect kept it
             if isinstance(state.result(raise_on_failure=False), Preempted):
-                row["state"] = "Stopped"  # by a signal, at a safe point: the next run continues it
+                row["state"] = "Stopped"  # by a signal or `saeflow stop`, at a safe point: the next run continues it
     return row
 
 

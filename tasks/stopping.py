@@ -6,15 +6,27 @@ or SIGINT is only noted in `STOP_REQUESTS`. The stages that can stop cleanly loo
 `stop_requested()`: training writes a checkpoint at the end of its step, filling an activation
 store stops with its shards written, a sweep member not yet started does not start. Each raises
 `Preempted`, and running the same command again continues. A second SIGINT exits at once.
+
+`saeflow stop RUN` asks for the same stop of a run's training from any process that sees the
+run's folder (another shell, another machine sharing the artifacts folder), where a signal
+cannot reach: the members of a sweep on Dask run in the workers' processes. `request_stop`
+writes `stop-request.json` into the run's folder, naming the process that holds the run's lock;
+training looks for it at step boundaries (`StopRequests`) and stops as on SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
+import time
+from pathlib import Path
+
+from tasks.artifacts import read_json, write_json
 
 EXIT_SIGINT = 130
 
@@ -65,3 +77,58 @@ def stop_requested() -> str | None:
         return STOP_REQUESTS[0]
     return None
 
+
+
+STOP_REQUEST_FILE = "stop-request.json"
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds the `exclusive_lock` at `lock` (what its holder wrote there), or None if nobody does."""
+    if not lock.is_file():
+        return None
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def request_stop(run_folder: Path) -> str | None:
+    """Ask the process running the run in `run_folder` to stop its training as on SIGTERM (a
+    checkpoint at the end of the current step); returns that process, or None if the run is not
+    running. The request names the process, so a later run of the same name ignores it."""
+    holder = lock_holder(run_folder / ".lock")
+    if holder is not None:
+        by = f"process {os.getpid()} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        write_json(run_folder / STOP_REQUEST_FILE, {"holder": holder, "by": by})
+    return holder
+
+
+class StopRequests:
+    """`request_stop` requests for the run in `run_folder`, looked for at most once a second (a
+    file's status on a shared filesystem can take a round trip). A request made for another
+    process of the run (an earlier one) is removed."""
+
+    def __init__(self, run_folder: Path):
+        self.request, self.lock = Path(run_folder) / STOP_REQUEST_FILE, Path(run_folder) / ".lock"
+        self.next_look = 0.0
+
+    def requested(self) -> str | None:
+        """What asked this run to stop, or None."""
+        now = time.monotonic()
+        if now < self.next_look:
+            return None
+        self.next_look = now + 1.0
+        if not self.request.is_file():
+            return None
+        request = read_json(self.request)
+        if not self.lock.is_file() or request.get("holder") != self.lock.read_text().strip():
+            self.request.unlink(missing_ok=True)
+            return None
+        return f"saeflow stop (from {request['by']})"
+
+    def done(self) -> None:
+        """The request is carried out: the next run of this name goes on."""
+        self.request.unlink(missing_ok=True)

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from tasks.activations import read_ahead, store_contents, training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
-from tasks.stopping import PREEMPTIONS, Preempted, stop_requested, stop_signals
+from tasks.stopping import PREEMPTIONS, Preempted, StopRequests, stop_requested, stop_signals
 
 STAGE_VERSION = 1
 ARCHITECTURE_KWARGS = {
@@ -141,7 +141,7 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingPreempted(TrainingStopped, Preempted):
-    """SIGTERM or SIGINT: a checkpoint was written at the step boundary."""
+    """SIGTERM, SIGINT or `saeflow stop`: a checkpoint was written at the step boundary."""
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -324,7 +324,9 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         return _result(out)
     if out.exists():
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
-    if stop := stop_requested():  # a sweep member whose activations were ready after the signal
+    stop_requests = StopRequests(Path(run_dir))  # `saeflow stop`, from any process
+    if stop := stop_requested() or stop_requests.requested():  # asked while the activations were made
+        stop_requests.done()
         raise TrainingPreempted(f"not started: {stop} was received before training began")
 
     sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
@@ -348,7 +350,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     guard = NonFiniteGuard() if nan_check_deferred(cfg.device) else None
 
     def on_step_end(trainer, step_output) -> None:
-        stop = stop_requested()
+        stop = stop_requested() or stop_requests.requested()
         boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop
         if guard is not None and boundary:
             guard.check(trainer.n_training_steps)
@@ -360,6 +362,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         if stop:
             logger.warning(f"{stop} received: writing a checkpoint at the end of step {trainer.n_training_steps}, then stopping")
             folder = checkpoint(trainer)
+            stop_requests.done()
             message = f"stopped by {stop} after step {trainer.n_training_steps}; checkpoint {folder} written"
             PREEMPTIONS.append(message)
             raise TrainingPreempted(message)
@@ -377,9 +380,9 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         resumed_from_step = checkpoint_manifest["n_training_steps"]
         if checkpoint_manifest["data"].get("store_contents", contents) != contents:  # checkpoints before this check lack it
             logger.warning(
-                f"{resumed_from.name} was trained on other activations than those in {store_ref['path']} now (the store was "
-                f"filled again since, on other hardware or from data that changed): training continues on these, so the "
-                f"run is not what it would have been uninterrupted"
+                f"{resumed_from.name} was trained on other contents than {store_ref['path']} holds now (the store was filled "
+                f"again since, on other hardware or from data that changed): training continues on these, so the run is "
+                f"not what it would have been uninterrupted"
             )
         thresholds[:] = [t for t in thresholds if t >= trainer.n_training_samples]
         logger.info(f"Resuming training from {resumed_from.name} ({trainer.n_training_samples} tokens done)")

@@ -102,10 +102,10 @@ def slow_reference(prefect_server, artifacts, slow_cfg):
 
 
 def signal_checkpoint(output: str, checkpoints: Path, newest_before: str) -> Path:
-    """The checkpoint the signal's stop names, checked: the newest, complete, at the step it
+    """The checkpoint the stop (a signal's, or `saeflow stop`'s) names, checked: the newest, complete, at the step it
     stopped after, no earlier than the newest one seen before the signal. (A signal that lands
     just after a scheduled checkpoint stops at that very step, whose checkpoint it keeps.)"""
-    match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+) written", output)
+    match = re.search(r"stopped by (?:SIGTERM|saeflow stop \(from [^)]*\)) after step (\d+); checkpoint (\S+) written", output)
     assert match, output
     folder = Path(match[2])
     assert folder == checkpoints / f"step-{int(match[1]):09d}" == max(checkpoints.glob("step-*"))
@@ -173,6 +173,67 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
     assert code == 0, output
     assert f"Resuming training from {newest.name}" in output
     assert_bitwise_equal(weights(artifacts / "runs" / "termed"), slow_reference)
+
+
+def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_continues(artifacts, slow_cfg, slow_reference, capsys):
+    """`saeflow stop RUN`, from any process that sees the run's folder (here: another thread; it
+    writes a request, it sends no signal, as for a sweep member on a Dask worker), stops the run's
+    training as SIGTERM does; run again, it continues exactly."""
+    import threading
+
+    from flows.cli import main
+    from tasks.stopping import STOP_REQUEST_FILE
+    from tasks.train import TrainingPreempted
+
+    cfg, _ = slow_cfg
+    run, ended = artifacts / "runs" / "stopped", []
+
+    def first_run():
+        try:
+            start(cfg, artifacts, "stopped")
+        except Exception as error:  # noqa: BLE001 - the test looks at it
+            ended.append(error)
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    deadline = time.monotonic() + 300
+    while not any((run / "checkpoints").glob("step-*")):
+        assert first.is_alive() and time.monotonic() < deadline, ended
+        time.sleep(0.02)
+    newest_before = max(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert main(["stop", "stopped", "--artifacts-dir", str(artifacts)]) == 0
+    assert "asked run 'stopped' (process " in capsys.readouterr().out
+    first.join(300)
+    assert len(ended) == 1 and isinstance(ended[0], TrainingPreempted), ended
+    newest = signal_checkpoint(str(ended[0]), run / "checkpoints", newest_before)
+    assert not (run / STOP_REQUEST_FILE).exists() and not (run / "trained").exists()
+
+    summary = start(cfg, artifacts, "stopped")
+    assert summary["training"]["resumed_from_step"] == int(newest.name.removeprefix("step-"))
+    assert_bitwise_equal(weights(summary), slow_reference)
+    assert main(["stop", "stopped", "--artifacts-dir", str(artifacts)]) == 1
+    assert "run 'stopped' is not running" in capsys.readouterr().out
+    assert main(["stop", "--artifacts-dir", str(artifacts)]) == 2
+    assert main(["stop", "no-such-run", "--artifacts-dir", str(artifacts)]) == 2
+    assert "no run 'no-such-run' in" in capsys.readouterr().err
+
+
+def test_a_stop_request_made_for_an_earlier_process_of_the_run_is_dropped(tmp_path):
+    from tasks.artifacts import write_json
+    from tasks.stopping import STOP_REQUEST_FILE, StopRequests, lock_holder, request_stop
+
+    assert request_stop(tmp_path) is None and not (tmp_path / STOP_REQUEST_FILE).exists()  # not running: nothing asked
+    with exclusive_lock(tmp_path / ".lock", "run 'r'", wait=False):
+        holder = lock_holder(tmp_path / ".lock")
+        assert holder.startswith(f"process {os.getpid()} on ")
+        write_json(tmp_path / STOP_REQUEST_FILE, {"holder": "process 1 on elsewhere since 2026-11-29 10:00:00", "by": "process 2"})
+        requests = StopRequests(tmp_path)
+        assert requests.requested() is None and not (tmp_path / STOP_REQUEST_FILE).exists()
+        assert request_stop(tmp_path) == holder
+        assert requests.requested() is None  # looked less than a second ago
+        requests.next_look = 0.0
+        assert requests.requested().startswith(f"saeflow stop (from process {os.getpid()} on ")
+    assert lock_holder(tmp_path / ".lock") is None
 
 
 def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worker_processes(artifacts, slow_cfg, tmp_path):
@@ -306,7 +367,7 @@ def test_resuming_on_other_activations_than_the_checkpoint_s_is_told(artifacts, 
     with caplog.at_level(logging.WARNING):
         summary = start_failing_once(faults_cfg[0], artifacts, "other-activations", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
-    assert "step-000000026 was trained on other activations than those in" in caplog.text
+    assert "step-000000026 was trained on other contents than" in caplog.text
     checkpoints = sorted((artifacts / "runs" / "other-activations" / "checkpoints").glob("step-*/manifest.json"))
     assert checkpoints and {json.loads(m.read_text())["data"]["store_contents"] for m in checkpoints} == {store_contents(summary["activations"])}
 
