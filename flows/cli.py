@@ -97,7 +97,7 @@ def _stop(args) -> int:
         elif args.runs:
             print(f"run '{name}' is not running")
     if not asked:
-        print(f"saeflow: no run {'named ' if args.runs else ''}in {runs} is running; nothing to stop", file=sys.stderr)
+        print(f"saeflow: {'none of these runs' if args.runs else f'no run in {runs}'} is running; nothing to stop", file=sys.stderr)
         return EXIT_FAILED
     return 0
 
