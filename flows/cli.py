@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
         if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
-            # `saeflow stop` may have stopped members in other processes (Dask workers): no count here then
-            how = f"{len(PREEMPTIONS)} in training, each" if STOP_REQUESTS else "those in training each"
+            # members stopped in other processes (Dask workers) are not counted here
+            how = f"{len(PREEMPTIONS)} in training, each" if PREEMPTIONS else "those in training each"
             print(
                 f"saeflow: sweep stopped by {STOP_REQUESTS[0] if STOP_REQUESTS else 'saeflow stop'}: the members marked "
                 f"Stopped stopped at a safe point ({how} after writing a checkpoint at the end of its step). Run the same "

@@ -34,10 +34,10 @@ from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, write_json
+from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
-from tasks.stopping import Preempted, stop_requested, stop_signals
+from tasks.stopping import Preempted, note_stops_in_dask_worker, request_stop, stop_requested, stop_signals
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -105,15 +105,34 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
     return spec.get("name") or path.stem, configs
 
 
+STOPPED_MARKER = "stopped"  # in the sweep's folder, while a stopped sweep on Dask waits for its members
+
+
 @task(name="sweep-member")
-def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str) -> dict[str, Any]:
-    """One member: the ordinary pipeline, as a subflow run; none once the sweep was asked to stop."""
+def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: str | None = None) -> dict[str, Any]:
+    """One member: the ordinary pipeline, as a subflow run; none once the sweep was asked to stop
+    (a signal to this process, or, on Dask, `stopped_marker` written by the sweep's process)."""
     from flows.pipeline import pipeline_for
 
-    if stop := stop_requested():
+    if stop := stop_requested() or (stopped_marker and Path(stopped_marker).is_file() and Path(stopped_marker).read_text()):
         raise Preempted(f"not started: {stop} was received before it started")
-
+    note_stops_in_dask_worker()
     return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
+
+
+def _wait_relaying_a_stop(futures: list, names: list[str], artifacts_dir: str, marker: Path) -> None:
+    """On Dask, wait for the members, which run in the workers' processes, where this process's
+    signals do not reach (a signal sent to the whole job reaches them: `note_stops_in_dask_worker`).
+    Once this process is asked to stop, write `marker`, so that members not started yet do not
+    start, and ask the running ones to stop (`request_stop`), again every second until all ended."""
+    for future in futures:
+        while not future.wrapped_future.done():
+            future.wait(timeout=1.0)
+            if stop := stop_requested():
+                if not marker.is_file():
+                    marker.write_text(f"{stop} to the sweep")
+                for run_name in names:
+                    request_stop(run_dir(artifacts_dir, run_name), reason=f"{stop} to the sweep")
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
@@ -153,14 +172,18 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         for config, run_name in zip(members, names):
             with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
                 claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
-        # Members in threads: only this (the main) thread can handle signals, so here SIGTERM asks
-        # each member to stop at its next safe point (training: a checkpoint at the step boundary).
-        # Members on Dask run in the workers' processes, which this could not reach: there the
-        # signal ends the sweep as Prefect ends a flow.
+        # Only this (the main) thread can handle signals: here SIGTERM asks each member to stop at
+        # its next safe point (training: a checkpoint at the step boundary). Members in threads see
+        # it at once; on Dask it is relayed to them through files.
         in_threads = isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner)
-        with stop_signals() if in_threads else contextlib.nullcontext():
-            futures = _run_members(members, names, artifacts_dir)
+        marker = folder / STOPPED_MARKER
+        marker.unlink(missing_ok=True)  # an earlier stop's
+        with stop_signals():
+            futures = _run_members(members, names, artifacts_dir, None if in_threads else str(marker))
+            if not in_threads:
+                _wait_relaying_a_stop(futures, names, artifacts_dir, marker)
             rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
+        marker.unlink(missing_ok=True)
         write_json(folder / "members.json", rows)
         plot_frontier(rows, folder / "frontier.png")
         create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
@@ -173,7 +196,7 @@ def sweep_lock(name: str, artifacts_dir: str):
     return exclusive_lock(Path(artifacts_dir) / "sweeps" / name / ".lock", f"sweep '{name}' (in {artifacts_dir})", wait=False, hint=hint)
 
 
-def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str) -> list:
+def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str, stopped_marker: str | None) -> list:
     """Submit every member; returns their futures, in order. Members whose stores differ only in
     their hook wait for one shared model pass that fills all those stores; the others start at once."""
     fills = shared_fills(members, artifacts_dir)
@@ -181,10 +204,10 @@ def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir:
     futures = {}
     for i, (config, run_name) in enumerate(zip(members, names)):
         if not any(i in indices for indices in waiting.values()):
-            futures[i] = _submit_member(config, run_name, artifacts_dir)
+            futures[i] = _submit_member(config, run_name, artifacts_dir, stopped_marker)
     for fill in as_completed([fill for fill, _ in fills]):  # failed or not: members fill what is missing
         for i in waiting[id(fill)]:
-            futures[i] = _submit_member(members[i], names[i], artifacts_dir)
+            futures[i] = _submit_member(members[i], names[i], artifacts_dir, stopped_marker)
     return [futures[i] for i in range(len(members))]
 
 
@@ -207,9 +230,9 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
     return row
 
 
-def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str):
+def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: str | None):
     with _gpu_resource(config["device"]):  # a Dask cluster places one GPU member per GPU worker
-        return run_member.submit(config, run_name, artifacts_dir)
+        return run_member.submit(config, run_name, artifacts_dir, stopped_marker)
 
 
 def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tuple[Any, list[int]]]:

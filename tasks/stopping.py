@@ -71,6 +71,26 @@ def stop_signals():
             signal.signal(s, handler)
 
 
+def note_stops_in_dask_worker() -> None:
+    """In a Dask worker's process, note SIGTERM/SIGINT from now on as `stop_signals` does, so that
+    a signal sent to the whole job (as Slurm sends it) stops the sweep members running there at a
+    safe point instead of killing them. The worker's main thread, which runs its event loop and
+    alone can set signal handlers, installs it. Outside a Dask worker it does nothing."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask worker
+        return
+
+    def install() -> None:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not _note_stop:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, _note_stop)
+
+    worker.loop.add_callback(install)
+
+
 def stop_requested() -> str | None:
     """The name of the signal that asked this process to stop, while `stop_signals()` is active."""
     if STOP_REQUESTS and signal.getsignal(signal.SIGTERM) is _note_stop:
@@ -95,14 +115,14 @@ def lock_holder(lock: Path) -> str | None:
     return None
 
 
-def request_stop(run_folder: Path) -> str | None:
+def request_stop(run_folder: Path, reason: str = "saeflow stop") -> str | None:
     """Ask the process running the run in `run_folder` to stop its training as on SIGTERM (a
-    checkpoint at the end of the current step); returns that process, or None if the run is not
-    running. The request names the process, so a later run of the same name ignores it."""
+    checkpoint at the end of the current step), for `reason`; returns that process, or None if
+    the run is not running. The request names the process, so a later run of the name ignores it."""
     holder = lock_holder(run_folder / ".lock")
     if holder is not None:
         by = f"process {os.getpid()} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        write_json(run_folder / STOP_REQUEST_FILE, {"holder": holder, "by": by})
+        write_json(run_folder / STOP_REQUEST_FILE, {"holder": holder, "by": by, "reason": reason})
     return holder
 
 
@@ -127,7 +147,7 @@ class StopRequests:
         if not self.lock.is_file() or request.get("holder") != self.lock.read_text().strip():
             self.request.unlink(missing_ok=True)
             return None
-        return f"saeflow stop (from {request['by']})"
+        return f"{request.get('reason', 'saeflow stop')} (from {request['by']})"
 
     def done(self) -> None:
         """The request is carried out: the next run of this name goes on."""
