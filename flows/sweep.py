@@ -15,7 +15,9 @@ Each member is an ordinary run (its stable name, its own folder, restartable). M
 share model, hook and data share one activation store: the first to get there fills it, the
 others wait for it; members at different hooks of the same model and data get their stores
 filled together, from one model pass. Re-running a sweep finds the finished members cached and trains the rest. SIGTERM/SIGINT
-stops each member (in threads) at its next safe point: training writes a checkpoint first.
+stops each member at its next safe point (training writes a checkpoint first): in threads at
+once; on Dask through the workers' own handlers (a signal to the whole job) or through files the
+sweep writes (a signal to its process alone).
 The sweep writes `<artifacts>/sweeps/<name>/members.json` and `frontier.png` (L0 against
 explained variance and CE-loss score) and publishes a table artifact of every member's metrics.
 """

@@ -1,8 +1,9 @@
 """Stopping on SIGTERM/SIGINT at a safe point, so that a preempted job loses nothing.
 
 While `stop_signals()` is active (during training in a single run; for the whole of a sweep,
-whose members run in threads, and only the main thread can handle signals), the first SIGTERM
-or SIGINT is only noted in `STOP_REQUESTS`. The stages that can stop cleanly look at
+whose members run in threads, and only the main thread can handle signals; for good in a Dask
+worker that runs sweep members, `note_stops_in_dask_worker`), the first SIGTERM or SIGINT is
+only noted in `STOP_REQUESTS`. The stages that can stop cleanly look at
 `stop_requested()`: training writes a checkpoint at the end of its step, filling an activation
 store stops with its shards written, a sweep member not yet started does not start. Each raises
 `Preempted`, and running the same command again continues. A second SIGINT exits at once.
