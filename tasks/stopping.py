@@ -76,7 +76,9 @@ def note_stops_in_dask_worker() -> None:
     """In a Dask worker's process, note SIGTERM/SIGINT from now on as `stop_signals` does, so that
     a signal sent to the whole job (as Slurm sends it) stops the sweep members running there at a
     safe point instead of killing them. The worker's main thread, which runs its event loop and
-    alone can set signal handlers, installs it. Outside a Dask worker it does nothing."""
+    alone can set signal handlers, installs it, where SIGTERM has its default action (the worker
+    processes a nanny starts): a worker that is `dask worker --no-nanny`'s own process keeps
+    the handler with which Dask closes it. Outside a Dask worker it does nothing."""
     try:
         from distributed import get_worker
 
@@ -85,7 +87,7 @@ def note_stops_in_dask_worker() -> None:
         return
 
     def install() -> None:
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not _note_stop:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, _note_stop)
 
