@@ -90,6 +90,10 @@ def _stop(args) -> int:
     names = args.runs or sorted(p.name for p in runs.glob("*") if p.is_dir())
     asked = 0
     for name in names:
+        if (run_dir(args.artifacts_dir, name) / "trained" / "manifest.json").is_file():
+            if args.runs:
+                print(f"run '{name}' has finished training; nothing to stop")
+            continue
         holder = request_stop(run_dir(args.artifacts_dir, name))
         if holder is not None:
             print(f"asked run '{name}' ({holder}) to stop: its training writes a checkpoint at the end of the current step")
@@ -301,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
             # members stopped in other processes (Dask workers) are not counted here
             how = f"{len(PREEMPTIONS)} in training, each" if PREEMPTIONS else "those in training each"
+            cause = f"by {STOP_REQUESTS[0]}" if STOP_REQUESTS else "(by `saeflow stop`, or by a signal to the workers its members ran on)"
             print(
-                f"saeflow: sweep stopped by {STOP_REQUESTS[0] if STOP_REQUESTS else 'saeflow stop'}: the members marked "
-                f"Stopped stopped at a safe point ({how} after writing a checkpoint at the end of its step). Run the same "
-                f"command again to continue it.",
+                f"saeflow: sweep stopped {cause}: the members marked Stopped stopped at a safe point ({how} after writing "
+                f"a checkpoint at the end of its step). Run the same command again to continue it.",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED

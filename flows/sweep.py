@@ -36,10 +36,10 @@ from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
+from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
-from tasks.stopping import Preempted, note_stops_in_dask_worker, request_stop, stop_requested, stop_signals
+from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -116,25 +116,31 @@ def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stoppe
     (a signal to this process, or, on Dask, `stopped_marker` written by the sweep's process)."""
     from flows.pipeline import pipeline_for
 
-    if stop := stop_requested() or (stopped_marker and Path(stopped_marker).is_file() and Path(stopped_marker).read_text()):
+    if stop := stop_requested() or (stopped_marker and _marked_stopped(Path(stopped_marker))):
         raise Preempted(f"not started: {stop} was received before it started")
-    note_stops_in_dask_worker()
-    return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
+    with member_in_dask_worker(run_name, Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
+        return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
 
 
-def _wait_relaying_a_stop(futures: list, names: list[str], artifacts_dir: str, marker: Path) -> None:
+def _marked_stopped(marker: Path) -> str | None:
+    return (marker.read_text() or "a stop of the sweep") if marker.is_file() else None
+
+
+def _mark_if_stopped(marker: Path) -> None:
+    """Write `marker` once this process is asked to stop: on Dask, members not started yet then do
+    not start, and running ones stop at their next safe point (`StopRequests`)."""
+    if (stop := stop_requested()) and not marker.is_file():
+        marker.write_text(f"{stop} to the sweep")
+
+
+def _wait_marking_a_stop(futures: list, marker: Path) -> None:
     """On Dask, wait for the members, which run in the workers' processes, where this process's
-    signals do not reach (a signal sent to the whole job reaches them: `note_stops_in_dask_worker`).
-    Once this process is asked to stop, write `marker`, so that members not started yet do not
-    start, and ask the running ones to stop (`request_stop`), again every second until all ended."""
+    signals do not reach (a signal sent to the whole job reaches them: `member_in_dask_worker`),
+    checking each second whether this process was asked to stop (`_mark_if_stopped`)."""
     for future in futures:
         while not future.wrapped_future.done():
             future.wait(timeout=1.0)
-            if stop := stop_requested():
-                if not marker.is_file():
-                    marker.write_text(f"{stop} to the sweep")
-                for run_name in names:
-                    request_stop(run_dir(artifacts_dir, run_name), reason=f"{stop} to the sweep")
+            _mark_if_stopped(marker)
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
@@ -181,9 +187,9 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         marker = folder / STOPPED_MARKER
         marker.unlink(missing_ok=True)  # an earlier stop's
         with stop_signals():
-            futures = _run_members(members, names, artifacts_dir, None if in_threads else str(marker))
+            futures = _run_members(members, names, artifacts_dir, None if in_threads else marker)
             if not in_threads:
-                _wait_relaying_a_stop(futures, names, artifacts_dir, marker)
+                _wait_marking_a_stop(futures, marker)
             rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
         marker.unlink(missing_ok=True)
         write_json(folder / "members.json", rows)
@@ -198,7 +204,7 @@ def sweep_lock(name: str, artifacts_dir: str):
     return exclusive_lock(Path(artifacts_dir) / "sweeps" / name / ".lock", f"sweep '{name}' (in {artifacts_dir})", wait=False, hint=hint)
 
 
-def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str, stopped_marker: str | None) -> list:
+def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str, stopped_marker: Path | None) -> list:
     """Submit every member; returns their futures, in order. Members whose stores differ only in
     their hook wait for one shared model pass that fills all those stores; the others start at once."""
     fills = shared_fills(members, artifacts_dir)
@@ -208,6 +214,8 @@ def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir:
         if not any(i in indices for indices in waiting.values()):
             futures[i] = _submit_member(config, run_name, artifacts_dir, stopped_marker)
     for fill in as_completed([fill for fill, _ in fills]):  # failed or not: members fill what is missing
+        if stopped_marker is not None:
+            _mark_if_stopped(stopped_marker)
         for i in waiting[id(fill)]:
             futures[i] = _submit_member(members[i], names[i], artifacts_dir, stopped_marker)
     return [futures[i] for i in range(len(members))]
@@ -232,9 +240,9 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
     return row
 
 
-def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: str | None):
+def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: Path | None):
     with _gpu_resource(config["device"]):  # a Dask cluster places one GPU member per GPU worker
-        return run_member.submit(config, run_name, artifacts_dir, stopped_marker)
+        return run_member.submit(config, run_name, artifacts_dir, None if stopped_marker is None else str(stopped_marker))
 
 
 def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tuple[Any, list[int]]]:

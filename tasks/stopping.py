@@ -1,18 +1,20 @@
 """Stopping on SIGTERM/SIGINT at a safe point, so that a preempted job loses nothing.
 
 While `stop_signals()` is active (during training in a single run; for the whole of a sweep,
-whose members run in threads, and only the main thread can handle signals; for good in a Dask
-worker that runs sweep members, `note_stops_in_dask_worker`), the first SIGTERM or SIGINT is
-only noted in `STOP_REQUESTS`. The stages that can stop cleanly look at
+whose members run in threads, and only the main thread can handle signals; in a Dask worker
+while sweep members run there, `member_in_dask_worker`), the first SIGTERM or SIGINT is only
+noted in `STOP_REQUESTS`. The stages that can stop cleanly look at
 `stop_requested()`: training writes a checkpoint at the end of its step, filling an activation
 store stops with its shards written, a sweep member not yet started does not start. Each raises
 `Preempted`, and running the same command again continues. A second SIGINT exits at once.
 
 `saeflow stop RUN` asks for the same stop of a run's training from any process that sees the
 run's folder (another shell, another machine sharing the artifacts folder), where a signal
-cannot reach: the members of a sweep on Dask run in the workers' processes. `request_stop`
-writes `stop-request.json` into the run's folder, naming the process that holds the run's lock;
-training looks for it at step boundaries (`StopRequests`) and stops as on SIGTERM.
+cannot reach. `request_stop` writes `stop-request.json` into the run's folder, naming the
+process that holds the run's lock; training looks for it at step boundaries (`StopRequests`)
+and stops as on SIGTERM. A sweep on Dask, whose members run in the workers' processes, passes a
+stop on to them through a marker file in its folder, and its members note signals sent to
+their workers (`member_in_dask_worker`).
 """
 
 from __future__ import annotations
@@ -72,26 +74,64 @@ def stop_signals():
             signal.signal(s, handler)
 
 
-def note_stops_in_dask_worker() -> None:
-    """In a Dask worker's process, note SIGTERM/SIGINT from now on as `stop_signals` does, so that
-    a signal sent to the whole job (as Slurm sends it) stops the sweep members running there at a
-    safe point instead of killing them. The worker's main thread, which runs its event loop and
-    alone can set signal handlers, installs it, where SIGTERM has its default action (the worker
-    processes a nanny starts): a worker that is `dask worker --no-nanny`'s own process keeps
-    the handler with which Dask closes it. Outside a Dask worker it does nothing."""
+# A Dask worker's process: how many sweep members run in it, and the signal handlers that
+# `member_in_dask_worker` replaced while they run.
+_WORKER = {"members": 0, "replaced": {}}
+_WORKER_LOCK = threading.Lock()
+RESIGNAL_AFTER_S = 3.0
+# Each sweep member running in this process (a Dask worker), by run name: its sweep's marker
+# file, which the sweep's process writes when it is asked to stop (see `StopRequests`).
+SWEEP_STOPPED_MARKERS: dict[str, Path] = {}
+
+
+@contextlib.contextmanager
+def member_in_dask_worker(run_name: str, stopped_marker: Path):
+    """Run a sweep member in this Dask worker's process. Meanwhile SIGTERM/SIGINT are noted as
+    `stop_signals` notes them, so that a signal sent to the whole job (as Slurm sends it) stops
+    the member at a safe point instead of killing it; the worker's main thread, which runs its
+    event loop and alone can set handlers, installs this where SIGTERM has its default action (a
+    nanny's worker process; `dask worker --no-nanny`'s own process keeps Dask's handler). When
+    the last member ends, the handlers are put back, and a signal noted meanwhile is sent again a
+    few seconds later (after the member's result has reached the scheduler): the process ends as
+    it would have, after the checkpoint. Training also stops once the sweep's
+    process writes `stopped_marker`. Outside a Dask worker, only the marker counts."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
     except (ImportError, ValueError):  # not in a Dask worker
+        worker = None
+    SWEEP_STOPPED_MARKERS[run_name] = stopped_marker
+    with _WORKER_LOCK:
+        _WORKER["members"] += 1
+        first = _WORKER["members"] == 1
+    if worker is not None and first:
+        worker.loop.add_callback(_note_signals_in_worker)
+    try:
+        yield
+    finally:
+        SWEEP_STOPPED_MARKERS.pop(run_name, None)
+        with _WORKER_LOCK:
+            _WORKER["members"] -= 1
+            last = _WORKER["members"] == 0
+        if worker is not None and last:
+            worker.loop.add_callback(_restore_signals_in_worker, worker)
+
+
+def _note_signals_in_worker() -> None:
+    if threading.current_thread() is threading.main_thread() and not _WORKER["replaced"] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        STOP_REQUESTS.clear()
+        _WORKER["replaced"] = {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals_in_worker(worker) -> None:
+    if _WORKER["members"] or not _WORKER["replaced"]:  # another member started meanwhile
         return
-
-    def install() -> None:
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(s, _note_stop)
-
-    worker.loop.add_callback(install)
+    replaced, _WORKER["replaced"] = _WORKER["replaced"], {}
+    for s, handler in replaced.items():
+        signal.signal(s, handler)
+    if STOP_REQUESTS:  # once the member's result has reached the scheduler, which would run it again elsewhere
+        worker.loop.call_later(RESIGNAL_AFTER_S, os.kill, os.getpid(), signal.Signals[STOP_REQUESTS[0]])
 
 
 def stop_requested() -> str | None:
@@ -106,14 +146,21 @@ STOP_REQUEST_FILE = "stop-request.json"
 
 
 def lock_holder(lock: Path) -> str | None:
-    """Who holds the `exclusive_lock` at `lock` (what its holder wrote there), or None if nobody does."""
+    """Who holds the `exclusive_lock` at `lock` (what its holder wrote there), or None if nobody
+    does. (The probe holds a shared lock for an instant: a process taking the lock without
+    waiting at that very instant is refused as busy.)"""
     if not lock.is_file():
         return None
     with open(lock) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read().strip() or "another process"
+            for _ in range(50):  # the holder writes its name just after taking the lock
+                f.seek(0)
+                if holder := f.read().strip():
+                    return holder
+                time.sleep(0.01)
+            return "another process"
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
@@ -130,12 +177,14 @@ def request_stop(run_folder: Path, reason: str = "saeflow stop") -> str | None:
 
 
 class StopRequests:
-    """`request_stop` requests for the run in `run_folder`, looked for at most once a second (a
-    file's status on a shared filesystem can take a round trip). A request made for another
-    process of the run (an earlier one) is removed."""
+    """`request_stop` requests for the run in `run_folder`, and the stop of the sweep it is a
+    member of on Dask (`SWEEP_STOPPED_MARKERS`), looked for at most once a second (a file's
+    status on a shared filesystem can take a round trip). A request made for another process of
+    the run (an earlier one), or that cannot be read, is removed."""
 
     def __init__(self, run_folder: Path):
         self.request, self.lock = Path(run_folder) / STOP_REQUEST_FILE, Path(run_folder) / ".lock"
+        self.marker = SWEEP_STOPPED_MARKERS.get(Path(run_folder).name)
         self.next_look = 0.0
 
     def requested(self) -> str | None:
@@ -144,13 +193,19 @@ class StopRequests:
         if now < self.next_look:
             return None
         self.next_look = now + 1.0
+        if self.marker is not None and self.marker.is_file():
+            return self.marker.read_text() or "a stop of the sweep"
         if not self.request.is_file():
             return None
-        request = read_json(self.request)
-        if not self.lock.is_file() or request.get("holder") != self.lock.read_text().strip():
+        try:
+            request = read_json(self.request)
+            mine = self.lock.is_file() and request["holder"] == self.lock.read_text().strip()
+        except (OSError, ValueError, KeyError, TypeError):  # written by hand, or cut short
+            mine = False
+        if not mine:
             self.request.unlink(missing_ok=True)
             return None
-        return f"{request.get('reason', 'saeflow stop')} (from {request['by']})"
+        return f"{request.get('reason', 'saeflow stop')} (from {request.get('by', 'another process')})"
 
     def done(self) -> None:
         """The request is carried out: the next run of this name goes on."""

@@ -212,7 +212,7 @@ def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_conti
     assert summary["training"]["resumed_from_step"] == int(newest.name.removeprefix("step-"))
     assert_bitwise_equal(weights(summary), slow_reference)
     assert main(["stop", "stopped", "--artifacts-dir", str(artifacts)]) == 1
-    assert "run 'stopped' is not running" in capsys.readouterr().out
+    assert "run 'stopped' has finished training; nothing to stop" in capsys.readouterr().out
     assert main(["stop", "--artifacts-dir", str(artifacts)]) == 2
     assert main(["stop", "no-such-run", "--artifacts-dir", str(artifacts)]) == 2
     assert "no run 'no-such-run' in" in capsys.readouterr().err
@@ -233,6 +233,10 @@ def test_a_stop_request_made_for_an_earlier_process_of_the_run_is_dropped(tmp_pa
         assert requests.requested() is None  # looked less than a second ago
         requests.next_look = 0.0
         assert requests.requested().startswith(f"saeflow stop (from process {os.getpid()} on ")
+        for unreadable in ('{"holder": "process', "[]", "{}"):  # cut short, or written by hand
+            (tmp_path / STOP_REQUEST_FILE).write_text(unreadable)
+            requests.next_look = 0.0
+            assert requests.requested() is None and not (tmp_path / STOP_REQUEST_FILE).exists()
     assert lock_holder(tmp_path / ".lock") is None
 
 

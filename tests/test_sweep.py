@@ -72,37 +72,50 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
     assert [r.state.name for r in sweeps if r.parameters["artifacts_dir"] == str(artifacts)] == ["Crashed", "Completed"]
 
 
-def test_sigterm_to_a_dask_sweep_s_whole_job_checkpoints_its_members_and_the_rerun_resumes_them(prefect_server, tmp_path):
-    """A batch scheduler's SIGTERM to every process of the job (the sweep and its local Dask
-    cluster's worker processes): the members training on the workers write a checkpoint at the
-    end of their step and stop, the sweep reports them Stopped and exits 75, and run again it
-    resumes each from that checkpoint."""
+def test_sigterm_to_a_dask_sweep_or_to_its_whole_job_stops_the_members_at_a_safe_point(prefect_server, tmp_path):
+    """On Dask the members run in the workers' processes. SIGTERM to the sweep's process alone is
+    passed on to them through a marker file; SIGTERM to the whole job (the sweep and its local
+    cluster's worker processes, as a batch scheduler sends it) reaches the workers, which note it
+    while members run there. Either way each member writes a checkpoint at the end of its step,
+    the sweep reports it Stopped and exits 75, and the next run resumes it from that checkpoint."""
     sweep = write_sweep(tmp_path, {"l1_coefficient": [0.5, 1.0]})
     artifacts = tmp_path / "artifacts"
     command = [sys.executable, "-m", "flows.cli", "sweep", str(sweep), "--artifacts-dir", str(artifacts), "--dask-workers", "2"]
     command += ["--set", "training_tokens=262144", "--set", "n_checkpoints=4"]  # 64 steps, checkpoints after steps 13, 26, 39, 52
-    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while len({p.parents[1] for p in artifacts.glob("runs/*/checkpoints/step-*")}) < 2:
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGTERM)
-    output, _ = first.communicate(timeout=300)
-    assert first.returncode == 75, output
-    assert "sweep stopped by SIGTERM: the members marked Stopped stopped at a safe point" in output
-    rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
-    assert [r["state"] for r in rows] == ["Stopped", "Stopped"], rows
-    stops = {}
-    for row in rows:
-        match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+) written", row["error"])
-        assert match and Path(match[2]) == max((artifacts / "runs" / row["run"] / "checkpoints").glob("step-*")), row
-        stops[row["run"]] = Path(match[2]).name
-    assert not (artifacts / "sweeps" / "t" / "stopped").exists()
 
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stdout + second.stderr
-    for run, checkpoint in stops.items():
+    def stopped_by(send) -> dict[str, tuple[str, str]]:
+        """Start the sweep, `send` SIGTERM once each member has written a checkpoint in this run;
+        returns each member's stop: what stopped it and the checkpoint it wrote."""
+        before = set(artifacts.glob("runs/*/checkpoints/step-*"))
+        first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while len({p.parents[1] for p in set(artifacts.glob("runs/*/checkpoints/step-*")) - before}) < 2:
+            assert first.poll() is None, first.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        send(first)
+        output, _ = first.communicate(timeout=300)
+        assert first.returncode == 75, output
+        assert "sweep stopped by SIGTERM: the members marked Stopped stopped at a safe point" in output
+        rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
+        assert [r["state"] for r in rows] == ["Stopped", "Stopped"], rows
+        stops = {}
+        for row in rows:
+            match = re.search(r"stopped by (.+?) after step \d+; checkpoint (\S+) written", row["error"])
+            assert match and Path(match[2]) == max((artifacts / "runs" / row["run"] / "checkpoints").glob("step-*")), row
+            stops[row["run"]] = (match[1], Path(match[2]).name)
+        assert not (artifacts / "sweeps" / "t" / "stopped").exists()
+        return stops
+
+    to_the_sweep = stopped_by(lambda process: process.send_signal(signal.SIGTERM))
+    assert {why for why, _ in to_the_sweep.values()} == {"SIGTERM to the sweep"}
+    to_the_job = stopped_by(lambda process: os.killpg(process.pid, signal.SIGTERM))
+    assert {why for why, _ in to_the_job.values()} == {"SIGTERM"}
+    assert all(to_the_job[run][1] > to_the_sweep[run][1] for run in to_the_job)
+
+    last = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert last.returncode == 0, last.stdout + last.stderr
+    for run, (_, checkpoint) in to_the_job.items():
         summary = json.loads((artifacts / "runs" / run / "summary.json").read_text())
         assert f"step-{summary['training']['resumed_from_step']:09d}" == checkpoint
         assert summary["training"]["n_training_steps"] == 64
