@@ -16,8 +16,8 @@ share model, hook and data share one activation store: the first to get there fi
 others wait for it; members at different hooks of the same model and data get their stores
 filled together, from one model pass. Re-running a sweep finds the finished members cached and trains the rest. SIGTERM/SIGINT
 stops each member at its next safe point (training writes a checkpoint first): in threads at
-once; on Dask through the workers' own handlers (a signal to the whole job) or through files the
-sweep writes (a signal to its process alone).
+once; on Dask through the workers' own handlers (a signal to the whole job) or through a marker
+file the sweep writes (a signal to its process alone).
 The sweep writes `<artifacts>/sweeps/<name>/members.json` and `frontier.png` (L0 against
 explained variance and CE-loss score) and publishes a table artifact of every member's metrics.
 """
@@ -36,7 +36,7 @@ from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, write_json
+from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals
@@ -118,7 +118,7 @@ def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stoppe
 
     if stop := stop_requested() or (stopped_marker and _marked_stopped(Path(stopped_marker))):
         raise Preempted(f"not started: {stop} was received before it started")
-    with member_in_dask_worker(run_name, Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
+    with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
         return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
 
 
@@ -126,21 +126,28 @@ def _marked_stopped(marker: Path) -> str | None:
     return (marker.read_text() or "a stop of the sweep") if marker.is_file() else None
 
 
-def _mark_if_stopped(marker: Path) -> None:
-    """Write `marker` once this process is asked to stop: on Dask, members not started yet then do
-    not start, and running ones stop at their next safe point (`StopRequests`)."""
-    if (stop := stop_requested()) and not marker.is_file():
-        marker.write_text(f"{stop} to the sweep")
+@contextlib.contextmanager
+def _marking_a_stop(marker: Path):
+    """On Dask, where the members run in the workers' processes and this process's signals do
+    not reach them (a signal sent to the whole job does: `member_in_dask_worker`), a thread
+    writes `marker` within a second of this process being asked to stop: members not started yet
+    then do not start, and running ones stop at their next safe point (`StopRequests`)."""
+    import threading
 
+    ended = threading.Event()
 
-def _wait_marking_a_stop(futures: list, marker: Path) -> None:
-    """On Dask, wait for the members, which run in the workers' processes, where this process's
-    signals do not reach (a signal sent to the whole job reaches them: `member_in_dask_worker`),
-    checking each second whether this process was asked to stop (`_mark_if_stopped`)."""
-    for future in futures:
-        while not future.wrapped_future.done():
-            future.wait(timeout=1.0)
-            _mark_if_stopped(marker)
+    def watch() -> None:
+        while not ended.wait(1.0):
+            if (stop := stop_requested()) and not marker.is_file():
+                marker.write_text(f"{stop} to the sweep")
+
+    watcher = threading.Thread(target=watch, name="sweep-stop-marker", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        watcher.join()
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
@@ -182,14 +189,12 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
                 claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
         # Only this (the main) thread can handle signals: here SIGTERM asks each member to stop at
         # its next safe point (training: a checkpoint at the step boundary). Members in threads see
-        # it at once; on Dask it is relayed to them through files.
+        # it at once; on Dask the sweep writes a marker file that they look for.
         in_threads = isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner)
         marker = folder / STOPPED_MARKER
         marker.unlink(missing_ok=True)  # an earlier stop's
-        with stop_signals():
+        with stop_signals(), contextlib.nullcontext() if in_threads else _marking_a_stop(marker):
             futures = _run_members(members, names, artifacts_dir, None if in_threads else marker)
-            if not in_threads:
-                _wait_marking_a_stop(futures, marker)
             rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
         marker.unlink(missing_ok=True)
         write_json(folder / "members.json", rows)
@@ -214,8 +219,6 @@ def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir:
         if not any(i in indices for indices in waiting.values()):
             futures[i] = _submit_member(config, run_name, artifacts_dir, stopped_marker)
     for fill in as_completed([fill for fill, _ in fills]):  # failed or not: members fill what is missing
-        if stopped_marker is not None:
-            _mark_if_stopped(stopped_marker)
         for i in waiting[id(fill)]:
             futures[i] = _submit_member(members[i], names[i], artifacts_dir, stopped_marker)
     return [futures[i] for i in range(len(members))]

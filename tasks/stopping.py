@@ -78,30 +78,31 @@ def stop_signals():
 # `member_in_dask_worker` replaced while they run.
 _WORKER = {"members": 0, "replaced": {}}
 _WORKER_LOCK = threading.Lock()
-RESIGNAL_AFTER_S = 3.0
-# Each sweep member running in this process (a Dask worker), by run name: its sweep's marker
-# file, which the sweep's process writes when it is asked to stop (see `StopRequests`).
+# Each sweep member running in this process (a Dask worker), by its run folder: its sweep's
+# marker file, which the sweep's process writes when it is asked to stop (see `StopRequests`).
 SWEEP_STOPPED_MARKERS: dict[str, Path] = {}
 
 
 @contextlib.contextmanager
-def member_in_dask_worker(run_name: str, stopped_marker: Path):
-    """Run a sweep member in this Dask worker's process. Meanwhile SIGTERM/SIGINT are noted as
-    `stop_signals` notes them, so that a signal sent to the whole job (as Slurm sends it) stops
-    the member at a safe point instead of killing it; the worker's main thread, which runs its
-    event loop and alone can set handlers, installs this where SIGTERM has its default action (a
-    nanny's worker process; `dask worker --no-nanny`'s own process keeps Dask's handler). When
-    the last member ends, the handlers are put back, and a signal noted meanwhile is sent again a
-    few seconds later (after the member's result has reached the scheduler): the process ends as
-    it would have, after the checkpoint. Training also stops once the sweep's
-    process writes `stopped_marker`. Outside a Dask worker, only the marker counts."""
+def member_in_dask_worker(run_folder: Path, stopped_marker: Path):
+    """Run the sweep member whose run is `run_folder` in this Dask worker's process. Meanwhile
+    SIGTERM/SIGINT are noted as `stop_signals` notes them, so that a signal sent to the whole job
+    (as Slurm sends it) stops the member at a safe point instead of killing it; the worker's main
+    thread, which runs its event loop and alone can set handlers, installs this where SIGTERM
+    has its default action (a nanny's worker process; `dask worker --no-nanny`'s own process
+    keeps Dask's handler). When the last member ends, the handlers are put back and the noted
+    signal is forgotten: the worker lives on (killing it then would lose the members' results,
+    which Dask keeps in the worker until the sweep fetches them, and run them again), and a
+    signal after that acts as before. Training also stops once the sweep's process writes
+    `stopped_marker`. Outside a Dask worker, only the marker counts."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
     except (ImportError, ValueError):  # not in a Dask worker
         worker = None
-    SWEEP_STOPPED_MARKERS[run_name] = stopped_marker
+    key = str(Path(run_folder).resolve())
+    SWEEP_STOPPED_MARKERS[key] = stopped_marker
     with _WORKER_LOCK:
         _WORKER["members"] += 1
         first = _WORKER["members"] == 1
@@ -110,12 +111,12 @@ def member_in_dask_worker(run_name: str, stopped_marker: Path):
     try:
         yield
     finally:
-        SWEEP_STOPPED_MARKERS.pop(run_name, None)
+        SWEEP_STOPPED_MARKERS.pop(key, None)
         with _WORKER_LOCK:
             _WORKER["members"] -= 1
             last = _WORKER["members"] == 0
         if worker is not None and last:
-            worker.loop.add_callback(_restore_signals_in_worker, worker)
+            worker.loop.add_callback(_restore_signals_in_worker)
 
 
 def _note_signals_in_worker() -> None:
@@ -124,14 +125,13 @@ def _note_signals_in_worker() -> None:
         _WORKER["replaced"] = {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
-def _restore_signals_in_worker(worker) -> None:
+def _restore_signals_in_worker() -> None:
     if _WORKER["members"] or not _WORKER["replaced"]:  # another member started meanwhile
         return
     replaced, _WORKER["replaced"] = _WORKER["replaced"], {}
     for s, handler in replaced.items():
         signal.signal(s, handler)
-    if STOP_REQUESTS:  # once the member's result has reached the scheduler, which would run it again elsewhere
-        worker.loop.call_later(RESIGNAL_AFTER_S, os.kill, os.getpid(), signal.Signals[STOP_REQUESTS[0]])
+    STOP_REQUESTS.clear()
 
 
 def stop_requested() -> str | None:
@@ -184,7 +184,7 @@ class StopRequests:
 
     def __init__(self, run_folder: Path):
         self.request, self.lock = Path(run_folder) / STOP_REQUEST_FILE, Path(run_folder) / ".lock"
-        self.marker = SWEEP_STOPPED_MARKERS.get(Path(run_folder).name)
+        self.marker = SWEEP_STOPPED_MARKERS.get(str(Path(run_folder).resolve()))
         self.next_look = 0.0
 
     def requested(self) -> str | None:
