@@ -39,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
 from tasks.preflight import claim_run, default_run_name, resolve
-from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals
+from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals, sweep_stopped_by
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -116,14 +116,10 @@ def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stoppe
     (a signal to this process, or, on Dask, `stopped_marker` written by the sweep's process)."""
     from flows.pipeline import pipeline_for
 
-    if stop := stop_requested() or (stopped_marker and _marked_stopped(Path(stopped_marker))):
+    if stop := stop_requested() or (stopped_marker and sweep_stopped_by(Path(stopped_marker))):
         raise Preempted(f"not started: {stop} was received before it started")
     with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
         return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
-
-
-def _marked_stopped(marker: Path) -> str | None:
-    return (marker.read_text() or "a stop of the sweep") if marker.is_file() else None
 
 
 @contextlib.contextmanager

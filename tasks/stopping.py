@@ -119,6 +119,11 @@ def member_in_dask_worker(run_folder: Path, stopped_marker: Path):
             worker.loop.add_callback(_restore_signals_in_worker)
 
 
+def sweep_stopped_by(marker: Path) -> str | None:
+    """What stopped the sweep whose marker file is `marker` (its text), or None if it was not."""
+    return (marker.read_text() or "a stop of the sweep") if marker.is_file() else None
+
+
 def _note_signals_in_worker() -> None:
     if threading.current_thread() is threading.main_thread() and not _WORKER["replaced"] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         STOP_REQUESTS.clear()
@@ -193,8 +198,8 @@ class StopRequests:
         if now < self.next_look:
             return None
         self.next_look = now + 1.0
-        if self.marker is not None and self.marker.is_file():
-            return self.marker.read_text() or "a stop of the sweep"
+        if self.marker is not None and (stop := sweep_stopped_by(self.marker)):
+            return stop
         if not self.request.is_file():
             return None
         try:
