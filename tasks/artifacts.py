@@ -165,21 +165,31 @@ class Busy(RuntimeError):
     """Another process holds the lock of a run or an activation store."""
 
 
+# How long a lock taken without waiting is tried: `lock_holder` (`saeflow stop`) probes a run's
+# lock by holding it shared for an instant, which must not make the run's start look busy.
+LOCK_PATIENCE_SECONDS = 0.2
+# How often a waiting lock is tried again, and a stop of this process looked for meanwhile.
+LOCK_POLL_SECONDS = 0.5
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, what: str, wait: bool, hint: str = "wait for it to finish, or start a new run with --new") -> Iterator[None]:
     """Hold an exclusive lock on `path` (flock, released if the process dies). With `wait`, wait
-    for the holder to finish; without, raise Busy naming the holder, and `hint`."""
+    for the holder to finish, unless this process is asked to stop meanwhile (`stop_requested`:
+    raises `Preempted`); without, raise Busy naming the holder, and `hint`."""
+    from tasks.stopping import Preempted, stop_requested
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(f, LOCK_PATIENCE_SECONDS):
             f.seek(0)
             holder = f.read().strip() or "another process"
             if not wait:
                 raise Busy(f"{what} is in use by {holder}; {hint}") from None
             _log_info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
-            fcntl.flock(f, fcntl.LOCK_EX)
+            while not _try_lock(f, LOCK_POLL_SECONDS):
+                if stop := stop_requested():  # a sweep's member waiting for a store another process fills
+                    raise Preempted(f"stopped by {stop} while waiting for {what}, in use by {holder}; running again continues")
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -188,6 +198,19 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = "wait for it t
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _try_lock(f, seconds: float) -> bool:
+    """Take the exclusive flock of the open file `f`, trying for up to `seconds`."""
+    give_up = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                return False
+            time.sleep(0.01)
 
 
 def _log_info(message: str) -> None:

@@ -152,8 +152,7 @@ STOP_REQUEST_FILE = "stop-request.json"
 
 def lock_holder(lock: Path) -> str | None:
     """Who holds the `exclusive_lock` at `lock` (what its holder wrote there), or None if nobody
-    does. (The probe holds a shared lock for an instant: a process taking the lock without
-    waiting at that very instant is refused as busy.)"""
+    does. (The probe holds a shared lock for an instant, which `exclusive_lock` outlasts.)"""
     if not lock.is_file():
         return None
     with open(lock) as f:

@@ -604,3 +604,62 @@ def test_waiting_for_a_lock_says_who_holds_it(tmp_path, caplog):
         pass
     thread.join()
     assert f"Waiting for activation store S, in use by process {os.getpid()}" in caplog.text
+
+
+def test_waiting_for_a_lock_ends_when_the_process_is_asked_to_stop(tmp_path):
+    """A sweep's member waiting for a store that another process fills stops with the sweep,
+    instead of holding the whole job until that fill ends."""
+    import threading
+
+    from tasks.stopping import Preempted, stop_signals
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with exclusive_lock(tmp_path / ".lock", "activation store S", wait=False):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        with stop_signals(), pytest.raises(Preempted, match=r"stopped by SIGTERM while waiting for activation store S, in use by process \d+ on "):
+            with exclusive_lock(tmp_path / ".lock", "activation store S", wait=True):
+                pass
+        assert thread.is_alive()  # the holder was not waited for
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_run_starting_while_saeflow_stop_probes_its_lock_is_not_refused(tmp_path):
+    """`lock_holder` holds the lock shared for an instant; a start at that instant outlasts it,
+    while a lock that stays held is refused as busy."""
+    import fcntl
+    import threading
+
+    from tasks.artifacts import Busy
+
+    lock = tmp_path / ".lock"
+    lock.touch()
+
+    def probe(seconds, probing):
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            probing.set()
+            time.sleep(seconds)
+
+    for seconds, refused in ((0.05, False), (1.0, True)):
+        probing = threading.Event()
+        thread = threading.Thread(target=probe, args=(seconds, probing))
+        thread.start()
+        probing.wait(10)
+        try:
+            with exclusive_lock(lock, "run 'r'", wait=False):
+                taken = True
+        except Busy:
+            taken = False
+        thread.join()
+        assert taken is not refused, seconds
