@@ -581,11 +581,12 @@ class StoreRows:
         return torch.empty_like(gathered).index_copy_(0, order, gathered)
 
 
-def _streaming_source(store_ref: dict[str, Any]):
-    """The model, the token contexts and the spec of a streaming (tokens-only) store."""
+def _streaming_source(store_ref: dict[str, Any], device: str):
+    """The model on `device`, the token contexts and the spec of a streaming (tokens-only) store,
+    with `device` as its device (the store may have been made on another GPU of the kind)."""
     from tasks.model import load_model
 
-    spec = read_json(Path(store_ref["path"]) / "manifest.json")["spec"]
+    spec = {**read_json(Path(store_ref["path"]) / "manifest.json")["spec"], "device": device}
     _, tokens = load_store(store_ref)
     model = load_model(store_ref["model"], spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
     return model, tokens.reshape(-1, spec["context_size"]), spec
@@ -598,21 +599,21 @@ def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chun
     if store_ref.get("mode") == "streaming":
         from tasks.streaming import StreamedBatches
 
-        model, contexts, spec = _streaming_source(store_ref)
+        model, contexts, spec = _streaming_source(store_ref, device)
         return StreamedBatches(model, contexts, spec, batch_size, seed, chunk_contexts)
     return ShuffledBatches(StoreRows(store_ref), batch_size, seed, device=device)
 
 
-def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batch_rows: int) -> Iterator[torch.Tensor]:
+def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batch_rows: int, device: str = "cpu") -> Iterator[torch.Tensor]:
     """About `n` activation rows drawn at random (seeded), in batches of `batch_rows` (the last
     may be shorter): single rows from a cached store, in ascending order, read a batch at a time;
-    whole contexts from a streaming one, made by the model `store_batch_size_prompts` at a time.
-    Only a batch or two is held at once, never all `n` rows."""
+    whole contexts from a streaming one, made by the model on `device` `store_batch_size_prompts`
+    at a time. Only a batch or two is held at once, never all `n` rows."""
     generator = torch.Generator().manual_seed(seed)
     if store_ref.get("mode") == "streaming":
         from tasks.streaming import activation_batches
 
-        model, contexts, spec = _streaming_source(store_ref)
+        model, contexts, spec = _streaming_source(store_ref, device)
         picked = torch.randperm(len(contexts), generator=generator)[: -(-n // spec["context_size"])].sort().values
         yield from rebatch(activation_batches(model, contexts[picked], spec), batch_rows)
         return

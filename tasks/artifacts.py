@@ -27,7 +27,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from tasks.config import stable_hash
+from tasks.config import device_kind, stable_hash
 
 RESULTS_DIRNAME = "prefect-results"
 
@@ -137,12 +137,13 @@ def verify_manifest(folder: Path) -> dict[str, Any] | None:
 
 def keyed_folder(parent: Path, spec: dict[str, Any]) -> Path:
     """The folder under `parent` of what `spec` determines (a token folder, an activation store):
-    `<hash of spec>`, or else one that an earlier saeflow made for the same contents under a key
-    that also held the run's seed (for every dataset; it now counts only for the built-in one):
-    a complete one first (a seed sweep left one per seed), then one a killed fill left half done.
-    Such a folder is used where it is: moving it could pull it from under a run reading it."""
-    out = parent / stable_hash(spec, 16)
-    if "seed" in spec or (out / "manifest.json").exists():
+    `<hash of spec>` (with its device by kind, `folder_key`), or else one that an earlier saeflow
+    made for the same contents under another key: one that also held the run's seed (for every
+    dataset; it now counts only for the built-in one), or the device's index. Of those, a complete
+    one first (a seed sweep left one per seed), then one a killed fill left half done. Such a
+    folder is used where it is: moving it could pull it from under a run reading it."""
+    out = parent / stable_hash(folder_key(spec), 16)
+    if (out / "manifest.json").exists():
         return out
     earlier = []
     for path in sorted(parent.glob("*/manifest.json")):
@@ -150,14 +151,23 @@ def keyed_folder(parent: Path, spec: dict[str, Any]) -> Path:
             continue
         manifest = read_json(path)
         stored = manifest.get("spec")
-        if isinstance(stored, dict) and "seed" in stored and same_contents(stored, spec):
+        if isinstance(stored, dict) and same_contents(stored, spec):
             earlier.append((not manifest.get("complete", True), path.parent))  # token folders are complete once listed
     return min(earlier)[1] if earlier else out
 
 
+def folder_key(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the key of `spec`'s folder hashes: the spec, with a device by its kind only (GPUs of
+    one kind make the same activations, so a job requeued from cuda:3 onto cuda:0, or sweep
+    members on several GPUs, share a store)."""
+    return {**spec, "device": device_kind(spec["device"])} if "device" in spec else spec
+
+
 def same_contents(stored_spec: dict[str, Any], spec: dict[str, Any]) -> bool:
-    """Whether a folder made for `stored_spec` holds what `spec` asks for: the same spec, or one that
-    only adds the seed an earlier saeflow put into every key (see `keyed_folder`)."""
+    """Whether a folder made for `stored_spec` holds what `spec` asks for: the same spec but for the
+    device's index, or one that only adds the seed an earlier saeflow put into every key (see
+    `keyed_folder`)."""
+    stored_spec, spec = folder_key(stored_spec), folder_key(spec)
     return stored_spec == spec or ("seed" not in spec and {k: v for k, v in stored_spec.items() if k != "seed"} == spec)
 
 

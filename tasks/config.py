@@ -387,6 +387,11 @@ def hook_layer_of(hook_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def device_kind(device: str) -> str:
+    """A device's kind, without its index: "cuda:3" -> "cuda"."""
+    return str(device).split(":")[0]
+
+
 def stable_hash(value: Any, length: int = 12) -> str:
     """A short hash of a JSON-able value, stable across runs and machines."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

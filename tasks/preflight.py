@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
-from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, hook_layer_of, stable_hash
+from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, device_kind, hook_layer_of, stable_hash
 
 
 def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
@@ -372,5 +372,5 @@ def _changed_fields(previous: dict, current: dict) -> list[str]:
     (a job requeued from cuda:3 onto a machine's cuda:0 trains alike)."""
     previous, current = _default_fields() | previous, _default_fields() | current
     for fields in (previous, current):
-        fields["device"] = str(fields["device"]).split(":")[0]
+        fields["device"] = device_kind(fields["device"])
     return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))

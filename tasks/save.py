@@ -57,7 +57,7 @@ def save_sae(
         with atomic_dir(out, replace=manifest is not None) as tmp:
             trained.save_inference_model(tmp)
             sae = SAE.load_from_disk(tmp, device=device)
-            frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH))
+            frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH, device))
             save_file({"sparsity": torch.log10(frequency + LOG_EPS)}, tmp / "sparsity.safetensors")
             write_manifest(
                 tmp,

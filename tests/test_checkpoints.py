@@ -386,4 +386,23 @@ def test_of_several_earlier_seeded_folders_a_complete_one_is_used_and_no_write_s
     earlier("3333", 3, complete=True)
     assert keyed_folder(tmp_path, spec) == whole
     assert keyed_folder(tmp_path, {**spec, "n_tokens": 8192}).parent == tmp_path and not keyed_folder(tmp_path, {**spec, "n_tokens": 8192}).exists()
-    assert keyed_folder(tmp_path, {**spec, "seed": 1}) == tmp_path / stable_hash({**spec, "seed": 1}, 16)  # the built-in dataset keeps its seed
+    # the built-in dataset keeps its seed: only a folder of that seed counts
+    assert keyed_folder(tmp_path, {**spec, "seed": 2}) == whole
+    assert keyed_folder(tmp_path, {**spec, "seed": 4}) == tmp_path / stable_hash({**spec, "seed": 4}, 16)
+
+
+def test_a_store_is_found_from_every_gpu_of_its_kind_also_under_an_earlier_key_with_the_index(tmp_path):
+    """A job requeued from cuda:3 onto cuda:0, or sweep members on several GPUs, use one store; an
+    earlier saeflow keyed it by the device string, and that folder is found where it is."""
+    from tasks.artifacts import keyed_folder, same_contents, write_json
+    from tasks.config import stable_hash
+
+    spec = {"dataset_path": "data.jsonl", "n_tokens": 4096, "device": "cuda:3"}
+    on = {device: {**spec, "device": device} for device in ("cuda", "cuda:0", "cpu")}
+    assert keyed_folder(tmp_path, spec) == keyed_folder(tmp_path, on["cuda:0"]) == keyed_folder(tmp_path, on["cuda"])
+    assert keyed_folder(tmp_path, on["cpu"]) != keyed_folder(tmp_path, spec)
+    assert same_contents(spec, on["cuda:0"]) and not same_contents(spec, on["cpu"])
+    earlier = tmp_path / stable_hash(spec, 16)
+    write_json(earlier / "manifest.json", {"spec": spec, "complete": False})
+    assert keyed_folder(tmp_path, on["cuda:0"]) == keyed_folder(tmp_path, spec) == earlier
+    assert keyed_folder(tmp_path, on["cpu"]) == tmp_path / stable_hash(on["cpu"], 16)

@@ -55,6 +55,27 @@ def test_streaming_differs_from_cached_only_in_data_order(streaming_reference, t
     assert first.shape == (512, 32) and not torch.equal(first, fifth)
 
 
+def test_a_streaming_store_made_on_another_gpu_makes_activations_on_the_device_it_is_given(streaming_reference, tmp_path):
+    """A job requeued from cuda:3 onto cuda:0 finds its store (keyed by the device's kind), whose
+    spec names cuda:3: training and the sparsity count make the activations where they run."""
+    import shutil
+
+    from tasks.activations import sample_activation_batches, training_batches
+    from tasks.artifacts import read_json, write_json
+
+    summary, _ = streaming_reference
+    store = summary["activations"]
+    moved = {**store, "path": str(tmp_path / "store")}
+    shutil.copytree(store["path"], moved["path"])
+    manifest = read_json(tmp_path / "store" / "manifest.json")
+    assert manifest["spec"]["device"] == "cpu"
+    write_json(tmp_path / "store" / "manifest.json", {**manifest, "spec": {**manifest["spec"], "device": "cuda:3"}})
+    batches = [training_batches(s, 512, seed=42, chunk_contexts=64, device="cpu") for s in (store, moved)]
+    assert torch.equal(next(batches[0]), next(batches[1]))
+    samples = [next(sample_activation_batches(s, 3000, 42, 1000, device="cpu")) for s in (store, moved)]
+    assert samples[0].shape == (1000, 32) and torch.equal(samples[0], samples[1])
+
+
 def test_streaming_sparsity_is_counted_a_model_batch_at_a_time_as_over_all_contexts_at_once(streaming_reference):
     from sae_lens import SAE
     from safetensors.torch import load_file
@@ -66,7 +87,7 @@ def test_streaming_sparsity_is_counted_a_model_batch_at_a_time_as_over_all_conte
 
     summary, _ = streaming_reference
     store, sae = summary["activations"], SAE.load_from_disk(summary["sae"]["path"])
-    model, contexts, spec = _streaming_source(store)
+    model, contexts, spec = _streaming_source(store, "cpu")
     for n, batch in [(1_000_000, ENCODE_BATCH), (3000, 1000)]:  # all contexts; 94 contexts in batches across model batches
         picked = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(42))[: -(-n // spec["context_size"])].sort().values
         expected = unchunked_frequency(sae, activations_for(model, contexts[picked], spec), batch)
