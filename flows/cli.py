@@ -241,7 +241,7 @@ def _analyze(args) -> int:
     missing = missing_device(device)
     if missing:
         raise ConfigError(f"run '{args.run}' {'is analysed' if args.device else 'was trained'} on {device}, but {missing}; add --device cpu")
-    model = load_model(summary["model"], device, processed=True, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
+    model = load_model(summary["model"], device, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
     sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
     for prompt in args.prompt:
         result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logger)

@@ -5,7 +5,8 @@ and a feature dashboard, `<run>/dashboard.html`.
    at the hook, encoded by the SAE, `topk` over features.
 2. For the features found in (1), the tokens each one promotes and inhibits most through its
    direct path to the logits, `W_dec @ W_U` (through `W_out` or `W_O` first for MLP-neuron and
-   per-head hooks). The model is loaded with its layer norms folded, as the guide requires.
+   per-head hooks), through the final norm's gain and with the unembedding centred: what the
+   guide's model with folded layer norms gives, read off the model that made the activations.
 3. The dashboard: for those features and then the most frequent ones (`dashboard_features` in
    all), the held-out contexts where each fires hardest, with the activating tokens highlighted,
    next to the tokens it promotes and inhibits.
@@ -22,7 +23,7 @@ import torch
 from tasks.artifacts import output_hashes, stage, write_json
 from tasks.config import ConfigError, RunConfig
 
-STAGE_VERSION = 3  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token
+STAGE_VERSION = 4  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token; 4: the model as trained, `unembed_directions`
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -87,13 +88,13 @@ def top_features_for_prompt(model, sae, prompt: str, token_index: int, k: int, c
 def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[str, Any]], list[int] | None]:
     """Top promoted and inhibited tokens of each of `features` through `W_dec @ W_U`, and the
     projection's shape `(d_sae, d_vocab)`; empty when the hook has no direct path to the logits."""
-    from tasks.model import residual_directions
+    from tasks.model import residual_directions, unembed_directions
 
     directions = residual_directions(model, sae.W_dec.to(model.W_U.dtype), sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
     if directions is None:
         return [], None
     # Only the rows asked for: the whole [d_sae, d_vocab] projection of a large SAE takes tens of GB.
-    rows = directions[features] @ model.W_U
+    rows = unembed_directions(model, directions[features])
     effects = []
     for feature, row in zip(features, rows):
         top, bottom = torch.topk(row, k), torch.topk(-row, k)
@@ -200,7 +201,7 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
     from tasks.model import load_model
 
     logger = get_run_logger()
-    model = load_model(model_ref, spec["device"], processed=True, from_pretrained_kwargs=spec["model_from_pretrained_kwargs"])
+    model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["model_from_pretrained_kwargs"])
     sae, sparsity = open_sae(sae_ref["source"], spec["device"])
     sae.eval()
     prompts = [

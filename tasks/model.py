@@ -377,38 +377,24 @@ def select_cuda_device(device: str) -> None:
         torch.cuda.set_device(target)
 
 
-def load_model(model_ref: dict[str, Any], device: str, processed: bool = False, from_pretrained_kwargs: dict | None = None):
-    """Load the model a `build_model` result describes.
-
-    `processed=False` gives the weights exactly as trained (used to make activations).
-    `processed=True` folds the layer norms into the following weights and centres the unembedding,
-    as the guide's `W_dec @ W_U` analysis needs, but neither centres the weights that write to the
-    residual stream nor folds the value biases into the output bias, so hook activations
-    (`attn.hook_z` included) stay the ones the SAE was trained on.
-    """
+def load_model(model_ref: dict[str, Any], device: str, from_pretrained_kwargs: dict | None = None):
+    """Load the model a `build_model` result describes, with its weights exactly as trained (no
+    layer norm folded, nothing centred): the model that makes the activations, and the one the
+    analysis reads them from (`unembed_directions` gives `W_dec @ W_U` as the folded model would)."""
     from transformer_lens import HookedTransformer
 
     kwargs = dict(from_pretrained_kwargs or {})
     if model_ref["kind"] == "pretrained":
-        if processed:
-            kwargs.setdefault("center_writing_weights", False)
-            kwargs.setdefault("fold_value_biases", False)
-            return HookedTransformer.from_pretrained(model_ref["name"], device=device, **kwargs)
         return HookedTransformer.from_pretrained_no_processing(model_ref["name"], device=device, **kwargs)
     if model_ref["kind"] == "checkpoint":
         model, state_dict = _checkpoint_model(model_ref, device, kwargs)
-    else:
-        folder = Path(model_ref["path"])
-        info = read_json(folder / "model.json")
-        tokenizer = load_tokenizer(folder / "tokenizer")
-        model = _local_model(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], device), tokenizer)
-        state_dict = load_file(folder / "model.safetensors", device=device)
-    if processed:
-        model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False, center_unembed=True, fold_value_biases=False)
-    elif model_ref["kind"] == "checkpoint":  # TransformerLens fills in what converted weights lack (zero biases)
+        # TransformerLens fills in what converted weights lack (zero biases)
         model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    else:
-        model.load_state_dict(state_dict)
+        return model.eval()
+    folder = Path(model_ref["path"])
+    info = read_json(folder / "model.json")
+    model = _local_model(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], device), load_tokenizer(folder / "tokenizer"))
+    model.load_state_dict(load_file(folder / "model.safetensors", device=device))
     return model.eval()
 
 
@@ -557,17 +543,24 @@ def hooks_activations(model, tokens: torch.Tensor, hooks: list[tuple[str, int | 
 
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed")
+# Columns of W_U turned into float32 at a time (a bf16 model's whole W_U in float32 can take GBs).
+UNEMBED_CHUNK = 32768
 
 
 def residual_directions(model, W_dec: torch.Tensor, hook_name: str, hook_head_index: int | None) -> torch.Tensor | None:
     """Each feature's decoder direction written into the residual stream `[d_sae, d_model]`, so
-    that `@ model.W_U` gives its direct effect on the logits. None for hooks that do not write to
-    the residual stream through one known matrix."""
+    that `unembed_directions` gives its direct effect on the logits. None for hooks that do not
+    write to the residual stream through one known matrix: a sublayer's hook_z or hook_post
+    where a norm follows the sublayer (Gemma 2/3's `ln*_post`, OLMo 2/3's post-norm)."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
     from tasks.config import hook_layer_of
 
     layer = hook_layer_of(hook_name)
     if hook_name.endswith(RESIDUAL_HOOKS):
         return W_dec
+    if model.cfg.use_normalization_before_and_after or model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return None
     if hook_name.endswith("mlp.hook_post"):
         return W_dec @ model.blocks[layer].mlp.W_out
     if hook_name.endswith("attn.hook_z"):
@@ -576,3 +569,19 @@ def residual_directions(model, W_dec: torch.Tensor, hook_name: str, hook_head_in
             return W_dec @ W_O[hook_head_index]
         return W_dec @ W_O.reshape(-1, W_O.shape[-1])
     return None
+
+
+def unembed_directions(model, directions: torch.Tensor) -> torch.Tensor:
+    """The direct effect on the logits `[n, d_vocab]` of residual-stream `directions` `[n, d_model]`,
+    in float32: through the final norm's gain (a LayerNorm also takes out the mean across
+    d_model) and `W_U`, centred across the vocabulary. This is `directions @ W_U` of the model
+    loaded with its layer norms folded and its unembedding centred (the guide's `from_pretrained`),
+    without changing the model whose hooks the SAE reads."""
+    directions = directions.float()
+    if model.cfg.normalization_type == "LN":
+        directions = directions - directions.mean(-1, keepdim=True)
+    if model.cfg.normalization_type in ("LN", "RMS"):
+        directions = directions * model.ln_final.w.float()
+    W_U = model.W_U
+    logits = torch.cat([directions @ W_U[:, i : i + UNEMBED_CHUNK].float() for i in range(0, W_U.shape[1], UNEMBED_CHUNK)], dim=1)
+    return logits - logits.mean(-1, keepdim=True)

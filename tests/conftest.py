@@ -99,6 +99,30 @@ def finished_run(prefect_server, tmp_path_factory):
     return {"cfg": resolve(tiny_config()), "artifacts": artifacts, "name": summary["run_name"], "state": state, "summary": summary}
 
 
+def with_random_norms(model):
+    """A copy of `model` with random gains and biases in its norms (a trained model's are not 1 and 0)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("ln") or ".ln" in name:
+                param.copy_(1 + 0.5 * torch.randn_like(param) if name.endswith(".w") else torch.randn_like(param))
+    return model
+
+
+def folded(model):
+    """A copy of `model` as the guide loads it for `W_dec @ W_U`: its layer norms folded and its
+    unembedding centred, by TransformerLens."""
+    import copy
+
+    copied = copy.deepcopy(model)
+    copied.load_and_process_state_dict(model.state_dict(), fold_ln=True, center_writing_weights=False, center_unembed=True, fold_value_biases=False)
+    return copied
+
+
 def start_failing_once(cfg, artifacts, run_name: str, monkeypatch, batch: int = 30) -> dict:
     """Run `cfg` with one retry while training fails once, as an out-of-memory error would, when
     it asks for `batch`, however it reads its batches (in the loop, by worker processes or on a

@@ -16,7 +16,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import start, task_states, tiny_config
+from conftest import folded, start, task_states, tiny_config, with_random_norms
 from tasks.config import ConfigError
 from tasks.data import generate_stories
 from tasks.model import build_model, load_model, model_spec, train_word_tokenizer
@@ -141,7 +141,7 @@ def checkpoint_config(folder: Path, **overrides):
 def test_checkpoint_loads_offline_and_matches_the_transformers_logits(checkpoints, name, tmp_path, no_network):
     from transformers import AutoModelForCausalLM
 
-    from tasks.model import hook_activations
+    from tasks.model import unembed_directions
 
     folder = checkpoints[name]
     model_ref = build_model.fn(model_spec(checkpoint_config(folder)), str(tmp_path))
@@ -161,12 +161,13 @@ def test_checkpoint_loads_offline_and_matches_the_transformers_logits(checkpoint
     assert expected.abs().max() > 1  # logits of a size where a conversion error would show
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
-    # the analysis model (layer norms folded, unembedding centred): same predictions, same hook activations
-    processed = load_model(model_ref, "cpu", processed=True)
+    # the analysis's W_dec @ W_U, read off this model, is that of the guide's model with its norms folded
+    model = with_random_norms(model)
+    reference = folded(model)
+    directions = torch.randn(5, model.cfg.d_model)
     with torch.no_grad():
-        torch.testing.assert_close(processed(tokens).log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=1e-4)
-        for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"):
-            torch.testing.assert_close(hook_activations(processed, tokens, hook, None), hook_activations(model, tokens, hook, None), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reference(tokens).log_softmax(-1), model(tokens).log_softmax(-1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(unembed_directions(model, directions), directions @ reference.W_U, atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_preflight_reads_widths_and_the_files_key_the_run(checkpoints, tmp_path):

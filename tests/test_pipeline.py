@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import conftest
-from conftest import task_states, tiny_config
+from conftest import folded, with_random_norms, task_states, tiny_config
 
 STAGES = ["build-model", "pretokenise", "fill-activations", "train-sae", "save-sae", "load-sae", "evaluate", "analyse", "report"]
 
@@ -28,7 +28,7 @@ def models(finished_run):
 
     summary = finished_run["summary"]
     sae = SAE.load_from_disk(summary["sae"]["path"])
-    return load_model(summary["model"], "cpu", processed=True), sae
+    return load_model(summary["model"], "cpu"), sae
 
 
 def test_full_training_cycle_writes_checkpoints_and_trains_every_token(finished_run):
@@ -83,43 +83,83 @@ def test_top_features_for_a_prompt_match_an_independent_computation(finished_run
     assert all(f["activation"] > 0 for f in prompt["top_features"])
 
 
-@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"])
-def test_analysis_model_keeps_the_training_activations(finished_run, tmp_path, hook):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from tasks.model import hook_activations, load_model
-
-    # Trained models have non-zero value biases (random local ones start at zero): give it some.
-    model_ref = dict(finished_run["summary"]["model"], path=str(tmp_path / "model"))
-    shutil.copytree(finished_run["summary"]["model"]["path"], model_ref["path"])
-    weights = load_file(Path(model_ref["path"]) / "model.safetensors")
-    for name in [k for k in weights if k.endswith("attn.b_V")]:
-        weights[name] = torch.randn_like(weights[name])
-    save_file(weights, Path(model_ref["path"]) / "model.safetensors")
-
-    raw = load_model(model_ref, "cpu", processed=False)
-    processed = load_model(model_ref, "cpu", processed=True)
-    tokens = raw.to_tokens("Tom saw a blue fox near the lake .")
-    with torch.no_grad():
-        a = hook_activations(raw, tokens, hook, None)
-        b = hook_activations(processed, tokens, hook, None)
-    assert torch.allclose(a, b, atol=1e-5)
-
-
 def test_logit_analysis_uses_W_dec_times_W_U(finished_run, models):
+    """The analysis reads `W_dec @ W_U` of the guide's model, whose layer norms TransformerLens
+    folded (the tiny model's norms are still 1 and 0; the next test gives them other values)."""
     model, sae = models
     analysis = json.loads(Path(finished_run["summary"]["analysis"]["path"]).read_text())
     assert analysis["projection_shape"] == [sae.cfg.d_sae, model.cfg.d_vocab]
     fired = {f["feature"] for p in analysis["prompts"] for f in p["top_features"] if f["activation"] > 0}
     assert {e["feature"] for e in analysis["logit_effects"]} == fired
-    projection = sae.W_dec @ model.W_U
+    projection = sae.W_dec @ folded(model).W_U
     effect = analysis["logit_effects"][0]
     row = projection[effect["feature"]]
     assert [e["token"] for e in effect["promoted"]] == [model.to_string(i) for i in torch.topk(row, 5).indices]
     assert [e["token"] for e in effect["inhibited"]] == [model.to_string(i) for i in torch.topk(-row, 5).indices]
     assert effect["promoted"][0]["logit"] == pytest.approx(row.max().item(), rel=1e-5)
+
+
+def test_unembed_directions_equal_W_U_of_the_model_with_its_layer_norms_folded(models):
+    from tasks.model import unembed_directions
+
+    model, sae = models
+    model = with_random_norms(model)
+    reference = folded(model)
+    assert model.cfg.normalization_type == "LN" and reference.cfg.normalization_type == "LNPre"
+    with torch.no_grad():
+        expected = sae.W_dec @ reference.W_U
+        torch.testing.assert_close(unembed_directions(model, sae.W_dec), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(sae.W_dec @ model.W_U, expected, atol=1e-2)  # the gains and centring matter
+
+
+@pytest.mark.parametrize(("hook", "head", "out"), [
+    ("blocks.1.attn.hook_z", None, "blocks.1.hook_attn_out"),
+    ("blocks.1.attn.hook_z", 1, "blocks.1.hook_attn_out"),
+    ("blocks.1.mlp.hook_post", None, "blocks.1.hook_mlp_out"),
+])
+def test_residual_directions_are_what_a_decoder_row_adds_to_the_residual_stream(models, hook, head, out):
+    """Adding feature f's decoder row at the SAE's hook adds `residual_directions(...)[f]` to the
+    sublayer's output, at every position."""
+    from tasks.model import residual_directions
+
+    model, _ = models
+    tokens = model.to_tokens("Tom saw a blue fox near the lake .")
+    _, cache = model.run_with_cache(tokens, names_filter=[hook, out])
+    acts = cache[hook][0, 0]
+    d_in = acts[head].numel() if head is not None else acts.numel()
+    W_dec = torch.randn(3, d_in, generator=torch.Generator().manual_seed(0))
+    directions = residual_directions(model, W_dec, hook, head)
+    for feature in range(len(W_dec)):
+        def add(value, hook):
+            if head is None:
+                return value + W_dec[feature].reshape(value.shape[2:])
+            value = value.clone()
+            value[:, :, head] += W_dec[feature]
+            return value
+
+        with torch.no_grad():
+            captured = {}
+            model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(hook, add), (out, lambda value, hook: captured.setdefault("out", value))])
+        torch.testing.assert_close(captured["out"] - cache[out], directions[feature].expand_as(cache[out]), atol=1e-4, rtol=1e-4)
+
+
+def test_no_direct_path_is_claimed_through_a_norm_that_follows_a_sublayer():
+    """Gemma 2/3 normalise each sublayer's output before adding it to the residual stream: hook_z
+    and hook_post have no fixed direction there; the residual hooks keep theirs."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from tasks.model import residual_directions
+
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_mlp=16, d_vocab=10, act_fn="gelu",
+        normalization_type="RMS", use_normalization_before_and_after=True,
+    )
+    model = HookedTransformer(cfg)
+    W_dec = torch.randn(3, 8)
+    assert residual_directions(model, W_dec, "blocks.0.attn.hook_z", None) is None
+    assert residual_directions(model, W_dec[:, :4], "blocks.0.attn.hook_z", 0) is None
+    assert residual_directions(model, torch.randn(3, 16), "blocks.0.mlp.hook_post", None) is None
+    assert residual_directions(model, W_dec, "blocks.0.hook_attn_out", None) is W_dec
 
 
 def test_second_run_is_all_cache_hits(finished_run):

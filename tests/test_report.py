@@ -166,7 +166,7 @@ def test_top_features_leave_out_features_that_do_not_fire(finished_run):
     from tasks.model import hook_activations, load_model
 
     summary = finished_run["summary"]
-    model = load_model(summary["model"], "cpu", processed=True)
+    model = load_model(summary["model"], "cpu")
     sae, _ = open_sae({"path": summary["sae"]["path"]}, "cpu")
     tokens = model.to_tokens("Tom fed the dog .")
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_dashboard_contexts_never_peak_at_a_special_token(finished_run):
     from tasks.model import hook_activations, load_model
 
     summary = finished_run["summary"]
-    model = load_model(summary["model"], "cpu", processed=True)
+    model = load_model(summary["model"], "cpu")
     sae, _ = open_sae({"path": summary["sae"]["path"]}, "cpu")
     tokens = load_eval_tokens(summary["activations"])[:64]
     bos = tokens == model.tokenizer.bos_token_id
