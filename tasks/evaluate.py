@@ -25,7 +25,7 @@ import torch
 
 from tasks.artifacts import output_hashes, stage, write_json
 
-STAGE_VERSION = 2  # 2: cosine similarity without the model is averaged over the rows that are not all zero
+STAGE_VERSION = 3  # 2: cosine similarity without the model is averaged over the rows that are not all zero; 3: every metric on the same whole batches
 DENSE_THRESHOLD = 0.1
 ROWS_PER_BATCH = 4096
 
@@ -147,7 +147,10 @@ def evaluate(sae_ref: dict[str, Any], model_ref: dict[str, Any], store_ref: dict
         tokens = load_eval_tokens(store_ref)
         batch_prompts = min(batch_prompts, len(tokens))
         n_batches = len(tokens) // batch_prompts  # never more than the held-out tokens: no wrap-around
-        store = eval_store(model, sae, tokens, batch_prompts, device)
+        # Whole batches only: the sparsity and variance pass reads on where the loss pass stopped
+        # (SAELens's reset_input_dataset does not reset the contexts it serves), so it would start
+        # with the contexts left over and then wrap around.
+        store = eval_store(model, sae, tokens[: n_batches * batch_prompts], batch_prompts, device)
         config = get_eval_everything_config(batch_size_prompts=batch_prompts, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches)
         groups, features = run_evals(sae, store, model, ActivationScaler(), eval_config=config)
         held_out = {"eval_contexts": n_batches * batch_prompts}
