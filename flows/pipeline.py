@@ -89,7 +89,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
         get_run_logger().info(f"Activations: {mode} ({why})")
         train = train_sae.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
         trained = train(train_spec(cfg), store_ref, run)
-        saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device)
+        saved = save_sae(trained, store_ref, run, cfg.sparsity_tokens, cfg.seed, cfg.device, model_ref, cfg.model_from_pretrained_kwargs)
         loaded = load_sae({"path": saved["path"], "manifest_sha256": saved["manifest_sha256"]}, cfg.device)
         eval_batch = cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts
         metrics = evaluate(loaded, model_ref, store_ref, run, eval_batch, cfg.device, cfg.model_from_pretrained_kwargs)

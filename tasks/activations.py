@@ -604,23 +604,42 @@ def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chun
     return ShuffledBatches(StoreRows(store_ref), batch_size, seed, device=device)
 
 
-def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batch_rows: int, device: str = "cpu") -> Iterator[torch.Tensor]:
-    """About `n` activation rows drawn at random (seeded), in batches of `batch_rows` (the last
-    may be shorter): single rows from a cached store, in ascending order, read a batch at a time;
-    whole contexts from a streaming one, made by the model on `device` `store_batch_size_prompts`
-    at a time. Only a batch or two is held at once, never all `n` rows."""
+def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batch_rows: int, device: str = "cpu", skip_tokens: list[int] = ()) -> Iterator[torch.Tensor]:
+    """About `n` activation rows drawn at random (seeded), less those at a token of `skip_tokens`,
+    in batches of `batch_rows` (the last may be shorter): single rows from a cached store, in
+    ascending order, read a batch at a time; whole contexts from a streaming one, made by the
+    model on `device` `store_batch_size_prompts` at a time. Only a batch or two is held at once,
+    never all `n` rows."""
     generator = torch.Generator().manual_seed(seed)
+    skip = torch.tensor(list(skip_tokens), dtype=torch.long)
     if store_ref.get("mode") == "streaming":
         from tasks.streaming import activation_batches
 
         model, contexts, spec = _streaming_source(store_ref, device)
-        picked = torch.randperm(len(contexts), generator=generator)[: -(-n // spec["context_size"])].sort().values
-        yield from rebatch(activation_batches(model, contexts[picked], spec), batch_rows)
+        picked = contexts[torch.randperm(len(contexts), generator=generator)[: -(-n // spec["context_size"])].sort().values]
+        kept = (~torch.isin(part.flatten(), skip) for part in picked.split(spec["store_batch_size_prompts"]))
+        yield from rebatch((acts[keep.to(acts.device)] for acts, keep in zip(activation_batches(model, picked, spec), kept)), batch_rows)
         return
     activations = StoreRows(store_ref)
     rows = torch.randperm(len(activations), generator=generator)[: min(n, len(activations))].sort().values
+    if len(skip):
+        rows = rows[~torch.isin(store_tokens_at(store_ref, rows), skip)]
     for start in range(0, len(rows), batch_rows):
         yield activations[rows[start : start + batch_rows]]
+
+
+def store_tokens_at(store_ref: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+    """The token each of the ascending `rows` of a cached store came from, read a shard at a time."""
+    from safetensors import safe_open
+
+    folder = Path(store_ref["path"])
+    tokens = torch.empty(len(rows), dtype=torch.long)
+    for shard in read_json(folder / "manifest.json")["shards"]:
+        first, stop = torch.searchsorted(rows, torch.tensor([shard["start"], shard["stop"]])).tolist()
+        if first < stop:
+            with safe_open(folder / shard["file"], "pt") as f:
+                tokens[first:stop] = f.get_tensor("tokens")[rows[first:stop] - shard["start"]]
+    return tokens
 
 
 def rebatch(pieces: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:

@@ -276,8 +276,9 @@ class RunConfig(BaseModel):
     `eval_tokens` rows of the source; with `synthetic`: `eval_tokens` more generated rows."""
     sparsity_tokens: int = Field(1_000_000, gt=0)
     """Stored activations the final SAE is run over to measure each feature's firing frequency
-    (saved as `sparsity.safetensors`), 8,192 at a time. Changing it on a finished run measures
-    again (the SAE is kept) and evaluates and analyses the remade `sae/` again."""
+    (saved as `sparsity.safetensors`), 8,192 at a time; those at special tokens (BOS, EOS,
+    padding) are left out. Changing it on a finished run measures again (the SAE is kept) and
+    evaluates and analyses the remade `sae/` again."""
     eval_batch_size_prompts: int | None = Field(None, gt=0)
     """Held-out contexts per model pass in the evaluation (SAELens's name; empty: as
     `store_batch_size_prompts`; unused without a model). For the CE and KL metrics SAELens holds up to six `[batch,

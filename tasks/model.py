@@ -451,6 +451,14 @@ def tokenizing_model(model_ref: dict[str, Any], from_pretrained_kwargs: dict[str
     return _on_meta(_hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta"), load_tokenizer(Path(model_ref["path"]) / "tokenizer"))
 
 
+def special_token_ids(model_ref: dict[str, Any], from_pretrained_kwargs: dict[str, Any]) -> list[int]:
+    """The ids of the model's tokenizer's structural special tokens (BOS, EOS, padding, ...), which
+    SAELens's evaluation leaves out (`get_special_token_ids`), sorted."""
+    from sae_lens.util import get_special_token_ids
+
+    return sorted(get_special_token_ids(tokenizing_model(model_ref, from_pretrained_kwargs).tokenizer))
+
+
 def _on_meta(hooked_cfg, tokenizer=None):
     from transformer_lens import HookedTransformer
 

@@ -6,10 +6,13 @@ normalisation folded in, BatchTopK saved as JumpReLU, ...), loadable with plain
 `sae_lens.SAE.load_from_disk`. `sparsity.safetensors` holds, under `sparsity`, the log10 firing
 frequency of each feature (SAELens's convention), measured by running the saved SAE over
 `sparsity_tokens` stored activations drawn at random (whole contexts, made by the model, in
-streaming mode), a batch at a time; a feature that never fired reads -10.
+streaming mode), a batch at a time; a feature that never fired reads -10. Rows at the
+tokenizer's special tokens (BOS, EOS, padding) are left out, as SAELens's evaluation and the
+dashboard leave them out: a feature that fires only on BOS reads as never firing.
 
-`sae/` is derived from `trained/`: when the measurement's settings (`sparsity_tokens`, `seed`)
-differ from those recorded in its manifest, it is made again beside the old one and swapped in.
+`sae/` is derived from `trained/`: when the measurement's settings (`sparsity_tokens`, `seed`,
+the tokens left out) differ from those recorded in its manifest, it is made again beside the old
+one and swapped in.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 from tasks.activations import sample_activation_batches
 from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, verify_manifest, write_manifest
 
-STAGE_VERSION = 2  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256
+STAGE_VERSION = 3  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256; 3: special tokens left out
 LOG_EPS = 1e-10
 ENCODE_BATCH = 8192
 
@@ -41,13 +44,25 @@ def firing_frequency(sae, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor
 
 @stage("save-sae", STAGE_VERSION, key_inputs=("trained_ref", "store_ref", "run_dir", "sparsity_tokens", "seed"))
 def save_sae(
-    trained_ref: dict[str, Any], store_ref: dict[str, Any], run_dir: str, sparsity_tokens: int, seed: int, device: str
+    trained_ref: dict[str, Any],
+    store_ref: dict[str, Any],
+    run_dir: str,
+    sparsity_tokens: int,
+    seed: int,
+    device: str,
+    model_ref: dict[str, Any] | None = None,
+    from_pretrained_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the trained SAE in inference format with its measured feature sparsity."""
+    """Write the trained SAE in inference format with its measured feature sparsity: over the
+    store's rows at tokens other than the special tokens of `model_ref`'s tokenizer (all rows of
+    a store made without a model)."""
     from sae_lens import SAE, TrainingSAE
 
+    from tasks.model import special_token_ids
+
     out = Path(run_dir) / "sae"
-    measured_with = {"sparsity_tokens": sparsity_tokens, "seed": seed}
+    skip_tokens = special_token_ids(model_ref, from_pretrained_kwargs or {}) if model_ref is not None else []
+    measured_with = {"sparsity_tokens": sparsity_tokens, "seed": seed, "skipped_tokens": skip_tokens}
     manifest = verify_manifest(out)
     if manifest is None and out.exists():
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
@@ -57,7 +72,7 @@ def save_sae(
         with atomic_dir(out, replace=manifest is not None) as tmp:
             trained.save_inference_model(tmp)
             sae = SAE.load_from_disk(tmp, device=device)
-            frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH, device))
+            frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH, device, skip_tokens))
             save_file({"sparsity": torch.log10(frequency + LOG_EPS)}, tmp / "sparsity.safetensors")
             write_manifest(
                 tmp,

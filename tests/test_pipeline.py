@@ -55,18 +55,24 @@ def test_full_training_cycle_writes_checkpoints_and_trains_every_token(finished_
 
 def test_saved_sae_loads_with_plain_sae_lens_and_has_real_sparsity(finished_run, models):
     from tasks.activations import load_store
+    from tasks.model import special_token_ids
 
     summary = finished_run["summary"]
     _, sae = models
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (32, 128)
     assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     log_sparsity = load_file(Path(summary["sae"]["path"]) / "sparsity.safetensors")["sparsity"]
-    activations, _ = load_store(summary["activations"])
+    activations, tokens = load_store(summary["activations"])
+    special = torch.isin(tokens, torch.tensor(special_token_ids(summary["model"], {})))
+    assert 0 < int(special.sum()) < len(tokens)  # the BOS of each context
     with torch.no_grad():
-        recomputed = (sae.encode(activations) != 0).float().mean(0)
+        fires = sae.encode(activations) != 0
+    recomputed = fires[~special].float().mean(0)  # special tokens left out, as the evaluation leaves them out
     assert torch.allclose(10**log_sparsity, recomputed + 1e-10, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(fires.float().mean(0), recomputed, rtol=1e-3)  # and that matters here
     assert log_sparsity.max() > -10  # features do fire: not the guide's placeholder
     assert summary["sae"]["mean_l0"] == pytest.approx(recomputed.sum().item(), rel=1e-4)
+    assert summary["sae"]["sparsity_tokens"] == int((~special).sum())
 
 
 def test_top_features_for_a_prompt_match_an_independent_computation(finished_run, models):
@@ -203,18 +209,21 @@ def test_sparsity_counted_a_batch_at_a_time_equals_counting_all_rows_at_once(fin
     from sae_lens import SAE
     from safetensors.torch import save_file
 
-    from tasks.activations import StoreRows, sample_activation_batches
+    from tasks.activations import StoreRows, load_store, sample_activation_batches
+    from tasks.model import special_token_ids
     from tasks.save import ENCODE_BATCH, LOG_EPS, firing_frequency
 
     summary, cfg = finished_run["summary"], finished_run["cfg"]
     store, sae = summary["activations"], SAE.load_from_disk(summary["sae"]["path"])
-    everything = StoreRows(store)
+    everything, (_, tokens) = StoreRows(store), load_store(store)
+    skip = special_token_ids(summary["model"], {})
     for n, batch in [(cfg.sparsity_tokens, ENCODE_BATCH), (5000, 1024)]:
         generator = torch.Generator().manual_seed(cfg.seed)
         rows = torch.randperm(len(everything), generator=generator)[: min(n, len(everything))].sort().values
+        rows = rows[~torch.isin(tokens[rows], torch.tensor(skip))]
         expected = unchunked_frequency(sae, everything[rows], batch)
         sizes = []
-        frequency, n_rows = firing_frequency(sae, (sizes.append(len(b)) or b for b in sample_activation_batches(store, n, cfg.seed, batch)))
+        frequency, n_rows = firing_frequency(sae, (sizes.append(len(b)) or b for b in sample_activation_batches(store, n, cfg.seed, batch, skip_tokens=skip)))
         assert torch.equal(frequency, expected) and n_rows == len(rows)
         assert max(sizes) == batch and len(sizes) == -(-len(rows) // batch)
         if n == cfg.sparsity_tokens:  # the saved sparsity is, byte for byte, the one counted over all rows at once
@@ -223,6 +232,9 @@ def test_sparsity_counted_a_batch_at_a_time_equals_counting_all_rows_at_once(fin
 
 
 def test_changing_sparsity_tokens_or_eval_batch_reruns_what_they_change_and_going_back_restores_it(finished_run):
+    from tasks.activations import load_store
+    from tasks.model import special_token_ids
+
     # a run of its own (sharing the finished run's model and store), so that the finished run stays as it is
     name, state = start(tiny_config(), finished_run["artifacts"], "sparsity-changes")
     summary = state.result()
@@ -238,7 +250,10 @@ def test_changing_sparsity_tokens_or_eval_batch_reruns_what_they_change_and_goin
     assert {s: states[s] for s in after_training} == {s: "Completed" for s in after_training}
     assert {s for s, v in states.items() if v == "Cached"} == {"build-model", "pretokenise", "fill-activations"}
     result = state.result()
-    assert result["sae"]["sparsity_tokens"] == 4096 and result["sae"]["manifest_sha256"] != summary["sae"]["manifest_sha256"]
+    _, tokens = load_store(summary["activations"])
+    drawn = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(42))[:4096]]
+    assert result["sae"]["sparsity_tokens"] == int((~torch.isin(drawn, torch.tensor(special_token_ids(summary["model"], {})))).sum()) < 4096
+    assert result["sae"]["manifest_sha256"] != summary["sae"]["manifest_sha256"]
     assert result["metrics"]["metrics"]["eval_contexts"] == 2000  # whole batches of 100 of the 2048 held-out contexts
     changed = load_file(sae_dir / "sparsity.safetensors")["sparsity"]
     assert not torch.equal(changed, safetensors.torch.load(original)["sparsity"])

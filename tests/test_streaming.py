@@ -81,6 +81,7 @@ def test_streaming_sparsity_is_counted_a_model_batch_at_a_time_as_over_all_conte
     from safetensors.torch import load_file
 
     from tasks.activations import _streaming_source, sample_activation_batches
+    from tasks.model import special_token_ids
     from tasks.save import ENCODE_BATCH, LOG_EPS, firing_frequency
     from tasks.streaming import activations_for
     from test_pipeline import unchunked_frequency
@@ -88,12 +89,15 @@ def test_streaming_sparsity_is_counted_a_model_batch_at_a_time_as_over_all_conte
     summary, _ = streaming_reference
     store, sae = summary["activations"], SAE.load_from_disk(summary["sae"]["path"])
     model, contexts, spec = _streaming_source(store, "cpu")
+    skip = special_token_ids(summary["model"], {})
     for n, batch in [(1_000_000, ENCODE_BATCH), (3000, 1000)]:  # all contexts; 94 contexts in batches across model batches
         picked = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(42))[: -(-n // spec["context_size"])].sort().values
-        expected = unchunked_frequency(sae, activations_for(model, contexts[picked], spec), batch)
+        kept = ~torch.isin(contexts[picked].flatten(), torch.tensor(skip))  # special tokens left out
+        assert 0 < int(kept.sum()) < kept.numel()
+        expected = unchunked_frequency(sae, activations_for(model, contexts[picked], spec)[kept], batch)
         sizes = []
-        frequency, n_rows = firing_frequency(sae, (sizes.append(len(b)) or b for b in sample_activation_batches(store, n, 42, batch)))
-        assert torch.equal(frequency, expected) and n_rows == len(picked) * spec["context_size"]
+        frequency, n_rows = firing_frequency(sae, (sizes.append(len(b)) or b for b in sample_activation_batches(store, n, 42, batch, skip_tokens=skip)))
+        assert torch.equal(frequency, expected) and n_rows == int(kept.sum())
         assert max(sizes) == batch and len(sizes) == -(-n_rows // batch)
         if n == 1_000_000:  # the run's sparsity_tokens: the saved sparsity is the one counted over all contexts at once
             assert torch.equal(load_file(Path(summary["sae"]["path"]) / "sparsity.safetensors")["sparsity"], torch.log10(expected + LOG_EPS))
