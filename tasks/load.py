@@ -1,5 +1,4 @@
-"""Stage 5, load: open a saved SAE with plain SAELens and check it, from a folder on disk or a
-SAELens pretrained release (`SAE.from_pretrained(release, sae_id)`)."""
+"""Stage 5, load: open the saved SAE with plain SAELens (`SAE.load_from_disk`) and check it."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ STAGE_VERSION = 1
 
 
 def open_sae(source: dict[str, Any], device: str = "cpu"):
-    """The SAE and its log10 feature sparsity (None if unknown) from `{"path": folder}` or
-    `{"release": ..., "sae_id": ...}`.
+    """The SAE and its log10 feature sparsity (None if the folder has none) from `{"path": folder}`.
 
     The pipeline's source also names the sha256 of the folder's `manifest.json`
     (`"manifest_sha256"`, from the save stage): it makes the stages that read the SAE (load,
@@ -24,17 +22,14 @@ def open_sae(source: dict[str, Any], device: str = "cpu"):
     against it."""
     from sae_lens import SAE
 
-    if "path" in source:
-        path = Path(source["path"])
-        if not (path / "cfg.json").is_file():
-            raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json is missing)")
-        if "manifest_sha256" in source and file_sha256(path / "manifest.json") != source["manifest_sha256"]:
-            raise RuntimeError(f"{path} changed since it was saved (its manifest.json is not the one asked for); run the pipeline again")
-        sae = SAE.load_from_disk(path, device=device)
-        sparsity_file = path / "sparsity.safetensors"
-        sparsity = load_file(sparsity_file)["sparsity"] if sparsity_file.is_file() else None
-        return sae, sparsity
-    sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(source["release"], source["sae_id"], device=device)
+    path = Path(source["path"])
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json is missing)")
+    if "manifest_sha256" in source and file_sha256(path / "manifest.json") != source["manifest_sha256"]:
+        raise RuntimeError(f"{path} changed since it was saved (its manifest.json is not the one asked for); run the pipeline again")
+    sae = SAE.load_from_disk(path, device=device)
+    sparsity_file = path / "sparsity.safetensors"
+    sparsity = load_file(sparsity_file)["sparsity"] if sparsity_file.is_file() else None
     return sae, sparsity
 
 
@@ -55,5 +50,5 @@ def load_sae(source: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
         "hook_name": sae.cfg.metadata.hook_name,
         "hook_head_index": sae.cfg.metadata.hook_head_index,
         "has_sparsity": sparsity is not None,
-        "outputs": [source["path"]] if "path" in source else [],
+        "outputs": [source["path"]],
     }
