@@ -50,6 +50,32 @@ def test_l0_matches_an_independent_count_on_the_held_out_tokens(metrics, finishe
     assert metrics["l0"] == pytest.approx(counted.mean().item(), rel=1e-4)
 
 
+def test_losses_match_an_independent_splice_of_the_sae_at_its_hook(metrics, finished_run):
+    """The CE losses recomputed by hand on the held-out contexts: the SAE's reconstruction spliced
+    in at its hook (at tokens other than the special ones, whose positions the loss leaves out),
+    and the hook zeroed. (On the tiny random model, zeroing the hook costs less than the SAE's error.)"""
+    from sae_lens import SAE
+
+    from tasks.activations import load_eval_tokens
+    from tasks.model import load_model
+
+    summary = finished_run["summary"]
+    model = load_model(summary["model"], "cpu")
+    sae = SAE.load_from_disk(summary["sae"]["path"])
+    tokens = load_eval_tokens(summary["activations"])[: metrics["eval_contexts"]]
+    special = torch.isin(tokens, torch.tensor(list(model.tokenizer.all_special_ids)))
+    hooks = {
+        "ce_loss_without_sae": [],
+        "ce_loss_with_sae": [(sae.cfg.metadata.hook_name, lambda acts, hook: torch.where(special[..., None], acts, sae.decode(sae.encode(acts))))],
+        "ce_loss_with_ablation": [(sae.cfg.metadata.hook_name, lambda acts, hook: torch.zeros_like(acts))],
+    }
+    with torch.no_grad():
+        for name, fwd_hooks in hooks.items():
+            loss = model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=fwd_hooks)
+            assert metrics[name] == pytest.approx(loss[~special[:, :-1]].mean().item(), rel=1e-4), name
+    assert len({metrics[name] for name in hooks}) == 3
+
+
 def test_every_metric_covers_the_same_held_out_contexts_when_batches_do_not_divide_them(finished_run, tmp_path):
     """With held-out contexts left over after the last whole batch, the loss pass and the
     sparsity pass (L0, density) both read the first whole batches, as `eval_contexts` says."""
