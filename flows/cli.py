@@ -96,7 +96,10 @@ def _stop(args) -> int:
             continue
         holder = request_stop(run_dir(args.artifacts_dir, name))
         if holder is not None:
-            print(f"asked run '{name}' ({holder}) to stop: its training writes a checkpoint at the end of the current step")
+            print(
+                f"asked run '{name}' ({holder}) to stop: in training it writes a checkpoint at the end of the current step; "
+                f"before training (building its model, filling its store) it finishes that stage and does not start training"
+            )
             asked += 1
         elif args.runs:
             print(f"run '{name}' is not running")
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             # The signal also stopped the temporary Prefect server, so the sweep could not finish its table.
             written = "".join(f"\n  {message}" for message in PREEMPTIONS) or " none"
             print(
-                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}. Checkpoints written on the way out:{written}\nRun the same "
+                f"saeflow: sweep stopped by {STOP_REQUESTS[0]}. Stopped on the way out:{written}\nRun the same "
                 f"command again to continue it. (Prefect could not be told: {type(error).__name__}: {error})",
                 file=sys.stderr,
             )
@@ -304,11 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
         if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
             # members stopped in other processes (Dask workers) are not counted here
-            how = f"{len(PREEMPTIONS)} in training, each" if PREEMPTIONS else "those in training each"
             cause = f"by {STOP_REQUESTS[0]}" if STOP_REQUESTS else "(by `saeflow stop`, or by a signal to the workers its members ran on)"
             print(
-                f"saeflow: sweep stopped {cause}: the members marked Stopped stopped at a safe point ({how} after writing "
-                f"a checkpoint at the end of its step). Run the same command again to continue it.",
+                f"saeflow: sweep stopped {cause}: the members marked Stopped stopped at a safe point (those in training each "
+                f"after writing a checkpoint at the end of its step). Run the same command again to continue it.",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED
@@ -336,20 +338,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from flows import pipeline
-    from tasks.stopping import PREEMPTIONS, Preempted
+    from tasks.stopping import PREEMPTIONS, Preempted, sigterm_interrupts
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()
     try:
-        summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
+        with sigterm_interrupts():
+            summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
     except Preempted as error:
         print(f"saeflow: run '{run_name}' {error}. Run the same command again to continue it.", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
+        if PREEMPTIONS:  # SIGTERM outside filling and training (`Terminated`)
+            print(f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. Run the same command again to continue it.", file=sys.stderr)
+            return EXIT_PREEMPTED
         print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - one short message instead of a traceback
-        if PREEMPTIONS:  # training stopped as asked, but the signal also stopped the temporary Prefect server
+        if PREEMPTIONS:  # stopped as asked, but the signal also stopped the temporary Prefect server
             print(
                 f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. Run the same command again to continue it. "
                 f"(Prefect could not be told: {type(error).__name__}: {error}; the signal stopped its temporary server too.)",

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, write_json
 from tasks.config import RunConfig, stable_hash
-from tasks.stopping import Preempted, stop_requested
+from tasks.stopping import PREEMPTIONS, Preempted, stop_requested, stop_signals
 
 # SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
@@ -188,13 +188,14 @@ def shared_pass_key(spec: dict[str, Any]) -> str:
 
 def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> list[dict[str, Any]]:
     """Fill the stores of `specs` (same `shared_pass_key`) together, holding each store's lock:
-    runs that share a store wait for the one filling it, then find it complete."""
+    runs that share a store wait for the one filling it, then find it complete. SIGTERM/SIGINT
+    stop the fill after the model batch in hand, with the shards written so far kept."""
     from prefect import get_run_logger
 
     if len({shared_pass_key(spec) for spec in specs}) != 1:
         raise ValueError("stores filled in one model pass must differ only in " + ", ".join(HOOK_FIELDS))
     outs = [store_dir(artifacts_dir, spec) for spec in specs]
-    with contextlib.ExitStack() as locks:
+    with stop_signals(), contextlib.ExitStack() as locks:
         for out in sorted(set(outs)):  # one order for every process: no deadlock
             locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
@@ -368,9 +369,10 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
 
         stored_tokens = _StoredTokens(todo)
         while row < n_tokens:
-            if stop := stop_requested():  # in a sweep; the shards written so far are kept
+            if stop := stop_requested():  # the shards written so far are kept
                 bar.close()
-                raise Preempted(f"filling activation store(s) {names} stopped by {stop} at row {row} of {n_tokens}; running again resumes it")
+                PREEMPTIONS.append(f"stopped by {stop} while filling activation store(s) {names}, at row {row} of {n_tokens} (the shards written are kept)")
+                raise Preempted(PREEMPTIONS[-1])
             tokens = next_tokens()
             take = min(rows_per_batch, n_tokens - row)
             flat_tokens = tokens.reshape(-1)[:take].to("cpu")

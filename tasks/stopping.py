@@ -47,6 +47,28 @@ class Preempted(RuntimeError):
     """Stopped on SIGTERM/SIGINT at a safe point; running the same command again continues."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the stages that stop at a safe point (`sigterm_interrupts`)."""
+
+
+def _terminate(signum, frame) -> None:
+    PREEMPTIONS.append(f"stopped by {signal.Signals(signum).name} outside the stages that stop at a safe point (filling, training)")
+    raise Terminated(PREEMPTIONS[-1])
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Until the block ends, SIGTERM in the main thread raises `Terminated` (a KeyboardInterrupt,
+    as SIGINT raises) where `stop_signals` is not active, instead of ending the process on the
+    spot: the run then ends as on Ctrl-C, and what it started (Prefect's temporary server, a
+    child process) is stopped with it instead of being left running."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _note_stop(signum, frame) -> None:
     name = signal.Signals(signum).name
     if STOP_REQUESTS and signum == signal.SIGINT:

@@ -3,6 +3,9 @@ kill-and-resume tests.
 
     python tests/kill_driver.py POINT N ARGS...
 
+With KILL_SIGNAL=SIGTERM (or another signal's name) in the environment, that signal is sent to
+this process instead (not to its children: as `kill PID` sends it).
+
 POINT is where the Nth event of this process kills it (fill points also make every model batch
 its own shard):
 - fill-write: a shard's temporary file is written, not yet renamed into place;
@@ -10,7 +13,8 @@ its own shard):
 - train-step: a training step is about to fetch its batch (cached activations);
 - stream-step: the same, in streaming mode;
 - checkpoint-write: a checkpoint's files are written in its temporary folder, before its
-  manifest and the rename.
+  manifest and the rename;
+- save: the save stage is about to measure the feature sparsity.
 """
 
 import os
@@ -20,6 +24,7 @@ import sys
 import flows  # noqa: F401  (process defaults, as the CLI sets them)
 import tasks.activations
 import tasks.checkpoint
+import tasks.save
 import tasks.streaming
 from flows.cli import main
 
@@ -31,7 +36,7 @@ def event() -> None:
     global events
     events += 1
     if events == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
 
 
 def after(function):
@@ -63,6 +68,8 @@ elif point == "stream-step":
     tasks.streaming.StreamedBatches.__next__ = before(tasks.streaming.StreamedBatches.__next__)
 elif point == "checkpoint-write":
     tasks.checkpoint.write_manifest = before(tasks.checkpoint.write_manifest)
+elif point == "save":
+    tasks.save.firing_frequency = before(tasks.save.firing_frequency)
 else:
     sys.exit(f"unknown kill point {point}")
 sys.exit(main(["run", *args]))

@@ -268,6 +268,54 @@ def test_sigterm_to_the_whole_job_stops_training_at_the_step_boundary_with_worke
     signal_checkpoint(output, checkpoints, newest_before)  # resuming from it: the test above
 
 
+def child_processes(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+    return found
+
+
+def test_sigterm_to_a_run_alone_outside_training_ends_it_and_its_temporary_prefect_server(faults_cfg, faults_reference, tmp_path):
+    """`kill PID` (SIGTERM to the run's process alone) while the store fills: the fill stops after
+    its model batch, keeping its shards, and the command exits 75. During a stage with no safe
+    point (here the save) the run ends there, as on Ctrl-C, also with 75. Either way Prefect's
+    temporary server, a child of the run's process, ends with it instead of living on."""
+    cfg, config = faults_cfg
+    artifacts = tmp_path / "artifacts"
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect"), "KILL_SIGNAL": "SIGTERM"}
+    for point, n, says in [
+        ("fill-shard", 2, "stopped by SIGTERM while filling activation store(s) "),
+        ("save", 1, "stopped by SIGTERM outside the stages that stop at a safe point (filling, training). Run the same command again"),
+    ]:
+        log = tmp_path / f"{point}.log"  # not a pipe: a process left running would hold it open
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "kill_driver.py"), point, str(n), str(config), "--artifacts-dir", str(artifacts), "--run-name", "termed-alone"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+            )
+        children = set()
+        while process.poll() is None:
+            children |= child_processes(process.pid)
+            time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while (alive := {pid for pid in children if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        code, output = process.returncode, log.read_text()
+        assert code == 75 and says in output, output
+        assert children and not alive, f"processes {alive} of the run outlived it"  # children: the temporary server
+        if point == "fill-shard":
+            assert "(the shards written are kept)" in output
+    assert "Activation store(s) " in output and ": resuming at row " in output  # the second run continued the fill
+    summary = start(cfg, artifacts, "termed-alone")
+    assert_bitwise_equal(weights(summary), faults_reference)
+
+
 def test_second_sigint_exits_at_once():
     script = (
         "import os, signal, time\n"
