@@ -323,11 +323,11 @@ class RunConfig(BaseModel):
                 f"fix one of them (hook_layer can be left out)"
             )
         for name, architectures in ARCHITECTURE_FIELDS.items():
-            changed = getattr(self, name) != RunConfig.model_fields[name].get_default(call_default_factory=True)
-            if changed and self.architecture not in architectures:
+            default = RunConfig.model_fields[name].get_default(call_default_factory=True)
+            if getattr(self, name) != default and self.architecture not in architectures:
                 raise ValueError(
                     f"{name} is used only by the {' and '.join(architectures)} architecture(s), "
-                    f"not by '{self.architecture}'; remove it or change architecture"
+                    f"not by '{self.architecture}'; remove it (or set it to its default, {json.dumps(default)}) or change architecture"
                 )
         if self.training_tokens < self.train_batch_size_tokens:
             raise ValueError(

@@ -217,7 +217,7 @@ def _check_sae_settings(cfg: RunConfig) -> None:
         _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
-    _check_lr_schedule(runner_cfg.to_sae_trainer_config())
+    _check_schedules(cfg, runner_cfg.to_sae_trainer_config())
     if cfg.compile_sae and cfg.device.startswith("cpu"):  # "cpu" or "cpu:0"
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -230,13 +230,28 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             ) from None
 
 
-def _check_lr_schedule(trainer_cfg) -> None:
-    """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses is found
-    before any work, and refuse the one schedule it builds but cannot step through."""
+def _check_schedules(cfg: RunConfig, trainer_cfg) -> None:
+    """Refuse warm-ups and decays longer than the run, which SAELens accepts and which leave the
+    learning rate or the sparsity penalty short of its setting for the whole run; build SAELens's
+    learning-rate schedule as its trainer will, so that what it refuses is found before any work,
+    and refuse the one schedule it builds but cannot step through."""
     import torch
     from sae_lens.training.optim import get_lr_scheduler
 
     steps, warm_up, decay = trainer_cfg.total_training_steps, trainer_cfg.lr_warm_up_steps, trainer_cfg.lr_decay_steps
+    of_the_run = f"the run's {steps} training steps (training_tokens // train_batch_size_tokens; these settings count steps, not tokens)"
+    if warm_up + decay > steps:
+        raise ConfigError(
+            f"lr_warm_up_steps ({warm_up}) + lr_decay_steps ({decay}) exceed {of_the_run}: the learning rate would "
+            f"{'never reach lr' if warm_up > steps else 'not follow its schedule to the end'}; lower them or raise training_tokens"
+        )
+    for penalty, coefficient in (("l1", "l1_coefficient"), ("l0", "l0_coefficient")):
+        penalty_warm_up = getattr(cfg, f"{penalty}_warm_up_steps")
+        if penalty_warm_up > steps:
+            raise ConfigError(
+                f"{penalty}_warm_up_steps ({penalty_warm_up}) exceeds {of_the_run}: the {penalty.upper()} penalty would never "
+                f"reach {coefficient}; lower it or raise training_tokens"
+            )
     if trainer_cfg.lr_scheduler_name == "cosineannealing" and decay == 0 and warm_up == steps:
         # Its cosine phase has no step: the first step after the warm-up divides by zero.
         raise ConfigError(

@@ -105,6 +105,7 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"train_batch_size_tokens": -5}, "train_batch_size_tokens: Input should be greater than 0"),
         ({"training_tokens": 100}, "training_tokens (100) is smaller than one batch"),
         ({"k": 10}, "k is used only by the topk and batchtopk and matryoshka_batchtopk"),
+        ({"architecture": "topk", "l1_coefficient": 5}, "not by 'topk'; remove it (or set it to its default, 1.0) or change architecture"),
         ({"architecture": "sparse"}, "architecture: Input should be"),
         ({"d_in": 0}, "d_in must be positive"),
         ({"model_train_tokens": 1000}, "model_train_tokens trains a locally built model, but model_cfg is not set"),
