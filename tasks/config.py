@@ -399,15 +399,51 @@ def stable_hash(value: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+# SAELens's own names that are not saeflow keys, and what to use instead.
+SAELENS_EQUIVALENTS = {
+    "run_name": "name the run on the command line (--run-name NAME)",
+    "use_cached_activations": "to train on activations cached on disk, set activations_path to their folder",
+    "cached_activations_path": "set activations_path to the folder of the cached activations",
+    "decoder_heuristic_init_norm": "SAELens 6 calls it decoder_init_norm: give it under sae_kwargs",
+}
+# Settings of SAELens before version 6, which no longer has them.
+REMOVED_IN_SAELENS_6 = (
+    "b_dec_init_method", "decoder_heuristic_init", "decoder_orthogonal_init", "init_encoder_as_decoder_transpose",
+    "normalize_sae_decoder", "scale_sparsity_penalty_by_decoder_norm", "use_ghost_grads", "mse_loss_normalization", "noise_scale",
+)
+
+
+def _unknown_key_hint(key: str) -> str:
+    """What to write instead of `key`, which is not a saeflow key."""
+    import dataclasses
+
+    from sae_lens import saes
+    from sae_lens.config import LanguageModelSAERunnerConfig
+
+    if key in SAELENS_EQUIVALENTS:
+        return f"; {SAELENS_EQUIVALENTS[key]}"
+    if key in REMOVED_IN_SAELENS_6:
+        return "; it is a setting of SAELens before version 6, which has none by that name: leave it out"
+    sae_fields = {
+        field.name
+        for name in dir(saes)
+        if name.endswith("TrainingSAEConfig") and dataclasses.is_dataclass(getattr(saes, name))
+        for field in dataclasses.fields(getattr(saes, name))
+    }
+    if key in sae_fields:
+        return f"; it is a SAELens SAE setting: give it under sae_kwargs (sae_kwargs: {{{key}: ...}})"
+    if key in {field.name for field in dataclasses.fields(LanguageModelSAERunnerConfig)}:
+        return "; it is a setting of SAELens's runner that saeflow does not take: see `saeflow config-reference` for valid keys"
+    close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else "; see `saeflow config-reference` for valid keys"
+
+
 def _friendly_errors(error: ValidationError) -> str:
-    fields = list(RunConfig.model_fields)
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "config"
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(where, fields, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see `saeflow config-reference` for valid keys"
-            lines.append(f"unknown config key '{where}'{hint}")
+            lines.append(f"unknown config key '{where}'{_unknown_key_hint(where)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {message}" if item["loc"] else message)

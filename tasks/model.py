@@ -484,15 +484,23 @@ def token_hooks(model) -> dict[str, tuple[int, ...] | None]:
 HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")  # the head-dimension hooks SAELens's evaluation handles
 
 
+# Hooks with a head dimension that TransformerLens fills only when a config setting asks for them.
+OPTIONAL_HEAD_HOOKS = ("attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in")
+
+
+def head_hook_problem(hook_name: str) -> str:
+    return (
+        f"{hook_name} has a head dimension, and SAELens's evaluation splices an SAE into such a hook only "
+        f"for {', '.join(HEAD_HOOKS)} hooks, whole or one head (it would fail after training); train on one of "
+        f"those, or on a hook without heads"
+    )
+
+
 def hook_width(token_shape: tuple[int, ...], hook_name: str, hook_head_index: int | None) -> int:
     """The width of one token's activation of `token_shape` (from `token_hooks`) at a hook, as
     SAELens's activation store flattens it."""
     if len(token_shape) == 2 and not any(name in hook_name for name in HEAD_HOOKS):
-        raise ValueError(
-            f"{hook_name} has a head dimension, and SAELens's evaluation splices an SAE into such a hook only "
-            f"for {', '.join(HEAD_HOOKS)} hooks, whole or one head (it would fail after training); train on one of "
-            f"those, or on a hook without heads"
-        )
+        raise ValueError(head_hook_problem(hook_name))
     if hook_head_index is not None:
         if len(token_shape) != 2:
             raise ValueError(f"hook_head_index is set but {hook_name} has no head dimension; remove hook_head_index")

@@ -61,6 +61,23 @@ def missing_device(device: str) -> str | None:
     return None
 
 
+def _check_wandb_login() -> None:
+    """With `log_to_wandb`, W&B must have an API key here (or run offline): it is asked for only
+    when training starts, after the model, the tokens and the activations are made. Checked
+    without a network call (`verify=False`); at a terminal without a key, W&B asks for one now."""
+    import wandb
+
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+        return
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as error:
+        raise ConfigError(
+            f"log_to_wandb is true but Weights & Biases cannot log in here ({error}): run `wandb login` or set "
+            f"WANDB_API_KEY, or log offline with WANDB_MODE=offline (`wandb sync` uploads later), or set log_to_wandb: false"
+        ) from None
+
+
 def _check_device(cfg: RunConfig, here: bool) -> None:
     """`device` names a device torch knows and, with `here`, one this machine has."""
     import torch
@@ -116,10 +133,12 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
     from datasets.exceptions import DatasetGenerationError
 
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
-    from tasks.model import HEAD_HOOKS, hook_width, meta_model, token_hooks
+    from tasks.model import HEAD_HOOKS, OPTIONAL_HEAD_HOOKS, head_hook_problem, hook_width, meta_model, token_hooks
     from tasks.tokens import check_token_dataset
 
     _check_device(cfg, runs_here)
+    if cfg.log_to_wandb and runs_here:
+        _check_wandb_login()
     if cfg.checkpoint_path is not None:  # where it points must not depend on the folder a run starts in
         cfg = cfg.model_copy(update={"checkpoint_path": os.path.abspath(os.path.expanduser(cfg.checkpoint_path))})
     if cfg.activation_source is not None:
@@ -145,6 +164,8 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
                 f"hook_name '{cfg.hook_name}' has no activation per token (its dimension 1 is not the token position: "
                 f"attention patterns and scores are per head and query-key pair), and the SAE is trained on one per token"
             )
+        elif cfg.hook_name.endswith(OPTIONAL_HEAD_HOOKS):  # not computed as configured, and not usable if it were
+            problem = f"hook_name '{head_hook_problem(cfg.hook_name)}"
         else:
             problem = (
                 f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured (TransformerLens fills it "

@@ -101,6 +101,11 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
     [
         ({"hook_layer": 3}, "hook_layer is 3 but hook_name 'blocks.0.hook_resid_pre' is in layer 0"),
         ({"expansion_factr": 4}, "unknown config key 'expansion_factr'; did you mean 'expansion_factor'?"),
+        ({"run_name": "x"}, "unknown config key 'run_name'; name the run on the command line (--run-name NAME)"),
+        ({"use_cached_activations": True}, "set activations_path to their folder"),
+        ({"apply_b_dec_to_input": False}, "it is a SAELens SAE setting: give it under sae_kwargs (sae_kwargs: {apply_b_dec_to_input: ...})"),
+        ({"b_dec_init_method": "mean"}, "it is a setting of SAELens before version 6, which has none by that name"),
+        ({"llm_compilation_mode": "x"}, "a setting of SAELens's runner that saeflow does not take"),
         ({"context_size": 0}, "context_size: Input should be greater than 0"),
         ({"train_batch_size_tokens": -5}, "train_batch_size_tokens: Input should be greater than 0"),
         ({"training_tokens": 100}, "training_tokens (100) is smaller than one batch"),

@@ -40,13 +40,16 @@ def test_hooks_without_one_activation_per_token_are_refused(hook):
 
 
 def test_a_hook_the_model_does_not_compute_is_refused():
-    message = resolve_error(hook_name="blocks.0.attn.hook_result")
-    assert "hook_name 'blocks.0.attn.hook_result' is not computed by tiny-test as configured" in message
+    message = resolve_error(hook_name="blocks.0.hook_mlp_in")
+    assert "hook_name 'blocks.0.hook_mlp_in' is not computed by tiny-test as configured" in message
+    assert resolve(tiny_config(hook_name="blocks.0.hook_mlp_in", model_cfg={**TINY_MODEL, "use_hook_mlp_in": True})).d_in == 32
+    # a head dimension: SAELens's evaluation splices into hook_q/k/v/z only, whole or one head;
+    # said first when the hook is not computed either (turning it on would not help)
+    head_dimension = "blocks.0.attn.hook_result has a head dimension, and SAELens's evaluation splices an SAE into such a hook only for hook_q"
+    assert head_dimension in resolve_error(hook_name="blocks.0.attn.hook_result")
     computed = {**TINY_MODEL, "use_attn_result": True}
-    # a head dimension: SAELens's evaluation splices into hook_q/k/v/z only, whole or one head
     for head in (None, 1):
-        message = resolve_error(hook_name="blocks.0.attn.hook_result", model_cfg=computed, hook_head_index=head)
-        assert "blocks.0.attn.hook_result has a head dimension, and SAELens's evaluation splices an SAE into such a hook only for hook_q" in message
+        assert head_dimension in resolve_error(hook_name="blocks.0.attn.hook_result", model_cfg=computed, hook_head_index=head)
     assert resolve(tiny_config(hook_name="blocks.0.attn.hook_z")).d_in == 32
     assert resolve(tiny_config(hook_name="blocks.0.attn.hook_z", hook_head_index=1)).d_in == 8
 

@@ -290,6 +290,25 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     assert "no run 'other'" in capsys.readouterr().err
 
 
+def test_wandb_without_a_login_is_refused_before_any_work(tmp_path, monkeypatch):
+    import wandb
+
+    from tasks.preflight import resolve
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    wandb.teardown()  # W&B reads its environment once per process
+    try:
+        with pytest.raises(ConfigError, match="log_to_wandb is true but Weights & Biases cannot log in here .*run `wandb login`"):
+            resolve(tiny_config(log_to_wandb=True))
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        assert resolve(tiny_config(log_to_wandb=True)).log_to_wandb
+    finally:
+        wandb.teardown()
+
+
 def test_wandb_logging_works_offline(prefect_server, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
