@@ -97,6 +97,8 @@ def load_text_dataset(dataset_path: str, streaming: bool = True, seed: int = 0) 
         if len(formats) > 1:
             raise ValueError(f"{path} mixes data formats ({', '.join(sorted(formats))}); keep one format per dataset")
         return load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train")
+    if dataset_path.startswith(("/", "./", "../", "~")) or path.suffix in LOCAL_FORMATS:
+        raise ValueError(f"no such file or folder: {path.resolve()} (a hub dataset is named owner/name)")
     return load_dataset(dataset_path, split="train", streaming=streaming)
 
 

@@ -354,6 +354,14 @@ def test_a_hub_dataset_in_the_datasets_cache_is_read_offline(hub_dataset_cache, 
     assert [row["text"] for row in load_text_dataset("someone/stories", streaming=streaming)] == hub_dataset_cache
 
 
+def test_a_local_dataset_that_is_not_there_is_not_looked_up_on_the_hub(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for written in ("./data", "data/stories.txt", "~/no-such-folder/stories.jsonl"):
+        message = resolve_error(dataset_path=written)
+        assert message.startswith(f"cannot use dataset '{written}': no such file or folder: "), message
+        assert "Hub" not in message and "Repo id" not in message
+
+
 def test_a_hub_dataset_missing_from_the_cache_offline_says_how_to_get_it():
     message = resolve_error(dataset_path="someone/not-downloaded")
     assert message.startswith("cannot use dataset 'someone/not-downloaded': Couldn't reach 'someone/not-downloaded' on the Hub")
