@@ -212,6 +212,18 @@ def test_an_index_outside_a_prompt_names_the_prompt_and_the_setting(finished_run
     assert captured.out == ""
 
 
+def test_a_run_whose_index_is_outside_a_prompt_stops_before_training_with_status_2(finished_run, tmp_path, capsys):
+    """The prompts' tokens need the model's tokenizer, which a local model's build makes: the run
+    stops right after that, as a bad config (exit status 2), not as a failed run."""
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(analysis_token_index=99).model_dump(mode="json")))
+    assert main(["run", str(config), "--artifacts-dir", str(finished_run["artifacts"]), "--run-name", "bad-index"]) == EXIT_BAD_INPUT
+    assert "saeflow: config error: analysis_token_index is 99, but prompt 'Lily went to the park with a red ball .' has " in capsys.readouterr().err
+    assert not (finished_run["artifacts"] / "runs" / "bad-index" / "checkpoints").exists()
+
+
 def test_top_features_leave_out_features_that_do_not_fire(finished_run):
     from tasks.analyse import top_features_for_prompt
     from tasks.load import open_sae
