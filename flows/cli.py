@@ -279,10 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import run_sweep
         from tasks.artifacts import Busy
-        from tasks.stopping import PREEMPTIONS, STOP_REQUESTS
+        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS
 
         STOP_REQUESTS.clear()
         PREEMPTIONS.clear()
+        STOP_CHECKPOINTS.clear()
         try:
             rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
@@ -307,10 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
         if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
             # members stopped in other processes (Dask workers) are not counted here
+            how = f"{len(STOP_CHECKPOINTS)} in training, each" if STOP_CHECKPOINTS else "those in training each"
             cause = f"by {STOP_REQUESTS[0]}" if STOP_REQUESTS else "(by `saeflow stop`, or by a signal to the workers its members ran on)"
             print(
-                f"saeflow: sweep stopped {cause}: the members marked Stopped stopped at a safe point (those in training each "
-                f"after writing a checkpoint at the end of its step). Run the same command again to continue it.",
+                f"saeflow: sweep stopped {cause}: the members marked Stopped stopped at a safe point ({how} after writing "
+                f"a checkpoint at the end of its step). Run the same command again to continue it.",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from flows import pipeline
-    from tasks.stopping import PREEMPTIONS, Preempted, sigterm_interrupts
+    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()
@@ -358,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - one short message instead of a traceback
-        if PREEMPTIONS:  # stopped as asked, but the signal also stopped the temporary Prefect server
+        # Stopped as asked, but the signal also stopped the temporary Prefect server.
+        stop = PREEMPTIONS[-1] if PREEMPTIONS else (name := terminated_by(error)) and f"stopped by {name} {OUTSIDE_SAFE_POINTS}"
+        if stop:
             print(
-                f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. Run the same command again to continue it. "
+                f"saeflow: run '{run_name}' {stop}. Run the same command again to continue it. "
                 f"(Prefect could not be told: {type(error).__name__}: {error}; the signal stopped its temporary server too.)",
                 file=sys.stderr,
             )

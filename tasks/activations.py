@@ -199,7 +199,11 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_r
         for out in sorted(set(outs)):  # one order for every process: no deadlock
             locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
-            return _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger())
+            refs = _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger())
+        if stop := stop_requested():  # after the last batch's check: the next stage would no longer see it
+            PREEMPTIONS.append(f"stopped by {stop} after filling activation store(s) {', '.join(out.name for out in outs)} (complete)")
+            raise Preempted(PREEMPTIONS[-1])
+        return refs
 
 
 def shard_bytes(store_bytes: int) -> int:
@@ -333,7 +337,8 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         if stop := stop_requested():  # before loading the model: a sweep's member that waited for this lock
-            raise Preempted(f"filling activation store(s) {names} not started: {stop} was received before it began")
+            PREEMPTIONS.append(f"stopped by {stop} before filling activation store(s) {names} began")
+            raise Preempted(PREEMPTIONS[-1])
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
         if tokens_ref is not None:
             batch_tokens = ContextBatches(_token_dataset(spec, tokens_ref), spec["store_batch_size_prompts"]).next_batch
@@ -341,7 +346,9 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             batch_tokens = _activations_store(model, _token_dataset(spec, None), spec).get_batch_tokens
         dtype = getattr(torch, spec["dtype"])
         device = torch.device(spec["device"])
-        progress = create_progress_artifact(100 * start_row / n_tokens, description=f"Filling activation store(s) {names}")
+        # Not when asked to stop: a signal to the whole job also ended Prefect's temporary server,
+        # which its client would retry for minutes before the stop is seen.
+        progress = None if stop_requested() else create_progress_artifact(100 * start_row / n_tokens, description=f"Filling activation store(s) {names}")
         bar = tqdm(total=n_tokens, initial=start_row, desc="Filling activation store", unit="tok")
         started, row, wrapped = time.monotonic(), 0, False
 
@@ -396,7 +403,8 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             if wrote:
                 rate = (row - start_row) / max(time.monotonic() - started, 1e-9)
                 logger.info(f"Activation store(s) {names}: {row}/{n_tokens} tokens ({100 * row / n_tokens:.0f}%), {rate:,.0f} tokens/s")
-                update_progress_artifact(progress, 100 * row / n_tokens)
+                if progress is not None and not stop_requested():
+                    update_progress_artifact(progress, 100 * row / n_tokens)
         bar.close()
 
         # Held-out contexts for evaluation and analysis: the ones after the training tokens.

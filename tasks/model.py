@@ -484,8 +484,9 @@ def token_hooks(model) -> dict[str, tuple[int, ...] | None]:
 HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")  # the head-dimension hooks SAELens's evaluation handles
 
 
-# Hooks with a head dimension that TransformerLens fills only when a config setting asks for them.
-OPTIONAL_HEAD_HOOKS = ("attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in")
+# Hooks with a head dimension that TransformerLens fills only when a config setting asks for them,
+# and that SAELens's evaluation cannot splice into (hook_q/k/v_input can be: their names hold hook_q/k/v).
+OPTIONAL_HEAD_HOOKS = ("attn.hook_result", "hook_attn_in")
 
 
 def head_hook_problem(hook_name: str) -> str:
@@ -589,12 +590,13 @@ def residual_directions(model, W_dec: torch.Tensor, hook_name: str, hook_head_in
 
 def unembed_directions(model, directions: torch.Tensor) -> torch.Tensor:
     """The direct effect on the logits `[n, d_vocab]` of residual-stream `directions` `[n, d_model]`,
-    in float32: through the final norm's gain (a LayerNorm also takes out the mean across
-    d_model) and `W_U`, centred across the vocabulary. This is `directions @ W_U` of the model
-    loaded with its layer norms folded and its unembedding centred (the guide's `from_pretrained`),
-    without changing the model whose hooks the SAE reads."""
+    in float32: through the final norm's gain (a LayerNorm, with or without weights, also takes
+    out the mean across d_model) and `W_U`, centred across the vocabulary. This is `directions @
+    W_U` of the model loaded with its layer norms folded and its unembedding centred (the guide's
+    `from_pretrained`), without changing the model whose hooks the SAE reads. (For a model built
+    with weightless LayerNorms, TransformerLens leaves `W_U` uncentred across d_model.)"""
     directions = directions.float()
-    if model.cfg.normalization_type == "LN":
+    if model.cfg.normalization_type in ("LN", "LNPre"):
         directions = directions - directions.mean(-1, keepdim=True)
     if model.cfg.normalization_type in ("LN", "RMS"):
         directions = directions * model.ln_final.w.float()

@@ -165,7 +165,7 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
                 f"attention patterns and scores are per head and query-key pair), and the SAE is trained on one per token"
             )
         elif cfg.hook_name.endswith(OPTIONAL_HEAD_HOOKS):  # not computed as configured, and not usable if it were
-            problem = f"hook_name '{head_hook_problem(cfg.hook_name)}"
+            problem = f"hook_name {head_hook_problem(cfg.hook_name)}"
         else:
             problem = (
                 f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured (TransformerLens fills it "
@@ -238,7 +238,7 @@ def _check_sae_settings(cfg: RunConfig) -> None:
         _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta"}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
-    _check_schedules(cfg, runner_cfg.to_sae_trainer_config())
+    _check_schedules(runner_cfg.to_sae_trainer_config())
     if cfg.compile_sae and cfg.device.startswith("cpu"):  # "cpu" or "cpu:0"
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -251,15 +251,11 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             ) from None
 
 
-def _check_schedules(cfg: RunConfig, trainer_cfg) -> None:
+def check_schedules_fit_the_run(cfg: RunConfig) -> None:
     """Refuse warm-ups and decays longer than the run, which SAELens accepts and which leave the
-    learning rate or the sparsity penalty short of its setting for the whole run; build SAELens's
-    learning-rate schedule as its trainer will, so that what it refuses is found before any work,
-    and refuse the one schedule it builds but cannot step through."""
-    import torch
-    from sae_lens.training.optim import get_lr_scheduler
-
-    steps, warm_up, decay = trainer_cfg.total_training_steps, trainer_cfg.lr_warm_up_steps, trainer_cfg.lr_decay_steps
+    learning rate or the sparsity penalty short of its setting for the whole run. For new runs
+    only (`claim_run`): a run started so by an earlier saeflow must still be able to continue."""
+    steps, warm_up, decay = cfg.training_tokens // cfg.train_batch_size_tokens, cfg.lr_warm_up_steps, cfg.lr_decay_steps
     of_the_run = f"the run's {steps} training steps (training_tokens // train_batch_size_tokens; these settings count steps, not tokens)"
     if warm_up + decay > steps:
         raise ConfigError(
@@ -273,6 +269,15 @@ def _check_schedules(cfg: RunConfig, trainer_cfg) -> None:
                 f"{penalty}_warm_up_steps ({penalty_warm_up}) exceeds {of_the_run}: the {penalty.upper()} penalty would never "
                 f"reach {coefficient}; lower it or raise training_tokens"
             )
+
+
+def _check_schedules(trainer_cfg) -> None:
+    """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses is found
+    before any work, and refuse the one schedule it builds but cannot step through."""
+    import torch
+    from sae_lens.training.optim import get_lr_scheduler
+
+    steps, warm_up, decay = trainer_cfg.total_training_steps, trainer_cfg.lr_warm_up_steps, trainer_cfg.lr_decay_steps
     if trainer_cfg.lr_scheduler_name == "cosineannealing" and decay == 0 and warm_up == steps:
         # Its cosine phase has no step: the first step after the warm-up divides by zero.
         raise ConfigError(
@@ -349,7 +354,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
 
     The same config (or `run_name`) continues its run. `new` picks the first free name
     `<name>-2`, `<name>-3`, ... (free in the artifacts and the checkpoint folder) and leaves the
-    old run alone. Refused with ConfigError: continuing a run whose stored config differs in a
+    old run alone. Refused with ConfigError: a new run whose warm-ups outlast it, continuing a run whose stored config differs in a
     field that changes the result (naming the fields), moving `checkpoint_path` away from the
     checkpoints of an unfinished run, and a checkpoint folder holding another run's checkpoints.
     Raises Busy if another process holds the run.
@@ -368,7 +373,9 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     root = checkpoint_root(cfg.checkpoint_path, folder)
     current = run_identity(cfg)
     # Checked before anything is created; only the write needs the run's lock.
-    if stored.exists():
+    if not stored.exists():
+        check_schedules_fit_the_run(cfg)
+    else:
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
         changed = _changed_fields(previous, current)

@@ -41,6 +41,8 @@ STOP_REQUESTS: list[str] = []
 # sends it) also stops Prefect's temporary server, a child of this process: the command line
 # then gets the lost connection, not `Preempted`, and reads here what was stopped.
 PREEMPTIONS: list[str] = []
+# The checkpoints training wrote because it was asked to stop, for the command line to count.
+STOP_CHECKPOINTS: list[Path] = []
 
 
 class Preempted(RuntimeError):
@@ -51,9 +53,27 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM outside the stages that stop at a safe point (`sigterm_interrupts`)."""
 
 
+OUTSIDE_SAFE_POINTS = "outside the stages that stop at a safe point (filling, training)"
+
+
 def _terminate(signum, frame) -> None:
-    PREEMPTIONS.append(f"stopped by {signal.Signals(signum).name} outside the stages that stop at a safe point (filling, training)")
+    PREEMPTIONS.append(f"stopped by {signal.Signals(signum).name} {OUTSIDE_SAFE_POINTS}")
     raise Terminated(PREEMPTIONS[-1])
+
+
+def terminated_by(error: BaseException) -> str | None:
+    """The name of the signal, if `error` came while Prefect's engine handled a termination signal
+    (its `TerminationSignal`): a signal sent to the whole job also ends Prefect's temporary server,
+    and telling the server of the crash then fails with the lost connection instead."""
+    from prefect.exceptions import TerminationSignal
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, TerminationSignal):
+            return signal.Signals(error.signal).name
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager

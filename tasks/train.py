@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from tasks.activations import read_ahead, store_contents, training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
-from tasks.stopping import PREEMPTIONS, Preempted, StopRequests, stop_requested, stop_signals
+from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
 STAGE_VERSION = 1
 ARCHITECTURE_KWARGS = {
@@ -365,6 +365,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             stop_requests.done()
             message = f"stopped by {stop} after step {trainer.n_training_steps}; checkpoint {folder} written"
             PREEMPTIONS.append(message)
+            STOP_CHECKPOINTS.append(folder)
             raise TrainingPreempted(message)
 
     if cfg.compile_sae:

@@ -4,7 +4,8 @@ kill-and-resume tests.
     python tests/kill_driver.py POINT N ARGS...
 
 With KILL_SIGNAL=SIGTERM (or another signal's name) in the environment, that signal is sent to
-this process instead (not to its children: as `kill PID` sends it).
+this process instead (not to its children: as `kill PID` sends it); with KILL_GROUP=1 as well,
+to its whole process group (as Slurm signals a job).
 
 POINT is where the Nth event of this process kills it (fill points also make every model batch
 its own shard):
@@ -14,6 +15,7 @@ its own shard):
 - stream-step: the same, in streaming mode;
 - checkpoint-write: a checkpoint's files are written in its temporary folder, before its
   manifest and the rename;
+- fill-end: the fill has written its last shard and the held-out tokens;
 - save: the save stage is about to measure the feature sparsity.
 """
 
@@ -36,7 +38,11 @@ def event() -> None:
     global events
     events += 1
     if events == n:
-        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+        number = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
+        if os.environ.get("KILL_GROUP"):
+            os.killpg(0, number)
+        else:
+            os.kill(os.getpid(), number)
 
 
 def after(function):
@@ -68,6 +74,8 @@ elif point == "stream-step":
     tasks.streaming.StreamedBatches.__next__ = before(tasks.streaming.StreamedBatches.__next__)
 elif point == "checkpoint-write":
     tasks.checkpoint.write_manifest = before(tasks.checkpoint.write_manifest)
+elif point == "fill-end":
+    tasks.activations._fill = after(tasks.activations._fill)
 elif point == "save":
     tasks.save.firing_frequency = before(tasks.save.firing_frequency)
 else:

@@ -116,6 +116,13 @@ def test_unembed_directions_equal_W_U_of_the_model_with_its_layer_norms_folded(m
         expected = sae.W_dec @ reference.W_U
         torch.testing.assert_close(unembed_directions(model, sae.W_dec), expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(sae.W_dec @ model.W_U, expected, atol=1e-2)  # the gains and centring matter
+    # weightless LayerNorms (LNPre) take out the mean across d_model too
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    pre = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_mlp=16, d_vocab=10, act_fn="gelu", normalization_type="LNPre"))
+    directions = torch.randn(3, 8)
+    logits = (directions - directions.mean(-1, keepdim=True)) @ pre.W_U
+    torch.testing.assert_close(unembed_directions(pre, directions), logits - logits.mean(-1, keepdim=True))
 
 
 @pytest.mark.parametrize(("hook", "head", "out"), [

@@ -155,15 +155,33 @@ def test_learning_rate_schedules_are_checked_before_any_work():
     assert "lr_warm_up_steps (64) takes all 64 training steps" in message
     message = resolve_error(lr_scheduler_name="cosineannealingwarmrestarts", lr_warm_up_steps=40, lr_decay_steps=24)
     assert "Expected positive integer T_0" in message and "must leave at least n_restart_cycles of the run's 64 steps" in message
-    # warm-ups and decays longer than the run, which SAELens accepts: the setting is never reached
-    message = resolve_error(lr_warm_up_steps=40, lr_decay_steps=30)
-    assert "lr_warm_up_steps (40) + lr_decay_steps (30) exceed the run's 64 training steps" in message and "count steps, not tokens" in message
-    assert "never reach lr;" in resolve_error(lr_warm_up_steps=100_000)
-    assert "l1_warm_up_steps (65) exceeds the run's 64 training steps" in resolve_error(l1_warm_up_steps=65)
-    assert "the L0 penalty would never reach l0_coefficient" in resolve_error(architecture="jumprelu", l0_warm_up_steps=65)
-    assert resolve(tiny_config(l1_warm_up_steps=64)).l1_warm_up_steps == 64
     # schedules SAELens builds and steps through are accepted
     assert resolve(tiny_config(lr_warm_up_steps=40, lr_decay_steps=24)).lr_decay_steps == 24
+
+
+def test_a_new_run_whose_warm_ups_outlast_it_is_refused_and_an_earlier_one_continues(tmp_path, monkeypatch):
+    """SAELens accepts warm-ups and decays longer than the run, whose setting is then never reached
+    (a warm-up given in tokens, say). New runs are refused; a run an earlier saeflow started so
+    continues."""
+    import tasks.preflight
+
+    def claim_error(**overrides) -> str:
+        with pytest.raises(ConfigError) as error:
+            claim_run(resolve(tiny_config(**overrides)), tmp_path, None, new=False)
+        return str(error.value)
+
+    message = claim_error(lr_warm_up_steps=40, lr_decay_steps=30)
+    assert "lr_warm_up_steps (40) + lr_decay_steps (30) exceed the run's 64 training steps" in message and "count steps, not tokens" in message
+    assert "never reach lr;" in claim_error(lr_warm_up_steps=100_000)
+    assert "l1_warm_up_steps (65) exceeds the run's 64 training steps" in claim_error(l1_warm_up_steps=65)
+    assert "the L0 penalty would never reach l0_coefficient" in claim_error(architecture="jumprelu", l0_warm_up_steps=65)
+    assert not list(tmp_path.glob("runs/*"))
+    cfg = resolve(tiny_config(l1_warm_up_steps=65))
+    with monkeypatch.context() as earlier_saeflow:
+        earlier_saeflow.setattr(tasks.preflight, "check_schedules_fit_the_run", lambda cfg: None)
+        name = claim_run(cfg, tmp_path, None, new=False)
+    assert claim_run(cfg, tmp_path, None, new=False) == name
+    assert claim_run(resolve(tiny_config(l1_warm_up_steps=64)), tmp_path, None, new=False) != name
     assert resolve(tiny_config(lr_scheduler_name="cosineannealing", lr_warm_up_steps=40, lr_decay_steps=24)).lr_decay_steps == 24
     assert resolve(tiny_config(lr_scheduler_name="cosineannealingwarmrestarts", lr_warm_up_steps=40, lr_decay_steps=23)).lr_warm_up_steps == 40
 

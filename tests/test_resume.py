@@ -279,23 +279,28 @@ def child_processes(pid: int) -> set[int]:
     return found
 
 
-def test_sigterm_to_a_run_alone_outside_training_ends_it_and_its_temporary_prefect_server(faults_cfg, faults_reference, tmp_path):
-    """`kill PID` (SIGTERM to the run's process alone) while the store fills: the fill stops after
-    its model batch, keeping its shards, and the command exits 75. During a stage with no safe
-    point (here the save) the run ends there, as on Ctrl-C, also with 75. Either way Prefect's
-    temporary server, a child of the run's process, ends with it instead of living on."""
+def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_with_75(faults_cfg, faults_reference, tmp_path):
+    """SIGTERM to the run's process alone (`kill PID`) while the store fills: the fill stops after
+    its model batch, keeping its shards; once its last shard is written, the run stops before
+    training. During a stage with no safe point (here the save) the run ends there, as on Ctrl-C.
+    Each exits 75, and Prefect's temporary server, a child of the run's process, ends with it
+    instead of living on. SIGTERM to the whole job there ends the server first: still 75."""
     cfg, config = faults_cfg
     artifacts = tmp_path / "artifacts"
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect"), "KILL_SIGNAL": "SIGTERM"}
-    for point, n, says in [
-        ("fill-shard", 2, "stopped by SIGTERM while filling activation store(s) "),
-        ("save", 1, "stopped by SIGTERM outside the stages that stop at a safe point (filling, training). Run the same command again"),
+    outside = "stopped by SIGTERM outside the stages that stop at a safe point (filling, training). Run the same command again"
+    for point, n, job, says in [
+        ("fill-shard", 2, {}, "stopped by SIGTERM while filling activation store(s) "),
+        ("fill-end", 1, {}, " (complete). Run the same command again"),
+        ("save", 1, {}, outside),
+        # a retry of the lost server, then Prefect gives up: the command still knows what stopped it
+        ("save", 1, {"KILL_GROUP": "1", "PREFECT_CLIENT_MAX_RETRIES": "1"}, outside + " to continue it. (Prefect could not be told: "),
     ]:
         log = tmp_path / f"{point}.log"  # not a pipe: a process left running would hold it open
         with open(log, "w") as out:
             process = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "kill_driver.py"), point, str(n), str(config), "--artifacts-dir", str(artifacts), "--run-name", "termed-alone"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                [sys.executable, str(ROOT / "tests" / "kill_driver.py"), point, str(n), str(config), "--artifacts-dir", str(artifacts), "--run-name", "termed"],
+                cwd=ROOT, env=env | job, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             )
         children = set()
         while process.poll() is None:
@@ -311,8 +316,10 @@ def test_sigterm_to_a_run_alone_outside_training_ends_it_and_its_temporary_prefe
         assert children and not alive, f"processes {alive} of the run outlived it"  # children: the temporary server
         if point == "fill-shard":
             assert "(the shards written are kept)" in output
-    assert "Activation store(s) " in output and ": resuming at row " in output  # the second run continued the fill
-    summary = start(cfg, artifacts, "termed-alone")
+        if point == "fill-end":
+            assert "Activation store(s) " in output and ": resuming at row " in output  # the first run's shards were kept
+            assert "Training" not in output
+    summary = start(cfg, artifacts, "termed")
     assert_bitwise_equal(weights(summary), faults_reference)
 
 
