@@ -32,22 +32,25 @@ def test_metrics_are_in_range_and_consistent(metrics, finished_run):
     assert metrics["dead_features"] == int((density == 0).sum()) and metrics["dense_features"] == int((density > 0.1).sum())
 
 
-def test_l0_matches_an_independent_count_on_the_held_out_tokens(metrics, finished_run):
+def independent_l0(summary: dict, n_contexts: int) -> float:
+    """The saved SAE's mean L0 over the first `n_contexts` held-out contexts, special tokens left out."""
     from sae_lens import SAE
 
     from tasks.activations import load_eval_tokens
     from tasks.model import load_model
 
-    summary = finished_run["summary"]
     model = load_model(summary["model"], "cpu")
     sae = SAE.load_from_disk(summary["sae"]["path"])
-    tokens = load_eval_tokens(summary["activations"])[: metrics["eval_contexts"]]
+    tokens = load_eval_tokens(summary["activations"])[:n_contexts]
     special = torch.tensor(list(model.tokenizer.all_special_ids))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[sae.cfg.metadata.hook_name])
         active = (sae.encode(cache[sae.cfg.metadata.hook_name]) != 0).sum(-1).float()
-    counted = active[~torch.isin(tokens, special)]
-    assert metrics["l0"] == pytest.approx(counted.mean().item(), rel=1e-4)
+    return active[~torch.isin(tokens, special)].mean().item()
+
+
+def test_l0_matches_an_independent_count_on_the_held_out_tokens(metrics, finished_run):
+    assert metrics["l0"] == pytest.approx(independent_l0(finished_run["summary"], metrics["eval_contexts"]), rel=1e-4)
 
 
 def test_losses_match_an_independent_splice_of_the_sae_at_its_hook(metrics, finished_run):
@@ -79,11 +82,8 @@ def test_losses_match_an_independent_splice_of_the_sae_at_its_hook(metrics, fini
 def test_every_metric_covers_the_same_held_out_contexts_when_batches_do_not_divide_them(finished_run, tmp_path):
     """With held-out contexts left over after the last whole batch, the loss pass and the
     sparsity pass (L0, density) both read the first whole batches, as `eval_contexts` says."""
-    from sae_lens import SAE
-
     from tasks.activations import load_eval_tokens
     from tasks.evaluate import evaluate
-    from tasks.model import load_model
 
     summary = finished_run["summary"]
     n_contexts = len(load_eval_tokens(summary["activations"]))
@@ -92,14 +92,7 @@ def test_every_metric_covers_the_same_held_out_contexts_when_batches_do_not_divi
     result = evaluate.fn(summary["loaded"], summary["model"], summary["activations"], str(tmp_path), batch, "cpu", {})
     metrics = result["metrics"]
     assert metrics["eval_contexts"] == n_contexts // batch * batch
-    model = load_model(summary["model"], "cpu")
-    sae = SAE.load_from_disk(summary["sae"]["path"])
-    tokens = load_eval_tokens(summary["activations"])[: metrics["eval_contexts"]]
-    special = torch.tensor(list(model.tokenizer.all_special_ids))
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[sae.cfg.metadata.hook_name])
-        active = (sae.encode(cache[sae.cfg.metadata.hook_name]) != 0).sum(-1).float()
-    assert metrics["l0"] == pytest.approx(active[~torch.isin(tokens, special)].mean().item(), rel=1e-5)
+    assert metrics["l0"] == pytest.approx(independent_l0(summary, metrics["eval_contexts"]), rel=1e-5)
 
 
 def test_evaluation_uses_tokens_not_used_for_training(finished_run):

@@ -1,6 +1,7 @@
 """Crash-proof, exact resume: runs killed, interrupted or failed at any moment end with weights
 bitwise equal to an uninterrupted run's, and faults leave the last good checkpoint intact."""
 
+import contextlib
 import errno
 import json
 import os
@@ -639,25 +640,38 @@ def test_a_replacement_that_cannot_take_its_place_leaves_the_old_folder(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["sae"] and (tmp_path / "sae" / "cfg.json").read_text() == "old"
 
 
-def test_waiting_for_a_lock_says_who_holds_it(tmp_path, caplog):
-    """A run waiting hours for a store another process fills must not look hung."""
-    import logging
+@contextlib.contextmanager
+def held_by_another_thread(lock: Path):
+    """The exclusive lock at `lock` held by another thread (flock: as by another process) until
+    `release` is set or the block ends; yields (that thread, release)."""
     import threading
 
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with exclusive_lock(tmp_path / ".lock", "activation store S", wait=False):
+        with exclusive_lock(lock, "activation store S", wait=False):
             held.set()
-            release.wait(10)
+            release.wait(60)
 
     thread = threading.Thread(target=holder)
     thread.start()
     held.wait(10)
-    threading.Timer(0.3, release.set).start()
-    with caplog.at_level(logging.INFO, logger="saeflow"), exclusive_lock(tmp_path / ".lock", "activation store S", wait=True):
-        pass
-    thread.join()
+    try:
+        yield thread, release
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_waiting_for_a_lock_says_who_holds_it(tmp_path, caplog):
+    """A run waiting hours for a store another process fills must not look hung."""
+    import logging
+    import threading
+
+    with held_by_another_thread(tmp_path / ".lock") as (_, release):
+        threading.Timer(0.3, release.set).start()
+        with caplog.at_level(logging.INFO, logger="saeflow"), exclusive_lock(tmp_path / ".lock", "activation store S", wait=True):
+            pass
     assert f"Waiting for activation store S, in use by process {os.getpid()}" in caplog.text
 
 
@@ -668,25 +682,12 @@ def test_waiting_for_a_lock_ends_when_the_process_is_asked_to_stop(tmp_path):
 
     from tasks.stopping import Preempted, stop_signals
 
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with exclusive_lock(tmp_path / ".lock", "activation store S", wait=False):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    held.wait(10)
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    try:
+    with held_by_another_thread(tmp_path / ".lock") as (holder, _):
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
         with stop_signals(), pytest.raises(Preempted, match=r"stopped by SIGTERM while waiting for activation store S, in use by process \d+ on "):
             with exclusive_lock(tmp_path / ".lock", "activation store S", wait=True):
                 pass
-        assert thread.is_alive()  # the holder was not waited for
-    finally:
-        release.set()
-        thread.join()
+        assert holder.is_alive()  # the holder was not waited for
 
 
 def test_a_run_starting_while_saeflow_stop_probes_its_lock_is_not_refused(tmp_path):
