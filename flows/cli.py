@@ -155,7 +155,7 @@ def _serve(args) -> int:
 
     from flows.pipeline import pipeline_for
     from tasks.config import ConfigError
-    from tasks.preflight import check_artifacts_dir, default_run_name, resolve
+    from tasks.preflight import check_artifacts_dir, check_schedules_fit_the_run, check_schedules_of_a_new_run, default_run_name, resolve
 
     if args.interval is not None and args.interval <= 0:
         raise ConfigError(f"--interval is {args.interval:g}; give a number of seconds above 0")
@@ -169,6 +169,10 @@ def _serve(args) -> int:
             raise ConfigError(f"--cron '{args.cron}' is not a cron expression; give five fields: minute hour day month weekday, e.g. '0 2 * * *' (02:00 UTC daily)") from None
     cfg = resolve(_run_config(args))
     check_artifacts_dir(args.artifacts_dir)
+    if args.new_each_run:
+        check_schedules_fit_the_run(cfg)
+    else:
+        check_schedules_of_a_new_run(cfg, args.artifacts_dir, args.run_name or default_run_name(cfg))
     check_prefect_api()
     artifacts_dir = str(Path(args.artifacts_dir).resolve())
     parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}
@@ -279,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import run_sweep
         from tasks.artifacts import Busy
-        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS
+        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS, STOPS_AFTER_FILL
 
         STOP_REQUESTS.clear()
         PREEMPTIONS.clear()
         STOP_CHECKPOINTS.clear()
+        STOPS_AFTER_FILL.clear()
         try:
             rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
@@ -340,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from flows import pipeline
-    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, sigterm_interrupts, terminated_by
+    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, STOPS_AFTER_FILL, Preempted, raised_while, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()
+    STOPS_AFTER_FILL.clear()
     try:
         with sigterm_interrupts():
             summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
@@ -369,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED
+        if raised_while(error, KeyboardInterrupt):  # Ctrl-C in a terminal also ends the temporary server
+            print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
+            return EXIT_FAILED
         print(
             f"saeflow: run '{run_name}' failed: {type(error).__name__}: {error}\n"
             f"Fix the cause and run the same command again: finished stages and checkpoints are kept. "

@@ -38,7 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
-from tasks.preflight import claim_run, default_run_name, resolve
+from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals, sweep_stopped_by
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
@@ -327,6 +327,11 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
             "`dask worker` per GPU (CUDA_VISIBLE_DEVICES=i ... --resources GPU=1) and give --dask-address"
         )
     artifacts_dir = str(Path(artifacts_dir).resolve())
+    for cfg, label in zip(configs, member_labels(configs)):
+        try:
+            check_schedules_of_a_new_run(cfg, artifacts_dir, default_run_name(cfg))
+        except ConfigError as error:
+            raise ConfigError(f"sweep member {label}: {error}") from None
     with sweep_lock(name, artifacts_dir):  # refused here, before any Prefect server or flow run; the flow takes it again
         pass
     sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, write_json
 from tasks.config import RunConfig, stable_hash
-from tasks.stopping import PREEMPTIONS, Preempted, stop_requested, stop_signals
+from tasks.stopping import STOPS_AFTER_FILL, preempted, stop_requested, stop_signals
 
 # SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
@@ -200,9 +200,8 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_r
             locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
             refs = _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger())
-        if stop := stop_requested():  # after the last batch's check: the next stage would no longer see it
-            PREEMPTIONS.append(f"stopped by {stop} after filling activation store(s) {', '.join(out.name for out in outs)} (complete)")
-            raise Preempted(PREEMPTIONS[-1])
+        if stop := stop_requested():  # after the last batch's check: training would no longer see it
+            STOPS_AFTER_FILL.update({ref["path"]: stop for ref in refs})
         return refs
 
 
@@ -337,8 +336,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         if stop := stop_requested():  # before loading the model: a sweep's member that waited for this lock
-            PREEMPTIONS.append(f"stopped by {stop} before filling activation store(s) {names} began")
-            raise Preempted(PREEMPTIONS[-1])
+            raise preempted(f"stopped by {stop} before filling activation store(s) {names} began")
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
         if tokens_ref is not None:
             batch_tokens = ContextBatches(_token_dataset(spec, tokens_ref), spec["store_batch_size_prompts"]).next_batch
@@ -378,8 +376,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         while row < n_tokens:
             if stop := stop_requested():  # the shards written so far are kept
                 bar.close()
-                PREEMPTIONS.append(f"stopped by {stop} while filling activation store(s) {names}, at row {row} of {n_tokens} (the shards written are kept)")
-                raise Preempted(PREEMPTIONS[-1])
+                raise preempted(f"stopped by {stop} while filling activation store(s) {names}, at row {row} of {n_tokens} (the shards written are kept)")
             tokens = next_tokens()
             take = min(rows_per_batch, n_tokens - row)
             flat_tokens = tokens.reshape(-1)[:take].to("cpu")

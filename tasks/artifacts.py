@@ -187,7 +187,7 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = "wait for it t
     """Hold an exclusive lock on `path` (flock, released if the process dies). With `wait`, wait
     for the holder to finish, unless this process is asked to stop meanwhile (`stop_requested`:
     raises `Preempted`); without, raise Busy naming the holder, and `hint`."""
-    from tasks.stopping import PREEMPTIONS, Preempted, stop_requested
+    from tasks.stopping import preempted, stop_requested
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -199,8 +199,7 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = "wait for it t
             _log_info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
             while not _try_lock(f, 0):
                 if stop := stop_requested():  # a sweep's member waiting for a store another process fills
-                    PREEMPTIONS.append(f"stopped by {stop} while waiting for {what}, in use by {holder}")
-                    raise Preempted(PREEMPTIONS[-1])
+                    raise preempted(f"stopped by {stop} while waiting for {what}, in use by {holder}")
                 time.sleep(LOCK_POLL_SECONDS)  # one lock request per poll: on NFS each goes to the server
         f.seek(0)
         f.truncate()

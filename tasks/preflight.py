@@ -271,6 +271,12 @@ def check_schedules_fit_the_run(cfg: RunConfig) -> None:
             )
 
 
+def check_schedules_of_a_new_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str) -> None:
+    """`check_schedules_fit_the_run` unless run `run_name` exists already (has its config.json)."""
+    if not (run_dir(artifacts_dir, run_name) / "config.json").exists():
+        check_schedules_fit_the_run(cfg)
+
+
 def _check_schedules(trainer_cfg) -> None:
     """Build SAELens's learning-rate schedule as its trainer will, so that what it refuses is found
     before any work, and refuse the one schedule it builds but cannot step through."""
@@ -354,9 +360,10 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
 
     The same config (or `run_name`) continues its run. `new` picks the first free name
     `<name>-2`, `<name>-3`, ... (free in the artifacts and the checkpoint folder) and leaves the
-    old run alone. Refused with ConfigError: a new run whose warm-ups outlast it, continuing a run whose stored config differs in a
-    field that changes the result (naming the fields), moving `checkpoint_path` away from the
-    checkpoints of an unfinished run, and a checkpoint folder holding another run's checkpoints.
+    old run alone. Refused with ConfigError: a new run whose warm-ups outlast it, continuing a run
+    whose stored config differs in a field that changes the result (naming the fields), moving
+    `checkpoint_path` away from the checkpoints of an unfinished run, and a checkpoint folder
+    holding another run's checkpoints.
     Raises Busy if another process holds the run.
     """
     from tasks.checkpoint import checkpoint_owners, checkpoint_root
@@ -373,9 +380,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     root = checkpoint_root(cfg.checkpoint_path, folder)
     current = run_identity(cfg)
     # Checked before anything is created; only the write needs the run's lock.
-    if not stored.exists():
-        check_schedules_fit_the_run(cfg)
-    else:
+    check_schedules_of_a_new_run(cfg, artifacts_dir, name)
+    if stored.exists():
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
         changed = _changed_fields(previous, current)

@@ -43,10 +43,19 @@ STOP_REQUESTS: list[str] = []
 PREEMPTIONS: list[str] = []
 # The checkpoints training wrote because it was asked to stop, for the command line to count.
 STOP_CHECKPOINTS: list[Path] = []
+# Stops noted after a fill's last batch, by store folder: the fill completes (its result is
+# cached, its store not read again), and the training that reads the store does not start.
+STOPS_AFTER_FILL: dict[str, str] = {}
 
 
 class Preempted(RuntimeError):
     """Stopped on SIGTERM/SIGINT at a safe point; running the same command again continues."""
+
+
+def preempted(message: str) -> Preempted:
+    """A `Preempted` for `message`, recorded in PREEMPTIONS for the command line."""
+    PREEMPTIONS.append(message)
+    return Preempted(message)
 
 
 class Terminated(KeyboardInterrupt):
@@ -61,19 +70,29 @@ def _terminate(signum, frame) -> None:
     raise Terminated(PREEMPTIONS[-1])
 
 
-def terminated_by(error: BaseException) -> str | None:
-    """The name of the signal, if `error` came while Prefect's engine handled a termination signal
-    (its `TerminationSignal`): a signal sent to the whole job also ends Prefect's temporary server,
+def raised_while(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The exception of `kind` among those `error` was raised from or while handling, if any: a
+    signal sent to the whole job (or Ctrl-C in a terminal) also ends Prefect's temporary server,
     and telling the server of the crash then fails with the lost connection instead."""
+    todo, seen = [error], set()
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, kind):
+            return error
+        todo += [error.__cause__, error.__context__]
+    return None
+
+
+def terminated_by(error: BaseException) -> str | None:
+    """The name of the signal, if `error` came while Prefect's engine handled a termination
+    signal (its `TerminationSignal`)."""
     from prefect.exceptions import TerminationSignal
 
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, TerminationSignal):
-            return signal.Signals(error.signal).name
-        error = error.__cause__ or error.__context__
-    return None
+    found = raised_while(error, TerminationSignal)
+    return signal.Signals(found.signal).name if found is not None else None
 
 
 @contextlib.contextmanager

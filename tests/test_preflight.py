@@ -336,6 +336,14 @@ def test_serve_refuses_a_bad_schedule_before_anything_starts(capsys):
     assert "--interval is 0; give a number of seconds above 0" in capsys.readouterr().err
 
 
+def test_serve_refuses_warm_ups_that_outlast_a_new_run_before_anything_starts(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL, "lr_warm_up_steps": 65}))
+    for new_each_run in ([], ["--new-each-run"]):
+        assert main(["serve", str(config), "--interval", "60", "--artifacts-dir", str(tmp_path / "a"), *new_each_run]) == EXIT_BAD_INPUT
+        assert "lr_warm_up_steps (65) + lr_decay_steps (0) exceed the run's 64 training steps" in capsys.readouterr().err
+
+
 @pytest.fixture
 def hub_dataset_cache(tmp_path: Path, monkeypatch) -> list[str]:
     """The datasets cache of an offline compute node that shares it with a machine which once

@@ -282,8 +282,8 @@ def child_processes(pid: int) -> set[int]:
 
 def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_with_75(faults_cfg, faults_reference, tmp_path):
     """SIGTERM to the run's process alone (`kill PID`) while the store fills: the fill stops after
-    its model batch, keeping its shards; once its last shard is written, the run stops before
-    training. During a stage with no safe point (here the save) the run ends there, as on Ctrl-C.
+    its model batch, keeping its shards; once its last shard is written, the fill completes and
+    the run stops before training. During a stage with no safe point (here the save) the run ends there, as on Ctrl-C.
     Each exits 75, and Prefect's temporary server, a child of the run's process, ends with it
     instead of living on. SIGTERM to the whole job there ends the server first: still 75."""
     cfg, config = faults_cfg
@@ -292,7 +292,7 @@ def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_w
     outside = "stopped by SIGTERM outside the stages that stop at a safe point (filling, training). Run the same command again"
     for point, n, job, says in [
         ("fill-shard", 2, {}, "stopped by SIGTERM while filling activation store(s) "),
-        ("fill-end", 1, {}, " (complete). Run the same command again"),
+        ("fill-end", 1, {}, "not started: SIGTERM was received before training began. Run the same command again"),
         ("save", 1, {}, outside),
         # a retry of the lost server, then Prefect gives up: the command still knows what stopped it
         ("save", 1, {"KILL_GROUP": "1", "PREFECT_CLIENT_MAX_RETRIES": "1"}, outside + " to continue it. (Prefect could not be told: "),
@@ -319,7 +319,9 @@ def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_w
             assert "(the shards written are kept)" in output
         if point == "fill-end":
             assert "Activation store(s) " in output and ": resuming at row " in output  # the first run's shards were kept
-            assert "Training" not in output
+            assert "Training SAE" not in output  # its progress bar
+        if point == "save":
+            assert "Filling activation store" not in output  # the fill stopped after its end completed: cached
     summary = start(cfg, artifacts, "termed")
     assert_bitwise_equal(weights(summary), faults_reference)
 

@@ -161,6 +161,15 @@ def test_a_set_that_overrides_what_the_sweep_varies_is_refused(tmp_path):
     assert len(sweep_members(sweep, ["seed=3"])[1]) == 3
 
 
+def test_a_new_member_whose_warm_up_outlasts_it_is_refused_before_any_server(tmp_path):
+    from flows.sweep import run_sweep
+
+    sweep = write_sweep(tmp_path, {"l1_warm_up_steps": [10, 100]}, base={**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL, "training_tokens": 8192})
+    with pytest.raises(ConfigError, match=r"^sweep member .*l1_warm_up_steps.*100.*: l1_warm_up_steps \(100\) exceeds the run's 16 training steps"):
+        run_sweep(str(sweep), str(tmp_path / "artifacts"))
+    assert not (tmp_path / "artifacts" / "runs").exists() and not (tmp_path / "artifacts" / "sweeps").exists()
+
+
 def test_a_local_dask_cluster_is_refused_members_on_a_gpu(tmp_path, monkeypatch):
     """Its workers have no GPU resource: the members would wait forever."""
     import tasks.preflight
