@@ -1,12 +1,14 @@
 """Stopping on SIGTERM/SIGINT at a safe point, so that a preempted job loses nothing.
 
-While `stop_signals()` is active (during training in a single run; for the whole of a sweep,
-whose members run in threads, and only the main thread can handle signals; in a Dask worker
-while sweep members run there, `member_in_dask_worker`), the first SIGTERM or SIGINT is only
-noted in `STOP_REQUESTS`. The stages that can stop cleanly look at
-`stop_requested()`: training writes a checkpoint at the end of its step, filling an activation
-store stops with its shards written, a sweep member not yet started does not start. Each raises
-`Preempted`, and running the same command again continues. A second SIGINT exits at once.
+While `stop_signals()` is active (during filling and training in a single run; for the whole
+of a sweep, whose members run in threads, and only the main thread can handle signals; in a Dask
+worker while sweep members run there, `member_in_dask_worker`), the first SIGTERM or SIGINT is
+only noted in `STOP_REQUESTS`. The stages that can stop cleanly look at `stop_requested()`:
+training writes a checkpoint at the end of its step, filling an activation store stops with its
+shards written, a sweep member not yet started does not start. Each raises `Preempted`, and
+running the same command again continues. A second SIGINT exits at once. Elsewhere in a run
+(`sigterm_interrupts`), SIGTERM ends it as Ctrl-C does, so that Prefect's temporary server ends
+with it.
 
 `saeflow stop RUN` asks for the same stop of a run's training from any process that sees the
 run's folder (another shell, another machine sharing the artifacts folder), where a signal
