@@ -283,12 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import run_sweep
         from tasks.artifacts import Busy
-        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS, STOPS_AFTER_FILL
+        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS
 
         STOP_REQUESTS.clear()
         PREEMPTIONS.clear()
         STOP_CHECKPOINTS.clear()
-        STOPS_AFTER_FILL.clear()
         try:
             rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
@@ -345,11 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from flows import pipeline
-    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, STOPS_AFTER_FILL, Preempted, raised_while, sigterm_interrupts, terminated_by
+    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, raised_while, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()
-    STOPS_AFTER_FILL.clear()
     try:
         with sigterm_interrupts():
             summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)

@@ -46,7 +46,7 @@ PREEMPTIONS: list[str] = []
 # The checkpoints training wrote because it was asked to stop, for the command line to count.
 STOP_CHECKPOINTS: list[Path] = []
 # Stops noted after a fill's last batch, by store folder: the fill completes (its result is
-# cached, its store not read again), and the training that reads the store does not start.
+# cached, its store not read again), and the run stops right after it (`stop_after_fill`).
 STOPS_AFTER_FILL: dict[str, str] = {}
 
 
@@ -58,6 +58,13 @@ def preempted(message: str) -> Preempted:
     """A `Preempted` for `message`, recorded in PREEMPTIONS for the command line."""
     PREEMPTIONS.append(message)
     return Preempted(message)
+
+
+def stop_after_fill(store_ref: dict) -> None:
+    """Raise `Preempted` if a stop was noted after the last batch of the fill of `store_ref`'s
+    store (`STOPS_AFTER_FILL`), which let the fill complete."""
+    if stop := STOPS_AFTER_FILL.pop(store_ref["path"], None):
+        raise preempted(f"stopped by {stop} after filling activation store {Path(store_ref['path']).name} (complete), before training")
 
 
 class Terminated(KeyboardInterrupt):
@@ -129,6 +136,7 @@ def stop_signals():
         yield
         return
     STOP_REQUESTS.clear()
+    STOPS_AFTER_FILL.clear()
     previous = {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -190,6 +198,7 @@ def sweep_stopped_by(marker: Path) -> str | None:
 def _note_signals_in_worker() -> None:
     if threading.current_thread() is threading.main_thread() and not _WORKER["replaced"] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         STOP_REQUESTS.clear()
+        STOPS_AFTER_FILL.clear()
         _WORKER["replaced"] = {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
@@ -200,6 +209,7 @@ def _restore_signals_in_worker() -> None:
     for s, handler in replaced.items():
         signal.signal(s, handler)
     STOP_REQUESTS.clear()
+    STOPS_AFTER_FILL.clear()
 
 
 def stop_requested() -> str | None:

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from tasks.activations import read_ahead, store_contents, training_batches
 from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
-from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOPS_AFTER_FILL, Preempted, StopRequests, stop_requested, stop_signals
+from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
 STAGE_VERSION = 1
 ARCHITECTURE_KWARGS = {
@@ -325,8 +325,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     if out.exists():
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
     stop_requests = StopRequests(Path(run_dir))  # `saeflow stop`, from any process
-    # asked while the activations were made (after the fill's last batch, or in a sweep)
-    if stop := stop_requested() or stop_requests.requested() or STOPS_AFTER_FILL.pop(store_ref["path"], None):
+    if stop := stop_requested() or stop_requests.requested():  # asked while the activations were made
         stop_requests.done()
         message = f"not started: {stop} was received before training began"
         PREEMPTIONS.append(message)

@@ -292,7 +292,7 @@ def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_w
     outside = "stopped by SIGTERM outside the stages that stop at a safe point (filling, training). Run the same command again"
     for point, n, job, says in [
         ("fill-shard", 2, {}, "stopped by SIGTERM while filling activation store(s) "),
-        ("fill-end", 1, {}, "not started: SIGTERM was received before training began. Run the same command again"),
+        ("fill-end", 1, {}, " (complete), before training. Run the same command again"),
         ("save", 1, {}, outside),
         # a retry of the lost server, then Prefect gives up: the command still knows what stopped it
         ("save", 1, {"KILL_GROUP": "1", "PREFECT_CLIENT_MAX_RETRIES": "1"}, outside + " to continue it. (Prefect could not be told: "),
@@ -324,6 +324,30 @@ def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_w
             assert "Filling activation store" not in output  # the fill stopped after its end completed: cached
     summary = start(cfg, artifacts, "termed")
     assert_bitwise_equal(weights(summary), faults_reference)
+
+
+def test_a_stop_after_the_fill_stops_that_run_only(faults_cfg, faults_reference, tmp_path, monkeypatch):
+    """SIGTERM noted after the fill's last batch (in process, as through the Python API): the fill
+    completes and the run stops before training; running it again in the same process trains
+    (the noted stop is not left for it)."""
+    import tasks.activations
+    from tasks.stopping import Preempted
+
+    cfg, _ = faults_cfg
+    fill = tasks.activations._fill
+
+    def fill_then_sigterm(*args, **kwargs):
+        refs = fill(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler notes it
+        return refs
+
+    monkeypatch.setattr(tasks.activations, "_fill", fill_then_sigterm)
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM after filling activation store \w+ \(complete\), before training"):
+        start(cfg, tmp_path, "after-fill")
+    monkeypatch.undo()
+    assert not (tmp_path / "runs" / "after-fill" / "checkpoints").exists()
+    assert_bitwise_equal(weights(start(cfg, tmp_path, "after-fill")), faults_reference)
 
 
 def test_second_sigint_exits_at_once():
