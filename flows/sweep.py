@@ -25,7 +25,6 @@ explained variance and CE-loss score) and publishes a table artifact of every me
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
-from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash
+from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals, sweep_stopped_by
 
@@ -68,8 +67,7 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
         raise ConfigError(f"sweep file {path}: grid must map config keys to lists of values (e.g. grid: {{lr: [0.0001, 0.001]}}), not {grid!r}")
     for key, values in grid.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-            raise ConfigError(f"sweep axis '{key}' is not a config key" + (f"; did you mean '{close[0]}'?" if close else ""))
+            raise ConfigError(f"sweep axis '{key}' is not a config key{unknown_key_hint(key)}")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep axis '{key}' needs a non-empty list of values, got {values!r}")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []

@@ -413,7 +413,7 @@ REMOVED_IN_SAELENS_6 = (
 )
 
 
-def _unknown_key_hint(key: str) -> str:
+def unknown_key_hint(key: str) -> str:
     """What to write instead of `key`, which is not a saeflow key."""
     import dataclasses
 
@@ -443,7 +443,7 @@ def _friendly_errors(error: ValidationError) -> str:
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "config"
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{where}'{_unknown_key_hint(where)}")
+            lines.append(f"unknown config key '{where}'{unknown_key_hint(where)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {message}" if item["loc"] else message)
