@@ -8,6 +8,7 @@ the run folder and refuses to continue a run whose stored config would change th
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from pathlib import Path
@@ -369,18 +370,13 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     from tasks.checkpoint import checkpoint_owners, checkpoint_root
 
     check_artifacts_dir(artifacts_dir)
-    base = run_name or default_run_name(cfg)
-    name = base
-    if new:
-        n = 2
-        while run_dir(artifacts_dir, name).exists() or checkpoint_root(cfg.checkpoint_path, run_dir(artifacts_dir, name)).exists():
-            name, n = f"{base}-{n}", n + 1
+    name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg)) if new else run_name or default_run_name(cfg)
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)
     current = run_identity(cfg)
-    # Checked before anything is created; only the write needs the run's lock.
-    check_schedules_of_a_new_run(cfg, artifacts_dir, name)
+    if not new:  # a new run's were checked before its folder was made
+        check_schedules_of_a_new_run(cfg, artifacts_dir, name)
     if stored.exists():
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
@@ -413,6 +409,24 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False):
         write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
     return name
+
+
+def _new_run_folder(cfg: RunConfig, artifacts_dir: str | Path, base: str) -> str:
+    """Make the run folder of the first free name of `base`, `<base>-2`, `<base>-3`, ... (free in
+    the artifacts and the checkpoint folder), and return the name. The folder is made by one
+    `mkdir`, which fails if it exists: two `--new` runs started at once get two names."""
+    from tasks.checkpoint import checkpoint_root
+
+    check_schedules_fit_the_run(cfg)  # before the folder is made
+    for name in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
+        folder = run_dir(artifacts_dir, name)
+        if checkpoint_root(cfg.checkpoint_path, folder).exists():
+            continue
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return name
 
 
 def _changed_fields(previous: dict, current: dict) -> list[str]:

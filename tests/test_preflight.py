@@ -203,6 +203,32 @@ def test_unwritable_artifacts_dir(tmp_path: Path):
         claim_run(resolve(tiny_config()), blocker / "artifacts", None, new=False)
 
 
+def test_new_runs_started_at_once_get_names_of_their_own(tmp_path: Path, monkeypatch):
+    import threading
+
+    import tasks.preflight
+
+    configs = [resolve(tiny_config(lr=lr)) for lr in (1e-4, 2e-4, 3e-4, 4e-4)]
+    base = default_run_name(configs[0])
+    ready = threading.Barrier(len(configs))
+    real_check = tasks.preflight.check_schedules_fit_the_run
+
+    def check_then_wait(cfg):  # all four look for a free name at the same moment
+        real_check(cfg)
+        ready.wait(timeout=30)
+
+    monkeypatch.setattr(tasks.preflight, "check_schedules_fit_the_run", check_then_wait)
+    names: dict[float, str] = {}
+    threads = [threading.Thread(target=lambda c=c: names.__setitem__(c.lr, claim_run(c, tmp_path, base, new=True))) for c in configs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(names.values()) == sorted([base, f"{base}-2", f"{base}-3", f"{base}-4"])
+    for lr, name in names.items():
+        assert json.loads((tmp_path / "runs" / name / "config.json").read_text())["config"]["lr"] == lr
+
+
 def test_run_names_are_stable_and_new_never_overwrites(tmp_path: Path):
     cfg = resolve(tiny_config())
     name = claim_run(cfg, tmp_path, None, new=False)
