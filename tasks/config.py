@@ -213,7 +213,9 @@ class RunConfig(BaseModel):
     device: str = "cpu"
     """Device for the model and the SAE (`cpu`, `cuda`, `cuda:1`, `mps`)."""
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
-    """Data type of the SAE and of the stored activations."""
+    """Data type of the SAE and of the stored activations. float16 is refused: Adam's epsilon (1e-8)
+    is 0 in float16, so a feature that does not fire gets NaN weights at its first step; use
+    bfloat16 (as small, with float32's range) or float32 with `autocast`."""
     autocast: bool = False
     """bf16 autocast for the SAE training step (GPU)."""
     autocast_lm: bool = False
@@ -244,7 +246,8 @@ class RunConfig(BaseModel):
 
     # --- checkpoints and logging --------------------------------------------------------------
     n_checkpoints: int = Field(10, ge=0)
-    """Checkpoints written during training, evenly spaced; a restarted run resumes from the newest."""
+    """Checkpoints written during training, evenly spaced, plus one after the last step (none with
+    0); a restarted run resumes from the newest."""
     keep_checkpoints: int = Field(3, gt=0)
     """How many of the newest checkpoints are kept."""
     retries: int = Field(0, ge=0)
@@ -334,6 +337,12 @@ class RunConfig(BaseModel):
                 f"training_tokens ({self.training_tokens}) is smaller than one batch "
                 f"(train_batch_size_tokens = {self.train_batch_size_tokens}); raise training_tokens "
                 f"or lower train_batch_size_tokens"
+            )
+        if self.dtype == "float16":
+            raise ValueError(
+                "dtype float16 cannot train an SAE: Adam's epsilon (1e-8) is 0 in float16, so a feature that does not "
+                "fire gets NaN weights at its first step; use bfloat16 (as small, with float32's range) or float32 "
+                "with autocast: true"
             )
         if self.d_in is not None and self.d_in <= 0:
             raise ValueError(f"d_in must be positive, got {self.d_in}")

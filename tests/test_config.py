@@ -113,6 +113,7 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"architecture": "topk", "l1_coefficient": 5}, "not by 'topk'; remove it (or set it to its default, 1.0) or change architecture"),
         ({"architecture": "sparse"}, "architecture: Input should be"),
         ({"d_in": 0}, "d_in must be positive"),
+        ({"dtype": "float16"}, "dtype float16 cannot train an SAE: Adam's epsilon (1e-8) is 0 in float16"),
         ({"model_train_tokens": 1000}, "model_train_tokens trains a locally built model, but model_cfg is not set"),
         ({"model_train_lr": 0}, "model_train_lr: Input should be greater than 0"),
     ],
