@@ -16,10 +16,12 @@ from typing import Any
 
 import flows  # noqa: F401  (process defaults, also when a Prefect worker loads this file by its path)
 from prefect import flow, get_run_logger
+from prefect.states import Cancelled
 
 from tasks.activations import fill_activations, store_dir, store_spec
 from tasks.analyse import analyse, analysis_spec, check_token_index
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
+from tasks.checkpoint import checkpoint_folder_lock
 from tasks.config import RunConfig, load_config
 from tasks.evaluate import evaluate
 from tasks.load import load_sae
@@ -28,7 +30,7 @@ from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
 from tasks.sources import import_activations, import_spec
-from tasks.stopping import stop_after_fill
+from tasks.stopping import Preempted, cancelled_in_prefect, stop_after_fill
 from tasks.streaming import choose_activation_mode
 from tasks.tokens import pretokenise, tokens_spec
 from tasks.train import train_sae, train_spec
@@ -74,7 +76,19 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     use_deterministic_kernels(cfg)
     select_cuda_device(cfg.device)  # the stages run in this thread
 
-    with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False):
+    try:
+        return _run_stages(cfg, run_name, run, artifacts_dir)
+    except Preempted as error:
+        if not cancelled_in_prefect():
+            raise
+        # Cancelled from the Prefect UI (or `prefect flow-run cancel`): its runner sent SIGTERM,
+        # which the fill or training took as a stop at a safe point. The runner marks the run
+        # Cancelled ("cancelled successfully"); this says what was kept and how to continue.
+        return Cancelled(message=f"Cancelled: {error}. Run it again to continue")
+
+
+def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> dict[str, Any]:
+    with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, Path(run)):
         crash_ghost_runs(run_name, artifacts_dir)
         if cfg.activation_source is None:
             model_ref = build_model(model_spec(cfg), artifacts_dir)

@@ -16,6 +16,7 @@ the whole checkpoint or none of it. Loading takes the newest folder whose checks
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import uuid
@@ -24,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import atomic_dir, read_json, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, exclusive_lock, read_json, verify_manifest, write_json, write_manifest
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -109,6 +111,20 @@ def checkpoint_root(checkpoint_path: str | None, run_folder: Path) -> Path:
     return Path(checkpoint_path) / run_folder.name if checkpoint_path else run_folder / "checkpoints"
 
 
+def checkpoint_folder_lock(checkpoint_path: str | None, run_folder: Path):
+    """Hold the lock of a run's checkpoint folder where it lies outside the run's folder
+    (`checkpoint_path`, whose lock covers the rest): a run of the same name in another artifacts
+    folder may share it. Raises Busy if another process holds it."""
+    if not checkpoint_path:
+        return contextlib.nullcontext()
+    root = checkpoint_root(checkpoint_path, run_folder)
+    return exclusive_lock(
+        root / ".lock", f"checkpoint folder {root}", wait=False,
+        hint="a run of this name in another artifacts folder trains into it (they share checkpoint_path); give this run "
+        "a checkpoint_path of its own, or another --run-name",
+    )
+
+
 def run_owner(cfg, run_name: str) -> dict[str, Any]:
     """What a checkpoint records of the run that wrote it: its name and the config fields that
     change the result."""
@@ -145,11 +161,11 @@ def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, An
             save_file(tensors, tmp / STATE_TENSORS)
             trainer.activation_scaler.save(str(tmp / SCALER))
             write_manifest(tmp, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples, "data": data_position, "run": owner})
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         previous = newest_checkpoint(root)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointWriteError(
-            f"could not write checkpoint {final}: {error.strerror or error}; {kept}. Free disk space or fix the "
+            f"could not write checkpoint {final}: {getattr(error, 'strerror', None) or error}; {kept}. Free disk space or fix the "
             f"folder's permissions, then run the same command again"
         ) from error
     for old in sorted(root.glob("step-*"), reverse=True)[keep:]:

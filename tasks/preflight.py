@@ -365,9 +365,9 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     whose stored config differs in a field that changes the result (naming the fields), moving
     `checkpoint_path` away from the checkpoints of an unfinished run, and a checkpoint folder
     holding another run's checkpoints.
-    Raises Busy if another process holds the run.
+    Raises Busy if another process holds the run, or its checkpoint folder (`checkpoint_folder_lock`).
     """
-    from tasks.checkpoint import checkpoint_owners, checkpoint_root
+    from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root
 
     check_artifacts_dir(artifacts_dir)
     name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg)) if new else run_name or default_run_name(cfg)
@@ -405,8 +405,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"run '{name}' would continue its training. Give this run a checkpoint_path of its own (or another "
                 f"--run-name), or move {root} away"
             )
-    # Under the run's lock, so that a command refused because the run is in use changes nothing.
-    with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False):
+    # Under the run's locks, so that a command refused because the run is in use changes nothing.
+    with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, folder):
         write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
     return name
 

@@ -67,6 +67,22 @@ def stop_after_fill(store_ref: dict) -> None:
         raise preempted(f"stopped by {stop} after filling activation store {Path(store_ref['path']).name} (complete), before training")
 
 
+def cancelled_in_prefect() -> bool:
+    """Whether this process's flow run is being cancelled in Prefect (the UI's Cancel, `prefect
+    flow-run cancel`): its state there is Cancelling. The runner of a served deployment then
+    sends SIGTERM, which filling and training take as a stop at a safe point."""
+    from prefect import get_client, runtime
+
+    if runtime.flow_run.id is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(runtime.flow_run.id).state
+    except Exception:  # noqa: BLE001 - the server is gone too (a signal to the whole job)
+        return False
+    return state is not None and state.is_cancelling()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside the stages that stop at a safe point (`sigterm_interrupts`)."""
 

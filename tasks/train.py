@@ -353,7 +353,10 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
 
     def on_step_end(trainer, step_output) -> None:
         stop = stop_requested() or stop_requests.requested()
-        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop
+        # After the last step too, so that a failure while the trained SAE is written (a full
+        # disk, a signal) costs no step, where SAELens's last threshold lies a whole interval earlier.
+        last = cfg.n_checkpoints > 0 and trainer.n_training_samples >= trainer.cfg.total_training_samples
+        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop or last
         if guard is not None and boundary:
             guard.check(trainer.n_training_steps)
         log.after_step(trainer, step_output, stopping=bool(stop))  # the row comes before its step's checkpoint
@@ -369,6 +372,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             PREEMPTIONS.append(message)
             STOP_CHECKPOINTS.append(folder)
             raise TrainingPreempted(message)
+        if last:
+            checkpoint(trainer)
 
     if cfg.compile_sae:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)

@@ -16,6 +16,7 @@ its own shard):
 - checkpoint-write: a checkpoint's files are written in its temporary folder, before its
   manifest and the rename;
 - fill-end: the fill has written its last shard and the held-out tokens;
+- trained-write: training has ended, its trained SAE is about to be written;
 - save: the save stage is about to measure the feature sparsity.
 """
 
@@ -28,6 +29,7 @@ import tasks.activations
 import tasks.checkpoint
 import tasks.save
 import tasks.streaming
+import tasks.train
 from flows.cli import main
 
 point, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -76,6 +78,8 @@ elif point == "checkpoint-write":
     tasks.checkpoint.write_manifest = before(tasks.checkpoint.write_manifest)
 elif point == "fill-end":
     tasks.activations._fill = after(tasks.activations._fill)
+elif point == "trained-write":
+    tasks.train.atomic_dir = before(tasks.train.atomic_dir)
 elif point == "save":
     tasks.save.firing_frequency = before(tasks.save.firing_frequency)
 else:

@@ -2,7 +2,6 @@
 bitwise equal to an uninterrupted run's, and faults leave the last good checkpoint intact."""
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -375,6 +374,16 @@ def test_killed_at_a_precise_moment_resumes_exactly(artifacts, faults_cfg, fault
     assert_bitwise_equal(weights(fresh / "runs" / "once"), faults_reference)
 
 
+def test_a_run_killed_while_writing_its_trained_sae_trains_no_step_again(artifacts, faults_cfg, faults_reference):
+    cfg, config = faults_cfg
+    code, output = finish(cli(driver=("trained-write", 1), artifacts=artifacts, config=config, run_name="at-the-end"))
+    assert code == -signal.SIGKILL, output
+    assert not (artifacts / "runs" / "at-the-end" / "trained").exists()
+    summary = start(cfg, str(artifacts), "at-the-end")
+    assert summary["training"]["resumed_from_step"] == summary["training"]["n_training_steps"] == 64
+    assert_bitwise_equal(weights(summary), faults_reference)
+
+
 def test_three_kills_in_one_run_still_end_exactly(faults_cfg, faults_reference, tmp_path):
     cfg, config = faults_cfg
     fresh = tmp_path / "artifacts"
@@ -471,21 +480,35 @@ def test_a_compiled_training_resumes_exactly(artifacts, faults_cfg, faults_refer
 
 
 def test_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(artifacts, faults_cfg, monkeypatch):
+    import resource
+
     import tasks.checkpoint
 
-    real_save, calls = tasks.checkpoint.save_file, []
+    real_save, calls = tasks.checkpoint.save_checkpoint, []
 
-    def save_until_disk_full(tensors, path):
-        calls.append(path)
-        if len(calls) == 3:  # the second checkpoint's first file
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(tensors, path)
+    def save_until_disk_full(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) != 2:
+            return real_save(*args, **kwargs)
+        # The second checkpoint: no file can grow past 1 kB, so the real writers (SAELens's, safetensors')
+        # fail with their own errors, as on a full disk.
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
 
-    monkeypatch.setattr(tasks.checkpoint, "save_file", save_until_disk_full)
-    state = start(faults_cfg[0], artifacts, "full-disk", return_state=True)
+    monkeypatch.setattr(tasks.checkpoint, "save_checkpoint", save_until_disk_full)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+    try:
+        state = start(faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, "full-disk", return_state=True)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert "No space left on device" in message and "the previous checkpoint step-000000013 is intact" in message
+    assert "could not write checkpoint" in message and "File too large" in message and "the previous checkpoint step-000000013 is intact" in message
+    assert len(calls) == 2  # not retried: it would fail again
     checkpoints = artifacts / "runs" / "full-disk" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step-000000013"]
     assert verify_manifest(checkpoints / "step-000000013") is not None
@@ -504,6 +527,27 @@ def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, caps
     assert f"run 'busy' is in use by process {os.getpid()}" in err and "--new" in err
     assert flow_run_states("busy") == []
     assert (artifacts / "runs" / name / "config.json").read_text() == stored  # the running run's record is left alone
+
+
+def test_a_run_of_the_same_name_training_into_a_shared_checkpoint_folder_is_refused(prefect_server, faults_cfg, tmp_path, capsys):
+    """Two artifacts folders whose runs share checkpoint_path: the run's lock in one does not cover
+    the other's run of the same name, the checkpoint folder's lock does."""
+    from flows.cli import EXIT_BAD_INPUT, main
+    from tasks.checkpoint import checkpoint_folder_lock
+
+    cfg, config = faults_cfg
+    shared = tmp_path / "shared"
+    cfg = resolve(cfg.model_copy(update={"checkpoint_path": str(shared)}))
+    name = claim_run(cfg, tmp_path / "b", "same", new=False)
+    with checkpoint_folder_lock(str(shared), tmp_path / "a" / "runs" / "same"):  # run 'same' of artifacts folder a trains
+        command = ["run", str(config), "--artifacts-dir", str(tmp_path / "b"), "--run-name", "same", "--set", f"checkpoint_path={shared}"]
+        assert main(command) == EXIT_BAD_INPUT
+        state = run_pipeline(cfg, name, tmp_path / "b", return_state=True)  # a flow started past the command line's check
+    err = capsys.readouterr().err
+    held = f"checkpoint folder {shared / 'same'} is in use by process {os.getpid()}"
+    assert held in err and "give this run a checkpoint_path of its own, or another --run-name" in err
+    assert state.is_failed() and held in str(state.result(raise_on_failure=False))
+    assert not list((shared / "same").glob("step-*")) and task_states(state) == {}
 
 
 def test_checkpoints_name_their_run_and_another_run_s_are_refused(artifacts, faults_cfg, faults_reference, tmp_path):

@@ -87,18 +87,46 @@ def served_run(real_server, tmp_path_factory):
         with temporary_settings({PREFECT_API_URL: real_server}):
             first = run_deployment("saeflow/hourly", timeout=600)
             second = run_deployment("saeflow/hourly", timeout=600)
+            long = {"config": cfg.model_copy(update=LONG_TRAINING).model_dump(mode="json"), "run_name": "cancelled-in-ui"}
+            cancelled = cancel_in_training(real_server, long)
+            continued = run_deployment("saeflow/hourly", parameters=long, timeout=600)
     finally:
         serve.send_signal(signal.SIGINT)
         try:
             serve.wait(timeout=60)
         except subprocess.TimeoutExpired:
             serve.kill()
-    return {"url": real_server, "cfg": cfg, "deployment": deployments[0], "first": first, "second": second, "work": work}
+    return {"url": real_server, "cfg": cfg, "deployment": deployments[0], "first": first, "second": second, "cancelled": cancelled, "continued": continued, "work": work}
+
+
+# Large SAE: training takes several seconds (32 steps); a cancel reaches it in about one.
+LONG_TRAINING = {"expansion_factor": 64, "train_batch_size_tokens": 4096, "training_tokens": 131_072, "n_checkpoints": 4}
+
+
+def cancel_in_training(url: str, parameters: dict):
+    """Trigger a flow run with `parameters` on the served deployment and cancel it, as the UI's
+    Cancel does, once its training runs; returns the flow run once it has ended."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    run = run_deployment("saeflow/hourly", parameters=parameters, timeout=0)
+    deadline = time.monotonic() + 300
+    while task_states(url, run.id).get("train-sae") != "Running":
+        assert time.monotonic() < deadline, f"training never started: {task_states(url, run.id)}"
+        time.sleep(0.2)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled in the UI"))
+        deadline = time.monotonic() + 120
+        while not (run := client.read_flow_run(run.id)).state.is_final():
+            assert time.monotonic() < deadline, f"still {run.state.name} two minutes after the cancel"
+            time.sleep(0.5)
+    return run
 
 
 def task_states(url: str, flow_run_id) -> dict[str, str]:
     runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}})
-    return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
+    return {run["name"].rsplit("-", 1)[0]: (run["state"] or {}).get("name") for run in runs}  # no state yet: None
 
 
 def test_served_deployment_has_its_schedule_and_triggered_runs_complete(served_run):
@@ -152,3 +180,18 @@ def test_serve_refuses_an_unreachable_api(tmp_path):
     )
     assert result.returncode == 2
     assert "cannot reach the Prefect API at http://127.0.0.1:" in result.stderr and "prefect server start" in result.stderr
+
+
+def test_a_cancel_in_the_ui_stops_training_at_a_checkpoint_shows_cancelled_and_the_next_run_continues(served_run):
+    run, url = served_run["cancelled"], served_run["url"]
+    assert run.state.is_cancelled(), run.state
+    stopped = re.fullmatch(r"Cancelled: stopped by SIGTERM after step (\d+); checkpoint (\S+) written\. Run it again to continue", run.state.message)
+    assert stopped, run.state.message
+    step, checkpoint = int(stopped[1]), Path(stopped[2])
+    assert checkpoint == served_run["work"] / "artifacts" / "runs" / "cancelled-in-ui" / "checkpoints" / f"step-{step:09d}" and step < 32
+    assert task_states(url, run.id)["train-sae"] == "Failed"  # Prefect's own cancel would show the running task Crashed
+    continued = served_run["continued"]
+    assert continued.state.is_completed()
+    logs = [log["message"] for log in api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [str(continued.id)]}}})]
+    assert any(m.startswith(f"Resuming training from {checkpoint.name} ({step * 4096} tokens done)") for m in logs)
+    assert task_states(url, continued.id)["fill-activations"] == "Cached"
