@@ -108,7 +108,7 @@ def _resolve_source(cfg: RunConfig) -> RunConfig:
             raise ConfigError(str(error)) from None
         # Tensor files do not say which hook made them, and the SAE's cfg.json tells SAELens where
         # to attach it: a default left in place would be a wrong claim, not a label.
-        if "hook_name" not in cfg.model_fields_set and not is_saved_dataset(Path(cfg.activations_path)):
+        if "hook_name" not in cfg.model_fields_set and not is_saved_dataset(Path(cfg.activations_path).expanduser()):
             raise ConfigError(
                 f"hook_name is not set: saeflow cannot tell which hook made the activations in {cfg.activations_path}, "
                 f"and the saved SAE's cfg.json records hook_name as the hook SAELens attaches it to; set hook_name to "
@@ -119,10 +119,12 @@ def _resolve_source(cfg: RunConfig) -> RunConfig:
         if cfg.d_in is not None and cfg.d_in != width:
             raise ConfigError(f"d_in is {cfg.d_in} but the activations in {cfg.activations_path} have width {width}; set d_in: {width} or leave it out")
         if rows - cfg.eval_tokens < cfg.train_batch_size_tokens:
+            room = rows - cfg.train_batch_size_tokens  # the most rows that can be held out
+            fix = f"lower eval_tokens to at most {room}" if room > 0 else f"lower train_batch_size_tokens below {rows}, and eval_tokens with it"
             raise ConfigError(
                 f"{cfg.activations_path} holds {rows} rows; holding out the last eval_tokens = {cfg.eval_tokens} for "
                 f"evaluation leaves {max(rows - cfg.eval_tokens, 0)} to train on, less than one batch "
-                f"(train_batch_size_tokens = {cfg.train_batch_size_tokens}); lower eval_tokens (e.g. to {max(rows // 10, 1)})"
+                f"(train_batch_size_tokens = {cfg.train_batch_size_tokens}); {fix}, or give more rows"
             )
     return cfg.model_copy(update={"d_in": width, "hook_layer": hook_layer_of(cfg.hook_name)})
 
@@ -321,8 +323,8 @@ def run_identity(cfg: RunConfig) -> dict:
     folder = checkpoint_folder(cfg)
     if folder is not None and folder.is_dir():
         identity["checkpoint_fingerprint"] = checkpoint_fingerprint(folder, checkpoint_tokenizer_dir(folder, cfg.tokenizer_path))
-    if cfg.activations_path is not None and Path(cfg.activations_path).exists():
-        identity["activations_fingerprint"] = stable_hash(source_fingerprint(Path(cfg.activations_path).resolve()))
+    if cfg.activations_path is not None and Path(cfg.activations_path).expanduser().exists():
+        identity["activations_fingerprint"] = stable_hash(source_fingerprint(Path(cfg.activations_path).expanduser().resolve()))
     return identity
 
 

@@ -4,8 +4,9 @@ generated with known features (`sae_lens.synthetic`) become an activation store 
 `fill_activations` writes, so that training, resuming, saving and evaluation work on them unchanged.
 
 The rows are copied into the store, not referenced in place: the store is then one format for
-every source, immutable and checksummed, so a run resumes exactly and is evaluated on the same
-rows even if the source folder changes or is deleted. The cost is one more copy on disk.
+every source, immutable and checksummed, and training and evaluation read only it. The cost is
+one more copy on disk. The source is still looked at when a run starts or continues: its files'
+names, sizes and times are the store's key and part of the run's identity.
 
 Layout of `<artifacts>/activations/<key>/`: `shard-NNNNN.safetensors` (`activations` `[rows, d_in]`,
 plus `tokens` `[rows]` when the source has them), `eval_activations.safetensors` (the held-out
@@ -107,6 +108,8 @@ class _NpyFile:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as error:
             raise BadActivations(f"{path} is not a readable .npy array ({error})") from None
+        if array.dtype.kind == "f" and array.dtype.itemsize > 8:
+            raise BadActivations(f"{path} holds {array.dtype} numbers, which torch cannot read; save them as float32 or float64")
         self.rows, self.width = _check_shape(str(path), array.shape, array.dtype.kind == "f")
         self.has_tokens = False
 
@@ -116,7 +119,8 @@ class _NpyFile:
     def read(self, start: int, stop: int) -> tuple[torch.Tensor, None]:
         import numpy as np
 
-        return torch.from_numpy(np.array(np.load(self.path, mmap_mode="r")[start:stop])), None
+        rows = np.load(self.path, mmap_mode="r")[start:stop]
+        return torch.from_numpy(np.array(rows, dtype=rows.dtype.newbyteorder("="))), None  # torch reads native byte order only
 
 
 class _CachedActivations:
@@ -162,12 +166,12 @@ def is_saved_dataset(path: Path) -> bool:
 def open_source(path: str | Path, hook_name: str) -> list:
     """The readers of an `activations_path`, in order; raises BadActivations for a missing or
     empty source, an unreadable or empty file, or files of different widths."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise BadActivations(f"activations_path {path} does not exist")
     if is_saved_dataset(path):
         return [_CachedActivations(path, hook_name)]
-    files = [path] if path.is_file() else sorted((p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES), key=_natural_key)
+    files = source_files(path)
     if not files or files[0].suffix not in SHARD_SUFFIXES:
         raise BadActivations(
             f"{path} holds no .safetensors or .npy files and is not a dataset written by CacheActivationsRunner; "
@@ -183,10 +187,21 @@ def open_source(path: str | Path, hook_name: str) -> list:
     return readers
 
 
+def source_files(path: Path) -> list[Path]:
+    """The files of an `activations_path` that are read, in reading order: the file itself, a
+    folder's shards (numbers in names compared as numbers), or a saved dataset's files."""
+    if path.is_file():
+        return [path]
+    if is_saved_dataset(path):
+        return sorted(p for p in path.iterdir() if p.suffix in (".arrow", ".json"))
+    return sorted((p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file()), key=_natural_key)
+
+
 def source_fingerprint(path: Path) -> list[list]:
-    """Every file of the source with its size and modification time (not the contents: hashing
-    them would read everything): changing a file makes a new store and a new run."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    """Each file of the source that is read (`source_files`) with its size and modification time
+    (not the contents: hashing them would read everything): changing one makes a new store and a
+    new run; other files in the folder (notes, a README) do not count."""
+    files = sorted(source_files(path))  # in name order, as before the other files were left out
     return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
@@ -220,7 +235,7 @@ def import_spec(cfg: RunConfig) -> dict[str, Any]:
         synthetic = synthetic_model_config(cfg.synthetic, cfg.d_in, cfg.seed).to_dict()
         spec.update(synthetic=synthetic, n_tokens=cfg.training_tokens, seed=cfg.seed)
     else:
-        path = Path(cfg.activations_path).resolve()
+        path = Path(cfg.activations_path).expanduser().resolve()
         spec.update(path=str(path), hook_name=cfg.hook_name, fingerprint=source_fingerprint(path))
     return json.loads(json.dumps(spec))  # as the manifest will hold it
 
@@ -368,36 +383,42 @@ def _copy_rows(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
 def write_activations(batches: Iterable, folder: str | Path) -> dict[str, Any]:
     """Write an iterable of `[batch, d_in]` activations (torch tensors or numpy arrays, e.g. made
     with nnsight) as `.safetensors` shards of about 32 MB in `folder`, which `activations_path`
-    then reads. `folder` must be new or empty: nothing is overwritten. Returns the folder, the
+    then reads. `folder` must be new or empty: nothing is overwritten. The shards are written
+    beside it and `folder` appears only once the iterable is exhausted, so one that fails part-way
+    leaves no folder that a run could take for all of the activations. Returns the folder, the
     row count, the width and the files."""
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty; write the activations to a new folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    files, pending, pending_bytes, rows, width = [], [], 0, 0, None
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        path = folder / f"shard-{len(files):05d}.safetensors"
-        _save_shard(path, torch.cat(pending), None)
-        files.append(str(path))
+    folder = Path(folder).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} exists{'' if folder.is_dir() else ' and is not a folder'}; write the activations to a new folder")
+    if folder.exists():
+        folder.rmdir()  # empty: made again when the shards are complete
+    names, rows, width = [], 0, None
+    with atomic_dir(folder) as tmp:
         pending, pending_bytes = [], 0
 
-    for index, batch in enumerate(batches):
-        batch = torch.as_tensor(batch).detach().to("cpu")
-        if batch.ndim != 2 or (width is not None and batch.shape[1] != width):
-            expected = f"[batch, {width}]" if width is not None else "[batch, d_in]"
-            raise ValueError(f"batch {index} has shape {tuple(batch.shape)}; expected {expected} (flatten with .reshape(-1, d_in))")
-        width = batch.shape[1]
-        if not len(batch):
-            continue
-        pending.append(batch)
-        pending_bytes += batch.numel() * batch.element_size()
-        rows += len(batch)
-        if pending_bytes >= SHARD_BYTES:
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            names.append(f"shard-{len(names):05d}.safetensors")
+            _save_shard(tmp / names[-1], torch.cat(pending), None)
+            pending, pending_bytes = [], 0
+
+        for index, batch in enumerate(batches):
+            batch = torch.as_tensor(batch).detach().to("cpu")
+            if batch.ndim != 2 or (width is not None and batch.shape[1] != width):
+                expected = f"[batch, {width}]" if width is not None else "[batch, d_in]"
+                raise ValueError(f"batch {index} has shape {tuple(batch.shape)}; expected {expected} (flatten with .reshape(-1, d_in))")
+            if not batch.is_floating_point():
+                raise ValueError(f"batch {index} holds {batch.dtype}; activations must be floating point (float32, bfloat16, float64)")
+            width = batch.shape[1]
+            if not len(batch):
+                continue
+            pending.append(batch)
+            pending_bytes += batch.numel() * batch.element_size()
+            rows += len(batch)
+            if pending_bytes >= SHARD_BYTES:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
-    if not rows:
-        raise ValueError("no activations were given: the iterable was empty")
-    return {"path": str(folder), "rows": rows, "d_in": width, "files": files}
+        if not rows:
+            raise ValueError("no activations were given: the iterable was empty")
+    return {"path": str(folder), "rows": rows, "d_in": width, "files": [str(folder / name) for name in names]}

@@ -185,8 +185,24 @@ def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
     written = write_activations((b.numpy() if i % 2 else b for i, b in enumerate(batches)), tmp_path / "acts")
     assert (written["rows"], written["d_in"], len(written["files"])) == (3000, D_IN, 3)
     assert torch.equal(torch.cat([load_file(f)["activations"] for f in written["files"]]), torch.cat(batches))
-    with pytest.raises(FileExistsError, match="is not empty"):
+    with pytest.raises(FileExistsError, match="acts exists; write the activations to a new folder"):
         write_activations(batches, tmp_path / "acts")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileExistsError, match="a-file exists and is not a folder"):
+        write_activations(batches, tmp_path / "a-file")
+    (tmp_path / "was-empty").mkdir()
+    assert write_activations(batches[:1], tmp_path / "was-empty")["rows"] == 300
+
+    def failing_after_five():
+        yield from batches[:5]
+        raise RuntimeError("the model ran out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        write_activations(failing_after_five(), tmp_path / "cut-short")
+    assert not (tmp_path / "cut-short").exists()  # no folder of part of the activations for a run to take
+    assert not list(tmp_path.glob(".tmp-cut-short-*"))
+    with pytest.raises(ValueError, match=r"batch 1 holds torch.int64; activations must be floating point"):
+        write_activations([torch.zeros(4, D_IN), torch.zeros(4, D_IN, dtype=torch.int64)], tmp_path / "ints")
     with pytest.raises(ValueError, match=r"batch 1 has shape \(4, 8\); expected \[batch, 16\]"):
         write_activations([torch.zeros(4, D_IN), torch.zeros(4, 8)], tmp_path / "bad")
     with pytest.raises(ValueError, match=r"batch 0 has shape \(2, 4, 16\); expected \[batch, d_in\] \(flatten"):
@@ -233,9 +249,11 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
         ({"a.safetensors": {"x": torch.zeros(10_000, 16), "y": torch.zeros(10_000, 16)}}, {}, r"holds the tensors \['x', 'y'\]; name the activations 'activations'"),
         ({"a.safetensors": b"not a safetensors file"}, {}, r"a.safetensors is not a readable safetensors file"),
         ({"notes.txt": b"no shards here"}, {}, r"holds no .safetensors or .npy files and is not a dataset written by CacheActivationsRunner"),
-        ({"a.npy": np.zeros((5000, 16), np.float32)}, {"eval_tokens": 65536}, r"holds 5000 rows; holding out the last eval_tokens = 65536 .* leaves 0 to train on.*lower eval_tokens"),
+        ({"a.npy": np.zeros((5000, 16), np.float32)}, {"eval_tokens": 65536}, r"holds 5000 rows; holding out the last eval_tokens = 65536 .* leaves 0 to train on.*lower eval_tokens to at most 4488, or give more rows"),
+        ({"a.npy": np.zeros((500, 16), np.float32)}, {"eval_tokens": 50}, r"leaves 450 to train on.*; lower train_batch_size_tokens below 500, and eval_tokens with it, or give more rows"),
+        ({"a.npy": np.zeros((10_000, 16), np.longdouble)}, {}, r"a.npy holds float128 numbers, which torch cannot read; save them as float32 or float64"),
     ],
-    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "too-few-rows"],
+    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "too-few-rows", "fewer-than-a-batch", "long-double"],
 )
 def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides, message):
     for name, content in files.items():
@@ -361,3 +379,31 @@ def test_synthetic_features_are_recovered_with_the_default_training_settings(pre
     assert load_store(summary["activations"])[0].shape == (cfg.training_tokens, 16)
     report = Path(summary["report"]["path"]).read_text()
     assert f"| synthetic: MCC | {metrics['synthetic_mcc']:.6g} |" in report
+
+
+def test_files_beside_the_shards_are_not_part_of_the_source_and_a_home_path_is_expanded(tmp_path, monkeypatch):
+    from tasks.preflight import run_identity
+    from tasks.sources import import_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    np.save(folder / "part-1.npy", sparse_rows(6000, seed=0).numpy())
+    cfg = resolve(source_config("~/acts"))
+    before = (run_identity(cfg), import_spec(cfg))
+    (folder / "README.txt").write_text("made with nnsight, layer 6")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "notes.txt").write_text("x")
+    assert (run_identity(cfg), import_spec(cfg)) == before
+    assert import_spec(cfg)["path"] == str(folder)
+    np.save(folder / "part-2.npy", sparse_rows(10, seed=1).numpy())  # another shard is read: another source
+    assert run_identity(cfg) != before[0] and import_spec(cfg) != before[1]
+
+
+def test_big_endian_npy_rows_are_read_as_they_are(tmp_path):
+    from tasks.sources import open_source
+
+    rows = sparse_rows(100, seed=0).numpy()
+    np.save(tmp_path / "a.npy", rows.astype(">f4"))
+    read, _ = open_source(tmp_path, "blocks.3.hook_resid_post")[0].read(10, 60)
+    assert torch.equal(read, torch.from_numpy(rows[10:60]))
