@@ -241,10 +241,11 @@ def import_spec(cfg: RunConfig) -> dict[str, Any]:
 
 
 class _SourceRows:
-    """The rows of an activations_path as one sequence: read across files, checked finite."""
+    """The rows of an activations_path as one sequence: read across files, in the store's dtype,
+    checked finite (after the conversion, which turns values beyond the dtype's range into inf)."""
 
-    def __init__(self, readers: list):
-        self.readers = readers
+    def __init__(self, readers: list, dtype: torch.dtype):
+        self.readers, self.dtype = readers, dtype
         self.offsets = [0]
         for reader in readers:
             self.offsets.append(self.offsets[-1] + reader.rows)
@@ -257,10 +258,12 @@ class _SourceRows:
             if lo >= hi:
                 continue
             part, part_tokens = reader.read(lo - offset, hi - offset)
+            part = part.to(self.dtype)
             bad = (~torch.isfinite(part)).any(dim=1).nonzero()
             if len(bad):
                 raise BadActivations(
-                    f"{reader.where(lo - offset + int(bad[0]))} holds NaN or inf (one of {len(bad)} such rows in rows "
+                    f"{reader.where(lo - offset + int(bad[0]))} holds NaN or inf, or a value beyond {str(self.dtype).removeprefix('torch.')}'s "
+                    f"range (one of {len(bad)} such rows in rows "
                     f"{lo - offset}..{hi - offset - 1} of that file); remove or fix those rows and run again"
                 )
             acts.append(part)
@@ -320,7 +323,7 @@ def _source(spec: dict[str, Any], out: Path):
                 model.save(tmp)
                 write_manifest(tmp, {"seed": spec["seed"]})
         return _SyntheticRows(model, spec["seed"]), spec["n_tokens"], spec["eval_rows"]
-    rows = _SourceRows(open_source(spec["path"], spec["hook_name"]))
+    rows = _SourceRows(open_source(spec["path"], spec["hook_name"]), getattr(torch, spec["dtype"]))
     if rows.rows <= spec["eval_rows"]:
         raise BadActivations(f"{spec['path']} holds {rows.rows} rows, no more than the {spec['eval_rows']} held out (eval_tokens); lower eval_tokens")
     return rows, rows.rows - spec["eval_rows"], spec["eval_rows"]

@@ -278,10 +278,16 @@ def test_nan_rows_stop_the_import_naming_file_and_row(tmp_path):
     acts[5000 + 40, 0] = float("inf")
     save_file({"activations": acts[:5000]}, tmp_path / "a.safetensors")
     save_file({"activations": acts[5000:]}, tmp_path / "b.safetensors")
-    with pytest.raises(BadActivations, match=r"b.safetensors, row 17 holds NaN or inf \(one of 2 such rows"):
+    with pytest.raises(BadActivations, match=r"b.safetensors, row 17 holds NaN or inf, or a value beyond float32's range \(one of 2 such rows"):
         import_store(source_config(tmp_path), tmp_path / "artifacts")
     store = next((tmp_path / "artifacts" / "activations").iterdir())
     assert list(store.iterdir()) == []  # the shards imported before the bad row are removed
+    wide = sparse_rows(9216, seed=2).double()
+    wide[100, 1] = 1e300  # finite in the float64 file, inf in a float32 store
+    (tmp_path / "f64").mkdir()
+    save_file({"activations": wide}, tmp_path / "f64" / "a.safetensors")
+    with pytest.raises(BadActivations, match=r"a.safetensors, row 100 holds NaN or inf, or a value beyond float32's range \(one of 1 such rows"):
+        import_store(source_config(tmp_path / "f64"), tmp_path / "artifacts-f64")
 
 
 def test_tensor_files_need_the_hook_they_came_from(tmp_path):
