@@ -38,7 +38,7 @@ from tasks.train import train_sae, train_spec
 
 FLOW_NAME = "saeflow"
 NO_MODEL_ANALYSIS = (
-    "No model: the activations were made elsewhere, so there are no prompts to run, no unembedding for "
+    "No model: the activations come from {source}, so there are no prompts to run, no unembedding for "
     "W_dec @ W_U and no token contexts for a dashboard."
 )
 
@@ -112,7 +112,7 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
         if model_ref is not None:
             analysis = analyse(analysis_spec(cfg), model_ref, loaded, store_ref, run)
         else:
-            analysis = {"skipped": NO_MODEL_ANALYSIS}
+            analysis = {"skipped": NO_MODEL_ANALYSIS.format(source=cfg.activations_path or "sae_lens.synthetic")}
         reported = report(run_name, run, cfg.model_dump(mode="json") | {"d_sae": saved["d_sae"], "activations": f"{mode} ({why})"}, metrics, analysis, saved)
         summary = {
             "run_name": run_name,
