@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
@@ -95,6 +98,11 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
             configs.append(resolve(make_config({**base_values, **member}, overrides), runs_here))
         except ConfigError as error:
             raise ConfigError(f"sweep member {member}: {error}") from None
+    if "expansion_factor" in varied and any(c.d_sae is not None for c in configs):
+        raise ConfigError(
+            f"{path}: the sweep varies expansion_factor, but d_sae is set, which overrides it, so members would train "
+            f"the same SAE; vary d_sae instead, or drop d_sae"
+        )
     names = [default_run_name(c) for c in configs]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -102,7 +110,10 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
                 f"sweep members {names.index(name) + 1} and {i + 1} ({members[names.index(name)]} and {members[i]}) are the same run: "
                 f"they differ only in settings that do not change the trained SAE; make them differ or drop one"
             )
-    return spec.get("name") or path.stem, configs
+    name = spec.get("name") or path.stem
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"sweep file {path}: name {name!r} must be letters, digits, '.', '_' and '-' (it names the folder sweeps/<name>/)")
+    return name, configs
 
 
 STOPPED_MARKER = "stopped"  # in the sweep's folder, while a stopped sweep on Dask waits for its members
@@ -168,7 +179,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 @flow(name=SWEEP_FLOW_NAME, flow_run_name="sweep-{name}", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artifacts_dir: str) -> list[dict[str, Any]]:
     """Run every member (in parallel on the flow's task runner), then write the sweep's table,
-    `members.json` and `frontier.png`. A failed member is reported, not fatal."""
+    `members.json` and `frontier.png`. A failed member is reported, not fatal: the flow run then
+    ends Failed, saying how many members did not complete, with the rows as its result."""
     from prefect.artifacts import create_table_artifact
 
     from flows.pipeline import crash_ghost_runs
@@ -194,6 +206,10 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         write_json(folder / "members.json", rows)
         plot_frontier(rows, folder / "frontier.png")
         create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
+    unfinished = Counter(row["state"] for row in rows if row["state"] != "Completed")
+    if unfinished:  # the sweep's flow run shows it in the UI; the rows still reach the caller
+        counts = ", ".join(f"{n} {state}" for state, n in unfinished.items())
+        return Failed(message=f"{sum(unfinished.values())} of {len(rows)} members did not complete ({counts}); the members table says why", data=rows)
     return rows
 
 
@@ -314,6 +330,8 @@ def check_dask_address(address: str) -> None:
 
 def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: bool = False, dask_address: str | None = None, dask_workers: int | None = None) -> list[dict[str, Any]]:
     """Validate the sweep file, then run its flow; returns one row per member."""
+    if dask_workers is not None and dask_workers < 1:
+        raise ConfigError(f"--dask-workers is {dask_workers}; give at least 1 worker process (or leave it out to run members in threads)")
     name, configs = sweep_members(path, overrides, yes, runs_here=dask_address is None)  # a cluster's machines have their own devices
     if dask_address is not None:
         check_dask_address(dask_address)
@@ -333,5 +351,9 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
     with sweep_lock(name, artifacts_dir):  # refused here, before any Prefect server or flow run; the flow takes it again
         pass
     sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
-    return sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir)
+    state = sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir, return_state=True)
+    rows = state.result(raise_on_failure=False)  # Failed with the rows when a member did not complete
+    if isinstance(rows, BaseException):
+        raise rows
+    return rows
 

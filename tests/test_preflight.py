@@ -8,7 +8,7 @@ import yaml
 
 from conftest import TINY_MODEL, tiny_config
 from flows.cli import EXIT_BAD_INPUT, main
-from tasks.config import ConfigError
+from tasks.config import ConfigError, make_config
 from tasks.preflight import claim_run, default_run_name, resolve
 
 
@@ -368,6 +368,30 @@ def test_serve_refuses_warm_ups_that_outlast_a_new_run_before_anything_starts(tm
     for new_each_run in ([], ["--new-each-run"]):
         assert main(["serve", str(config), "--interval", "60", "--artifacts-dir", str(tmp_path / "a"), *new_each_run]) == EXIT_BAD_INPUT
         assert "lr_warm_up_steps (65) + lr_decay_steps (0) exceed the run's 64 training steps" in capsys.readouterr().err
+
+
+def test_serve_names_a_config_s_continued_and_fresh_deployments_apart(tmp_path, monkeypatch):
+    """Serving one config nightly (continued) and weekly (--new-each-run) must not make the second
+    deployment replace the first."""
+    import flows.cli
+    import flows.pipeline
+
+    served = []
+
+    class Served:
+        def serve(self, **kwargs):
+            served.append(kwargs)
+
+    monkeypatch.setattr(flows.pipeline, "pipeline_for", lambda artifacts_dir: Served())
+    monkeypatch.setattr(flows.cli, "check_prefect_api", lambda: None)
+    values = {**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    for extra in ([], ["--new-each-run"], ["--name", "nightly", "--new-each-run"]):
+        assert main(["serve", str(config), "--cron", "0 2 * * *", "--artifacts-dir", str(tmp_path / "a"), *extra]) == 0
+    name = default_run_name(resolve(make_config(values)))
+    assert [s["name"] for s in served] == [name, f"{name}-new-each-run", "nightly"]
+    assert [s["parameters"]["new_each_run"] for s in served] == [False, True, True]
 
 
 @pytest.fixture

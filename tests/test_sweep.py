@@ -130,6 +130,8 @@ def test_sigterm_to_a_dask_sweep_or_to_its_whole_job_stops_the_members_at_a_safe
         ({"lr": [0.001]}, {"budget": 3}, "a sweep file holds only base, grid, members, name"),
         ({"hook_name": ["blocks.0.hook_resid_post", "blocks.7.hook_resid_post"]}, {}, "unknown hook_name 'blocks.7.hook_resid_post'"),
         ({"top_k_tokens": [3, 4]}, {}, "sweep members 1 and 2 ({'top_k_tokens': 3} and {'top_k_tokens': 4}) are the same run"),
+        ({"expansion_factor": [4, 8], "d_sae": [256]}, {}, "the sweep varies expansion_factor, but d_sae is set, which overrides it"),
+        ({"lr": [0.001]}, {"name": "../escaped"}, "name '../escaped' must be letters, digits, '.', '_' and '-'"),
     ],
 )
 def test_bad_sweep_files_are_refused_before_any_work(tmp_path, grid, extra, message):
@@ -188,6 +190,8 @@ def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     sweep = write_sweep(tmp_path, {"lr": [0.001]})
     assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-address", "tcp://127.0.0.1:9"]) == EXIT_BAD_INPUT
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+    assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-workers", "0"]) == EXIT_BAD_INPUT
+    assert "--dask-workers is 0; give at least 1 worker process" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
@@ -207,6 +211,13 @@ def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_st
     assert [r["state"] for r in rows] == ["Completed", "Failed"]
     assert "analysis_token_index is 99, but prompt" in rows[1]["error"] and "l0" in rows[0]
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        sweeps = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-t"])))
+    state, = [r.state for r in sweeps if r.parameters["artifacts_dir"] == str(artifacts)]
+    assert state.is_failed() and state.message == "1 of 2 members did not complete (1 Failed); the members table says why"
 
 
 def test_members_at_two_hooks_get_their_stores_from_one_shared_fill_which_sigterm_stops_between_shards(prefect_server, tmp_path, monkeypatch):
