@@ -62,7 +62,9 @@ def save_sae(
 
     out = Path(run_dir) / "sae"
     skip_tokens = special_token_ids(model_ref, from_pretrained_kwargs or {}) if model_ref is not None else []
-    measured_with = {"sparsity_tokens": sparsity_tokens, "seed": seed, "skipped_tokens": skip_tokens}
+    # The trained SAE's manifest too: a trained/ made again (moved away, retrained) makes sae/ again.
+    trained_manifest = file_sha256(Path(trained_ref["path"]) / "manifest.json")
+    measured_with = {"sparsity_tokens": sparsity_tokens, "seed": seed, "skipped_tokens": skip_tokens, "trained": trained_manifest}
     manifest = verify_manifest(out)
     if manifest is None and out.exists():
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")

@@ -311,3 +311,21 @@ def test_sae_is_remade_only_when_its_measurement_changes_and_a_crash_while_swapp
     (tmp_path / "sae" / "cfg.json").write_text("{}")
     with pytest.raises(RuntimeError, match="fails its checksums"):
         save_sae.fn(trained, store, str(tmp_path), 4096, 42, "cpu")
+
+
+def test_sae_is_remade_when_the_sae_it_was_made_from_is_trained_again(finished_run, tmp_path):
+    import shutil
+
+    from tasks.artifacts import write_manifest
+    from tasks.save import save_sae
+
+    summary = finished_run["summary"]
+    retrained = tmp_path / "trained"
+    shutil.copytree(summary["training"]["path"], retrained)
+    trained = {**summary["training"], "path": str(retrained)}
+    save_sae.fn(trained, summary["activations"], str(tmp_path), 4096, 42, "cpu")
+    weights = load_file(retrained / "sae_weights.safetensors")
+    safetensors.torch.save_file({**weights, "W_dec": 2 * weights["W_dec"]}, retrained / "sae_weights.safetensors")  # trained again, differently
+    write_manifest(retrained, {k: v for k, v in json.loads((retrained / "manifest.json").read_text()).items() if k != "files"})
+    save_sae.fn(trained, summary["activations"], str(tmp_path), 4096, 42, "cpu")
+    assert torch.equal(load_file(tmp_path / "sae" / "sae_weights.safetensors")["W_dec"], 2 * weights["W_dec"])
