@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # found once the model is built (the prompts' tokens need its tokenizer)
         print(f"saeflow: config error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Busy as error:  # another process took the run between the claim and the flow run
+        print(f"saeflow: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if PREEMPTIONS:  # SIGTERM outside filling and training (`Terminated`)
             print(f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. Run the same command again to continue it.", file=sys.stderr)

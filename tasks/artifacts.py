@@ -91,10 +91,12 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for path in tmp.rglob("*"):
+        for path in [*tmp.rglob("*"), tmp]:  # the folders' entries too, or a power cut could lose a file
             if path.is_file():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
+            elif path.is_dir():
+                _fsync_dir(path)
         old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.rename(final, old)
@@ -124,13 +126,15 @@ def write_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify_manifest(folder: Path) -> dict[str, Any] | None:
-    """The folder's manifest if every file it lists exists with its recorded checksum, else None."""
+    """The folder's manifest if every file it lists exists with its recorded checksum, else None.
+    An error reading a file that exists (EIO, EACCES, a stale NFS handle) is raised, not taken for
+    a corrupt folder: it may pass, and a checkpoint taken for corrupt would be set aside."""
     try:
         manifest = read_json(folder / "manifest.json")
         for name, digest in manifest["files"].items():
             if file_sha256(folder / name) != digest:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):  # not written, or cut short
         return None
     return manifest
 

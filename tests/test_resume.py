@@ -676,6 +676,52 @@ def test_a_run_is_continued_by_its_name_alone_with_its_stored_config_also_when_s
     assert served["parameters"]["config"] == faults_cfg[0].model_dump(mode="json")
 
 
+def test_a_read_error_is_not_taken_for_a_corrupt_checkpoint(tmp_path, monkeypatch):
+    """EIO or a stale NFS handle while a checkpoint is verified may pass: the run fails and says
+    so, instead of setting a good checkpoint aside and training its steps again."""
+    import errno
+    import logging
+
+    import tasks.artifacts
+    from tasks.artifacts import write_manifest
+    from tasks.checkpoint import resume_point
+
+    folder = tmp_path / "step-000000005"
+    folder.mkdir()
+    (folder / "sae_weights.safetensors").write_bytes(b"weights")
+    write_manifest(folder, {"n_training_steps": 5})
+
+    def unreadable(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.artifacts, "file_sha256", unreadable)
+        with pytest.raises(OSError, match="Input/output error"):
+            resume_point(tmp_path, logging.getLogger("test"))
+    assert resume_point(tmp_path, logging.getLogger("test")) == folder  # kept, and good once readable
+    (folder / "sae_weights.safetensors").unlink()
+    assert resume_point(tmp_path, logging.getLogger("test")) is None  # a missing file is an incomplete checkpoint
+    assert len(list(tmp_path.glob("broken-step-000000005-*"))) == 1
+
+
+def test_a_run_taken_between_its_claim_and_its_flow_run_is_refused_with_2(prefect_server, artifacts, faults_cfg, monkeypatch, capsys):
+    import tasks.preflight
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    real_claim = tasks.preflight.claim_run
+    with contextlib.ExitStack() as held:
+
+        def claimed_then_taken(*args, **kwargs):  # another process takes the run in that instant
+            name = real_claim(*args, **kwargs)
+            held.enter_context(held_by_another_thread(artifacts / "runs" / name / ".lock"))
+            return name
+
+        monkeypatch.setattr(tasks.preflight, "claim_run", claimed_then_taken)
+        assert main(["run", str(faults_cfg[1]), "--artifacts-dir", str(artifacts), "--run-name", "raced"]) == EXIT_BAD_INPUT
+    assert f"saeflow: run 'raced' is in use by process {os.getpid()}" in capsys.readouterr().err
+    assert not (artifacts / "runs" / "raced" / "checkpoints").exists()
+
+
 def test_the_next_write_of_a_folder_removes_what_a_killed_write_of_it_left(tmp_path):
     """A SIGKILL inside `atomic_dir` (a pretokenise, a model build, a sae/ swap) leaves hidden
     folders, gigabytes for big data; the next write of the same folder removes them, and only them."""
