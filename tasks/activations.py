@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, write_json
+from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, write_json
 from tasks.config import RunConfig, stable_hash
 from tasks.stopping import STOPS_AFTER_FILL, preempted, stop_requested, stop_signals
 
@@ -146,6 +146,7 @@ def _save_shard(path: Path, activations: torch.Tensor | None, tokens: torch.Tens
     if activations is not None:
         tensors["activations"] = activations.contiguous()
     save_file(tensors, tmp)
+    usual_mode(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

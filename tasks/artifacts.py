@@ -61,6 +61,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The process's umask. safetensors (0.8) writes files readable by their owner alone (0600) whatever
+# the umask; saeflow gives every file it writes the mode the umask gives other new files, so that
+# an artifacts folder shared with a lab (or a Dask cluster's other users) can be read.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def usual_mode(path: Path) -> None:
+    """Give the file at `path` the permissions the umask gives a new file."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -93,6 +105,7 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         yield tmp
         for path in [*tmp.rglob("*"), tmp]:  # the folders' entries too, or a power cut could lose a file
             if path.is_file():
+                usual_mode(path)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
             elif path.is_dir():

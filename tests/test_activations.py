@@ -230,3 +230,19 @@ def test_a_short_row_of_token_ids_past_the_checked_ones_is_named(prefect_server,
     with pytest.raises(ValueError, match=r"row 64 holds 20 token ids, fewer than context_size \(32\)" if len(short_rows) > 1 else r"row 70 holds 20 token ids") as error:
         fill_token_ids(cfg.model_dump(mode="json"), str(tmp_path / "a"))
     assert "PretokenizeRunner" in str(error.value)
+
+
+def test_written_files_get_the_mode_the_umask_gives_not_safetensors_owner_only(tmp_path):
+    """An artifacts folder shared with a lab must be readable by it: safetensors alone writes 0600."""
+    import stat
+
+    from safetensors.torch import save_file
+
+    from tasks.activations import _save_shard
+    from tasks.artifacts import _UMASK, atomic_dir
+
+    _save_shard(tmp_path / "shard.safetensors", torch.zeros(2, 3), None)
+    with atomic_dir(tmp_path / "checkpoint") as tmp:
+        save_file({"W_dec": torch.zeros(2)}, tmp / "sae_weights.safetensors")
+    for path in (tmp_path / "shard.safetensors", tmp_path / "checkpoint" / "sae_weights.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_UMASK
