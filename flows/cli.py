@@ -310,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_PREEMPTED
         failed = [r for r in rows if r["state"] != "Completed"]
         for row in rows:
-            print(f"{row['state']:<10} {row['label']:<40} {row['run']}" + (f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}" if "l0" in row else f"  {row.get('error')}"))
+            if "l0" in row:
+                ce = f"  CE score {row['ce_loss_score']:.3f}" if row["ce_loss_score"] is not None else ""  # none without a model
+                detail = f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}{ce}  dead {row['dead_features']}"
+            else:
+                detail = f"  {row.get('error')}"
+            print(f"{row['state']:<10} {row['label']:<40} {row['run']}{detail}")
         if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
             # members stopped in other processes (Dask workers) are not counted here
             how = f"{len(STOP_CHECKPOINTS)} in training, each" if STOP_CHECKPOINTS else "those in training each"

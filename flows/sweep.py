@@ -39,7 +39,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
-from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, read_yaml_mapping, stable_hash, unknown_key_hint
+from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals, sweep_stopped_by
 
@@ -82,7 +82,7 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
         )
     members = combos + listed
     varied = {key for member in members for key in member}
-    clashing = sorted(varied & {override.split("=", 1)[0].strip() for override in overrides})
+    clashing = sorted(varied & {parse_override(override)[0] for override in overrides})  # a bad --set is told as such
     if clashing:
         raise ConfigError(
             f"--set {', '.join(clashing)} would give every member of {path} the same value of what the sweep varies; "

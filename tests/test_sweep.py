@@ -49,6 +49,7 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
+    assert re.search(r"^Completed +l1_coefficient=0.5 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", second.stdout, re.M), second.stdout
     rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
     assert [r["state"] for r in rows] == ["Completed"] * 3
     assert [r["label"] for r in rows] == [f"l1_coefficient={v}" for v in (0.5, 1.0, 2.0)]
@@ -161,6 +162,8 @@ def test_a_set_that_overrides_what_the_sweep_varies_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set l1_coefficient, lr would give every member of .* the same value of what the sweep varies"):
         sweep_members(sweep, ["lr=5e-4", "l1_coefficient=1", "seed=3"])
     assert len(sweep_members(sweep, ["seed=3"])[1]) == 3
+    with pytest.raises(ConfigError, match=r"^--set expects key=value, got 'lr'$"):
+        sweep_members(sweep, ["lr"])
 
 
 def test_a_new_member_whose_warm_up_outlasts_it_is_refused_before_any_server(tmp_path):
