@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saeflow: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    from prefect.exceptions import CancelledRun
+
     from flows import pipeline
     from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, raised_while, sigterm_interrupts, terminated_by
 
@@ -359,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
     except Preempted as error:
         print(f"saeflow: run '{run_name}' {error}. Run the same command again to continue it.", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except CancelledRun:  # cancelled in the Prefect UI, then stopped by a signal at a safe point
+        stop = PREEMPTIONS[-1] if PREEMPTIONS else "stopped"
+        print(f"saeflow: run '{run_name}' was cancelled in Prefect and {stop}. Run the same command again to continue it.", file=sys.stderr)
         return EXIT_PREEMPTED
     except ConfigError as error:  # found once the model is built (the prompts' tokens need its tokenizer)
         print(f"saeflow: config error: {error}", file=sys.stderr)

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
-from prefect.exceptions import MissingResult
+from prefect.exceptions import CancelledRun, MissingResult
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -98,10 +97,11 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
             configs.append(resolve(make_config({**base_values, **member}, overrides), runs_here))
         except ConfigError as error:
             raise ConfigError(f"sweep member {member}: {error}") from None
-    if "expansion_factor" in varied and any(c.d_sae is not None for c in configs):
+    overridden = [m for m, c in zip(members, configs) if "expansion_factor" in m and c.d_sae is not None]
+    if overridden:
         raise ConfigError(
-            f"{path}: the sweep varies expansion_factor, but d_sae is set, which overrides it, so members would train "
-            f"the same SAE; vary d_sae instead, or drop d_sae"
+            f"{path}: sweep member {overridden[0]} sets expansion_factor, but d_sae is set, which overrides it, so it "
+            f"would not train the SAE it says; vary d_sae instead, or drop d_sae"
         )
     names = [default_run_name(c) for c in configs]
     for i, name in enumerate(names):
@@ -111,8 +111,8 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
                 f"they differ only in settings that do not change the trained SAE; make them differ or drop one"
             )
     name = spec.get("name") or path.stem
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ConfigError(f"sweep file {path}: name {name!r} must be letters, digits, '.', '_' and '-' (it names the folder sweeps/<name>/)")
+    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        raise ConfigError(f"sweep file {path}: name {name!r} must be a plain folder name (it names sweeps/<name>/); give the sweep a name: of that kind")
     return name, configs
 
 
@@ -248,8 +248,8 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
     else:
         row["error"] = state.message
         with contextlib.suppress(MissingResult):  # the member's exception, where Prefect kept it
-            if isinstance(state.result(raise_on_failure=False), Preempted):
-                row["state"] = "Stopped"  # by a signal or `saeflow stop`, at a safe point: the next run continues it
+            if isinstance(state.result(raise_on_failure=False), (Preempted, CancelledRun)):
+                row["state"] = "Stopped"  # by a signal or `saeflow stop` (or cancelled in the UI), at a safe point: the next run continues it
     return row
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -64,8 +65,16 @@ def file_sha256(path: Path) -> str:
 # The process's umask. safetensors (0.8) writes files readable by their owner alone (0600) whatever
 # the umask; saeflow gives every file it writes the mode the umask gives other new files, so that
 # an artifacts folder shared with a lab (or a Dask cluster's other users) can be read.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def _umask() -> int:
+    try:  # read without setting it, which would race with threads creating files
+        return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_UMASK = _umask()
 
 
 def usual_mode(path: Path) -> None:

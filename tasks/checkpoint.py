@@ -162,8 +162,11 @@ def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, An
             trainer.activation_scaler.save(str(tmp / SCALER))
             write_manifest(tmp, {"n_training_steps": steps, "n_training_samples": trainer.n_training_samples, "data": data_position, "run": owner})
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        previous = newest_checkpoint(root)
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        try:
+            previous = newest_checkpoint(root)
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        except OSError as unreadable:  # the filesystem fails reads too
+            kept = f"the earlier checkpoints could not be read either ({unreadable.strerror or unreadable})"
         raise CheckpointWriteError(
             f"could not write checkpoint {final}: {getattr(error, 'strerror', None) or error}; {kept}. Free disk space or fix the "
             f"folder's permissions, then run the same command again"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -348,14 +349,18 @@ def _default_fields() -> dict:
 
 def check_artifacts_dir(artifacts_dir: str | Path) -> None:
     """Fail early, with the fix, if the artifacts folder cannot be written."""
-    folder = Path(artifacts_dir)
+    check_writable(Path(artifacts_dir), "artifacts directory", "choose another with --artifacts-dir")
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Raise ConfigError naming `what` and `fix` if `folder` cannot be made or written in."""
     probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"artifacts directory {folder} is not writable ({error.strerror}); choose another with --artifacts-dir") from None
+        raise ConfigError(f"{what} {folder} is not writable ({error.strerror}); {fix}") from None
 
 
 def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, new: bool) -> str:
@@ -372,17 +377,21 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root
 
     check_artifacts_dir(artifacts_dir)
+    if cfg.checkpoint_path is not None:
+        check_writable(Path(cfg.checkpoint_path), "checkpoint_path", "choose another, or leave it out to keep checkpoints in the run's folder")
+    current = run_identity(cfg)
     name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg)) if new else run_name or default_run_name(cfg)
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)
-    current = run_identity(cfg)
     if not new:  # a new run's were checked before its folder was made
         check_schedules_of_a_new_run(cfg, artifacts_dir, name)
     if stored.exists():
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
         changed = _changed_fields(previous, current)
+        if changed == ["activations_fingerprint"] and previous["activations_fingerprint"] == _fingerprint_of_every_file(cfg):
+            changed = []  # recorded as saeflow did before 2026-11-30, over every file of the folder
         if changed:
             details = "; ".join(f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}" for k in changed)
             raise ConfigError(
@@ -408,26 +417,47 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"--run-name), or move {root} away"
             )
     # Under the run's locks, so that a command refused because the run is in use changes nothing.
-    with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, folder):
-        write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
+    try:
+        with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, folder):
+            write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
+    except BaseException:
+        if new:  # the folders `_new_run_folder` made, which would hold the name for nothing
+            shutil.rmtree(folder, ignore_errors=True)
+            if cfg.checkpoint_path is not None:
+                shutil.rmtree(root, ignore_errors=True)
+        raise
     return name
+
+
+def _fingerprint_of_every_file(cfg: RunConfig) -> str | None:
+    """An `activations_path`'s fingerprint as saeflow recorded it before 2026-11-30: over every
+    file of the folder, not only those read (`source_fingerprint`)."""
+    path = Path(cfg.activations_path or "").expanduser().resolve()
+    if cfg.activations_path is None or not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return stable_hash([[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
 
 
 def _new_run_folder(cfg: RunConfig, artifacts_dir: str | Path, base: str) -> str:
     """Make the run folder of the first free name of `base`, `<base>-2`, `<base>-3`, ... (free in
-    the artifacts and the checkpoint folder), and return the name. The folder is made by one
-    `mkdir`, which fails if it exists: two `--new` runs started at once get two names."""
+    the artifacts and the checkpoint folder), and return the name. The folders are made by
+    `mkdir`, which fails if one exists: two `--new` runs started at once get two names."""
     from tasks.checkpoint import checkpoint_root
 
     check_schedules_fit_the_run(cfg)  # before the folder is made
     for name in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
         folder = run_dir(artifacts_dir, name)
-        if checkpoint_root(cfg.checkpoint_path, folder).exists():
-            continue
         try:
             folder.mkdir(parents=True)
         except FileExistsError:
             continue
+        if cfg.checkpoint_path is not None:  # shared by other artifacts folders, whose runs may have the name
+            try:
+                checkpoint_root(cfg.checkpoint_path, folder).mkdir(parents=True)
+            except FileExistsError:
+                folder.rmdir()
+                continue
         return name
 
 

@@ -393,35 +393,41 @@ def write_activations(batches: Iterable, folder: str | Path) -> dict[str, Any]:
     folder = Path(folder).expanduser()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"{folder} exists{'' if folder.is_dir() else ' and is not a folder'}; write the activations to a new folder")
-    if folder.exists():
-        folder.rmdir()  # empty: made again when the shards are complete
+    was_empty = folder.exists()
+    if was_empty:
+        folder.rmdir()  # made again when the shards are complete
     names, rows, width = [], 0, None
-    with atomic_dir(folder) as tmp:
-        pending, pending_bytes = [], 0
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            names.append(f"shard-{len(names):05d}.safetensors")
-            _save_shard(tmp / names[-1], torch.cat(pending), None)
+    try:
+        with atomic_dir(folder) as tmp:
             pending, pending_bytes = [], 0
 
-        for index, batch in enumerate(batches):
-            batch = torch.as_tensor(batch).detach().to("cpu")
-            if batch.ndim != 2 or (width is not None and batch.shape[1] != width):
-                expected = f"[batch, {width}]" if width is not None else "[batch, d_in]"
-                raise ValueError(f"batch {index} has shape {tuple(batch.shape)}; expected {expected} (flatten with .reshape(-1, d_in))")
-            if not batch.is_floating_point():
-                raise ValueError(f"batch {index} holds {batch.dtype}; activations must be floating point (float32, bfloat16, float64)")
-            width = batch.shape[1]
-            if not len(batch):
-                continue
-            pending.append(batch)
-            pending_bytes += batch.numel() * batch.element_size()
-            rows += len(batch)
-            if pending_bytes >= SHARD_BYTES:
+            def flush() -> None:
+                nonlocal pending, pending_bytes
+                names.append(f"shard-{len(names):05d}.safetensors")
+                _save_shard(tmp / names[-1], torch.cat(pending), None)
+                pending, pending_bytes = [], 0
+
+            for index, batch in enumerate(batches):
+                batch = torch.as_tensor(batch).detach().to("cpu")
+                if batch.ndim != 2 or (width is not None and batch.shape[1] != width):
+                    expected = f"[batch, {width}]" if width is not None else "[batch, d_in]"
+                    raise ValueError(f"batch {index} has shape {tuple(batch.shape)}; expected {expected} (flatten with .reshape(-1, d_in))")
+                if not batch.is_floating_point():
+                    raise ValueError(f"batch {index} holds {batch.dtype}; activations must be floating point (float32, bfloat16, float64)")
+                width = batch.shape[1]
+                if not len(batch):
+                    continue
+                pending.append(batch)
+                pending_bytes += batch.numel() * batch.element_size()
+                rows += len(batch)
+                if pending_bytes >= SHARD_BYTES:
+                    flush()
+            if pending:
                 flush()
-        if pending:
-            flush()
-        if not rows:
-            raise ValueError("no activations were given: the iterable was empty")
+            if not rows:
+                raise ValueError("no activations were given: the iterable was empty")
+    except BaseException:
+        if was_empty:
+            folder.mkdir(exist_ok=True)  # the user's empty folder is put back
+        raise
     return {"path": str(folder), "rows": rows, "d_in": width, "files": [str(folder / name) for name in names]}

@@ -203,12 +203,15 @@ def test_unwritable_artifacts_dir(tmp_path: Path):
         claim_run(resolve(tiny_config()), blocker / "artifacts", None, new=False)
 
 
-def test_new_runs_started_at_once_get_names_of_their_own(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("shared_checkpoints", [False, True], ids=["one-artifacts-folder", "folders-sharing-checkpoint_path"])
+def test_new_runs_started_at_once_get_names_of_their_own(tmp_path: Path, monkeypatch, shared_checkpoints):
     import threading
 
     import tasks.preflight
 
-    configs = [resolve(tiny_config(lr=lr)) for lr in (1e-4, 2e-4, 3e-4, 4e-4)]
+    where = {"checkpoint_path": str(tmp_path / "shared")} if shared_checkpoints else {}
+    configs = [resolve(tiny_config(lr=lr, **where)) for lr in (1e-4, 2e-4, 3e-4, 4e-4)]
+    folders = {c.lr: tmp_path / (f"artifacts-{i}" if shared_checkpoints else "artifacts") for i, c in enumerate(configs)}
     base = default_run_name(configs[0])
     ready = threading.Barrier(len(configs))
     real_check = tasks.preflight.check_schedules_fit_the_run
@@ -219,14 +222,34 @@ def test_new_runs_started_at_once_get_names_of_their_own(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(tasks.preflight, "check_schedules_fit_the_run", check_then_wait)
     names: dict[float, str] = {}
-    threads = [threading.Thread(target=lambda c=c: names.__setitem__(c.lr, claim_run(c, tmp_path, base, new=True))) for c in configs]
+    threads = [threading.Thread(target=lambda c=c: names.__setitem__(c.lr, claim_run(c, folders[c.lr], base, new=True))) for c in configs]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert sorted(names.values()) == sorted([base, f"{base}-2", f"{base}-3", f"{base}-4"])
     for lr, name in names.items():
-        assert json.loads((tmp_path / "runs" / name / "config.json").read_text())["config"]["lr"] == lr
+        assert json.loads((folders[lr] / "runs" / name / "config.json").read_text())["config"]["lr"] == lr
+
+
+def test_an_unwritable_checkpoint_path_is_refused_and_a_failed_new_claim_leaves_no_folder(tmp_path: Path, monkeypatch):
+    import tasks.preflight
+
+    (tmp_path / "a-file").write_text("")
+    cfg = resolve(tiny_config(checkpoint_path=str(tmp_path / "a-file" / "checkpoints")))
+    for new in (False, True):
+        with pytest.raises(ConfigError, match=r"checkpoint_path .*a-file/checkpoints is not writable \(Not a directory\); choose another"):
+            claim_run(cfg, tmp_path / "artifacts", None, new=new)
+    assert not (tmp_path / "artifacts" / "runs").exists() or not any((tmp_path / "artifacts" / "runs").iterdir())
+
+    def disk_full(path, value):
+        raise OSError(28, "No space left on device")
+
+    cfg = resolve(tiny_config(checkpoint_path=str(tmp_path / "shared")))
+    monkeypatch.setattr(tasks.preflight, "write_json", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        claim_run(cfg, tmp_path / "artifacts", None, new=True)
+    assert not any((tmp_path / "artifacts" / "runs").iterdir()) and not any((tmp_path / "shared").iterdir())  # the name is free again
 
 
 def test_run_names_are_stable_and_new_never_overwrites(tmp_path: Path):
@@ -392,6 +415,26 @@ def test_serve_names_a_config_s_continued_and_fresh_deployments_apart(tmp_path, 
     name = default_run_name(resolve(make_config(values)))
     assert [s["name"] for s in served] == [name, f"{name}-new-each-run", "nightly"]
     assert [s["parameters"]["new_each_run"] for s in served] == [False, True, True]
+
+
+def test_a_run_cancelled_in_prefect_and_stopped_by_a_signal_exits_75_saying_so(tmp_path, monkeypatch, capsys):
+    """A `saeflow run` cancelled in the UI has no runner to stop it; a signal then stops it at a
+    safe point, and its flow run ends Cancelled (`CancelledRun` here)."""
+    from prefect.exceptions import CancelledRun
+
+    import flows.pipeline
+    from tasks.stopping import PREEMPTIONS
+
+    def cancelled(*args, **kwargs):
+        PREEMPTIONS.append("stopped by SIGTERM after step 3; checkpoint .../step-000000003 written")
+        raise CancelledRun("Cancelled: stopped by SIGTERM after step 3")
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", cancelled)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "ui"]) == 75
+    err = capsys.readouterr().err
+    assert "saeflow: run 'ui' was cancelled in Prefect and stopped by SIGTERM after step 3; checkpoint .../step-000000003 written. Run the same command again" in err
 
 
 @pytest.fixture

@@ -200,6 +200,10 @@ def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         write_activations(failing_after_five(), tmp_path / "cut-short")
     assert not (tmp_path / "cut-short").exists()  # no folder of part of the activations for a run to take
+    (tmp_path / "made-by-me").mkdir()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        write_activations(failing_after_five(), tmp_path / "made-by-me")
+    assert (tmp_path / "made-by-me").is_dir() and not any((tmp_path / "made-by-me").iterdir())  # put back as it was
     assert not list(tmp_path.glob(".tmp-cut-short-*"))
     with pytest.raises(ValueError, match=r"batch 1 holds torch.int64; activations must be floating point"):
         write_activations([torch.zeros(4, D_IN), torch.zeros(4, D_IN, dtype=torch.int64)], tmp_path / "ints")
@@ -413,3 +417,28 @@ def test_big_endian_npy_rows_are_read_as_they_are(tmp_path):
     np.save(tmp_path / "a.npy", rows.astype(">f4"))
     read, _ = open_source(tmp_path, "blocks.3.hook_resid_post")[0].read(10, 60)
     assert torch.equal(read, torch.from_numpy(rows[10:60]))
+
+
+def test_a_run_recorded_with_every_file_of_its_folder_continues(tmp_path):
+    """saeflow before 2026-11-30 fingerprinted every file of the folder; such a run continues by
+    its name, and its record then holds the fingerprint of the files read."""
+    from tasks.preflight import _fingerprint_of_every_file
+
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    np.save(folder / "part-1.npy", sparse_rows(6000, seed=0).numpy())
+    (folder / "notes.txt").write_text("layer 6")
+    cfg = resolve(source_config(folder))
+    claim_run(cfg, tmp_path / "artifacts", "old", new=False)
+    stored = tmp_path / "artifacts" / "runs" / "old" / "config.json"
+    record = json.loads(stored.read_text())
+    new_style = record["result_fields"]["activations_fingerprint"]
+    record["result_fields"]["activations_fingerprint"] = _fingerprint_of_every_file(cfg)
+    assert _fingerprint_of_every_file(cfg) != new_style
+    stored.write_text(json.dumps(record))
+    assert claim_run(cfg, tmp_path / "artifacts", "old", new=False) == "old"
+    assert json.loads(stored.read_text())["result_fields"]["activations_fingerprint"] == new_style
+    np.save(folder / "part-1.npy", sparse_rows(6000, seed=1).numpy())  # a shard rewritten: refused as before
+    os.utime(folder / "part-1.npy", ns=(1, 1))
+    with pytest.raises(ConfigError, match="activations_fingerprint"):
+        claim_run(resolve(source_config(folder)), tmp_path / "artifacts", "old", new=False)

@@ -131,8 +131,8 @@ def test_sigterm_to_a_dask_sweep_or_to_its_whole_job_stops_the_members_at_a_safe
         ({"lr": [0.001]}, {"budget": 3}, "a sweep file holds only base, grid, members, name"),
         ({"hook_name": ["blocks.0.hook_resid_post", "blocks.7.hook_resid_post"]}, {}, "unknown hook_name 'blocks.7.hook_resid_post'"),
         ({"top_k_tokens": [3, 4]}, {}, "sweep members 1 and 2 ({'top_k_tokens': 3} and {'top_k_tokens': 4}) are the same run"),
-        ({"expansion_factor": [4, 8], "d_sae": [256]}, {}, "the sweep varies expansion_factor, but d_sae is set, which overrides it"),
-        ({"lr": [0.001]}, {"name": "../escaped"}, "name '../escaped' must be letters, digits, '.', '_' and '-'"),
+        ({"expansion_factor": [4, 8], "d_sae": [256]}, {}, "sweep member {'d_sae': 256, 'expansion_factor': 4} sets expansion_factor, but d_sae is set, which overrides it"),
+        ({"lr": [0.001]}, {"name": "../escaped"}, "name '../escaped' must be a plain folder name (it names sweeps/<name>/); give the sweep a name:"),
     ],
 )
 def test_bad_sweep_files_are_refused_before_any_work(tmp_path, grid, extra, message):
@@ -164,6 +164,11 @@ def test_a_set_that_overrides_what_the_sweep_varies_is_refused(tmp_path):
     assert len(sweep_members(sweep, ["seed=3"])[1]) == 3
     with pytest.raises(ConfigError, match=r"^--set expects key=value, got 'lr'$"):
         sweep_members(sweep, ["lr"])
+
+
+def test_members_of_an_expansion_factor_and_of_a_d_sae_are_two_saes(tmp_path):
+    name, configs = sweep_members(write_sweep(tmp_path, {}, members=[{"expansion_factor": 4}, {"d_sae": 256}], name="widths 1"))
+    assert name == "widths 1" and [c.sae_width for c in configs] == [128, 256]
 
 
 def test_a_new_member_whose_warm_up_outlasts_it_is_refused_before_any_server(tmp_path):
