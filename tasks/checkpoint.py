@@ -115,9 +115,9 @@ def checkpoint_folder_lock(checkpoint_path: str | None, run_folder: Path):
     """Hold the lock of a run's checkpoint folder where it lies outside the run's folder
     (`checkpoint_path`, whose lock covers the rest): a run of the same name in another artifacts
     folder may share it. Raises Busy if another process holds it."""
-    if not checkpoint_path:
-        return contextlib.nullcontext()
     root = checkpoint_root(checkpoint_path, run_folder)
+    if not checkpoint_path or root.resolve() == Path(run_folder).resolve():  # the run folder itself (checkpoint_path: <artifacts>/runs)
+        return contextlib.nullcontext()
     return exclusive_lock(
         root / ".lock", f"checkpoint folder {root}", wait=False,
         hint="a run of this name in another artifacts folder trains into it (they share checkpoint_path); give this run "

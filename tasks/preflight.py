@@ -390,7 +390,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
         changed = _changed_fields(previous, current)
-        if changed == ["activations_fingerprint"] and previous["activations_fingerprint"] == _fingerprint_of_every_file(cfg):
+        if changed == ["activations_fingerprint"] and previous.get("activations_fingerprint") == _fingerprint_of_every_file(cfg):
             changed = []  # recorded as saeflow did before 2026-11-30, over every file of the folder
         if changed:
             details = "; ".join(f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}" for k in changed)
@@ -417,15 +417,14 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"--run-name), or move {root} away"
             )
     # Under the run's locks, so that a command refused because the run is in use changes nothing.
-    try:
-        with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, folder):
+    with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, folder):
+        try:
             write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
-    except BaseException:
-        if new:  # the folders `_new_run_folder` made, which would hold the name for nothing
-            shutil.rmtree(folder, ignore_errors=True)
-            if cfg.checkpoint_path is not None:
-                shutil.rmtree(root, ignore_errors=True)
-        raise
+        except BaseException:
+            if new:  # the folders `_new_run_folder` made (locked: nobody else is in them), which would hold the name for nothing
+                for made in {folder, root} if cfg.checkpoint_path is not None else {folder}:
+                    shutil.rmtree(made, ignore_errors=True)
+            raise
     return name
 
 
@@ -452,12 +451,15 @@ def _new_run_folder(cfg: RunConfig, artifacts_dir: str | Path, base: str) -> str
             folder.mkdir(parents=True)
         except FileExistsError:
             continue
-        if cfg.checkpoint_path is not None:  # shared by other artifacts folders, whose runs may have the name
+        root = checkpoint_root(cfg.checkpoint_path, folder)
+        if cfg.checkpoint_path is not None and root.resolve() != folder.resolve():  # shared by other artifacts folders, whose runs may have the name
             try:
-                checkpoint_root(cfg.checkpoint_path, folder).mkdir(parents=True)
-            except FileExistsError:
+                root.mkdir(parents=True)
+            except OSError as error:
                 folder.rmdir()
-                continue
+                if isinstance(error, FileExistsError):
+                    continue
+                raise
         return name
 
 

@@ -1,6 +1,7 @@
 """Bad input gets one clear message before any model is loaded; runs are never overwritten."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -245,11 +246,16 @@ def test_an_unwritable_checkpoint_path_is_refused_and_a_failed_new_claim_leaves_
     def disk_full(path, value):
         raise OSError(28, "No space left on device")
 
+    beside = resolve(tiny_config(checkpoint_path=str(tmp_path / "artifacts" / "runs")))  # checkpoints in the run folders
+    assert claim_run(beside, tmp_path / "artifacts", "beside", new=True) == "beside"
+    assert claim_run(beside, tmp_path / "artifacts", "beside", new=True) == "beside-2"
+    shutil.rmtree(tmp_path / "artifacts" / "runs")
+
     cfg = resolve(tiny_config(checkpoint_path=str(tmp_path / "shared")))
     monkeypatch.setattr(tasks.preflight, "write_json", disk_full)
     with pytest.raises(OSError, match="No space left"):
         claim_run(cfg, tmp_path / "artifacts", None, new=True)
-    assert not any((tmp_path / "artifacts" / "runs").iterdir()) and not any((tmp_path / "shared").iterdir())  # the name is free again
+    assert not list((tmp_path / "artifacts" / "runs").iterdir()) and not list((tmp_path / "shared").iterdir())  # the name is free again
 
 
 def test_run_names_are_stable_and_new_never_overwrites(tmp_path: Path):

@@ -204,6 +204,7 @@ def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         write_activations(failing_after_five(), tmp_path / "made-by-me")
     assert (tmp_path / "made-by-me").is_dir() and not any((tmp_path / "made-by-me").iterdir())  # put back as it was
+    assert not list(tmp_path.glob(".tmp-made-by-me-*"))
     assert not list(tmp_path.glob(".tmp-cut-short-*"))
     with pytest.raises(ValueError, match=r"batch 1 holds torch.int64; activations must be floating point"):
         write_activations([torch.zeros(4, D_IN), torch.zeros(4, D_IN, dtype=torch.int64)], tmp_path / "ints")
@@ -422,7 +423,7 @@ def test_big_endian_npy_rows_are_read_as_they_are(tmp_path):
 def test_a_run_recorded_with_every_file_of_its_folder_continues(tmp_path):
     """saeflow before 2026-11-30 fingerprinted every file of the folder; such a run continues by
     its name, and its record then holds the fingerprint of the files read."""
-    from tasks.preflight import _fingerprint_of_every_file
+    from tasks.config import stable_hash
 
     folder = tmp_path / "acts"
     folder.mkdir()
@@ -433,8 +434,10 @@ def test_a_run_recorded_with_every_file_of_its_folder_continues(tmp_path):
     stored = tmp_path / "artifacts" / "runs" / "old" / "config.json"
     record = json.loads(stored.read_text())
     new_style = record["result_fields"]["activations_fingerprint"]
-    record["result_fields"]["activations_fingerprint"] = _fingerprint_of_every_file(cfg)
-    assert _fingerprint_of_every_file(cfg) != new_style
+    files = sorted(p for p in folder.rglob("*") if p.is_file())  # the formula of saeflow before 2026-11-30
+    every_file = stable_hash([[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    record["result_fields"]["activations_fingerprint"] = every_file
+    assert every_file != new_style
     stored.write_text(json.dumps(record))
     assert claim_run(cfg, tmp_path / "artifacts", "old", new=False) == "old"
     assert json.loads(stored.read_text())["result_fields"]["activations_fingerprint"] == new_style
