@@ -127,7 +127,7 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
             "analysis": analysis,
             "report": reported,
         }
-        write_json(Path(run) / "summary.json", summary)
+        write_json(Path(run) / "summary.json", summary, nonfinite_as_null=True)
     return summary
 
 

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,15 +39,31 @@ def run_dir(artifacts_dir: str | Path, run_name: str) -> Path:
     return Path(artifacts_dir) / "runs" / run_name
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
+def write_json(path: Path, value: Any, *, nonfinite_as_null: bool = False) -> None:
+    """Write JSON atomically (temporary file, fsync, rename). Files for other tools (metrics,
+    summaries) pass `nonfinite_as_null`: NaN and infinities become null, as standard JSON has no
+    such numbers; files that saeflow reads back keep them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
+        if nonfinite_as_null:
+            json.dump(finite_or_null(value), f, indent=2, sort_keys=True, allow_nan=False)
+        else:
+            json.dump(value, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def read_json(path: Path) -> Any:

@@ -166,5 +166,5 @@ def evaluate(sae_ref: dict[str, Any], model_ref: dict[str, Any], store_ref: dict
     if "ground_truth" in store_ref:
         metrics.update(synthetic_metrics(sae, store_ref, store_ref["eval_rows"], device))
     out = Path(run_dir) / "metrics.json"
-    write_json(out, {"metrics": metrics, "feature_density": features["feature_density"]})
+    write_json(out, {"metrics": metrics, "feature_density": features["feature_density"]}, nonfinite_as_null=True)
     return {"path": str(out), "metrics": metrics, "outputs": [str(out)], "output_sha256": output_hashes(out)}

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import read_ahead, store_contents, training_batches
-from tasks.artifacts import atomic_dir, read_json, stage, verify_manifest, write_manifest
+from tasks.artifacts import atomic_dir, finite_or_null, read_json, stage, verify_manifest, write_manifest
 from tasks.config import RunConfig
 from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
@@ -284,7 +284,7 @@ class TrainingLog:
         }
         self.last = (now, tokens)
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
         self.logger.info(
             f"step {step}/{self.total} | {row['tokens_per_s']:,.0f} tokens/s | loss {row['loss']:.4f} | "
             f"L0 {row['l0']:.1f} | EV {row['explained_variance']:.3f} | dead {row['dead_features']} | lr {row['lr']:.2e}"

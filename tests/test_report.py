@@ -347,3 +347,18 @@ def test_dashboard_contexts_never_peak_at_a_special_token(finished_run):
         for context in contexts[feature]:
             assert context["tokens"][context["peak"]] != model.tokenizer.bos_token
         assert contexts[feature][0]["max"] == pytest.approx(float(expected[..., feature].max()))
+
+
+def test_metrics_and_summaries_hold_standard_json_when_a_metric_is_not_finite(tmp_path):
+    """A degenerate evaluation (one held-out token: explained_variance_legacy is -inf; all-zero rows:
+    cossim is NaN) must still write files that strict JSON readers (JavaScript's JSON.parse) accept."""
+    from tasks.artifacts import write_json
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in standard JSON"))
+
+    value = {"metrics": {"explained_variance_legacy": float("-inf"), "cossim": float("nan"), "l0": 3.5}, "feature_density": [0.0, float("inf")]}
+    write_json(tmp_path / "metrics.json", value, nonfinite_as_null=True)
+    assert strict((tmp_path / "metrics.json").read_text()) == {"metrics": {"explained_variance_legacy": None, "cossim": None, "l0": 3.5}, "feature_density": [0.0, None]}
+    write_json(tmp_path / "state.json", value)  # what saeflow reads back keeps its numbers
+    assert json.loads((tmp_path / "state.json").read_text())["metrics"]["explained_variance_legacy"] == float("-inf")
