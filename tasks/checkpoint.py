@@ -39,6 +39,11 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the previous ones are untouched."""
 
 
+class NonFiniteWeights(ValueError):
+    """The SAE's weights hold NaN or inf at a checkpoint, so none is written; a retry from the
+    previous checkpoint would end the same way."""
+
+
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able form of `value`, with its tensors moved into `tensors` under their path."""
     if isinstance(value, torch.Tensor):
@@ -147,10 +152,13 @@ def checkpoint_owners(root: Path) -> list[tuple[Path, dict[str, Any]]]:
 def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, Any], keep: int, owner: dict[str, Any]) -> Path:
     """Write the trainer's state after `steps` completed steps, recording the run that wrote it
     (`run_owner`), and keep the newest `keep` checkpoints. Raises CheckpointWriteError (previous
-    checkpoints intact) on I/O errors, and ValueError rather than save non-finite weights."""
+    checkpoints intact) on I/O errors, and NonFiniteWeights rather than save non-finite weights."""
     for name, param in trainer.sae.named_parameters():
         if not torch.isfinite(param).all():
-            raise ValueError(f"SAE parameter {name} holds non-finite values at step {steps}; no checkpoint of this state is written")
+            raise NonFiniteWeights(
+                f"SAE parameter {name} holds non-finite values at step {steps}; no checkpoint of this state is written and the "
+                f"previous checkpoints are kept. Lower lr, check the activations for NaN/inf, or try normalize_activations"
+            )
     final = root / f"step-{steps:09d}"
     try:
         with atomic_dir(final) as tmp:

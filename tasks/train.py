@@ -294,11 +294,11 @@ class TrainingLog:
 
 
 def _retry_unless_stopped(task, task_run, state) -> bool:
-    from tasks.checkpoint import CheckpointWriteError
+    from tasks.checkpoint import CheckpointWriteError, NonFiniteWeights
 
     try:
         state.result()
-    except (TrainingStopped, CheckpointWriteError):
+    except (TrainingStopped, CheckpointWriteError, NonFiniteWeights):
         return False
     except Exception:  # noqa: BLE001 - any other failure is worth a retry from the checkpoint
         return True

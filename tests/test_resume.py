@@ -514,6 +514,26 @@ def test_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(
     assert verify_manifest(checkpoints / "step-000000013") is not None
 
 
+def test_non_finite_weights_at_a_checkpoint_stop_training_without_a_retry(artifacts, faults_cfg, monkeypatch):
+    import tasks.checkpoint
+
+    real_save, calls = tasks.checkpoint.save_checkpoint, []
+
+    def save_with_a_nan_weight_at_the_second(trainer, *args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            trainer.sae.W_dec.data[0, 0] = float("nan")
+        return real_save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.checkpoint, "save_checkpoint", save_with_a_nan_weight_at_the_second)
+    state = start(faults_cfg[0].model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, "nan-weights", return_state=True)
+    assert state.is_failed()
+    assert "SAE parameter W_dec holds non-finite values at step 26; no checkpoint of this state is written" in str(state.result(raise_on_failure=False))
+    assert calls == [13, 26]  # not retried: it would fail again
+    checkpoints = artifacts / "runs" / "nan-weights" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000000013"]
+
+
 def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, capsys):
     from flows.cli import EXIT_BAD_INPUT, main
 
