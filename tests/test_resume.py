@@ -157,7 +157,7 @@ def test_sigkill_during_training_resumes_exactly_and_marks_the_ghost_run_crashed
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_cfg, slow_reference):
-    _, config = slow_cfg
+    cfg, config = slow_cfg
     checkpoints = artifacts / "runs" / "termed" / "checkpoints"
     first = cli(artifacts=artifacts, config=config, run_name="termed")
     wait_for(lambda: any(checkpoints.glob("step-*")), first)
@@ -169,14 +169,13 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
     newest = signal_checkpoint(output, checkpoints, newest_before)
     assert not (artifacts / "runs" / "termed" / "trained").exists()
 
-    code, output = finish(cli(artifacts=artifacts, config=config, run_name="termed"))
-    assert code == 0, output
-    assert f"Resuming training from {newest.name}" in output
-    assert_bitwise_equal(weights(artifacts / "runs" / "termed"), slow_reference)
+    summary = start(cfg, artifacts, "termed")  # in this process: a new process costs 10 s of imports
+    assert summary["training"]["resumed_from_step"] == int(newest.name.removeprefix("step-"))
+    assert_bitwise_equal(weights(summary), slow_reference)
 
 
 def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_continues(artifacts, slow_cfg, slow_reference, capsys):
-    """`saeflow stop RUN`, from any process that sees the run's folder (here: another thread; it
+    """`saeflow stop --all` (or `saeflow stop RUN`), from any process that sees the run's folder (here: another thread; it
     writes a request, it sends no signal, as for a sweep member on a Dask worker), stops the run's
     training as SIGTERM does; run again, it continues exactly."""
     import threading
@@ -201,8 +200,9 @@ def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_conti
         assert first.is_alive() and time.monotonic() < deadline, ended
         time.sleep(0.02)
     newest_before = max(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert main(["stop", "stopped", "--artifacts-dir", str(artifacts)]) == 0
-    assert "asked run 'stopped' (process " in capsys.readouterr().out
+    # --all: every run of the folder that is running (the others here are finished or not running)
+    assert main(["stop", "--all", "--artifacts-dir", str(artifacts)]) == 0
+    assert re.findall(r"asked run '([^']+)' \(process ", capsys.readouterr().out) == ["stopped"]
     first.join(300)
     assert len(ended) == 1 and isinstance(ended[0], TrainingPreempted), ended
     newest = signal_checkpoint(str(ended[0]), run / "checkpoints", newest_before)
@@ -213,6 +213,8 @@ def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_conti
     assert_bitwise_equal(weights(summary), slow_reference)
     assert main(["stop", "stopped", "--artifacts-dir", str(artifacts)]) == 1
     assert "run 'stopped' has finished training; nothing to stop" in capsys.readouterr().out
+    assert main(["stop", "--all", "--artifacts-dir", str(artifacts)]) == 1
+    assert f"no run in {artifacts / 'runs'} is running; nothing to stop" in capsys.readouterr().err
     assert main(["stop", "--artifacts-dir", str(artifacts)]) == 2
     assert main(["stop", "no-such-run", "--artifacts-dir", str(artifacts)]) == 2
     assert "no run 'no-such-run' in" in capsys.readouterr().err
@@ -364,14 +366,20 @@ def test_second_sigint_exits_at_once():
     assert "second SIGINT, exiting now" in result.stderr and "not reached" not in result.stdout
 
 
-@pytest.mark.parametrize(("point", "n"), [("fill-write", 3), ("fill-shard", 5), ("train-step", 30), ("checkpoint-write", 2)])
-def test_killed_at_a_precise_moment_resumes_exactly(artifacts, faults_cfg, faults_reference, point, n, tmp_path):
+def test_killed_while_writing_a_shard_resumes_the_fill_and_ends_exactly(artifacts, faults_cfg, faults_reference, tmp_path, caplog):
+    """The other kill points (a shard in place but not listed, a training step, a checkpoint's
+    write) are in the next test, one after another in one run."""
+    import logging
+
     cfg, config = faults_cfg
-    fresh = tmp_path / "artifacts"  # own store, so that fill kills hit a fill
-    code, output = finish(cli(driver=(point, n), artifacts=fresh, config=config, run_name="once"))
+    fresh = tmp_path / "artifacts"  # own store, so that the kill hits a fill
+    code, output = finish(cli(driver=("fill-write", 3), artifacts=fresh, config=config, run_name="once"))
     assert code == -signal.SIGKILL, output
-    start(cfg, str(fresh), "once")  # in this process: a new process costs 10 s of imports
-    assert_bitwise_equal(weights(fresh / "runs" / "once"), faults_reference)
+    with caplog.at_level(logging.INFO):
+        summary = start(cfg, str(fresh), "once")  # in this process: a new process costs 10 s of imports
+    assert re.search(r"resuming at row [1-9]\d* of", caplog.text), caplog.text  # the two shards written before are kept
+    assert summary["training"]["resumed_from_step"] == 0
+    assert_bitwise_equal(weights(summary), faults_reference)
 
 
 def test_a_run_killed_while_writing_its_trained_sae_trains_no_step_again(artifacts, faults_cfg, faults_reference):
@@ -387,12 +395,17 @@ def test_a_run_killed_while_writing_its_trained_sae_trains_no_step_again(artifac
 def test_three_kills_in_one_run_still_end_exactly(faults_cfg, faults_reference, tmp_path):
     cfg, config = faults_cfg
     fresh = tmp_path / "artifacts"
+    outputs = []
     for point, n in [("fill-shard", 4), ("train-step", 20), ("checkpoint-write", 1)]:
         code, output = finish(cli(driver=(point, n), artifacts=fresh, config=config, run_name="thrice"))
         assert code == -signal.SIGKILL, output
-    start(cfg, str(fresh), "thrice")
+        outputs.append(output)
+    assert re.search(r"resuming at row [1-9]\d* of", outputs[1]), outputs[1]  # the fill went on from its kept shards
+    assert "Resuming training from step-000000013" in outputs[2]  # the second process's checkpoint before its kill at step 20
+    summary = start(cfg, str(fresh), "thrice")
+    assert summary["training"]["resumed_from_step"] == 13  # the third was killed writing step 26's checkpoint
     assert not list((fresh / "runs" / "thrice" / "checkpoints").glob(".tmp-*"))
-    assert_bitwise_equal(weights(fresh / "runs" / "thrice"), faults_reference)
+    assert_bitwise_equal(weights(summary), faults_reference)
     assert flow_run_states("thrice") == ["Crashed", "Crashed", "Crashed", "Completed"]
 
 
