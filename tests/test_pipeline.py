@@ -39,7 +39,9 @@ def test_full_training_cycle_writes_checkpoints_and_trains_every_token(finished_
     assert training["n_training_steps"] == cfg.training_tokens // cfg.train_batch_size_tokens
     assert training["resumed_from_step"] == 0
     checkpoints = sorted((Path(summary["run_dir"]) / "checkpoints").glob("step-*"))
-    assert 1 <= len(checkpoints) <= cfg.keep_checkpoints
+    # n_checkpoints 4 over 64 steps: after steps 13, 26, 39, 52, and one after the last; the newest 3 are kept
+    assert cfg.keep_checkpoints == 3
+    assert [p.name for p in checkpoints] == ["step-000000039", "step-000000052", "step-000000064"]
     for folder in checkpoints:
         names = {p.name for p in folder.iterdir()}
         assert names == {

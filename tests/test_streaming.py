@@ -31,7 +31,9 @@ def test_a_streaming_store_keeps_only_tokens_and_the_report_says_so(streaming_re
     summary, _ = streaming_reference
     store = Path(summary["activations"]["path"])
     assert summary["activations"]["mode"] == "streaming"
-    for shard in store.glob("shard-*.safetensors"):
+    shards = list(store.glob("shard-*.safetensors"))
+    assert shards
+    for shard in shards:
         with safe_open(shard, "pt") as f:
             assert list(f.keys()) == ["tokens"]
     assert summary["training"]["n_training_steps"] == FAULTS["training_tokens"] // 512
@@ -40,9 +42,11 @@ def test_a_streaming_store_keeps_only_tokens_and_the_report_says_so(streaming_re
     assert "- **activations**: `streaming (set by activation_mode; cached activations would take " in report
 
 
-def test_streaming_differs_from_cached_only_in_data_order(streaming_reference, tmp_path):
-    """Same tokens and the same model: the first batch of each mode holds rows of the same store."""
-    from tasks.activations import training_batches
+def test_streamed_batches_are_the_models_activations_of_the_stored_contexts_in_a_seekable_order(streaming_reference):
+    """Every row of a streamed batch is the model's activation (recomputed here with TransformerLens's
+    `run_with_cache`) at one position of one stored context; batch b
+    depends only on (seed, b), so a resumed run seeks straight to it."""
+    from tasks.activations import _streaming_source, training_batches
 
     summary, _ = streaming_reference
     streamed = training_batches(summary["activations"], 512, seed=42, chunk_contexts=64)
@@ -51,8 +55,15 @@ def test_streaming_differs_from_cached_only_in_data_order(streaming_reference, t
     fifth = next(streamed)
     again = training_batches(summary["activations"], 512, seed=42, chunk_contexts=64)
     again.next_batch = 5
-    assert torch.equal(next(again), fifth)  # seeking is exact: batch b depends only on (seed, b)
+    assert torch.equal(next(again), fifth)
     assert first.shape == (512, 32) and not torch.equal(first, fifth)
+
+    model, contexts, spec = _streaming_source(summary["activations"], "cpu")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(contexts, names_filter=spec["hook_name"])
+    every_row = cache[spec["hook_name"]].reshape(-1, spec["d_in"])
+    distance = torch.cdist(first, every_row, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert distance.max() < 1e-4 * every_row.norm(dim=1).mean()
 
 
 def test_a_streaming_store_made_on_another_gpu_makes_activations_on_the_device_it_is_given(streaming_reference, tmp_path):
