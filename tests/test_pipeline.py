@@ -196,15 +196,6 @@ def test_a_stage_whose_files_are_gone_runs_again(finished_run):
     assert analysis.is_file()
 
 
-def test_other_sae_settings_reuse_the_model_and_activations(finished_run):
-    name, state = start(tiny_config(l1_coefficient=3.0), finished_run["artifacts"])
-    assert name != finished_run["name"]
-    states = task_states(state)
-    assert states["build-model"] == states["fill-activations"] == "Cached"
-    assert states["train-sae"] == "Completed"
-    assert state.result()["activations"] == finished_run["summary"]["activations"]
-
-
 def unchunked_frequency(sae, activations: torch.Tensor, batch: int) -> torch.Tensor:
     """The save stage's sparsity as it was computed before batching: every sampled row at once."""
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
@@ -240,20 +231,35 @@ def test_sparsity_counted_a_batch_at_a_time_equals_counting_all_rows_at_once(fin
             assert (tmp_path / "sparsity.safetensors").read_bytes() == (Path(summary["sae"]["path"]) / "sparsity.safetensors").read_bytes()
 
 
-def test_changing_sparsity_tokens_or_eval_batch_reruns_what_they_change_and_going_back_restores_it(finished_run):
+def test_other_sae_settings_reuse_the_model_and_activations_and_eval_or_sparsity_settings_rerun_what_they_change(finished_run):
+    """A run with another l1_coefficient trains on the finished run's model and store. Then, on
+    that run: eval_batch_size_prompts re-runs only the evaluation and the report; sparsity_tokens
+    makes a new sae/ (the trained SAE stays) and re-runs what reads it; going back restores it."""
     from tasks.activations import load_store
     from tasks.model import special_token_ids
 
-    # a run of its own (sharing the finished run's model and store), so that the finished run stays as it is
-    name, state = start(tiny_config(), finished_run["artifacts"], "sparsity-changes")
+    other = {"l1_coefficient": 3.0}
+    name, state = start(tiny_config(**other), finished_run["artifacts"])
+    assert name != finished_run["name"]
+    states = task_states(state)
+    assert states["build-model"] == states["pretokenise"] == states["fill-activations"] == "Cached"
+    assert states["train-sae"] == "Completed"
     summary = state.result()
+    assert summary["activations"] == finished_run["summary"]["activations"]
     sae_dir, run = Path(summary["sae"]["path"]), Path(summary["run_dir"])
     trained = Path(summary["training"]["path"]) / "sae_weights.safetensors"
     original, trained_mtime = (sae_dir / "sparsity.safetensors").read_bytes(), trained.stat().st_mtime_ns
     original_analysis = (run / "analysis.json").read_text()
     assert summary["metrics"]["metrics"]["eval_contexts"] == 2048
 
-    _, state = start(tiny_config(sparsity_tokens=4096, eval_batch_size_prompts=100), finished_run["artifacts"], name)
+    _, state = start(tiny_config(**other, eval_batch_size_prompts=100), finished_run["artifacts"], name)
+    states = task_states(state)
+    # the training task, keyed by the whole config, runs only to find its finished result on disk
+    assert {s for s, v in states.items() if v == "Completed"} == {"train-sae", "evaluate", "report"}
+    assert state.result()["metrics"]["metrics"]["eval_contexts"] == 2000  # whole batches of 100 of the 2048 held-out contexts
+    assert state.result()["sae"] == summary["sae"] and trained.stat().st_mtime_ns == trained_mtime
+
+    _, state = start(tiny_config(**other, sparsity_tokens=4096, eval_batch_size_prompts=100), finished_run["artifacts"], name)
     states = task_states(state)
     after_training = ("save-sae", "load-sae", "evaluate", "analyse", "report")
     assert {s: states[s] for s in after_training} == {s: "Completed" for s in after_training}
@@ -271,7 +277,7 @@ def test_changing_sparsity_tokens_or_eval_batch_reruns_what_they_change_and_goin
     assert trained.stat().st_mtime_ns == trained_mtime  # the trained SAE is never remade
     assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
-    _, state = start(tiny_config(), finished_run["artifacts"], name)
+    _, state = start(tiny_config(**other), finished_run["artifacts"], name)
     states = task_states(state)
     assert states["save-sae"] == states["analyse"] == states["report"] == "Completed"
     assert states["train-sae"] == "Cached"
