@@ -445,3 +445,22 @@ def test_a_run_recorded_with_every_file_of_its_folder_continues(tmp_path):
     os.utime(folder / "part-1.npy", ns=(1, 1))
     with pytest.raises(ConfigError, match="activations_fingerprint"):
         claim_run(resolve(source_config(folder)), tmp_path / "artifacts", "old", new=False)
+
+
+def test_metrics_that_are_not_numbers_are_written_as_null(prefect_server, tmp_path):
+    """All-zero activations: explained variance is 0/0 in training and in the evaluation, cosine
+    similarity has no nonzero row. metrics.json, summary.json and train_log.jsonl stay standard
+    JSON (JavaScript's JSON.parse refuses NaN and -Infinity)."""
+    save_file({"activations": torch.zeros(9216, D_IN)}, tmp_path / "zeros.safetensors")
+    summary = start(source_config(tmp_path), tmp_path / "artifacts")
+    assert math.isnan(summary["metrics"]["metrics"]["cossim"])  # the run's own result keeps the number
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a file that should be standard JSON"))
+
+    run = Path(summary["run_dir"])
+    metrics = strict((run / "metrics.json").read_text())["metrics"]
+    assert metrics["cossim"] is None and metrics["l0"] == 0
+    assert strict((run / "summary.json").read_text())["metrics"]["metrics"]["cossim"] is None
+    rows = [strict(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert rows and all(row["explained_variance"] is None for row in rows)
