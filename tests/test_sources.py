@@ -113,6 +113,14 @@ def test_a_folder_of_safetensors_shards_trains_and_evaluates_without_a_model(sha
     assert "- dashboard:" not in report and "- analysis:" not in report
 
 
+def test_analyze_refuses_a_run_without_a_model(shard_run, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    artifacts, _, summary = shard_run
+    assert main(["analyze", summary["run_name"], "--prompt", "hello", "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
+    assert f"run '{summary['run_name']}' has no model to run prompts through (no model: the activations come from" in capsys.readouterr().err
+
+
 def test_a_sweep_over_imported_activations_shares_one_store(shard_folder, shard_run):
     from flows.sweep import run_sweep
 
