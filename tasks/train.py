@@ -126,14 +126,18 @@ def runner_config(cfg: RunConfig, run_name: str | None = None):
 
 
 def new_training_sae(cfg: RunConfig, run_name: str | None = None):
-    """A freshly initialised SAELens TrainingSAE for this run, seeded by `cfg.seed`."""
+    """A freshly initialised SAELens TrainingSAE for this run, seeded by `cfg.seed`, its training
+    forward pass compiled (lazily, at its first call) when `compile_sae` is set."""
     from sae_lens import TrainingSAE
 
     runner_cfg = runner_config(cfg, run_name)
     sae_cfg = type(runner_cfg.sae).from_sae_runner_config(runner_cfg)
     sae_cfg.metadata.dataset_path = cfg.activations_path or ("sae_lens.synthetic" if cfg.synthetic is not None else cfg.dataset_path)
     torch.manual_seed(cfg.seed)
-    return TrainingSAE.from_dict(sae_cfg.to_dict()), runner_cfg
+    sae = TrainingSAE.from_dict(sae_cfg.to_dict())
+    if cfg.compile_sae:
+        sae.training_forward_pass = torch.compile(sae.training_forward_pass)
+    return sae, runner_cfg
 
 
 class TrainingStopped(RuntimeError):
@@ -375,8 +379,6 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         if last:
             checkpoint(trainer)
 
-    if cfg.compile_sae:
-        sae.training_forward_pass = torch.compile(sae.training_forward_pass)
     trainer = _make_trainer(sae, runner_cfg, on_step_end, guard)
     # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
     # spaced thresholds; SAELens itself is left none to take.

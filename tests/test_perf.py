@@ -403,14 +403,13 @@ def test_compile_sae_trains_like_the_uncompiled_step(architecture):
     from tasks.preflight import resolve
     from tasks.train import _make_trainer, new_training_sae
 
-    cfg = resolve(tiny_config(**architecture))
-    assert cfg.compile_sae is False
-    batches = [torch.randn(512, cfg.d_in, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    assert resolve(tiny_config(**architecture)).compile_sae is False
     weights = {}
     for compiled in (False, True):
+        cfg = resolve(tiny_config(**architecture, compile_sae=compiled))
+        batches = [torch.randn(512, cfg.d_in, generator=torch.Generator().manual_seed(i)) for i in range(3)]
         sae, runner_cfg = new_training_sae(cfg)
-        if compiled:
-            sae.training_forward_pass = torch.compile(sae.training_forward_pass)
+        assert hasattr(sae.training_forward_pass, "_torchdynamo_orig_callable") == compiled
         trainer = _make_trainer(sae, runner_cfg, lambda *args: None)
         for batch in batches:
             trainer.step(batch)
