@@ -41,6 +41,8 @@ def test_architecture_trains_saves_and_loads(prefect_server, tmp_path: Path, ove
 def test_local_text_files_are_datasets(prefect_server, tmp_path: Path, suffix):
     from datasets import Dataset
 
+    from tasks.data import load_text_dataset
+
     stories = generate_stories(300, seed=1)
     data = tmp_path / f"stories{suffix}"
     if suffix == ".jsonl":
@@ -49,6 +51,8 @@ def test_local_text_files_are_datasets(prefect_server, tmp_path: Path, suffix):
         data.write_text("\n".join(stories))
     else:
         Dataset.from_dict({"text": stories}).to_parquet(str(data))
+    dataset = load_text_dataset(str(data))
+    assert dataset.num_rows == 300 and dataset[0]["text"] == stories[0] and dataset[299]["text"] == stories[299]  # a story a row
     cfg = resolve(tiny_config(**FAST, dataset_path=str(data)))
     summary = run_pipeline(cfg, claim_run(cfg, tmp_path, None, new=False), tmp_path)
     assert summary["activations"]["n_tokens"] == 8192
