@@ -224,12 +224,18 @@ def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
         write_activations(iter(()), tmp_path / "empty")
 
 
-def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, shard_folder, monkeypatch):
+@pytest.mark.parametrize("source", ["files", "synthetic"])
+def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, shard_folder, monkeypatch, source):
+    """Files, and synthetic rows (generated in seeded blocks, so the rows made after the
+    interruption are those an uninterrupted import makes)."""
     import tasks.activations
     import tasks.sources
 
     monkeypatch.setattr(tasks.activations, "SHARD_BYTES", 1000 * D_IN * 4)
-    cfg = source_config(shard_folder[0])
+    if source == "files":
+        cfg = source_config(shard_folder[0])
+    else:
+        cfg = make_config({"synthetic": {"num_features": 32, "hidden_dim": D_IN}, "training_tokens": 8192, "eval_tokens": 1024, "train_batch_size_tokens": 512})
     reference = import_store(cfg, tmp_path / "a")
     assert reference["n_shards"] == 9
 
