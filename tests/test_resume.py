@@ -123,6 +123,18 @@ def flow_run_states(run_name: str) -> list[str]:
     return [run.state.name for run in runs]
 
 
+def ghost_task_states(run_name: str) -> dict[str, str]:
+    """Task name -> state name of the first flow run of `run_name`."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        first = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), sort=FlowRunSort.START_TIME_ASC)[0]
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
+
+
 def flow_run_logs(state) -> str:
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -152,6 +164,7 @@ def test_sigkill_during_training_resumes_exactly_and_marks_the_ghost_run_crashed
     assert summary["training"]["n_training_steps"] == cfg.training_tokens // cfg.train_batch_size_tokens
     assert_bitwise_equal(weights(summary), slow_reference)
     assert flow_run_states("killed") == ["Crashed", "Completed"]
+    assert ghost_task_states("killed")["train-sae"] == "Crashed"  # the task it was running, as the UI shows it
     log = [json.loads(line) for line in (artifacts / "runs" / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(2, 33, 2))  # one entry per logged step across the kill
 
