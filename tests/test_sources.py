@@ -478,3 +478,19 @@ def test_metrics_that_are_not_numbers_are_written_as_null(prefect_server, tmp_pa
     assert strict((run / "summary.json").read_text())["metrics"]["metrics"]["cossim"] is None
     rows = [strict(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert rows and all(row["explained_variance"] is None for row in rows)
+
+
+@pytest.mark.parametrize("kind", ["npy float16", "safetensors with one tensor of another name"])
+def test_a_single_file_is_a_source(tmp_path, kind):
+    acts = sparse_rows(9216, seed=2)
+    if kind == "npy float16":
+        path = tmp_path / "acts.npy"
+        np.save(path, acts.half().numpy())
+        expected = acts.half().float()
+    else:
+        path = tmp_path / "acts.safetensors"
+        save_file({"resid": acts}, path)
+        expected = acts
+    ref = import_store(source_config(path), tmp_path / "artifacts")
+    stored, _ = load_store(ref)
+    assert torch.equal(stored, expected[:8192]) and torch.equal(load_eval_activations(ref), expected[8192:])
