@@ -96,17 +96,18 @@ def _token_dataset(spec: dict[str, Any], tokens_ref: dict[str, Any] | None):
 class ContextBatches:
     """Batches `[batch_prompts, context_size]` of the pretokenised contexts, read in slices of the
     memory-mapped Arrow file: the batches SAELens's `ActivationsStore.get_batch_tokens` makes from
-    it row by row (which took a fifth of a fill's time), down to its end of data, where an
-    incomplete batch is dropped and the data starts again."""
+    it row by row (which took a fifth of a fill's time), down to its end of data (or to context
+    `end`), where an incomplete batch is dropped and the data starts again."""
 
-    def __init__(self, dataset, batch_prompts: int):
+    def __init__(self, dataset, batch_prompts: int, end: int | None = None):
         self.contexts = dataset.with_format("numpy")
         self.batch_prompts = batch_prompts
+        self.end = len(self.contexts) if end is None else end
         self.next_context = 0
 
     def next_batch(self, raise_at_epoch_end: bool = False) -> torch.Tensor:
         start = self.next_context
-        if start + self.batch_prompts > len(self.contexts):
+        if start + self.batch_prompts > self.end:
             self.next_context = 0
             if raise_at_epoch_end:
                 raise StopIteration(f"ran out of contexts after {start}; beginning the next epoch")
@@ -271,10 +272,10 @@ class _StoreWriter:
             writing, self.writing = self.writing, None
             writing.result()
 
-    def finish(self, eval_tokens: torch.Tensor) -> None:
+    def finish(self, eval_tokens: torch.Tensor, repeats_training: bool = False) -> None:
         self.wait()
         sha = _save_shard(self.out / EVAL_TOKENS, None, eval_tokens)
-        entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha}
+        entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha} | ({"repeats_training": True} if repeats_training else {})
         self.manifest = {**self.manifest, "shards": self.shards, "eval": entry}
         write_json(self.manifest_path, {**self.manifest, "complete": True})
         self.eval_done = True
@@ -289,7 +290,29 @@ class _StoreWriter:
             "n_shards": len(self.shards),
             "eval_contexts": -(-self.spec["eval_tokens"] // self.spec["context_size"]),
             "outputs": [str(self.out / s["file"]) for s in self.shards] + [str(self.out / EVAL_TOKENS), str(self.manifest_path)],
-        }
+        } | ({"eval_repeats_training": True} if self.manifest.get("eval", {}).get("repeats_training") else {})
+
+
+def _held_out_from(n_contexts: int, n_tokens: int, n_eval: int, spec: dict[str, Any], logger) -> int | None:
+    """Where the held-out contexts begin when the pretokenised contexts are fewer than training
+    and evaluation need (the dataset ran out): the last `n_eval` of them, never trained on, while
+    training goes round the others. None when there are enough: they follow the training ones."""
+    batch = spec["store_batch_size_prompts"]
+    if n_contexts >= -(-n_tokens // (batch * spec["context_size"])) * batch + n_eval:
+        return None
+    if n_contexts - n_eval < batch:
+        raise ValueError(
+            f"dataset {spec['dataset_path']} holds {n_contexts} contexts of {spec['context_size']} tokens: fewer than the "
+            f"{n_eval} held out for evaluation (eval_tokens {spec['eval_tokens']}) plus one model batch of {batch} to train on; "
+            f"use more data, or lower eval_tokens or store_batch_size_prompts"
+        )
+    passes = n_tokens / ((n_contexts - n_eval) * spec["context_size"])
+    logger.warning(
+        f"Dataset {spec['dataset_path']} holds {n_contexts} contexts, fewer than training and evaluation need: the last "
+        f"{n_eval} are held out for evaluation and never trained on, and training goes over the other {n_contexts - n_eval} "
+        f"about {passes:.1f} times (use more data for fewer repeats)"
+    )
+    return n_contexts - n_eval
 
 
 class _StoredTokens:
@@ -338,10 +361,14 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         if stop := stop_requested():  # before loading the model: a sweep's member that waited for this lock
             raise preempted(f"stopped by {stop} before filling activation store(s) {names} began")
-        model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
+        n_eval = -(-spec["eval_tokens"] // ctx)
+        held_out_from = None  # the first held-out context, where the pretokenised contexts ran out
         if tokens_ref is not None:
-            batch_tokens = ContextBatches(_token_dataset(spec, tokens_ref), spec["store_batch_size_prompts"]).next_batch
-        else:
+            contexts = _token_dataset(spec, tokens_ref)
+            held_out_from = _held_out_from(len(contexts), n_tokens, n_eval, spec, logger)
+            batch_tokens = ContextBatches(contexts, spec["store_batch_size_prompts"], end=held_out_from).next_batch
+        model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
+        if tokens_ref is None:
             batch_tokens = _activations_store(model, _token_dataset(spec, None), spec).get_batch_tokens
         dtype = getattr(torch, spec["dtype"])
         device = torch.device(spec["device"])
@@ -357,8 +384,9 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
                 try:
                     tokens = batch_tokens(raise_at_epoch_end=True)
                 except StopIteration:
+                    if not wrapped and held_out_from is None:
+                        logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
                     wrapped = True
-                    logger.warning(f"Dataset {spec['dataset_path']} ran out after {row} tokens; starting it again")
                     tokens = batch_tokens()
             except RuntimeError:  # SAELens stacks the rows of token ids: one shorter than the others fails there
                 if tokens_ref is None:
@@ -405,16 +433,19 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
                     update_progress_artifact(progress, 100 * row / n_tokens)
         bar.close()
 
-        # Held-out contexts for evaluation and analysis: the ones after the training tokens.
-        n_eval = -(-spec["eval_tokens"] // ctx)
-        contexts = []
-        while sum(len(c) for c in contexts) < n_eval:
-            contexts.append(next_tokens().to("cpu"))
-        if wrapped:
-            logger.warning("The dataset was used up: the held-out evaluation tokens repeat training data; use more data")
-        eval_tokens = torch.cat(contexts)[:n_eval]
+        # Held-out contexts for evaluation and analysis: the ones after the training tokens, or
+        # the last ones of pretokenised contexts that ran out (training went round the others).
+        if held_out_from is not None:
+            eval_tokens = torch.from_numpy(contexts.with_format("numpy")[held_out_from : held_out_from + n_eval]["tokens"]).long()
+        else:
+            parts = []
+            while sum(len(c) for c in parts) < n_eval:
+                parts.append(next_tokens().to("cpu"))
+            if wrapped:
+                logger.warning("The dataset was used up: the held-out evaluation tokens repeat training data (the report says so); use more data")
+            eval_tokens = torch.cat(parts)[:n_eval]
         for writer in todo:
-            writer.finish(eval_tokens)
+            writer.finish(eval_tokens, repeats_training=wrapped and held_out_from is None)
     # A streaming store's training makes activations with the model: its result says which.
     return [writers[out].result() | ({"model": model_ref} if writers[out].spec.get("tokens_only") else {}) for out in outs]
 

@@ -163,6 +163,8 @@ def evaluate(sae_ref: dict[str, Any], model_ref: dict[str, Any], store_ref: dict
         d_sae=sae.cfg.d_sae,
         **held_out,
     )
+    if store_ref.get("eval_repeats_training"):  # a dataset of token ids that ran out (the fill warned)
+        metrics["eval_repeats_training"] = True
     if "ground_truth" in store_ref:
         metrics.update(synthetic_metrics(sae, store_ref, store_ref["eval_rows"], device))
     out = Path(run_dir) / "metrics.json"

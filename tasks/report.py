@@ -131,7 +131,10 @@ def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, An
         if config.get(key) is not None:
             lines.append(f"- **{key}**: {md_code(str(config[key]))}")
     held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else "held-out tokens"
-    lines += ["", f"## Metrics ({held_out})", "", "| metric | value |", "| --- | --- |"]
+    lines += ["", f"## Metrics ({held_out})", ""]
+    if metrics.get("eval_repeats_training"):
+        lines += ["**Not held out:** the dataset ran out while the activations were made, so these tokens were trained on too; use more data.", ""]
+    lines += ["| metric | value |", "| --- | --- |"]
     lines += [f"| {row['metric']} | {row['value']:.6g} |" for row in metrics_table(metrics)]
     if "synthetic_mcc" in metrics:
         lines += ["", f"Synthetic metrics: SAELens's `eval_sae_on_synthetic_data` on {metrics['synthetic_samples']} fresh samples of the ground-truth generator."]

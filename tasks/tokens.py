@@ -8,7 +8,9 @@ fingerprint) and `manifest.json` (checksums). The key covers the dataset, the to
 fingerprint, the context size, BOS handling and the number of contexts: the training contexts
 and then the held-out ones, each rounded up to whole store batches, and no more (a streamed hub
 dataset is read only that far, and at most two tokenizer calls' texts beyond: the next call
-tokenises on a background thread while the last one's ids are packed).
+tokenises on a background thread while the last one's ids are packed). A dataset that holds fewer
+is written whole, each context once: the fill then holds its last contexts out for evaluation and
+goes round the others for training, so that the held-out tokens are never trained on.
 
 The packing is SAELens's `concat_and_batch_sequences` with the settings its `ActivationsStore`
 uses on text (BOS at the start of each context with `prepend_bos`, BOS between documents), done
@@ -72,7 +74,7 @@ def pretokenise(spec: dict[str, Any], model_ref: dict[str, Any], from_pretrained
             with atomic_dir(out) as tmp:
                 _write_contexts(spec, model_ref, from_pretrained_kwargs, tmp, get_run_logger())
                 write_manifest(tmp, {"spec": spec})
-    return {"path": str(out), "n_contexts": spec["n_contexts"], "context_size": spec["context_size"], "outputs": [str(out)]}
+    return {"path": str(out), "n_contexts": len(open_tokens({"path": str(out)})), "context_size": spec["context_size"], "outputs": [str(out)]}
 
 
 def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretrained_kwargs: dict[str, Any], out: Path, logger) -> None:
@@ -93,18 +95,14 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
     n_contexts, written = spec["n_contexts"], 0
     features = Features({"tokens": Sequence(Value("int32"))})
     with ArrowWriter(features=features, path=str(out / TOKENS_FILE)) as writer:
-        while written < n_contexts:
-            epoch_start = written
-            for context in itertools.islice(one_epoch(), n_contexts - written):
-                writer.write({"tokens": context})
-                written += 1
-            if written == epoch_start:
-                raise ValueError(f"dataset {spec['dataset_path']} holds less text than one context of {spec['context_size']} tokens")
-            if written < n_contexts:
-                logger.warning(
-                    f"Dataset {spec['dataset_path']} ran out after {written} contexts of the {n_contexts} needed; "
-                    f"starting it again (the held-out evaluation tokens will repeat training data; use more data)"
-                )
+        for context in itertools.islice(one_epoch(), n_contexts):
+            writer.write({"tokens": context})
+            written += 1
+        if written == 0:
+            raise ValueError(f"dataset {spec['dataset_path']} holds less text than one context of {spec['context_size']} tokens")
+        if written < n_contexts:
+            # Each context once: the fill holds the last ones out for evaluation and goes round the others.
+            logger.warning(f"Dataset {spec['dataset_path']} ran out after {written} contexts of the {n_contexts} needed")
         writer.finalize()
     runner_cfg = PretokenizeRunnerConfig(
         tokenizer_name=model.tokenizer.name_or_path,

@@ -190,22 +190,38 @@ def tokenise(cfg_json: dict, artifacts_dir: str) -> dict:
     return pretokenise(tokens_spec(cfg, model_ref), model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir)
 
 
-def test_a_dataset_that_runs_out_starts_again_and_one_too_small_is_refused(prefect_server, tmp_path: Path, caplog):
+def test_a_dataset_that_runs_out_holds_out_its_last_contexts_and_one_too_small_is_refused(prefect_server, tmp_path: Path, caplog):
+    """Fewer contexts than training and evaluation need: each is tokenised once, the last ones are
+    held out for evaluation and never trained on, and training goes round the others."""
+    from tasks.activations import load_eval_tokens
     from tasks.data import generate_stories
     from tasks.tokens import open_tokens
 
     data = tmp_path / "few.jsonl"
-    data.write_text("\n".join(f'{{"text": "{story}"}}' for story in generate_stories(10, seed=3)))
-    cfg = tiny_config(dataset_path=str(data), training_tokens=2048, eval_tokens=512)
-    rows = open_tokens(tokenise(cfg.model_dump(mode="json"), str(tmp_path / "a")))["tokens"]
-    assert len(rows) == (2048 // 32 // 16 + 1) * 16
-    period = next(k for k in range(1, len(rows)) if rows[k] == rows[0])
-    assert period < 40 and rows[period : 2 * period] == rows[:period]
-    assert "ran out after" in caplog.text
+    data.write_text("\n".join(f'{{"text": "{story}"}}' for story in generate_stories(60, seed=3)))
+    cfg = resolve(tiny_config(dataset_path=str(data), training_tokens=8192, eval_tokens=512))  # 256 + 16 contexts of 32
+    store = fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+    contexts = torch.tensor(open_tokens({"path": next((tmp_path / "a" / "tokens").iterdir())})["tokens"])
+    n = len(contexts)
+    assert 16 + cfg.store_batch_size_prompts <= n < 256 and len(contexts.unique(dim=0)) == n  # each context once
+    assert f"holds {n} contexts, fewer than training and evaluation need: the last 16 are held out" in caplog.text
+    held_out = load_eval_tokens(store)
+    assert torch.equal(held_out, contexts[n - 16 :])
+    _, tokens = load_store(store)
+    trained = tokens.reshape(-1, 32)
+    assert len(trained) == 256
+    assert not (trained[:, None, :] == held_out[None, :, :]).all(-1).any()  # no held-out context was trained on
+    batch = cfg.store_batch_size_prompts
+    first_pass = (n - 16) // batch * batch  # whole model batches, then the data starts again
+    assert torch.equal(trained[:first_pass], contexts[:first_pass]) and torch.equal(trained[first_pass : 2 * first_pass], contexts[:first_pass])
+    assert "repeat training data" not in caplog.text
 
+    data.write_text("\n".join(f'{{"text": "{story}"}}' for story in generate_stories(10, seed=3)))
+    with pytest.raises(ValueError, match=r"holds \d+ contexts of 32 tokens: fewer than the 16 held out for evaluation \(eval_tokens 512\) plus one model batch"):
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path / "b"))
     data.write_text('{"text": "Tom ."}')
     with pytest.raises(ValueError, match="holds less text than one context of 32 tokens"):
-        tokenise(cfg.model_dump(mode="json"), str(tmp_path / "b"))
+        tokenise(cfg.model_dump(mode="json"), str(tmp_path / "c"))
 
 
 @flow
@@ -246,3 +262,24 @@ def test_written_files_get_the_mode_the_umask_gives_not_safetensors_owner_only(t
         save_file({"W_dec": torch.zeros(2)}, tmp / "sae_weights.safetensors")
     for path in (tmp_path / "shard.safetensors", tmp_path / "checkpoint" / "sae_weights.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_UMASK
+
+
+def test_token_ids_that_run_out_are_marked_as_not_held_out_in_the_metrics_and_the_report(prefect_server, tmp_path: Path, caplog):
+    """A dataset of token ids is read as it comes (it may be streamed, of unknown length): when it
+    runs out, the evaluation contexts after the training ones repeat training data, which the
+    store, the metrics and the report say."""
+    import json
+
+    from tasks.model import train_word_tokenizer
+    from tasks.report import render_markdown
+
+    train_word_tokenizer(["Tom saw a cat ."], tmp_path / "tokenizer")
+    rows = [[1] + [5 + (i + j) % 4 for j in range(31)] for i in range(70)]  # 70 contexts; 64 + 16 are needed
+    (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps({"tokens": r}) for r in rows))
+    cfg = resolve(tiny_config(dataset_path=str(tmp_path / "ids.jsonl"), tokenizer_path=str(tmp_path / "tokenizer"), training_tokens=2048, eval_tokens=512))
+    store = fill_token_ids(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+    assert store["eval_repeats_training"] is True
+    assert "the held-out evaluation tokens repeat training data" in caplog.text
+    report = render_markdown("r", {}, {"l0": 1.0, "eval_repeats_training": True}, {"skipped": "-"}, {})
+    assert "**Not held out:** the dataset ran out while the activations were made, so these tokens were trained on too" in report
+    assert "Not held out" not in render_markdown("r", {}, {"l0": 1.0}, {"skipped": "-"}, {})

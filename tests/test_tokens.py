@@ -3,6 +3,7 @@
 
 import itertools
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_contexts_are_the_per_document_ones_byte_for_byte(tmp_path: Path, monkey
     tokenizer = _tokenizer(tmp_path / "tokenizer", kind)
     model = _on_meta(_hooked_config({"n_layers": 1, "d_model": 8, "n_ctx": 64, "d_head": 4, "act_fn": "relu"}, len(tokenizer), 0, "meta"), tokenizer)
     assert model.cfg.tokenizer_prepends_bos == (kind != "no-bos")
-    # Empty texts, a text that begins with BOS itself, an unknown word; a dataset that runs out twice.
+    # Empty texts, a text that begins with BOS itself, an unknown word; a dataset that runs out.
     texts = generate_stories(40, seed=5)
     texts[3:3] = ["", "<bos> Tom saw the cat .", ""]
     texts[20:20] = ["zebra", "", "Tom ."]
@@ -84,12 +85,13 @@ def test_contexts_are_the_per_document_ones_byte_for_byte(tmp_path: Path, monkey
     (tmp_path / "new").mkdir()
     with caplog.at_level(logging.WARNING):
         tasks.tokens._write_contexts(spec, {}, {}, tmp_path / "new", logging.getLogger("test"))
-    assert caplog.text.count("ran out after") == 2
-    _old_write_contexts(spec, model, dataset, tmp_path / "old.arrow")
+    n_contexts = int(re.search(r"ran out after (\d+) contexts of the 300 needed", caplog.text)[1])
+    assert 300 / 3 < n_contexts < 300 / 2  # a dataset that runs out is written once, not started again
+    _old_write_contexts({**spec, "n_contexts": n_contexts}, model, dataset, tmp_path / "old.arrow")
     assert (tmp_path / "new" / tasks.tokens.TOKENS_FILE).read_bytes() == (tmp_path / "old.arrow").read_bytes()
 
     rows = Dataset.from_file(str(tmp_path / "new" / tasks.tokens.TOKENS_FILE))["tokens"]
-    assert len(rows) == 300 and all(len(row) == CONTEXT_SIZE for row in rows)
+    assert len(rows) == n_contexts and all(len(row) == CONTEXT_SIZE for row in rows)
     assert all(row[0] == tokenizer.bos_token_id for row in rows) == prepend_bos  # no-bos: TransformerLens's BOS is EOS
 
 
