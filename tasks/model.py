@@ -150,9 +150,31 @@ def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[st
 
 
 def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: str):
+    """TransformerLens's config of a `model_cfg` model with a tokenizer of `d_vocab` tokens;
+    ConfigError, saying what to change, for a `model_cfg` TransformerLens would refuse."""
+    import dataclasses
+    import difflib
+
     from transformer_lens import HookedTransformerConfig
 
-    return HookedTransformerConfig(**{"d_vocab": d_vocab, **model_cfg, "seed": seed, "device": device})
+    fields = {f.name: f for f in dataclasses.fields(HookedTransformerConfig)}
+    for key in model_cfg:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(f"model_cfg key '{key}' is not a TransformerLens HookedTransformerConfig field" + (f"; did you mean '{close[0]}'?" if close else ""))
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in model_cfg]
+    if missing:
+        raise ConfigError(f"model_cfg needs {', '.join(missing)} (HookedTransformerConfig has no default for {'it' if len(missing) == 1 else 'them'})")
+    if model_cfg.get("d_vocab", d_vocab) < d_vocab:
+        raise ConfigError(
+            f"model_cfg sets d_vocab {model_cfg['d_vocab']}, but the tokenizer has {d_vocab} tokens; leave d_vocab out "
+            f"(it is the tokenizer's size) or set it to at least {d_vocab}"
+        )
+    try:
+        return HookedTransformerConfig(**{"d_vocab": d_vocab, **model_cfg, "seed": seed, "device": device})
+    except (TypeError, ValueError, AssertionError) as error:
+        raise ConfigError(f"model_cfg is refused by TransformerLens's HookedTransformerConfig: {error}") from None
 
 
 def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
@@ -427,7 +449,7 @@ def meta_model(cfg: RunConfig, with_tokenizer: bool = False):
     if cfg.model_cfg is not None:
         tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
         d_vocab = len(tokenizer) if tokenizer is not None else len(SPECIAL_TOKENS)
-        hooked_cfg = _hooked_config(cfg.model_cfg, cfg.model_cfg.get("d_vocab", d_vocab), cfg.seed, "meta")
+        hooked_cfg = _hooked_config(cfg.model_cfg, d_vocab, cfg.seed, "meta")
     elif folder is not None:
         check_checkpoint(folder, cfg.tokenizer_path)
         hooked_cfg = checkpoint_config(folder, "meta", cfg.model_from_pretrained_kwargs)

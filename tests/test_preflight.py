@@ -501,9 +501,35 @@ def test_a_run_on_a_cached_hub_dataset_completes_offline(hub_dataset_cache, pref
     from conftest import start
     from tasks.model import load_tokenizer
 
-    summary = start(tiny_config(dataset_path="someone/stories", training_tokens=8192, n_checkpoints=0), tmp_path / "artifacts")
+    summary = start(tiny_config(dataset_path="someone/stories", training_tokens=8192, eval_tokens=4096, n_checkpoints=0), tmp_path / "artifacts")
     assert summary["training"]["n_training_tokens"] == 8192
     tokenizer = load_tokenizer(Path(summary["model"]["path"]) / "tokenizer")  # trained on the hub dataset
     contexts = Dataset.from_file(str(Path(summary["tokens"]["path"]) / "tokens.arrow"))["tokens"]
     first_story = tokenizer(hub_dataset_cache[0], add_special_tokens=False)["input_ids"]
     assert contexts[0][0] == tokenizer.bos_token_id and contexts[0][1:] == first_story[: len(contexts[0]) - 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_layer": 2}, "model_cfg key 'n_layer' is not a TransformerLens HookedTransformerConfig field; did you mean 'n_layers'?"),
+        ({"d_head": None}, "model_cfg needs d_head (HookedTransformerConfig has no default for it)"),
+        ({"normalization_type": "LNX"}, "model_cfg is refused by TransformerLens: Invalid normalization_type passed in: LNX"),
+    ],
+)
+def test_a_model_cfg_that_transformer_lens_refuses_is_a_config_error_naming_the_key(change, message):
+    model_cfg = {k: v for k, v in {**TINY_MODEL, **change}.items() if v is not None}
+    assert message in resolve_error(model_cfg=model_cfg)
+
+
+def test_a_model_cfg_vocabulary_smaller_than_the_tokenizer_is_refused(prefect_server, tmp_path):
+    """With tokenizer_path before any work; with the word-level tokenizer trained on the dataset,
+    as soon as it is trained (it was an IndexError in the model's training)."""
+    from conftest import start
+    from tasks.model import train_word_tokenizer
+
+    train_word_tokenizer(["Tom saw a cat near the big red house ."], tmp_path / "tokenizer")
+    message = resolve_error(model_cfg={**TINY_MODEL, "d_vocab": 5}, tokenizer_path=str(tmp_path / "tokenizer"))
+    assert "model_cfg sets d_vocab 5, but the tokenizer has 14 tokens; leave d_vocab out" in message
+    with pytest.raises(ConfigError, match=r"model_cfg sets d_vocab 20, but the tokenizer has \d+ tokens"):
+        start(tiny_config(model_cfg={**TINY_MODEL, "d_vocab": 20}), tmp_path / "artifacts")
