@@ -167,7 +167,16 @@ def test_report_and_analyze_commands(finished_run, metrics, capsys):
     assert "'Tom fed the dog .' at token '.':" in captured.out and captured.out.count("  feature ") == 6
     assert "longer than context_size 32; truncated" in captured.err
     assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom fed the dog .", "--token-index", "0"]) == 0
-    assert "'Tom fed the dog .' at token '<bos>' (the BOS token prepend_bos adds):" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "'Tom fed the dog .' at token '<bos>' (the BOS token prepend_bos adds):" in captured.out
+    assert "saeflow: Token 0 of 'Tom fed the dog .' is the BOS token that prepend_bos adds" in captured.err
+    # "red," is one word to the demo's word-level tokenizer, which never saw it
+    assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom saw a red,"]) == 0
+    captured = capsys.readouterr()
+    assert "'Tom saw a red,' at token '<unk>'" in captured.out
+    assert "saeflow: Token -1 of 'Tom saw a red,' is the tokenizer's unknown token '<unk>': the tokenizer does not know that text" in captured.err
+    assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom saw a red ball ."]) == 0
+    assert "unknown token" not in capsys.readouterr().err
 
 
 def test_analyze_runs_a_gpu_run_on_the_cpu_with_device(finished_run, tmp_path, capsys):
