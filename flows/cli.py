@@ -123,7 +123,11 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         raise RunNotReady(f"no run '{name}' in {folder.parent}; runs there: {', '.join(runs) or 'none'}")
     summary = folder / "summary.json"
     if not summary.is_file():
-        checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("step-*"))
+        from tasks.checkpoint import checkpoint_root
+
+        stored = folder / "config.json"
+        checkpoint_path = read_json(stored)["config"].get("checkpoint_path") if stored.is_file() else None
+        checkpoints = sorted(p.name for p in checkpoint_root(checkpoint_path, folder).glob("step-*"))
         found = [f"checkpoints up to {checkpoints[-1]}" if checkpoints else "no checkpoint"]
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]

@@ -302,6 +302,13 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     assert "run 'half' has not finished: it has checkpoints up to step-000000013" in err and "saeflow run" in err
     assert main(["analyze", "other", "--prompt", "x", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "no run 'other'" in capsys.readouterr().err
+    # checkpoints kept outside the run's folder (the guide's checkpoint_path)
+    outside = tmp_path / "sae_training_checkpoints"
+    (outside / "elsewhere" / "step-000000026").mkdir(parents=True)
+    (tmp_path / "runs" / "elsewhere").mkdir()
+    (tmp_path / "runs" / "elsewhere" / "config.json").write_text(json.dumps({"config": {"checkpoint_path": str(outside)}}))
+    assert main(["report", "elsewhere", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "run 'elsewhere' has not finished: it has checkpoints up to step-000000026" in capsys.readouterr().err
 
 
 def test_wandb_without_a_login_is_refused_before_any_work(tmp_path, monkeypatch):
