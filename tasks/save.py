@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import sample_activation_batches
-from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, verify_manifest, write_manifest
+from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, verify_manifest, write_json, write_manifest
 
 STAGE_VERSION = 3  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256; 3: special tokens left out
 LOG_EPS = 1e-10
@@ -76,6 +76,11 @@ def save_sae(
             sae = SAE.load_from_disk(tmp, device=device)
             frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH, device, skip_tokens))
             save_file({"sparsity": torch.log10(frequency + LOG_EPS)}, tmp / "sparsity.safetensors")
+            # SAELens records the last training window's L0 and dead features (special tokens
+            # included); a loaded SAE's cfg.metadata should tell what sparsity.safetensors holds.
+            cfg_json = read_json(tmp / "cfg.json")
+            cfg_json["metadata"].update(l0=float(frequency.sum()), num_dead_features=int((frequency == 0).sum()))
+            write_json(tmp / "cfg.json", cfg_json)
             write_manifest(
                 tmp,
                 {

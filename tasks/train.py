@@ -132,7 +132,8 @@ def new_training_sae(cfg: RunConfig, run_name: str | None = None):
 
     runner_cfg = runner_config(cfg, run_name)
     sae_cfg = type(runner_cfg.sae).from_sae_runner_config(runner_cfg)
-    sae_cfg.metadata.dataset_path = cfg.activations_path or ("sae_lens.synthetic" if cfg.synthetic is not None else cfg.dataset_path)
+    source = str(Path(cfg.activations_path).expanduser().resolve()) if cfg.activations_path else None
+    sae_cfg.metadata.dataset_path = source or ("sae_lens.synthetic" if cfg.synthetic is not None else cfg.dataset_path)
     torch.manual_seed(cfg.seed)
     sae = TrainingSAE.from_dict(sae_cfg.to_dict())
     if cfg.compile_sae:

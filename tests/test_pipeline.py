@@ -75,6 +75,9 @@ def test_saved_sae_loads_with_plain_sae_lens_and_has_real_sparsity(finished_run,
     assert log_sparsity.max() > -10  # features do fire: not the guide's placeholder
     assert summary["sae"]["mean_l0"] == pytest.approx(recomputed.sum().item(), rel=1e-4)
     assert summary["sae"]["sparsity_tokens"] == int((~special).sum())
+    # the loaded SAE's metadata tells the same (SAELens wrote its last training window's, BOS included)
+    assert sae.cfg.metadata.l0 == pytest.approx(summary["sae"]["mean_l0"], rel=1e-6)
+    assert sae.cfg.metadata.num_dead_features == summary["sae"]["dead_features"]
 
 
 def test_top_features_for_a_prompt_match_an_independent_computation(finished_run, models):
