@@ -157,7 +157,7 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
         if cfg.model_cfg is not None:  # TransformerLens refused the model built from it
             raise ConfigError(f"model_cfg is refused by TransformerLens: {error}") from None
         raise ConfigError(
-            f"cannot read the architecture of model '{cfg.model_name}': {error}. Use a TransformerLens "
+            f"cannot read the architecture of model '{cfg.model_name}': {str(error).rstrip('.')}. Use a TransformerLens "
             f"model name (offline, it must already be in the Hugging Face cache), the path of a local "
             f"checkpoint folder, or give model_cfg"
         ) from None
