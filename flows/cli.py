@@ -214,13 +214,13 @@ def _run_config(args):
 
 def _report(args) -> int:
     summary = finished_run(args.artifacts_dir, args.run)
-    from tasks.report import metrics_table
+    from tasks.report import metric_value, metrics_table
 
     metrics = summary["metrics"]["metrics"]
     held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else f"{metrics['eval_contexts']} held-out contexts"
-    print(f"Run {args.run} — metrics on {held_out}\n")
+    print(f"Run {args.run} — metrics on {held_out}" + (" (not held out: the dataset ran out and they were trained on too)" if metrics.get("eval_repeats_training") else "") + "\n")
     for row in metrics_table(metrics):
-        print(f"  {row['metric']:<34} {row['value']:.6g}")
+        print(f"  {row['metric']:<34} {metric_value(row['value'])}")
     print("\nFiles:")
     dashboard = [("dashboard", summary["analysis"]["dashboard"])] if "dashboard" in summary["analysis"] else []
     for name, path in [("report", summary["report"]["path"]), *dashboard, *[("plot", p) for p in summary["report"]["plots"]], ("metrics", summary["metrics"]["path"]), ("SAE", summary["sae"]["path"])]:

@@ -4,7 +4,8 @@ reads them instead of running the model again.
 
 Layout of `<artifacts>/activations/<key>/`: `shard-NNNNN.safetensors` files, each holding
 `activations` `[rows, d_in]` and the `tokens` they came from `[rows]`; `eval_tokens.safetensors`,
-held-out contexts that come after the training tokens in the data (for evaluation and analysis);
+held-out contexts that come after the training tokens in the data, or the data's last ones when
+there are too few for both (for evaluation and analysis; never trained on);
 and `manifest.json` listing each shard's row range and checksum. Shards are written atomically and the manifest is
 updated after each one, so a killed fill continues at the first missing shard. The key depends
 only on what determines the activations, never on SAE or training settings.
@@ -298,7 +299,8 @@ def _held_out_from(n_contexts: int, n_tokens: int, n_eval: int, spec: dict[str, 
     and evaluation need (the dataset ran out): the last `n_eval` of them, never trained on, while
     training goes round the others. None when there are enough: they follow the training ones."""
     batch = spec["store_batch_size_prompts"]
-    if n_contexts >= -(-n_tokens // (batch * spec["context_size"])) * batch + n_eval:
+    # Enough when the whole batches the fill reads, for training and then for the held-out contexts, are there.
+    if n_contexts >= (-(-n_tokens // (batch * spec["context_size"])) + -(-n_eval // batch)) * batch:
         return None
     if n_contexts - n_eval < batch:
         raise ValueError(

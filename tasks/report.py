@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,11 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def metric_value(value: float | None) -> str:
+    """A metric as the report shows it; `n/a` for one that is not a number (null in summary.json)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.6g}"
+
+
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": label, "key": key, "value": metrics[key]} for key, label in METRIC_ROWS if key in metrics]
 
@@ -135,7 +141,7 @@ def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, An
     if metrics.get("eval_repeats_training"):
         lines += ["**Not held out:** the dataset ran out while the activations were made, so these tokens were trained on too; use more data.", ""]
     lines += ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {row['metric']} | {row['value']:.6g} |" for row in metrics_table(metrics)]
+    lines += [f"| {row['metric']} | {metric_value(row['value'])} |" for row in metrics_table(metrics)]
     if "synthetic_mcc" in metrics:
         lines += ["", f"Synthetic metrics: SAELens's `eval_sae_on_synthetic_data` on {metrics['synthetic_samples']} fresh samples of the ground-truth generator."]
     if "skipped" in analysis:

@@ -92,41 +92,54 @@ OUTSIDE_SAFE_POINTS = "outside the stages that stop at a safe point (filling, tr
 
 def _terminate(signum, frame) -> None:
     PREEMPTIONS.append(f"stopped by {signal.Signals(signum).name} {OUTSIDE_SAFE_POINTS}")
-    stop_retrying_once_the_temporary_server_ends()
     raise Terminated(PREEMPTIONS[-1])
 
 
+# SIGINTs that `sigterm_interrupts` turned into KeyboardInterrupt (a handler only appends here).
+INTERRUPTS: list[str] = []
+
+
 def _interrupt(signum, frame) -> None:
-    stop_retrying_once_the_temporary_server_ends()
+    INTERRUPTS.append("SIGINT")
     raise KeyboardInterrupt
 
 
-def stop_retrying_once_the_temporary_server_ends(within: float = 60.0) -> None:
+class _TemporaryServerWatch:
     """A signal sent to the whole process group (Ctrl-C in a terminal, a job-wide SIGTERM) also
     ends Prefect's temporary server, a child of this process. Prefect's client would then retry
-    each report of the run's states and logs with growing back-offs: the run took 220 s to exit
-    after Ctrl-C. A thread watches the server's process for `within` seconds and, once it has
-    ended, sets the client's retries to 0 (Prefect reads the setting at each try): the reports
-    fail at once and the run exits. With a server of its own (PREFECT_API_URL) nothing changes."""
-    server_module = sys.modules.get("prefect.server.api.server")
-    if server_module is None:  # no temporary server was started in this process
-        return
-    servers = [s for s in list(server_module.SubprocessASGIServer._instances.values()) if getattr(s, "server_process", None) is not None]
-    if not servers:
-        return
-    from prefect.settings import get_current_settings
+    each report of the run's states and logs with growing back-offs: a run stopped by Ctrl-C in
+    training took 220 s to exit. While the block of `sigterm_interrupts` runs, a thread looks
+    10 times a second: once this process was signalled and the temporary server's process has
+    ended, it sets the client's retries to 0 (Prefect reads the setting at each try), so the
+    reports fail at once (9.5 s to exit). It stays so for the rest of the command, whose last
+    log flush at exit would retry too; only the command line uses this (its process then ends).
+    The signal handlers only append to lists, which the thread reads. With a server of its own
+    (PREFECT_API_URL) nothing changes."""
 
-    settings = get_current_settings()
+    def __init__(self):
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="saeflow-temporary-server-watch", daemon=True)
+        self.thread.start()
 
-    def watch() -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if any(s.server_process is None or s.server_process.poll() is not None for s in servers):
-                settings.client.max_retries = 0
+    @staticmethod
+    def _server_ended() -> bool:
+        server_module = sys.modules.get("prefect.server.api.server")
+        if server_module is None:  # no temporary server in this process
+            return False
+        processes = [getattr(s, "server_process", None) for s in list(server_module.SubprocessASGIServer._instances.values())]
+        return any(p is not None and p.poll() is not None for p in processes)
+
+    def _watch(self) -> None:
+        from prefect.settings import get_current_settings
+
+        while not self.ended.wait(0.1):
+            if (STOP_REQUESTS or PREEMPTIONS or INTERRUPTS) and self._server_ended():
+                get_current_settings().client.max_retries = 0
                 return
-            time.sleep(0.05)
 
-    threading.Thread(target=watch, name="saeflow-temporary-server-watch", daemon=True).start()
+    def close(self) -> None:
+        self.ended.set()
+        self.thread.join()
 
 
 def raised_while(error: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -160,12 +173,15 @@ def sigterm_interrupts():
     as SIGINT raises) where `stop_signals` is not active, instead of ending the process on the
     spot: the run then ends as on Ctrl-C, and what it started (Prefect's temporary server, a
     child process) is stopped with it instead of being left running."""
+    INTERRUPTS.clear()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate), signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
+    watch = _TemporaryServerWatch()
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        watch.close()
 
 
 def _note_stop(signum, frame) -> None:
@@ -176,7 +192,6 @@ def _note_stop(signum, frame) -> None:
     # Only note it (and say so): logging here could re-enter a log handler the signal interrupted.
     if not STOP_REQUESTS:
         os.write(2, f"saeflow: {name} received: stopping at the next safe point (training writes a checkpoint first); a second Ctrl-C exits at once\n".encode())
-        stop_retrying_once_the_temporary_server_ends()
     STOP_REQUESTS.append(name)
 
 

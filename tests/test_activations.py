@@ -283,3 +283,20 @@ def test_token_ids_that_run_out_are_marked_as_not_held_out_in_the_metrics_and_th
     report = render_markdown("r", {}, {"l0": 1.0, "eval_repeats_training": True}, {"skipped": "-"}, {})
     assert "**Not held out:** the dataset ran out while the activations were made, so these tokens were trained on too" in report
     assert "Not held out" not in render_markdown("r", {}, {"l0": 1.0}, {"skipped": "-"}, {})
+
+
+def test_held_out_contexts_are_taken_from_the_end_unless_every_batch_the_fill_reads_is_there():
+    """The fill reads whole model batches, for the held-out contexts too: 2 training batches of 8
+    and 4 held-out contexts read as one more batch need 24 contexts. With 20, the held-out 4 are
+    the last ones (a batch read past the end would start the data again, at trained contexts)."""
+    import logging
+
+    from tasks.activations import _held_out_from
+
+    spec = {"store_batch_size_prompts": 8, "context_size": 32, "eval_tokens": 128, "dataset_path": "d"}
+    logger = logging.getLogger("test")
+    assert _held_out_from(24, 2 * 8 * 32, 4, spec, logger) is None
+    assert _held_out_from(20, 2 * 8 * 32, 4, spec, logger) == 16
+    assert _held_out_from(12, 2 * 8 * 32, 4, spec, logger) == 8
+    with pytest.raises(ValueError, match="holds 11 contexts of 32 tokens: fewer than the 4 held out for evaluation"):
+        _held_out_from(11, 2 * 8 * 32, 4, spec, logger)

@@ -11,7 +11,7 @@ from flows.pipeline import run_pipeline
 from tasks.data import generate_stories
 from tasks.preflight import claim_run, resolve
 
-FAST = {"training_tokens": 8192, "n_checkpoints": 1}
+FAST = {"training_tokens": 8192, "eval_tokens": 2048, "n_checkpoints": 1}
 
 
 @pytest.mark.parametrize(

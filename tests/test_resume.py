@@ -364,31 +364,40 @@ def test_a_stop_after_the_fill_stops_that_run_only(faults_cfg, faults_reference,
     assert_bitwise_equal(weights(start(cfg, tmp_path, "after-fill")), faults_reference)
 
 
-def test_once_the_temporary_server_has_ended_prefect_s_client_stops_retrying(monkeypatch):
+def test_once_a_signal_has_ended_the_temporary_server_prefect_s_client_stops_retrying(monkeypatch):
     """Ctrl-C in a terminal reaches the whole process group, Prefect's temporary server too: its
     client then retried every report with growing back-offs, and a run stopped in training took
     220 s to exit (9.5 s with this, measured by hand on the demo model). The client retries as
-    before while the server lives."""
+    before while the server lives, and when it ends without a signal to this process."""
     import types
 
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 
-    from tasks.stopping import stop_retrying_once_the_temporary_server_ends
+    from tasks.stopping import sigterm_interrupts
 
-    settings = get_current_settings()
-    monkeypatch.setattr(settings.client, "max_retries", 5)
+    monkeypatch.setattr(get_current_settings().client, "max_retries", 5)
     server = types.SimpleNamespace(server_process=subprocess.Popen(["sleep", "60"]))
-    monkeypatch.setitem(SubprocessASGIServer._instances, "test-server", server)
-    stop_retrying_once_the_temporary_server_ends(within=30)
-    time.sleep(0.5)
-    assert PREFECT_CLIENT_MAX_RETRIES.value() == 5  # the server lives: nothing changes
-    server.server_process.terminate()
-    server.server_process.wait()
-    deadline = time.monotonic() + 10
-    while PREFECT_CLIENT_MAX_RETRIES.value() != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {"test-server": server})
+    with sigterm_interrupts():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        time.sleep(0.5)
+        assert PREFECT_CLIENT_MAX_RETRIES.value() == 5  # the server lives
+        server.server_process.terminate()
+        server.server_process.wait()
+        deadline = time.monotonic() + 10
+        while PREFECT_CLIENT_MAX_RETRIES.value() != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    monkeypatch.setattr(get_current_settings().client, "max_retries", 5)
+    with sigterm_interrupts():  # not signalled: a server that ends is left to Prefect's retries
+        server.server_process = subprocess.Popen(["true"])
+        server.server_process.wait()
+        time.sleep(0.5)
+        assert PREFECT_CLIENT_MAX_RETRIES.value() == 5
 
 
 def test_second_sigint_exits_at_once():

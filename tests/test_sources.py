@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -461,7 +462,7 @@ def test_a_run_recorded_with_every_file_of_its_folder_continues(tmp_path):
         claim_run(resolve(source_config(folder)), tmp_path / "artifacts", "old", new=False)
 
 
-def test_metrics_that_are_not_numbers_are_written_as_null(prefect_server, tmp_path):
+def test_metrics_that_are_not_numbers_are_written_as_null(prefect_server, tmp_path, capsys):
     """All-zero activations: explained variance is 0/0 in training and in the evaluation, cosine
     similarity has no nonzero row. metrics.json, summary.json and train_log.jsonl stay standard
     JSON (JavaScript's JSON.parse refuses NaN and -Infinity)."""
@@ -478,6 +479,12 @@ def test_metrics_that_are_not_numbers_are_written_as_null(prefect_server, tmp_pa
     assert strict((run / "summary.json").read_text())["metrics"]["metrics"]["cossim"] is None
     rows = [strict(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert rows and all(row["explained_variance"] is None for row in rows)
+    # the report command reads summary.json's nulls
+    from flows.cli import main
+
+    assert main(["report", summary["run_name"], "--artifacts-dir", str(tmp_path / "artifacts")]) == 0
+    assert re.search(r"^  cosine similarity +n/a$", capsys.readouterr().out, re.M)
+    assert "| cosine similarity | n/a |" in (run / "report.md").read_text()
 
 
 @pytest.mark.parametrize("kind", ["npy float16", "safetensors with one tensor of another name"])
