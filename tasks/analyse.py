@@ -71,10 +71,13 @@ def top_features_for_prompt(model, sae, prompt: str, token_index: int, k: int, c
     is_bos = prepend_bos and token_index % tokens.shape[1] == 0
     if is_bos and logger:
         logger.warning(f"Token {token_index} of {prompt!r} is the BOS token that prepend_bos adds: its features say nothing about the prompt")
-    unknown = getattr(model.tokenizer, "unk_token_id", None)
-    if unknown is not None and int(tokens[0, token_index]) == unknown and logger:
+    tokenizer = model.tokenizer
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    # GPT-2-style tokenizers name one token unk, BOS and EOS, and never produce it for text.
+    special = {getattr(tokenizer, f"{kind}_token_id", None) for kind in ("bos", "eos", "pad")}
+    if unknown is not None and unknown not in special and int(tokens[0, token_index]) == unknown and logger:
         logger.warning(
-            f"Token {token_index} of {prompt!r} is the tokenizer's unknown token {model.tokenizer.unk_token!r}: the tokenizer "
+            f"Token {token_index} of {prompt!r} is the tokenizer's unknown token {tokenizer.unk_token!r}: the tokenizer "
             f"does not know that text (a word-level tokenizer trained on the dataset knows only the dataset's words), so its "
             f"features describe no word of the prompt; use words of the dataset"
         )

@@ -166,7 +166,7 @@ def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: s
     missing = [n for n in required if n not in model_cfg]
     if missing:
         raise ConfigError(f"model_cfg needs {', '.join(missing)} (HookedTransformerConfig has no default for {'it' if len(missing) == 1 else 'them'})")
-    if model_cfg.get("d_vocab", d_vocab) < d_vocab:
+    if 0 < model_cfg.get("d_vocab", d_vocab) < d_vocab:  # TransformerLens reads -1 as "from the tokenizer"
         raise ConfigError(
             f"model_cfg sets d_vocab {model_cfg['d_vocab']}, but the tokenizer has {d_vocab} tokens; leave d_vocab out "
             f"(it is the tokenizer's size) or set it to at least {d_vocab}"

@@ -531,5 +531,6 @@ def test_a_model_cfg_vocabulary_smaller_than_the_tokenizer_is_refused(prefect_se
     train_word_tokenizer(["Tom saw a cat near the big red house ."], tmp_path / "tokenizer")
     message = resolve_error(model_cfg={**TINY_MODEL, "d_vocab": 5}, tokenizer_path=str(tmp_path / "tokenizer"))
     assert "model_cfg sets d_vocab 5, but the tokenizer has 14 tokens; leave d_vocab out" in message
+    assert resolve(tiny_config(model_cfg={**TINY_MODEL, "d_vocab": -1}, tokenizer_path=str(tmp_path / "tokenizer"))).d_in == 32  # TransformerLens's "from the tokenizer"
     with pytest.raises(ConfigError, match=r"model_cfg sets d_vocab 20, but the tokenizer has \d+ tokens"):
         start(tiny_config(model_cfg={**TINY_MODEL, "d_vocab": 20}), tmp_path / "artifacts")
