@@ -62,6 +62,10 @@ def _flow_run_name() -> str:
     return effective_run_name(p["config"], p.get("run_name"), p.get("new_each_run", False))
 
 
+PREEMPTED = "Preempted"  # the name of a stopped flow run's final state (of type Cancelled)
+RUN_AGAIN = ". Run it again to continue"
+
+
 @flow(name=FLOW_NAME, flow_run_name=_flow_run_name, persist_result=True, result_serializer="json")
 def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, artifacts_dir: str = "artifacts", new_each_run: bool = False) -> dict[str, Any]:
     """Train, save, load, evaluate and analyse one SAE; returns the run's summary.
@@ -79,12 +83,14 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     try:
         return _run_stages(cfg, run_name, run, artifacts_dir)
     except Preempted as error:
-        if not cancelled_in_prefect():
-            raise
-        # Cancelled from the Prefect UI (or `prefect flow-run cancel`): its runner sent SIGTERM,
-        # which the fill or training took as a stop at a safe point. The runner marks the run
-        # Cancelled ("cancelled successfully"); this says what was kept and how to continue.
-        return Cancelled(message=f"Cancelled: {error}. Run it again to continue")
+        if cancelled_in_prefect():
+            # Cancelled from the Prefect UI (or `prefect flow-run cancel`): its runner sent SIGTERM,
+            # which the fill or training took as a stop at a safe point. The runner marks the run
+            # Cancelled ("cancelled successfully"); this says what was kept and how to continue.
+            return Cancelled(message=f"Cancelled: {error}{RUN_AGAIN}")
+        # A signal or `saeflow stop`, at a safe point: the UI shows the flow run "Preempted" (of
+        # type Cancelled), not Failed, with what was kept.
+        return Cancelled(name=PREEMPTED, message=f"{error}{RUN_AGAIN}")
 
 
 def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> dict[str, Any]:
@@ -184,7 +190,13 @@ def pipeline_for(artifacts_dir: str | Path):
 
 
 def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):
-    """Run the flow in this process. Returns the run's summary, or the flow run's final Prefect
-    state with `return_state`."""
+    """Run the flow in this process. Returns the run's summary (raising `Preempted` when a signal
+    or `saeflow stop` stopped it at a safe point), or the flow run's final Prefect state with
+    `return_state`."""
     artifacts_dir = str(Path(artifacts_dir).resolve())
-    return pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=return_state)
+    state = pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=True)
+    if return_state:
+        return state
+    if state.is_cancelled() and state.name == PREEMPTED:
+        raise Preempted(state.message.removesuffix(RUN_AGAIN))
+    return state.result()

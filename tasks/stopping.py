@@ -90,17 +90,23 @@ class Terminated(KeyboardInterrupt):
 OUTSIDE_SAFE_POINTS = "outside the stages that stop at a safe point (filling, training)"
 
 
+# SIGTERMs and SIGINTs this process's handlers received (they only count, for `_TemporaryServerWatch`).
+_signals_received = 0
+
+
+def _count_signal() -> None:
+    global _signals_received
+    _signals_received += 1
+
+
 def _terminate(signum, frame) -> None:
+    _count_signal()
     PREEMPTIONS.append(f"stopped by {signal.Signals(signum).name} {OUTSIDE_SAFE_POINTS}")
     raise Terminated(PREEMPTIONS[-1])
 
 
-# SIGINTs that `sigterm_interrupts` turned into KeyboardInterrupt (a handler only appends here).
-INTERRUPTS: list[str] = []
-
-
 def _interrupt(signum, frame) -> None:
-    INTERRUPTS.append("SIGINT")
+    _count_signal()
     raise KeyboardInterrupt
 
 
@@ -113,10 +119,11 @@ class _TemporaryServerWatch:
     ended, it sets the client's retries to 0 (Prefect reads the setting at each try), so the
     reports fail at once (9.5 s to exit). It stays so for the rest of the command, whose last
     log flush at exit would retry too; only the command line uses this (its process then ends).
-    The signal handlers only append to lists, which the thread reads. With a server of its own
+    The signal handlers only count, and the thread reads the count. With a server of its own
     (PREFECT_API_URL) nothing changes."""
 
     def __init__(self):
+        self.signals_before = _signals_received
         self.ended = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="saeflow-temporary-server-watch", daemon=True)
         self.thread.start()
@@ -133,7 +140,7 @@ class _TemporaryServerWatch:
         from prefect.settings import get_current_settings
 
         while not self.ended.wait(0.1):
-            if (STOP_REQUESTS or PREEMPTIONS or INTERRUPTS) and self._server_ended():
+            if _signals_received > self.signals_before and self._server_ended():
                 get_current_settings().client.max_retries = 0
                 return
 
@@ -173,7 +180,6 @@ def sigterm_interrupts():
     as SIGINT raises) where `stop_signals` is not active, instead of ending the process on the
     spot: the run then ends as on Ctrl-C, and what it started (Prefect's temporary server, a
     child process) is stopped with it instead of being left running."""
-    INTERRUPTS.clear()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate), signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
     watch = _TemporaryServerWatch()
     try:
@@ -185,6 +191,7 @@ def sigterm_interrupts():
 
 
 def _note_stop(signum, frame) -> None:
+    _count_signal()
     name = signal.Signals(signum).name
     if STOP_REQUESTS and signum == signal.SIGINT:
         sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")

@@ -185,6 +185,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(artifacts, slow_c
     summary = start(cfg, artifacts, "termed")  # in this process: a new process costs 10 s of imports
     assert summary["training"]["resumed_from_step"] == int(newest.name.removeprefix("step-"))
     assert_bitwise_equal(weights(summary), slow_reference)
+    assert flow_run_states("termed") == ["Preempted", "Completed"]  # as the Prefect UI shows them
 
 
 def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_continues(artifacts, slow_cfg, slow_reference, capsys):
@@ -194,8 +195,7 @@ def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_conti
     import threading
 
     from flows.cli import main
-    from tasks.stopping import STOP_REQUEST_FILE
-    from tasks.train import TrainingPreempted
+    from tasks.stopping import STOP_REQUEST_FILE, Preempted
 
     cfg, _ = slow_cfg
     run, ended = artifacts / "runs" / "stopped", []
@@ -217,11 +217,12 @@ def test_saeflow_stop_checkpoints_a_run_at_its_step_boundary_and_the_rerun_conti
     assert main(["stop", "--all", "--artifacts-dir", str(artifacts)]) == 0
     assert re.findall(r"asked run '([^']+)' \(process ", capsys.readouterr().out) == ["stopped"]
     first.join(300)
-    assert len(ended) == 1 and isinstance(ended[0], TrainingPreempted), ended
+    assert len(ended) == 1 and isinstance(ended[0], Preempted), ended
     newest = signal_checkpoint(str(ended[0]), run / "checkpoints", newest_before)
     assert not (run / STOP_REQUEST_FILE).exists() and not (run / "trained").exists()
 
     summary = start(cfg, artifacts, "stopped")
+    assert flow_run_states("stopped") == ["Preempted", "Completed"]
     assert summary["training"]["resumed_from_step"] == int(newest.name.removeprefix("step-"))
     assert_bitwise_equal(weights(summary), slow_reference)
     assert main(["stop", "stopped", "--artifacts-dir", str(artifacts)]) == 1
