@@ -179,7 +179,9 @@ def sigterm_interrupts():
     """Until the block ends, SIGTERM in the main thread raises `Terminated` (a KeyboardInterrupt,
     as SIGINT raises) where `stop_signals` is not active, instead of ending the process on the
     spot: the run then ends as on Ctrl-C, and what it started (Prefect's temporary server, a
-    child process) is stopped with it instead of being left running."""
+    child process) is stopped with it instead of being left running. SIGINT raises
+    KeyboardInterrupt as Python's own handler does; both are counted for `_TemporaryServerWatch`,
+    which runs meanwhile."""
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate), signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
     watch = _TemporaryServerWatch()
     try:
