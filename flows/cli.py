@@ -288,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import run_sweep
         from tasks.artifacts import Busy
-        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS
+        from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, STOP_REQUESTS, no_retries_once_the_temporary_server_ends
 
         STOP_REQUESTS.clear()
         PREEMPTIONS.clear()
         STOP_CHECKPOINTS.clear()
         try:
-            rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
+            with no_retries_once_the_temporary_server_ends():
+                rows = run_sweep(args.sweep_file, args.artifacts_dir, args.overrides, args.yes, args.dask_address, args.dask_workers)
         except ConfigError as error:
             print(f"saeflow: config error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -356,12 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import CancelledRun
 
     from flows import pipeline
-    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, raised_while, sigterm_interrupts, terminated_by
+    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, no_retries_once_the_temporary_server_ends, raised_while, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     PREEMPTIONS.clear()
     try:
-        with sigterm_interrupts():
+        with sigterm_interrupts(), no_retries_once_the_temporary_server_ends():
             summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
     except Preempted as error:
         print(f"saeflow: run '{run_name}' {error}. Run the same command again to continue it.", file=sys.stderr)

@@ -195,8 +195,12 @@ def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, retur
     `return_state`."""
     artifacts_dir = str(Path(artifacts_dir).resolve())
     state = pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=True)
-    if return_state:
-        return state
+    return state if return_state else summary_of(state)
+
+
+def summary_of(state) -> dict[str, Any]:
+    """The summary of a finished flow run of the pipeline, from its final state; `Preempted` for a
+    run a signal or `saeflow stop` stopped, the flow run's error for a failed one."""
     if state.is_cancelled() and state.name == PREEMPTED:
         raise Preempted(state.message.removesuffix(RUN_AGAIN))
-    return state.result()
+    return state.result(_sync=True)  # Prefect's `_sync`: a result, not a coroutine, also where an event loop runs (Jupyter)

@@ -123,12 +123,12 @@ STOPPED_MARKER = "stopped"  # in the sweep's folder, while a stopped sweep on Da
 def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: str | None = None) -> dict[str, Any]:
     """One member: the ordinary pipeline, as a subflow run; none once the sweep was asked to stop
     (a signal to this process, or, on Dask, `stopped_marker` written by the sweep's process)."""
-    from flows.pipeline import pipeline_for
+    from flows.pipeline import pipeline_for, summary_of
 
     if stop := stop_requested() or (stopped_marker and sweep_stopped_by(Path(stopped_marker))):
         raise Preempted(f"not started: {stop} was received before it started")
     with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
-        return pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir)
+        return summary_of(pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir, return_state=True))
 
 
 @contextlib.contextmanager
@@ -352,7 +352,7 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
         pass
     sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
     state = sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir, return_state=True)
-    rows = state.result(raise_on_failure=False)  # Failed with the rows when a member did not complete
+    rows = state.result(raise_on_failure=False, _sync=True)  # Failed with the rows when a member did not complete
     if isinstance(rows, BaseException):
         raise rows
     return rows

@@ -309,10 +309,10 @@ def _held_out_from(n_contexts: int, n_tokens: int, n_eval: int, spec: dict[str, 
             f"use more data, or lower eval_tokens or store_batch_size_prompts"
         )
     passes = n_tokens / ((n_contexts - n_eval) * spec["context_size"])
+    training = f"goes over the other {n_contexts - n_eval} about {passes:.1f} times (use more data for fewer repeats)" if passes > 1 else f"reads from the other {n_contexts - n_eval}"
     logger.warning(
         f"Dataset {spec['dataset_path']} holds {n_contexts} contexts, fewer than training and evaluation need: the last "
-        f"{n_eval} are held out for evaluation and never trained on, and training goes over the other {n_contexts - n_eval} "
-        f"about {passes:.1f} times (use more data for fewer repeats)"
+        f"{n_eval} are held out for evaluation and never trained on, and training {training}"
     )
     return n_contexts - n_eval
 

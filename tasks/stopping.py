@@ -90,63 +90,50 @@ class Terminated(KeyboardInterrupt):
 OUTSIDE_SAFE_POINTS = "outside the stages that stop at a safe point (filling, training)"
 
 
-# SIGTERMs and SIGINTs this process's handlers received (they only count, for `_TemporaryServerWatch`).
-_signals_received = 0
-
-
-def _count_signal() -> None:
-    global _signals_received
-    _signals_received += 1
-
-
 def _terminate(signum, frame) -> None:
-    _count_signal()
     PREEMPTIONS.append(f"stopped by {signal.Signals(signum).name} {OUTSIDE_SAFE_POINTS}")
     raise Terminated(PREEMPTIONS[-1])
 
 
-def _interrupt(signum, frame) -> None:
-    _count_signal()
-    raise KeyboardInterrupt
-
-
-class _TemporaryServerWatch:
+@contextlib.contextmanager
+def no_retries_once_the_temporary_server_ends():
     """A signal sent to the whole process group (Ctrl-C in a terminal, a job-wide SIGTERM) also
-    ends Prefect's temporary server, a child of this process. Prefect's client would then retry
-    each report of the run's states and logs with growing back-offs: a run stopped by Ctrl-C in
-    training took 220 s to exit. While the block of `sigterm_interrupts` runs, a thread looks
-    10 times a second: once this process was signalled and the temporary server's process has
-    ended, it sets the client's retries to 0 (Prefect reads the setting at each try), so the
-    reports fail at once (9.5 s to exit). It stays so for the rest of the command, whose last
-    log flush at exit would retry too; only the command line uses this (its process then ends).
-    The signal handlers only count, and the thread reads the count. With a server of its own
-    (PREFECT_API_URL) nothing changes."""
+    ends Prefect's temporary server, a child of this process that Prefect does not start again.
+    Its client would then retry each report of the run's states and logs with growing
+    back-offs: a run stopped by Ctrl-C in training took 220 s to exit. Until the block ends, a
+    thread looks 10 times a second: once the temporary server's process has ended, it sets the
+    client's retries to 0 (Prefect reads the setting at each try), so the reports fail at once
+    (9.5 s to exit). It stays so for the rest of the command, whose last log flush at exit
+    would retry too: for the command line only, whose process then ends. With a server of its
+    own (PREFECT_API_URL) nothing changes."""
+    from prefect.settings import get_current_settings
 
-    def __init__(self):
-        self.signals_before = _signals_received
-        self.ended = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name="saeflow-temporary-server-watch", daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _server_ended() -> bool:
-        server_module = sys.modules.get("prefect.server.api.server")
-        if server_module is None:  # no temporary server in this process
+    def server_ended() -> bool:
+        # None before Prefect imports its server module (or while it does): no temporary server yet
+        server_class = getattr(sys.modules.get("prefect.server.api.server"), "SubprocessASGIServer", None)
+        if server_class is None:
             return False
-        processes = [getattr(s, "server_process", None) for s in list(server_module.SubprocessASGIServer._instances.values())]
+        processes = [getattr(s, "server_process", None) for s in list(server_class._instances.values())]
         return any(p is not None and p.poll() is not None for p in processes)
 
-    def _watch(self) -> None:
-        from prefect.settings import get_current_settings
+    # The settings this thread sees, and those a thread without a Prefect context sees (Prefect's
+    # global ones, which its event-loop thread, where the sync client's requests run, reads).
+    this_thread, ended = get_current_settings(), threading.Event()
 
-        while not self.ended.wait(0.1):
-            if _signals_received > self.signals_before and self._server_ended():
-                get_current_settings().client.max_retries = 0
+    def watch() -> None:
+        while not ended.wait(0.1):
+            if server_ended():
+                for settings in (this_thread, get_current_settings()):
+                    settings.client.max_retries = 0
                 return
 
-    def close(self) -> None:
-        self.ended.set()
-        self.thread.join()
+    watcher = threading.Thread(target=watch, name="saeflow-temporary-server-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        watcher.join()
 
 
 def raised_while(error: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -179,21 +166,15 @@ def sigterm_interrupts():
     """Until the block ends, SIGTERM in the main thread raises `Terminated` (a KeyboardInterrupt,
     as SIGINT raises) where `stop_signals` is not active, instead of ending the process on the
     spot: the run then ends as on Ctrl-C, and what it started (Prefect's temporary server, a
-    child process) is stopped with it instead of being left running. SIGINT raises
-    KeyboardInterrupt as Python's own handler does; both are counted for `_TemporaryServerWatch`,
-    which runs meanwhile."""
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate), signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
-    watch = _TemporaryServerWatch()
+    child process) is stopped with it instead of being left running."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        watch.close()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _note_stop(signum, frame) -> None:
-    _count_signal()
     name = signal.Signals(signum).name
     if STOP_REQUESTS and signum == signal.SIGINT:
         sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")
