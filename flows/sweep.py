@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
-from tasks.stopping import Preempted, member_in_dask_worker, stop_requested, stop_signals, sweep_stopped_by
+from tasks.stopping import Preempted, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -137,22 +137,14 @@ def _marking_a_stop(marker: Path):
     not reach them (a signal sent to the whole job does: `member_in_dask_worker`), a thread
     writes `marker` within a second of this process being asked to stop: members not started yet
     then do not start, and running ones stop at their next safe point (`StopRequests`)."""
-    import threading
 
-    ended = threading.Event()
+    def mark_a_stop() -> bool:
+        if (stop := stop_requested()) and not marker.is_file():
+            marker.write_text(f"{stop} to the sweep")
+        return False  # looks until the sweep ends
 
-    def watch() -> None:
-        while not ended.wait(1.0):
-            if (stop := stop_requested()) and not marker.is_file():
-                marker.write_text(f"{stop} to the sweep")
-
-    watcher = threading.Thread(target=watch, name="sweep-stop-marker", daemon=True)
-    watcher.start()
-    try:
+    with polling(1.0, mark_a_stop, "sweep-stop-marker"):
         yield
-    finally:
-        ended.set()
-        watcher.join()
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:

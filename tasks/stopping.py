@@ -118,22 +118,37 @@ def no_retries_once_the_temporary_server_ends():
 
     # The settings this thread sees, and those a thread without a Prefect context sees (Prefect's
     # global ones, which its event-loop thread, where the sync client's requests run, reads).
-    this_thread, ended = get_current_settings(), threading.Event()
+    this_thread = get_current_settings()
 
-    def watch() -> None:
-        while not ended.wait(0.1):
-            if server_ended():
-                for settings in (this_thread, get_current_settings()):
-                    settings.client.max_retries = 0
+    def no_retries_if_ended() -> bool:
+        if server_ended():
+            for settings in (this_thread, get_current_settings()):
+                settings.client.max_retries = 0
+            return True
+        return False
+
+    with polling(0.1, no_retries_if_ended, "saeflow-temporary-server-watch"):
+        yield
+
+
+@contextlib.contextmanager
+def polling(every: float, check, name: str):
+    """Until the block ends, a daemon thread named `name` calls `check` every `every` seconds,
+    until it returns True."""
+    ended = threading.Event()
+
+    def loop() -> None:
+        while not ended.wait(every):
+            if check():
                 return
 
-    watcher = threading.Thread(target=watch, name="saeflow-temporary-server-watch", daemon=True)
-    watcher.start()
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
     try:
         yield
     finally:
         ended.set()
-        watcher.join()
+        thread.join()
 
 
 def raised_while(error: BaseException, kind: type[BaseException]) -> BaseException | None:
