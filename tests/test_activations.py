@@ -201,7 +201,8 @@ def test_a_dataset_that_runs_out_holds_out_its_last_contexts_and_one_too_small_i
     data.write_text("\n".join(f'{{"text": "{story}"}}' for story in generate_stories(60, seed=3)))
     cfg = resolve(tiny_config(dataset_path=str(data), training_tokens=8192, eval_tokens=512))  # 256 + 16 contexts of 32
     store = fill_store(cfg.model_dump(mode="json"), str(tmp_path / "a"))
-    contexts = torch.tensor(open_tokens({"path": next((tmp_path / "a" / "tokens").iterdir())})["tokens"])
+    token_folder, = [p for p in (tmp_path / "a" / "tokens").iterdir() if p.is_dir()]  # beside its .lock file
+    contexts = torch.tensor(open_tokens({"path": token_folder})["tokens"])
     n = len(contexts)
     assert 16 + cfg.store_batch_size_prompts <= n < 256 and len(contexts.unique(dim=0)) == n  # each context once
     assert f"holds {n} contexts, fewer than training and evaluation need: the last 16 are held out" in caplog.text
