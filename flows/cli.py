@@ -214,11 +214,11 @@ def _run_config(args):
 
 def _report(args) -> int:
     summary = finished_run(args.artifacts_dir, args.run)
-    from tasks.report import metric_value, metrics_table
+    from tasks.report import NOT_HELD_OUT, metric_value, metrics_table
 
     metrics = summary["metrics"]["metrics"]
     held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else f"{metrics['eval_contexts']} held-out contexts"
-    print(f"Run {args.run} — metrics on {held_out}" + (" (not held out: the dataset ran out and they were trained on too)" if metrics.get("eval_repeats_training") else "") + "\n")
+    print(f"Run {args.run} — metrics on {held_out}" + (f" (not held out: {NOT_HELD_OUT})" if metrics.get("eval_repeats_training") else "") + "\n")
     for row in metrics_table(metrics):
         print(f"  {row['metric']:<34} {metric_value(row['value'])}")
     print("\nFiles:")

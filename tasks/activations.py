@@ -276,7 +276,7 @@ class _StoreWriter:
     def finish(self, eval_tokens: torch.Tensor, repeats_training: bool = False) -> None:
         self.wait()
         sha = _save_shard(self.out / EVAL_TOKENS, None, eval_tokens)
-        entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha} | ({"repeats_training": True} if repeats_training else {})
+        entry = {"file": EVAL_TOKENS, "contexts": len(eval_tokens), "sha256": sha} | ({"eval_repeats_training": True} if repeats_training else {})
         self.manifest = {**self.manifest, "shards": self.shards, "eval": entry}
         write_json(self.manifest_path, {**self.manifest, "complete": True})
         self.eval_done = True
@@ -291,7 +291,7 @@ class _StoreWriter:
             "n_shards": len(self.shards),
             "eval_contexts": -(-self.spec["eval_tokens"] // self.spec["context_size"]),
             "outputs": [str(self.out / s["file"]) for s in self.shards] + [str(self.out / EVAL_TOKENS), str(self.manifest_path)],
-        } | ({"eval_repeats_training": True} if self.manifest.get("eval", {}).get("repeats_training") else {})
+        } | {k: v for k, v in self.manifest.get("eval", {}).items() if k == "eval_repeats_training"}
 
 
 def _held_out_from(n_contexts: int, n_tokens: int, n_eval: int, spec: dict[str, Any], logger) -> int | None:
@@ -368,7 +368,8 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         if tokens_ref is not None:
             contexts = _token_dataset(spec, tokens_ref)
             held_out_from = _held_out_from(len(contexts), n_tokens, n_eval, spec, logger)
-            batch_tokens = ContextBatches(contexts, spec["store_batch_size_prompts"], end=held_out_from).next_batch
+            batches = ContextBatches(contexts, spec["store_batch_size_prompts"], end=held_out_from)
+            batch_tokens = batches.next_batch
         model = load_model(model_ref, spec["device"], from_pretrained_kwargs=spec["from_pretrained_kwargs"])
         if tokens_ref is None:
             batch_tokens = _activations_store(model, _token_dataset(spec, None), spec).get_batch_tokens
@@ -438,7 +439,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         # Held-out contexts for evaluation and analysis: the ones after the training tokens, or
         # the last ones of pretokenised contexts that ran out (training went round the others).
         if held_out_from is not None:
-            eval_tokens = torch.from_numpy(contexts.with_format("numpy")[held_out_from : held_out_from + n_eval]["tokens"]).long()
+            eval_tokens = torch.from_numpy(batches.contexts[held_out_from : held_out_from + n_eval]["tokens"]).long()
         else:
             parts = []
             while sum(len(c) for c in parts) < n_eval:

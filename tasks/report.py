@@ -97,6 +97,9 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+NOT_HELD_OUT = "the dataset ran out while the activations were made, so these tokens were trained on too; use more data"
+
+
 def metric_value(value: float | None) -> str:
     """A metric as the report shows it; `n/a` for one that is not a number (null in summary.json)."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.6g}"
@@ -139,7 +142,7 @@ def render_markdown(run_name: str, config: dict[str, Any], metrics: dict[str, An
     held_out = f"{metrics['eval_rows']} held-out activation rows" if "eval_rows" in metrics else "held-out tokens"
     lines += ["", f"## Metrics ({held_out})", ""]
     if metrics.get("eval_repeats_training"):
-        lines += ["**Not held out:** the dataset ran out while the activations were made, so these tokens were trained on too; use more data.", ""]
+        lines += [f"**Not held out:** {NOT_HELD_OUT}.", ""]
     lines += ["| metric | value |", "| --- | --- |"]
     lines += [f"| {row['metric']} | {metric_value(row['value'])} |" for row in metrics_table(metrics)]
     if "synthetic_mcc" in metrics:
