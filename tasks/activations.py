@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import multiprocessing
 import os
 import time
 import warnings
@@ -772,6 +773,17 @@ def read_ahead(batches, device: str, workers: int | None = None, logger=None):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(READ_WORKERS, cpus) if reads_ahead(device) else 0
     if workers == 0:
+        return contextlib.nullcontext(batches)
+    if multiprocessing.current_process().daemon:
+        # A Dask worker (its nanny starts it as a daemon process) or a multiprocessing pool's:
+        # a daemon process may not start processes of its own.
+        if logger is not None:
+            logger.warning(
+                f"this process is a daemon process (a Dask worker's, or a multiprocessing pool's), which may not start "
+                f"the {workers} processes that read training batches ahead: reading them in the training loop instead. "
+                "Start Dask workers as plain processes (the Dask setting distributed.worker.daemon: false) to read ahead, "
+                "or set read_workers: 0 to silence this."
+            )
         return contextlib.nullcontext(batches)
     store = batches.activations
     held = WorkerReads.BATCHES_PER_WORKER * workers * batches.batch_size * store.width * store.parts[0].dtype.itemsize

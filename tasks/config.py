@@ -241,8 +241,9 @@ class RunConfig(BaseModel):
     hand them over through shared memory (/dev/shm). Default: 4 (at most the CPUs this process
     may use) on an accelerator, where reading a batch took longer than the SAE step (7.6 against
     3.1 ms on an H200's host); 0 on the CPU, where readers competed with the step for the cores.
-    0 reads each batch in the training loop. The batches, and so the trained SAE, are the same whatever
-    it is. Streaming stores ignore it: on an accelerator they are made one batch ahead on a thread."""
+    0 reads each batch in the training loop, as does a daemon process (a Dask worker started by
+    its nanny, unless `distributed.worker.daemon` is false), which may not start processes. The
+    batches, and so the trained SAE, are the same whatever it is. Streaming stores ignore it: on an accelerator they are made one batch ahead on a thread."""
 
     # --- checkpoints and logging --------------------------------------------------------------
     n_checkpoints: int = Field(10, ge=0)

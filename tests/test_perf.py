@@ -262,6 +262,29 @@ def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_t
             assert torch.equal(next(provider).cpu(), next(ShuffledBatches(acts, 384, seed=3)))
     assert len(warned) == 1 and "/dev/shm has 0 MiB free" in warned[0] and "--shm-size" in warned[0] and "read_workers" in warned[0]
 
+    # A daemon process (a Dask worker started by its nanny) may not start processes: it reads
+    # in its training loop, saying so, where starting the workers raised an AssertionError.
+    monkeypatch.undo()
+    answers = multiprocessing.get_context("fork").Queue()
+
+    def train_in_a_daemon():
+        torch.set_num_threads(1)  # OpenMP's threads do not survive a fork (as in DataLoader's workers)
+        said = []
+        logger = type("Logger", (), {"warning": lambda self, message: said.append(message), "info": lambda self, message: None})()
+        cached = ShuffledBatches(StoreRows(store), 384, seed=3)
+        try:
+            with read_ahead(cached, "cuda", 2, logger) as provider:
+                answers.put((provider is cached, torch.equal(next(provider), next(ShuffledBatches(acts, 384, seed=3))), said))
+        except BaseException as error:
+            answers.put((False, False, [repr(error)]))
+
+    daemon = multiprocessing.get_context("fork").Process(target=train_in_a_daemon, daemon=True)
+    daemon.start()
+    read_in_loop, same_batch, said = answers.get(timeout=60)
+    daemon.join(60)
+    assert read_in_loop and same_batch and daemon.exitcode == 0
+    assert len(said) == 1 and "daemon process" in said[0] and "distributed.worker.daemon: false" in said[0]
+
     opened_here = ShuffledBatches(StoreRows(store), 384, seed=3)
     (tmp_path / "s2.safetensors").unlink()  # the workers open the store when they first read
     with WorkerReads(opened_here, workers=2) as batches:
