@@ -100,7 +100,7 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
     projection's shape `(d_sae, d_vocab)`; empty when the hook has no direct path to the logits."""
     from tasks.model import residual_directions, unembed_directions
 
-    directions = residual_directions(model, sae.W_dec.to(model.W_U.dtype), sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
+    directions = residual_directions(model, sae.W_dec, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
     if directions is None:
         return [], None
     # Only the rows asked for: the whole [d_sae, d_vocab] projection of a large SAE takes tens of GB.

@@ -18,6 +18,7 @@ generator (its ground-truth feature activations are not stored).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: st
     from tasks.sources import eval_seed
 
     truth = SyntheticModel.load_from_disk(store_ref["ground_truth"], device=device)
+    if sae.W_dec.dtype != torch.float32:  # SAELens multiplies its weights with the float32 truth
+        sae = copy.deepcopy(sae).to(torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(eval_seed(store_ref))
         result = eval_sae_on_synthetic_data(sae, truth.feature_dict, truth.activation_generator, num_samples=n_samples, batch_size=ROWS_PER_BATCH)

@@ -596,14 +596,16 @@ def residual_directions(model, W_dec: torch.Tensor, hook_name: str, hook_head_in
     from tasks.config import hook_layer_of
 
     layer = hook_layer_of(hook_name)
+    W_dec = W_dec.float()
     if hook_name.endswith(RESIDUAL_HOOKS):
         return W_dec
     if model.cfg.use_normalization_before_and_after or model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
         return None
+    # In float32: in a bf16 model's, the top tokens of about a fifth of an mlp.hook_post SAE's features came in another order.
     if hook_name.endswith("mlp.hook_post"):
-        return W_dec @ model.blocks[layer].mlp.W_out
+        return W_dec @ model.blocks[layer].mlp.W_out.float()
     if hook_name.endswith("attn.hook_z"):
-        W_O = model.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
+        W_O = model.blocks[layer].attn.W_O.float()  # [n_heads, d_head, d_model]
         if hook_head_index is not None:
             return W_dec @ W_O[hook_head_index]
         return W_dec @ W_O.reshape(-1, W_O.shape[-1])

@@ -160,6 +160,13 @@ def test_residual_directions_are_what_a_decoder_row_adds_to_the_residual_stream(
             model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(hook, add), (out, lambda value, hook: captured.setdefault("out", value))])
         torch.testing.assert_close(captured["out"] - cache[out], directions[feature].expand_as(cache[out]), atol=1e-4, rtol=1e-4)
 
+    # A bf16 model's directions are computed in float32: those of its weights taken to float32.
+    import copy
+
+    in_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    in_float32 = copy.deepcopy(in_bf16).to(torch.float32)
+    assert torch.equal(residual_directions(in_bf16, W_dec, hook, head), residual_directions(in_float32, W_dec, hook, head))
+
 
 def test_no_direct_path_is_claimed_through_a_norm_that_follows_a_sublayer():
     """Gemma 2/3 normalise each sublayer's output before adding it to the residual stream: hook_z
