@@ -409,11 +409,17 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
-    with _wandb_run(cfg, runner_cfg, Path(run_dir).name), stop_signals(), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
-        trainer.data_provider = provider
-        sae = trainer.fit()
-        if guard is not None:
-            guard.check(trainer.n_training_steps)
+    try:
+        with _wandb_run(cfg, runner_cfg, Path(run_dir).name), stop_signals(), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
+            trainer.data_provider = provider
+            sae = trainer.fit()
+            if guard is not None:
+                guard.check(trainer.n_training_steps)
+    finally:
+        # The forward pass patched onto the SAE (the loss check, torch.compile's) refers to the
+        # SAE: a cycle that kept it, on a GPU its weights, after the stage (also a failed
+        # attempt's while its retry ran) until Python's cycle collector ran.
+        vars(sae).pop("training_forward_pass", None)
     elapsed = time.monotonic() - started
     trained_tokens = trainer.n_training_samples - start_tokens
     logger.info(f"Trained {trained_tokens} tokens in {elapsed:.1f}s ({trained_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")

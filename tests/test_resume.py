@@ -521,8 +521,29 @@ def test_a_retry_resumes_from_the_checkpoint_and_other_activations_than_the_chec
 def test_a_compiled_training_resumes_exactly(artifacts, faults_cfg, faults_reference, monkeypatch):
     """compile_sae: a run retried from its checkpoint ends bitwise equal to an uninterrupted
     compiled run (the compiled step is deterministic), though not to an eager one."""
+    import gc
+    import weakref
+
+    import tasks.train
+
     cfg = faults_cfg[0].model_copy(update={"compile_sae": True})
-    reference = weights(start(cfg, artifacts, "compiled-straight"))
+    made, new_training_sae = [], tasks.train.new_training_sae
+
+    def recorded(*args, **kwargs):
+        sae, runner_cfg = new_training_sae(*args, **kwargs)
+        made.append(weakref.ref(sae))
+        return sae, runner_cfg
+
+    monkeypatch.setattr(tasks.train, "new_training_sae", recorded)
+    gc.disable()
+    try:
+        reference = weights(start(cfg, artifacts, "compiled-straight"))
+        # The forward pass patched onto the SAE (the loss check, torch.compile's) referred to the
+        # SAE: a cycle that kept it (on a GPU, its weights) after its stage, until Python's
+        # cycle collector ran.
+        assert made and all(sae() is None for sae in made)
+    finally:
+        gc.enable()
     assert any(not torch.equal(reference[key], faults_reference[key]) for key in reference)
 
     summary = start_failing_once(cfg, artifacts, "compiled-retried", monkeypatch)
