@@ -20,9 +20,12 @@ shard not in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -390,12 +393,15 @@ def write_activations(batches: Iterable, folder: str | Path) -> dict[str, Any]:
     beside it and `folder` appears only once the iterable is exhausted, so one that fails part-way
     leaves no folder that a run could take for all of the activations. Returns the folder, the
     row count, the width and the files."""
-    folder = Path(folder).expanduser()
+    # A symbolic link (acts -> /scratch/acts, made before its target) is written through: the
+    # shards go beside its target, whose name the finished folder takes (renaming them onto the
+    # link failed once every batch had been written, and lost them).
+    folder = Path(folder).expanduser().resolve()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"{folder} exists{'' if folder.is_dir() else ' and is not a folder'}; write the activations to a new folder")
-    was_empty = folder.exists()
-    if was_empty:
-        folder.rmdir()  # made again when the shards are complete
+    given = folder.stat() if folder.exists() else None
+    if given is not None:
+        folder.rmdir()  # made again when the shards are complete, with its permissions and group
     names, rows, width = [], 0, None
     try:
         with atomic_dir(folder) as tmp:
@@ -427,7 +433,17 @@ def write_activations(batches: Iterable, folder: str | Path) -> dict[str, Any]:
             if not rows:
                 raise ValueError("no activations were given: the iterable was empty")
     except BaseException:
-        if was_empty:
+        if given is not None:
             folder.mkdir(exist_ok=True)  # the user's empty folder is put back
+            _take_permissions(folder, given)
         raise
+    if given is not None:
+        _take_permissions(folder, given)
     return {"path": str(folder), "rows": rows, "d_in": width, "files": [str(folder / name) for name in names]}
+
+
+def _take_permissions(folder: Path, given: os.stat_result) -> None:
+    """Give `folder` the mode (setgid included) and group of the folder it replaces."""
+    os.chmod(folder, stat.S_IMODE(given.st_mode))
+    with contextlib.suppress(PermissionError):  # a group this user is not in
+        os.chown(folder, -1, given.st_gid)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -199,8 +200,19 @@ def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(FileExistsError, match="a-file exists and is not a folder"):
         write_activations(batches, tmp_path / "a-file")
-    (tmp_path / "was-empty").mkdir()
+    (tmp_path / "was-empty").mkdir(mode=0o2770)  # a lab's shared folder: group-writable, setgid
+    os.chmod(tmp_path / "was-empty", 0o2770)  # past the umask
     assert write_activations(batches[:1], tmp_path / "was-empty")["rows"] == 300
+    assert stat.S_IMODE((tmp_path / "was-empty").stat().st_mode) == 0o2770
+
+    # Links are written through: one made before its target (acts -> /scratch/acts), one to an empty folder.
+    (tmp_path / "linked").symlink_to(tmp_path / "scratch" / "acts")
+    (tmp_path / "linked-empty").symlink_to(tmp_path / "was-empty-too")
+    (tmp_path / "was-empty-too").mkdir()
+    for link, target in (("linked", "scratch/acts"), ("linked-empty", "was-empty-too")):
+        written = write_activations(batches[:2], tmp_path / link)
+        assert written["path"] == str(tmp_path / target) and (tmp_path / link).is_symlink()
+        assert torch.equal(torch.cat([load_file(f)["activations"] for f in (tmp_path / link).glob("*.safetensors")]), torch.cat(batches[:2]))
 
     def failing_after_five():
         yield from batches[:5]
