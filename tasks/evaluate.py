@@ -64,6 +64,8 @@ def evaluate_rows(sae, activations: torch.Tensor, device: str) -> tuple[dict, di
     config.compute_kl = config.compute_ce_loss = False
     groups, features = run_evals(sae, rows, rows, ActivationScaler(), eval_config=config, exclude_special_tokens=False)
     groups["reconstruction_quality"]["cossim"] = mean_cosine_similarity(sae, activations.to(device))
+    # SAELens counts whole batches of ROWS_PER_BATCH; the last one holds only the rows left.
+    groups["token_stats"] = {"total_tokens_eval_reconstruction": len(activations), "total_tokens_eval_sparsity_variance": len(activations)}
     return groups, features, len(activations)
 
 

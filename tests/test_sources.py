@@ -103,7 +103,7 @@ def test_a_folder_of_safetensors_shards_trains_and_evaluates_without_a_model(sha
     with torch.no_grad():
         features = sae.encode(held_out)
         reconstruction = sae.decode(features)
-    assert metrics["eval_rows"] == 1024
+    assert metrics["eval_rows"] == metrics["total_tokens_eval_reconstruction"] == metrics["total_tokens_eval_sparsity_variance"] == 1024
     assert metrics["l0"] == pytest.approx((features != 0).sum(-1).float().mean().item(), rel=1e-5)
     assert metrics["mse"] == pytest.approx((held_out - reconstruction).pow(2).sum(-1).mean().item(), rel=1e-4)
     assert metrics["dead_features"] == int(((features != 0).sum(0) == 0).sum())
