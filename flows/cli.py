@@ -360,16 +360,21 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, no_retries_once_the_temporary_server_ends, raised_while, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
+    if args.new:  # the same command would start yet another run
+        again = f"run `saeflow run --run-name {run_name} --artifacts-dir {args.artifacts_dir}` to continue it"
+    else:
+        again = "run the same command again to continue it"
+    again_capitalised = again[0].upper() + again[1:]
     PREEMPTIONS.clear()
     try:
         with sigterm_interrupts(), no_retries_once_the_temporary_server_ends():
             summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
     except Preempted as error:
-        print(f"saeflow: run '{run_name}' {error}. Run the same command again to continue it.", file=sys.stderr)
+        print(f"saeflow: run '{run_name}' {error}. {again_capitalised}.", file=sys.stderr)
         return EXIT_PREEMPTED
     except CancelledRun:  # cancelled in the Prefect UI, then stopped by a signal at a safe point
         stop = PREEMPTIONS[-1] if PREEMPTIONS else "stopped"
-        print(f"saeflow: run '{run_name}' was cancelled in Prefect and {stop}. Run the same command again to continue it.", file=sys.stderr)
+        print(f"saeflow: run '{run_name}' was cancelled in Prefect and {stop}. {again_capitalised}.", file=sys.stderr)
         return EXIT_PREEMPTED
     except ConfigError as error:  # found once the model is built (the prompts' tokens need its tokenizer)
         print(f"saeflow: config error: {error}", file=sys.stderr)
@@ -379,26 +384,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if PREEMPTIONS:  # SIGTERM outside filling and training (`Terminated`)
-            print(f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. Run the same command again to continue it.", file=sys.stderr)
+            print(f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. {again_capitalised}.", file=sys.stderr)
             return EXIT_PREEMPTED
-        print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
+        print(f"saeflow: run '{run_name}' interrupted; {again}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - one short message instead of a traceback
         # Stopped as asked, but the signal also stopped the temporary Prefect server.
         stop = PREEMPTIONS[-1] if PREEMPTIONS else (name := terminated_by(error)) and f"stopped by {name} {OUTSIDE_SAFE_POINTS}"
         if stop:
             print(
-                f"saeflow: run '{run_name}' {stop}. Run the same command again to continue it. "
+                f"saeflow: run '{run_name}' {stop}. {again_capitalised}. "
                 f"(Prefect could not be told: {type(error).__name__}: {error}; the signal stopped its temporary server too.)",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED
         if raised_while(error, KeyboardInterrupt):  # Ctrl-C in a terminal also ends the temporary server
-            print(f"saeflow: run '{run_name}' interrupted; run the same command again to continue it", file=sys.stderr)
+            print(f"saeflow: run '{run_name}' interrupted; {again}", file=sys.stderr)
             return EXIT_FAILED
         print(
             f"saeflow: run '{run_name}' failed: {type(error).__name__}: {error}\n"
-            f"Fix the cause and run the same command again: finished stages and checkpoints are kept. "
+            f"Fix the cause and {again}: finished stages and checkpoints are kept. "
             f"The Prefect logs above have the details.",
             file=sys.stderr,
         )

@@ -383,6 +383,17 @@ def test_cli_turns_a_failed_run_into_a_short_message_and_exit_1(tmp_path: Path, 
     assert "saeflow: run 'x' failed: RuntimeError: disk full" in err and "run the same command again" in err
     assert "Traceback" not in err
 
+    # A run started with --new continues by its name: the same command would start another.
+    from tasks.stopping import Preempted
+
+    def stop(*args, **kwargs):
+        raise Preempted("stopped by SIGTERM after step 3; checkpoint c written")
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", stop)
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "x", "--new"]) == 75
+    err = capsys.readouterr().err
+    assert f"saeflow: run 'x-2' stopped by SIGTERM after step 3; checkpoint c written. Run `saeflow run --run-name x-2 --artifacts-dir {tmp_path / 'a'}` to continue it." in err
+
 
 def test_serve_refuses_a_bad_schedule_before_anything_starts(capsys):
     assert main(["serve", "--cron", "0 2 * *"]) == EXIT_BAD_INPUT
