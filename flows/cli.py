@@ -229,19 +229,22 @@ def _report(args) -> int:
 
 
 def _analyze(args) -> int:
+    from tasks.artifacts import read_json, run_dir
+
+    stored = run_dir(args.artifacts_dir, args.run) / "config.json"
+    cfg = read_json(stored)["config"] if stored.exists() else None
+    if cfg is not None and (cfg.get("activations_path") or cfg.get("synthetic") is not None):  # finished or not
+        source = cfg.get("activations_path") or "sae_lens.synthetic"
+        raise RunNotReady(f"run '{args.run}' has no model to run prompts through (no model: the activations come from {source})")
     summary = finished_run(args.artifacts_dir, args.run)
     import logging
 
     from tasks.analyse import check_token_index, logit_effects, top_features_for_prompt
-    from tasks.artifacts import read_json, run_dir
     from tasks.config import ConfigError
     from tasks.load import open_sae
     from tasks.preflight import missing_device
     from tasks.model import load_model
 
-    cfg = read_json(run_dir(args.artifacts_dir, args.run) / "config.json")["config"]
-    if "skipped" in summary["model"]:
-        raise RunNotReady(f"run '{args.run}' has no model to run prompts through ({summary['model']['skipped']})")
     logger = logging.getLogger("saeflow.analyze")
     logger.propagate = False
     logger.handlers = [logging.StreamHandler(sys.stderr)]

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -121,6 +122,12 @@ def test_analyze_refuses_a_run_without_a_model(shard_run, capsys):
     artifacts, _, summary = shard_run
     assert main(["analyze", summary["run_name"], "--prompt", "hello", "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
     assert f"run '{summary['run_name']}' has no model to run prompts through (no model: the activations come from" in capsys.readouterr().err
+    # Nor, unfinished, is it told to finish first.
+    unfinished = artifacts / "runs" / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(Path(summary["run_dir"]) / "config.json", unfinished / "config.json")
+    assert main(["analyze", "unfinished", "--prompt", "hello", "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
+    assert "run 'unfinished' has no model to run prompts through (no model: the activations come from" in capsys.readouterr().err
 
 
 def test_a_sweep_over_imported_activations_shares_one_store(shard_folder, shard_run):
