@@ -426,6 +426,8 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
                     batch = hooks_activations(model, tokens, [(w.spec["hook_name"], w.spec["hook_head_index"]) for w in hooked])
             acts_of = {id(w): acts.reshape(-1, w.spec["d_in"])[:take].to("cpu", dtype) for w, acts in zip(hooked, batch)}
+            for writer in hooked:
+                _check_finite(acts_of[id(writer)], row - take, writer.spec)
             wrote = False
             for writer in need:
                 wrote |= writer.add(acts_of.get(id(writer)), flat_tokens, row)
@@ -452,6 +454,23 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             writer.finish(eval_tokens, repeats_training=wrapped and held_out_from is None)
     # A streaming store's training makes activations with the model: its result says which.
     return [writers[out].result() | ({"model": model_ref} if writers[out].spec.get("tokens_only") else {}) for out in outs]
+
+
+def _check_finite(acts: torch.Tensor, first_row: int, spec: dict[str, Any]) -> None:
+    """Refuse activations the model made NaN or infinite (a float16 model's residual stream can
+    overflow): stored, they would stop training with a non-finite loss whenever their row is
+    drawn, perhaps days in."""
+    finite = torch.isfinite(acts).all(-1)
+    if bool(finite.all()):
+        return
+    row = first_row + int((~finite).nonzero()[0])
+    ctx = spec["context_size"]
+    raise ValueError(
+        f"the model made a NaN or infinite activation at {spec['hook_name']} for store row {row} (context {row // ctx}, "
+        f"position {row % ctx} of the pretokenised data); the store would stop training whenever that row is drawn. "
+        f"A float16 model can overflow: load it in float32 or bfloat16 (model_from_pretrained_kwargs, now "
+        f"{spec['from_pretrained_kwargs'] or {}}), or check the model's weights. The shards written before it are kept"
+    )
 
 
 def _check_row_lengths(spec: dict[str, Any]) -> None:

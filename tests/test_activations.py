@@ -69,6 +69,34 @@ def test_interrupted_fill_resumes_at_the_first_missing_shard(prefect_server, tmp
     assert len(acts) == 8192
 
 
+def test_non_finite_activations_from_the_model_are_refused_naming_the_row(prefect_server, tmp_path: Path, monkeypatch):
+    """A float16 model's overflow, stored, would stop training whenever its row is drawn."""
+    cfg = resolve(tiny_config(training_tokens=8192))
+    monkeypatch.setattr(activations, "SHARD_BYTES", 1)  # one model batch per shard
+    import tasks.model
+
+    calls, real_hooks_activations = [], tasks.model.hooks_activations
+
+    def overflowing_in_the_third_batch(model, tokens, hooks):
+        batch = real_hooks_activations(model, tokens, hooks)
+        calls.append(1)
+        if len(calls) == 3:
+            batch[0][1, 5, 7] = float("inf")
+        return batch
+
+    monkeypatch.setattr(tasks.model, "hooks_activations", overflowing_in_the_third_batch)
+    with pytest.raises(ValueError) as refused:
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path))
+    row = 2 * cfg.store_batch_size_prompts * cfg.context_size + cfg.context_size + 5
+    assert (
+        f"the model made a NaN or infinite activation at {cfg.hook_name} for store row {row} (context "
+        f"{2 * cfg.store_batch_size_prompts + 1}, position 5 of the pretokenised data)" in str(refused.value)
+    )
+    assert "load it in float32 or bfloat16 (model_from_pretrained_kwargs, now {})" in str(refused.value)
+    (store,) = [p for p in (tmp_path / "activations").iterdir() if p.is_dir()]  # not its .lock
+    assert sorted(p.name for p in store.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+
+
 @pytest.mark.parametrize(
     ("d_in", "dtype", "n_tokens", "shards", "shard_mib"),
     [
