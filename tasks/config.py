@@ -213,9 +213,11 @@ class RunConfig(BaseModel):
     device: str = "cpu"
     """Device for the model and the SAE (`cpu`, `cuda`, `cuda:1`, `mps`)."""
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
-    """Data type of the SAE and of the stored activations. float16 is refused: Adam's epsilon (1e-8)
-    is 0 in float16, so a feature that does not fire gets NaN weights at its first step; use
-    bfloat16 (as small, with float32's range) or float32 with `autocast`."""
+    """Data type of the SAE (its weights and Adam's state) and of the stored activations, as in
+    SAELens. For bf16 speed on a GPU use float32 with `autocast`: with bfloat16 the weights keep 8
+    significant bits, which round away Adam steps below about 1/256 of a weight (at lr 3e-4, most
+    of them; training warns). float16 is refused: Adam's epsilon (1e-8) is 0 in float16, so a
+    feature that does not fire gets NaN weights at its first step."""
     autocast: bool = False
     """bf16 autocast for the SAE training step (GPU)."""
     autocast_lm: bool = False
@@ -342,8 +344,7 @@ class RunConfig(BaseModel):
         if self.dtype == "float16":
             raise ValueError(
                 "dtype float16 cannot train an SAE: Adam's epsilon (1e-8) is 0 in float16, so a feature that does not "
-                "fire gets NaN weights at its first step; use bfloat16 (as small, with float32's range) or float32 "
-                "with autocast: true"
+                "fire gets NaN weights at its first step; use float32 with autocast: true (bf16 compute, float32 weights)"
             )
         if self.d_in is not None and self.d_in <= 0:
             raise ValueError(f"d_in must be positive, got {self.d_in}")

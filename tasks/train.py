@@ -336,6 +336,12 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         PREEMPTIONS.append(message)
         raise TrainingPreempted(message)
 
+    if cfg.dtype == "bfloat16":
+        logger.warning(
+            "dtype bfloat16: the SAE's weights and Adam's state are bfloat16, whose 8 significant bits round away "
+            "updates below about 1/256 of a weight (most Adam steps at lr 3e-4), so it learns less than in float32. "
+            "For bf16 speed with float32 weights, use dtype: float32 with autocast: true"
+        )
     sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
     batch = cfg.train_batch_size_tokens
     root = checkpoint_root(cfg.checkpoint_path, Path(run_dir))

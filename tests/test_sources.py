@@ -408,26 +408,25 @@ def test_cosine_similarity_leaves_out_all_zero_rows():
     assert math.isnan(mean_cosine_similarity(lambda x: x, torch.zeros(3, 2)))
 
 
-def test_a_bf16_sae_is_measured_against_the_synthetic_truth_in_float32(tmp_path):
-    """SAELens multiplies the SAE's decoder with the float32 true features: a bf16 SAE's
-    evaluation failed there, after training. Its float32 copy (the same weights) is measured."""
+def test_a_bf16_sae_trains_with_a_warning_and_is_measured_against_the_synthetic_truth_in_float32(prefect_server, tmp_path, caplog):
+    """dtype bfloat16 trains (warning that bf16 weights lose small Adam steps); SAELens multiplies
+    the SAE's decoder with the float32 true features, where the bf16 SAE's evaluation failed
+    after training. Its float32 copy (the same weights) is measured."""
     import copy
 
-    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens import SAE
 
     from tasks.evaluate import synthetic_metrics
 
-    cfg = make_config({"synthetic": {"num_features": 32, "hidden_dim": D_IN}, "training_tokens": 8192, "eval_tokens": 1024, "dtype": "bfloat16"})
-    store = import_store(cfg, tmp_path)
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=64, dtype="bfloat16"))
-    with torch.no_grad():
-        sae.W_dec.normal_()
-    in_float32 = copy.deepcopy(sae).to(torch.float32)
-    measured = synthetic_metrics(sae, store, 512, "cpu")
-    assert measured == synthetic_metrics(in_float32, store, 512, "cpu")
-    assert measured["synthetic_samples"] == 512 and 0 < measured["synthetic_mcc"] <= 1
-    assert sae.W_dec.dtype == torch.bfloat16  # the SAE itself is left as it was
+    cfg = make_config({"synthetic": {"num_features": 32, "hidden_dim": D_IN}, "training_tokens": 8192, "eval_tokens": 1024,
+                       "train_batch_size_tokens": 512, "dtype": "bfloat16"})
+    summary = start(resolve(cfg), tmp_path)
+    assert "dtype bfloat16: the SAE's weights and Adam's state are bfloat16" in caplog.text and "dtype: float32 with autocast: true" in caplog.text
+    metrics = json.loads(Path(summary["metrics"]["path"]).read_text())["metrics"]
+    sae = SAE.load_from_disk(summary["sae"]["path"])
+    assert sae.W_dec.dtype == torch.bfloat16 and load_store(summary["activations"])[0].dtype == torch.bfloat16
+    measured = synthetic_metrics(copy.deepcopy(sae).to(torch.float32), summary["activations"], cfg.eval_tokens, "cpu")
+    assert {k: metrics[k] for k in measured} == measured and 0 < metrics["synthetic_mcc"] <= 1
 
 
 def test_synthetic_features_are_recovered_with_the_default_training_settings(prefect_server, tmp_path):
