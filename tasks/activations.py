@@ -70,7 +70,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") 
         "n_tokens": n_contexts * cfg.context_size,
         "eval_tokens": cfg.eval_tokens,
         "store_batch_size_prompts": cfg.store_batch_size_prompts,
-        "dtype": cfg.dtype,
+        "dtype": cfg.activation_dtype,
         "device": cfg.device,
         "autocast_lm": cfg.autocast_lm,
         **dataset_seed(cfg.dataset_path, cfg.seed),
@@ -654,16 +654,17 @@ def _streaming_source(store_ref: dict[str, Any], device: str):
     return model, tokens.reshape(-1, spec["context_size"]), spec
 
 
-def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chunk_contexts: int, device: str = "cpu"):
-    """The seeded training batches of a store on `device`: `ShuffledBatches` over cached
-    activations, or `StreamedBatches` made by the model from a streaming store's tokens
-    (`chunk_contexts` per chunk). Set `.next_batch` to start elsewhere than at batch 0."""
+def training_batches(store_ref: dict[str, Any], batch_size: int, seed: int, chunk_contexts: int, device: str = "cpu", dtype: torch.dtype | None = None):
+    """The seeded training batches of a store on `device`, in `dtype` (default: the store's):
+    `ShuffledBatches` over cached activations, or `StreamedBatches` made by the model from a
+    streaming store's tokens (`chunk_contexts` per chunk). Set `.next_batch` to start elsewhere
+    than at batch 0."""
     if store_ref.get("mode") == "streaming":
         from tasks.streaming import StreamedBatches
 
         model, contexts, spec = _streaming_source(store_ref, device)
-        return StreamedBatches(model, contexts, spec, batch_size, seed, chunk_contexts)
-    return ShuffledBatches(StoreRows(store_ref), batch_size, seed, device=device)
+        return StreamedBatches(model, contexts, spec, batch_size, seed, chunk_contexts, dtype=dtype)
+    return ShuffledBatches(StoreRows(store_ref), batch_size, seed, device=device, dtype=dtype)
 
 
 def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batch_rows: int, device: str = "cpu", skip_tokens: list[int] = ()) -> Iterator[torch.Tensor]:
@@ -729,12 +730,13 @@ class ShuffledBatches:
     while the step runs.
     """
 
-    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0, device: str = "cpu"):
+    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0, device: str = "cpu", dtype: torch.dtype | None = None):
         self.activations = activations
         self.batch_size = batch_size
         self.seed = seed
         self.next_batch = start_batch
         self.device = torch.device(device)
+        self.dtype = dtype  # the SAE's, where the store's differs (store_dtype); None keeps the store's
         self._epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -760,9 +762,9 @@ class ShuffledBatches:
     def __next__(self) -> torch.Tensor:
         rows = self.activations[self.rows_of(self.next_batch)]
         self.next_batch += 1
-        if self.device.type == "cuda":
-            return rows.pin_memory().to(self.device, non_blocking=True)
-        return rows.to(self.device)
+        if self.device.type == "cuda":  # the store's bytes cross over, then take the SAE's dtype there
+            return rows.pin_memory().to(self.device, non_blocking=True).to(self.dtype or rows.dtype)
+        return rows.to(self.device, self.dtype or rows.dtype)
 
 
 def reads_ahead(device: str) -> bool:
@@ -888,7 +890,7 @@ class WorkerReads:
 
         from torch.utils.data import DataLoader
 
-        self._device = batches.device
+        self._device, self._dtype = batches.device, batches.dtype
         # A clone: a slice of the permutation would share its whole storage with the worker.
         rows = (batches.rows_of(batch).clone() for batch in itertools.count(batches.next_batch))
         loader = DataLoader(
@@ -907,7 +909,8 @@ class WorkerReads:
         return self
 
     def __next__(self) -> torch.Tensor:
-        return next(self._batches).to(self._device, non_blocking=True)
+        batch = next(self._batches).to(self._device, non_blocking=True)
+        return batch.to(self._dtype or batch.dtype)
 
     def __enter__(self):
         return self

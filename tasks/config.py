@@ -214,10 +214,16 @@ class RunConfig(BaseModel):
     """Device for the model and the SAE (`cpu`, `cuda`, `cuda:1`, `mps`)."""
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     """Data type of the SAE (its weights and Adam's state) and of the stored activations, as in
-    SAELens. For bf16 speed on a GPU use float32 with `autocast`: with bfloat16 the weights keep 8
+    SAELens (`store_dtype` stores the activations in another). For bf16 speed on a GPU use float32
+    with `autocast`: with bfloat16 the weights keep 8
     significant bits, which round away Adam steps below about 1/256 of a weight (at lr 3e-4, most
     of them; training warns). float16 is refused: Adam's epsilon (1e-8) is 0 in float16, so a
     feature that does not fire gets NaN weights at its first step."""
+    store_dtype: Literal["float32", "bfloat16"] | None = None
+    """Data type of the stored activations (a cached store, imported or synthetic ones, a streaming
+    chunk), when it should differ from `dtype`: bfloat16 halves the store (GPT-2 small's residual
+    stream over 300M tokens: 460 instead of 920 GB) while the SAE trains in float32; each batch is
+    taken to `dtype` as training reads it. Default: `dtype`."""
     autocast: bool = False
     """bf16 autocast for the SAE training step (GPU)."""
     autocast_lm: bool = False
@@ -387,6 +393,11 @@ class RunConfig(BaseModel):
         if self.d_in is None:
             raise ConfigError("d_in is not known yet; resolve it from the model first")
         return self.expansion_factor * self.d_in
+
+    @property
+    def activation_dtype(self) -> str:
+        """The stored activations' data type: `store_dtype`, else `dtype`."""
+        return self.store_dtype or self.dtype
 
     def result_fields(self) -> dict[str, Any]:
         """The fields that change the trained SAE, as JSON-able values."""

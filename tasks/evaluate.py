@@ -58,12 +58,13 @@ def evaluate_rows(sae, activations: torch.Tensor, device: str) -> tuple[dict, di
 
     # The stored rows are already one SAE input each: no per-head reshaping by hook name.
     sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index = "activations", None
-    rows = HeldOutRows(activations.to(device))
+    activations = activations.to(device, sae.dtype)  # stored in store_dtype, where it differs
+    rows = HeldOutRows(activations)
     n_batches = -(-len(activations) // ROWS_PER_BATCH)
     config = get_eval_everything_config(batch_size_prompts=ROWS_PER_BATCH, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches)
     config.compute_kl = config.compute_ce_loss = False
     groups, features = run_evals(sae, rows, rows, ActivationScaler(), eval_config=config, exclude_special_tokens=False)
-    groups["reconstruction_quality"]["cossim"] = mean_cosine_similarity(sae, activations.to(device))
+    groups["reconstruction_quality"]["cossim"] = mean_cosine_similarity(sae, activations)
     # SAELens counts whole batches of ROWS_PER_BATCH; the last one holds only the rows left.
     groups["token_stats"] = {"total_tokens_eval_reconstruction": len(activations), "total_tokens_eval_sparsity_variance": len(activations)}
     return groups, features, len(activations)

@@ -233,7 +233,7 @@ def synthetic_model_config(values: dict[str, Any], d_in: int | None, seed: int):
 
 def import_spec(cfg: RunConfig) -> dict[str, Any]:
     """What determines the imported store: the stage's inputs and cache key."""
-    spec = {"source": cfg.activation_source, "d_in": cfg.d_in, "eval_rows": cfg.eval_tokens, "dtype": cfg.dtype}
+    spec = {"source": cfg.activation_source, "d_in": cfg.d_in, "eval_rows": cfg.eval_tokens, "dtype": cfg.activation_dtype}
     if cfg.activation_source == "synthetic":
         synthetic = synthetic_model_config(cfg.synthetic, cfg.d_in, cfg.seed).to_dict()
         spec.update(synthetic=synthetic, n_tokens=cfg.training_tokens, seed=cfg.seed)

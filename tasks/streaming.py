@@ -31,7 +31,7 @@ FREE_DISK_SHARE = 0.5  # `auto` caches at most this share of the free disk by de
 def store_gigabytes(cfg) -> float:
     """Disk size of the cached activations of a run: tokens x d_in x bytes per value."""
     n_tokens = -(-cfg.training_tokens // cfg.context_size) * cfg.context_size
-    return n_tokens * cfg.d_in * getattr(torch, cfg.dtype).itemsize / 1e9
+    return n_tokens * cfg.d_in * getattr(torch, cfg.activation_dtype).itemsize / 1e9
 
 
 def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path, cached_store: str | Path | None = None) -> tuple[str, str]:
@@ -67,8 +67,8 @@ def choose_activation_mode(cfg, artifacts_dir: str | Path, run_dir: str | Path, 
 class StreamedBatches:
     """Training batches made on the fly from stored token contexts, in the seeded order above."""
 
-    def __init__(self, model, contexts: torch.Tensor, spec: dict[str, Any], batch_size: int, seed: int, chunk_contexts: int, start_batch: int = 0):
-        self.model, self.contexts, self.spec = model, contexts, spec
+    def __init__(self, model, contexts: torch.Tensor, spec: dict[str, Any], batch_size: int, seed: int, chunk_contexts: int, start_batch: int = 0, dtype: torch.dtype | None = None):
+        self.model, self.contexts, self.spec, self.dtype = model, contexts, spec, dtype
         self.batch_size, self.seed, self.chunk_contexts = batch_size, seed, chunk_contexts
         self.next_batch = start_batch
         self.rows_per_epoch = contexts.numel()
@@ -109,7 +109,8 @@ class StreamedBatches:
             parts.append(rows[offset : offset + take])
             start, need = start + take, need - take
         self.next_batch += 1
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return batch.to(self.dtype or batch.dtype)  # the chunk is held in the store's dtype
 
 
 @torch.no_grad()

@@ -390,7 +390,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
     # spaced thresholds; SAELens itself is left none to take.
     thresholds[:], trainer.checkpoint_thresholds = trainer.checkpoint_thresholds, []
-    batches = training_batches(store_ref, batch, cfg.seed, chunk_contexts=cfg.n_batches_in_buffer * cfg.store_batch_size_prompts, device=cfg.device)
+    batches = training_batches(store_ref, batch, cfg.seed, chunk_contexts=cfg.n_batches_in_buffer * cfg.store_batch_size_prompts, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     resumed_from, resumed_from_step = resume_point(root, logger), 0
     if resumed_from is not None:
         checkpoint_manifest = load_checkpoint(trainer, resumed_from)

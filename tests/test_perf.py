@@ -234,6 +234,13 @@ def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_t
         assert all(torch.equal(next(batches), next(in_loop)) for _ in range(10))  # 3,840 rows: 4 epochs
         assert len(multiprocessing.active_children()) == 2
     assert multiprocessing.active_children() == []
+    # In the SAE's dtype where the store's differs (store_dtype): the same rows, converted.
+    with WorkerReads(ShuffledBatches(StoreRows(store), 384, seed=3, dtype=torch.float64), workers=2) as batches:
+        in_loop = ShuffledBatches(acts, 384, seed=3, dtype=torch.float64)
+        for _ in range(3):
+            batch = next(batches)
+            assert batch.dtype == torch.float64 and torch.equal(batch, next(in_loop))
+    assert torch.equal(next(in_loop), next(ShuffledBatches(acts, 384, seed=3, start_batch=3)).double())
 
     # What training on an accelerator gets: workers for a cached store, a thread for anything
     # else; `read_workers` sets how many, 0 reading in the training loop, on any device.

@@ -429,6 +429,31 @@ def test_a_bf16_sae_trains_with_a_warning_and_is_measured_against_the_synthetic_
     assert {k: metrics[k] for k in measured} == measured and 0 < metrics["synthetic_mcc"] <= 1
 
 
+def test_a_bf16_store_trains_a_float32_sae_as_on_those_rows_in_float32(prefect_server, shard_folder, tmp_path):
+    """store_dtype bfloat16 halves the store; the float32 SAE trains on its rows taken to float32:
+    bit for bit the run on a float32 store of the same (bf16-rounded) rows."""
+    from sae_lens import SAE
+
+    _, acts, _ = shard_folder
+    rounded = tmp_path / "rounded"
+    rounded.mkdir()
+    save_file({"activations": acts.bfloat16().float()}, rounded / "acts.safetensors")
+    (tmp_path / "acts").mkdir()
+    save_file({"activations": acts}, tmp_path / "acts" / "acts.safetensors")
+    in_bf16 = start(resolve(source_config(tmp_path / "acts", store_dtype="bfloat16")), tmp_path / "a")
+    in_float32 = start(resolve(source_config(rounded)), tmp_path / "b")
+    assert load_store(in_bf16["activations"])[0].dtype == torch.bfloat16
+    assert in_bf16["activations"]["dtype"] == "bfloat16" and in_float32["activations"]["dtype"] == "float32"
+    shard_bytes = [sum(p.stat().st_size for p in Path(run["activations"]["path"]).glob("shard-*")) for run in (in_bf16, in_float32)]
+    assert shard_bytes[0] < 0.51 * shard_bytes[1]
+    trained = [load_file(Path(run["training"]["path"]) / "sae_weights.safetensors") for run in (in_bf16, in_float32)]
+    assert all(w.dtype == torch.float32 for w in trained[0].values())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[1])
+    assert SAE.load_from_disk(in_bf16["sae"]["path"]).W_dec.dtype == torch.float32
+    metrics = [json.loads(Path(run["metrics"]["path"]).read_text())["metrics"] for run in (in_bf16, in_float32)]
+    assert metrics[0]["mse"] == metrics[1]["mse"] and metrics[0]["l0"] == metrics[1]["l0"]
+
+
 def test_synthetic_features_are_recovered_with_the_default_training_settings(prefect_server, tmp_path):
     """configs/synthetic.yaml as documented: standard SAE, saeflow's default training settings."""
     from sae_lens.synthetic import SyntheticModel
