@@ -341,7 +341,9 @@ def default_run_name(cfg: RunConfig) -> str:
     hook = cfg.hook_name.replace("blocks.", "L").replace("hook_", "").replace(".", "-")
     # Fields at their defaults are left out, so a saeflow version that adds a field keeps the names.
     defaults = _default_fields()
-    identity = {k: v for k, v in run_identity(cfg).items() if k not in DERIVED_FIELDS and (k not in defaults or v != defaults[k])}
+    # A device by its kind: a run requeued on another GPU (cuda:3, then cuda:0) is the same run.
+    identity = run_identity(cfg) | {"device": device_kind(cfg.device)}
+    identity = {k: v for k, v in identity.items() if k not in DERIVED_FIELDS and (k not in defaults or v != defaults[k])}
     return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
 
 

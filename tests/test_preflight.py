@@ -302,9 +302,11 @@ def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_ref
 
 
 def test_a_run_continues_on_another_gpu_of_the_same_kind(tmp_path: Path):
-    """A job requeued from cuda:3 onto a machine whose GPU is cuda:0 continues its run; moving it
-    to the CPU changes the result and is refused."""
+    """A job requeued from cuda:3 onto a machine whose GPU is cuda:0 continues its run, by its
+    default name too; moving it to the CPU changes the result and is refused."""
     cfg = resolve(tiny_config())
+    names = {device: default_run_name(cfg.model_copy(update={"device": device})) for device in ("cuda:3", "cuda:0", "cuda", "cpu")}
+    assert names["cuda:3"] == names["cuda:0"] == names["cuda"] != names["cpu"] == default_run_name(cfg)
     claim_run(cfg.model_copy(update={"device": "cuda:3"}), tmp_path, "gpu", new=False)
     assert claim_run(cfg.model_copy(update={"device": "cuda:0"}), tmp_path, "gpu", new=False) == "gpu"
     assert claim_run(cfg.model_copy(update={"device": "cuda"}), tmp_path, "gpu", new=False) == "gpu"
