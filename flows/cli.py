@@ -243,7 +243,7 @@ def _analyze(args) -> int:
     from tasks.config import ConfigError
     from tasks.load import open_sae
     from tasks.preflight import missing_device
-    from tasks.model import load_model
+    from tasks.model import load_model, select_cuda_device
 
     logger = logging.getLogger("saeflow.analyze")
     logger.propagate = False
@@ -256,6 +256,7 @@ def _analyze(args) -> int:
     missing = missing_device(device)
     if missing:
         raise ConfigError(f"run '{args.run}' {'is analysed' if args.device else 'was trained'} on {device}, but {missing}; add --device cpu")
+    select_cuda_device(device)
     model = load_model(summary["model"], device, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
     sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
     for prompt in args.prompt:

@@ -391,12 +391,13 @@ def _local_model(hooked_cfg, tokenizer):
 
 
 def select_cuda_device(device: str) -> None:
-    """Make a numbered CUDA device (`cuda:1`) this thread's current one, so that what CUDA does on
-    the current device (pinning memory for the copies to it, a new context) happens there and not
-    on GPU 0 as well. Per thread: sweep members in threads may each use their own GPU."""
+    """Make a CUDA device this thread's current one, so that what CUDA does on the current device
+    (pinning memory for the copies to it, a new context) happens there and not on GPU 0 as well.
+    Per thread: sweep members in threads may each use their own GPU. `cuda` is GPU 0: in a pool
+    thread that ran a `cuda:1` member before, the current device would still be GPU 1."""
     target = torch.device(device)
-    if target.type == "cuda" and target.index is not None:
-        torch.cuda.set_device(target)
+    if target.type == "cuda":
+        torch.cuda.set_device(torch.device("cuda", target.index or 0))
 
 
 def load_model(model_ref: dict[str, Any], device: str, from_pretrained_kwargs: dict | None = None):

@@ -460,6 +460,6 @@ def test_a_numbered_cuda_device_becomes_the_current_one_of_the_thread_that_uses_
     member = threading.Thread(target=select_cuda_device, args=("cuda:1",), name="member")
     member.start()
     member.join()
-    for device in ("cuda", "cpu"):  # `cuda` is the current device already
+    for device in ("cuda", "cpu"):  # `cuda` is GPU 0, also in a thread that used another before
         select_cuda_device(device)
-    assert chosen == [(torch.device("cuda:1"), "member")]
+    assert chosen == [(torch.device("cuda:1"), "member"), (torch.device("cuda:0"), "MainThread")]
