@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import atomic_dir, exclusive_lock, read_json, verify_manifest, write_json, write_manifest
+from tasks.config import holding_global_rng
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -82,6 +83,7 @@ def _rng_state(device: str) -> dict[str, Any]:
     }
 
 
+@holding_global_rng
 def _set_rng_state(state: dict[str, Any], device: str) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]

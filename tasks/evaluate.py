@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tasks.artifacts import output_hashes, stage, write_json
+from tasks.config import GLOBAL_RNG
 
 STAGE_VERSION = 3  # 2: cosine similarity without the model is averaged over the rows that are not all zero; 3: every metric on the same whole batches
 DENSE_THRESHOLD = 0.1
@@ -95,7 +96,7 @@ def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: st
     truth = SyntheticModel.load_from_disk(store_ref["ground_truth"], device=device)
     if sae.W_dec.dtype != torch.float32:  # SAELens multiplies its weights with the float32 truth
         sae = copy.deepcopy(sae).to(torch.float32)
-    with torch.random.fork_rng(devices=[]):
+    with GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(eval_seed(store_ref))
         result = eval_sae_on_synthetic_data(sae, truth.feature_dict, truth.activation_generator, num_samples=n_samples, batch_size=ROWS_PER_BATCH)
     flat = {k: v for k, v in result.to_dict().items() if k != "classification"} | result.to_dict()["classification"]

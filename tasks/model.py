@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, verify_manifest, write_json, write_manifest
-from tasks.config import ConfigError, RunConfig, stable_hash
+from tasks.config import ConfigError, RunConfig, holding_global_rng, stable_hash
 from tasks.data import load_text_dataset
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*", category=DeprecationWarning)
@@ -128,6 +128,7 @@ def check_checkpoint(folder: Path, tokenizer_path: str | None) -> None:
         )
 
 
+@holding_global_rng
 def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a local checkpoint, converted by TransformerLens from the
     checkpoint's own config.json (no network)."""
@@ -149,6 +150,7 @@ def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[st
     return hooked_cfg
 
 
+@holding_global_rng
 def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: str):
     """TransformerLens's config of a `model_cfg` model with a tokenizer of `d_vocab` tokens;
     ConfigError, saying what to change, for a `model_cfg` TransformerLens would refuse."""
@@ -177,6 +179,7 @@ def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: s
         raise ConfigError(f"model_cfg is refused by TransformerLens's HookedTransformerConfig: {error}") from None
 
 
+@holding_global_rng
 def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a pretrained TransformerLens model (reads the hub's config)."""
     from transformer_lens import loading
@@ -383,6 +386,7 @@ def train_local_model(model, dataset_path: str, seed: int, tokens: int, lr: floa
     }
 
 
+@holding_global_rng
 def _local_model(hooked_cfg, tokenizer):
     from transformer_lens import HookedTransformer
 
@@ -400,6 +404,7 @@ def select_cuda_device(device: str) -> None:
         torch.cuda.set_device(torch.device("cuda", target.index or 0))
 
 
+@holding_global_rng
 def load_model(model_ref: dict[str, Any], device: str, from_pretrained_kwargs: dict | None = None):
     """Load the model a `build_model` result describes, with its weights exactly as trained (no
     layer norm folded, nothing centred): the model that makes the activations, and the one the
@@ -482,6 +487,7 @@ def special_token_ids(model_ref: dict[str, Any], from_pretrained_kwargs: dict[st
     return sorted(get_special_token_ids(tokenizing_model(model_ref, from_pretrained_kwargs).tokenizer))
 
 
+@holding_global_rng
 def _on_meta(hooked_cfg, tokenizer=None):
     from transformer_lens import HookedTransformer
 

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from tasks.activations import read_ahead, store_contents, training_batches
 from tasks.artifacts import atomic_dir, finite_or_null, read_json, stage, verify_manifest, write_manifest
-from tasks.config import RunConfig
+from tasks.config import GLOBAL_RNG, RunConfig
 from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
 STAGE_VERSION = 1
@@ -134,8 +134,9 @@ def new_training_sae(cfg: RunConfig, run_name: str | None = None):
     sae_cfg = type(runner_cfg.sae).from_sae_runner_config(runner_cfg)
     source = str(Path(cfg.activations_path).expanduser().resolve()) if cfg.activations_path else None
     sae_cfg.metadata.dataset_path = source or ("sae_lens.synthetic" if cfg.synthetic is not None else cfg.dataset_path)
-    torch.manual_seed(cfg.seed)
-    sae = TrainingSAE.from_dict(sae_cfg.to_dict())
+    with GLOBAL_RNG:  # the seed and the draws of this SAE alone
+        torch.manual_seed(cfg.seed)
+        sae = TrainingSAE.from_dict(sae_cfg.to_dict())
     if cfg.compile_sae:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)
     return sae, runner_cfg

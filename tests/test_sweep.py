@@ -343,3 +343,44 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     for row in rows:
         trained = json.loads((tmp_path / "artifacts" / "runs" / row["run"] / "trained" / "manifest.json").read_text())
         assert trained["resumed_from_step"] == 3 and trained["n_training_steps"] == 16
+
+
+def test_members_initialised_at_once_in_threads_get_the_weights_they_get_alone():
+    """Sweep members are threads of one process: a member's seed and initial draws from torch's
+    global generator, interleaved with another member's initialisation or checkpoint restore,
+    gave it other weights (4 of 20 tries of 4 members without the lock)."""
+    import threading
+
+    import torch
+
+    from tasks.checkpoint import _rng_state, _set_rng_state
+    from tasks.preflight import resolve
+    from tasks.train import new_training_sae
+
+    cfgs = [resolve(tiny_config(seed=seed, expansion_factor=32)) for seed in (1, 2, 3, 4)]
+    alone = [new_training_sae(cfg)[0].state_dict() for cfg in cfgs]
+    restoring, done = _rng_state("cpu"), threading.Event()
+
+    def resuming_member():  # restores a checkpoint's generator state, over and over
+        while not done.wait(0.001):
+            _set_rng_state(restoring, "cpu")
+
+    resuming = threading.Thread(target=resuming_member)
+    resuming.start()
+    try:
+        for _ in range(3):
+            barrier, made = threading.Barrier(len(cfgs)), [None] * len(cfgs)
+
+            def member(i):
+                barrier.wait()
+                made[i] = new_training_sae(cfgs[i])[0].state_dict()
+
+            threads = [threading.Thread(target=member, args=(i,)) for i in range(len(cfgs))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert all(torch.equal(made[i][k], alone[i][k]) for i in range(len(cfgs)) for k in alone[i])
+    finally:
+        done.set()
+        resuming.join()
