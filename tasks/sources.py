@@ -196,7 +196,10 @@ def source_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if is_saved_dataset(path):
-        return sorted(p for p in path.iterdir() if p.suffix in (".arrow", ".json"))
+        # Its data files, as its state.json lists them: not the cache files that `datasets`
+        # writes beside them (`.filter`, `.map` on the loaded dataset), which are not read here.
+        listed = json.loads((path / "state.json").read_text()).get("_data_files", [])
+        return sorted([*(path / entry["filename"] for entry in listed), path / "dataset_info.json", path / "state.json"])
     return sorted((p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file()), key=_natural_key)
 
 

@@ -192,6 +192,16 @@ def test_a_cache_activations_runner_dataset_imports_the_models_activations(tmp_p
     with pytest.raises(ConfigError, match=r"no activation column 'blocks.0.hook_mlp_out' \(its activation columns: \['blocks.0.hook_resid_post'\]\); set hook_name"):
         resolve(source_config(cached, hook_name="blocks.0.hook_mlp_out"))
 
+    # Using the dataset with `datasets` writes cache files beside its own: still the same source.
+    from datasets import load_from_disk
+
+    from tasks.preflight import run_identity
+
+    before = run_identity(resolve(cfg))
+    load_from_disk(str(cached)).filter(lambda row: row["token_ids"][0] % 2 == 0)
+    assert any(p.name.startswith("cache-") for p in cached.iterdir())
+    assert run_identity(resolve(cfg)) == before
+
 
 def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
     import tasks.sources
