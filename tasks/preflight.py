@@ -397,7 +397,10 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
         if changed == ["activations_fingerprint"] and previous.get("activations_fingerprint") == _fingerprint_of_every_file(cfg):
             changed = []  # recorded as saeflow did before 2026-11-30, over every file of the folder
         if changed:
-            details = "; ".join(f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}" for k in changed)
+            details = "; ".join(
+                FILES_CHANGED[k].format(cfg=cfg) if k in FILES_CHANGED else f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}"
+                for k in changed
+            )
             raise ConfigError(
                 f"run '{name}' was started with a different config ({details}). Start a new run with --new "
                 f"(the old one is kept), or restore those settings to continue it"
@@ -430,6 +433,15 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                     shutil.rmtree(made, ignore_errors=True)
             raise
     return name
+
+
+# What a changed fingerprint means, for the message refusing to continue the run.
+FILES_CHANGED = {
+    "activations_fingerprint": "activations_fingerprint: the files of activations_path {cfg.activations_path} changed since "
+    "the run started (a file added, removed, rewritten or touched)",
+    "checkpoint_fingerprint": "checkpoint_fingerprint: the files of the model checkpoint {cfg.model_name} changed since the "
+    "run started (rewritten, retrained or copied)",
+}
 
 
 def _fingerprint_of_every_file(cfg: RunConfig) -> str | None:

@@ -183,7 +183,7 @@ def test_checkpoint_preflight_reads_widths_and_the_files_key_the_run(checkpoints
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten weights
     assert model_spec(cfg)["fingerprint"] != spec["fingerprint"]
     assert default_run_name(cfg) != name
-    with pytest.raises(ConfigError, match="checkpoint_fingerprint.*--new"):
+    with pytest.raises(ConfigError, match=r"checkpoint_fingerprint: the files of the model checkpoint .* changed since the run started \(rewritten, retrained or copied\).*--new"):
         claim_run(resolve(cfg), tmp_path / "artifacts", "mine", new=False)
 
 

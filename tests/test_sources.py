@@ -391,8 +391,12 @@ def test_killed_training_on_an_imported_store_resumes_exactly(prefect_server, tm
     name = default_run_name(cfg)
     os.utime(shard, ns=(times[0], times[1] + 10**9))
     assert default_run_name(cfg) != name
-    with pytest.raises(ConfigError, match=r"run 'acts-killed' was started with a different config \(activations_fingerprint: "):
+    with pytest.raises(ConfigError) as refused:
         claim_run(resolve(cfg), artifacts, "acts-killed", new=False)
+    assert (
+        f"run 'acts-killed' was started with a different config (activations_fingerprint: the files of activations_path "
+        f"{cfg.activations_path} changed since the run started (a file added, removed, rewritten or touched))" in str(refused.value)
+    )
     os.utime(shard, ns=times)
     assert default_run_name(cfg) == name
 
