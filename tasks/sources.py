@@ -131,15 +131,13 @@ class _CachedActivations:
     `[context, d_in]` activations in the column named after the hook, with `token_ids`."""
 
     def __init__(self, folder: Path, hook_name: str):
-        from datasets import Array2D, DatasetDict, load_from_disk
+        from datasets import Array2D, load_from_disk
 
         self.path = folder
         try:
             dataset = load_from_disk(str(folder))
         except (OSError, ValueError) as error:
             raise BadActivations(f"{folder} is not a dataset written by CacheActivationsRunner ({error})") from None
-        if isinstance(dataset, DatasetDict):
-            raise BadActivations(f"{folder} holds the splits {list(dataset)}; set activations_path to one split's folder")
         columns = [name for name, feature in dataset.features.items() if isinstance(feature, Array2D)]
         if not isinstance(dataset.features.get(hook_name), Array2D):
             raise BadActivations(f"{folder} has no activation column '{hook_name}' (its activation columns: {columns or 'none'}); set hook_name to one of them")
@@ -174,7 +172,15 @@ def open_source(path: str | Path, hook_name: str) -> list:
         raise BadActivations(f"activations_path {path} does not exist")
     if is_saved_dataset(path):
         return [_CachedActivations(path, hook_name)]
+    if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise BadActivations(f"{path} holds a dataset's splits {splits}; set activations_path to one split's folder, such as {path / splits[0] if splits else path}")
     files = source_files(path)
+    if path.is_file() and path.suffix not in SHARD_SUFFIXES:
+        raise BadActivations(
+            f"{path} is not a .safetensors or .npy file; for a dataset written by CacheActivationsRunner, point "
+            f"activations_path at its folder"
+        )
     if not files or files[0].suffix not in SHARD_SUFFIXES:
         raise BadActivations(
             f"{path} holds no .safetensors or .npy files and is not a dataset written by CacheActivationsRunner; "

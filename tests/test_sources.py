@@ -298,11 +298,12 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
         ({"a.safetensors": {"x": torch.zeros(10_000, 16), "y": torch.zeros(10_000, 16)}}, {}, r"holds the tensors \['x', 'y'\]; name the activations 'activations'"),
         ({"a.safetensors": b"not a safetensors file"}, {}, r"a.safetensors is not a readable safetensors file"),
         ({"notes.txt": b"no shards here"}, {}, r"holds no .safetensors or .npy files and is not a dataset written by CacheActivationsRunner"),
+        ({"dataset_dict.json": b'{"splits": ["train"]}'}, {}, r"holds a dataset's splits \['train'\]; set activations_path to one split's folder, such as .*/train"),
         ({"a.npy": np.zeros((5000, 16), np.float32)}, {"eval_tokens": 65536}, r"holds 5000 rows; holding out the last eval_tokens = 65536 .* leaves 0 to train on.*lower eval_tokens to at most 4488, or give more rows"),
         ({"a.npy": np.zeros((500, 16), np.float32)}, {"eval_tokens": 50}, r"leaves 450 to train on.*; lower train_batch_size_tokens below 500, and eval_tokens with it, or give more rows"),
         ({"a.npy": np.zeros((10_000, 16), np.longdouble)}, {}, r"a.npy holds float128 numbers, which torch cannot read; save them as float32 or float64"),
     ],
-    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "too-few-rows", "fewer-than-a-batch", "long-double"],
+    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "dataset-splits", "too-few-rows", "fewer-than-a-batch", "long-double"],
 )
 def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides, message):
     for name, content in files.items():
@@ -317,6 +318,9 @@ def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides,
         resolve(source_config(tmp_path, **overrides))
     with pytest.raises(ConfigError, match=r"activations_path .*missing does not exist"):
         resolve(source_config(tmp_path / "missing"))
+    (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"")  # one file of a saved dataset
+    with pytest.raises(ConfigError, match=r"data-00000-of-00001.arrow is not a .safetensors or .npy file; for a dataset written by CacheActivationsRunner, point activations_path at its folder"):
+        resolve(source_config(tmp_path / "data-00000-of-00001.arrow"))
 
 
 def test_nan_rows_stop_the_import_naming_file_and_row(tmp_path):
