@@ -775,8 +775,9 @@ def reads_ahead(device: str) -> bool:
     return torch.device(device).type != "cpu"
 
 
-def read_ahead(batches, device: str, workers: int | None = None, logger=None):
-    """The batches to train on `device` from, as a context manager that stops their readers.
+def read_ahead(batches, device: str, workers: int | None = None, logger=None, limit: int | None = None):
+    """The batches to train on `device` from, as a context manager that stops their readers;
+    with `limit`, no batch past the `limit`-th is read ahead (training needs no more).
 
     A cached store's batches are read ahead by `workers` processes (`WorkerReads`), or in the
     training loop with 0. By default: `READ_WORKERS`, at most the CPUs this process may use,
@@ -789,7 +790,7 @@ def read_ahead(batches, device: str, workers: int | None = None, logger=None):
     training loop instead (on the H200 a reading thread made training slower than that), with a
     warning on `logger` saying how to give the container more."""
     if not (isinstance(batches, ShuffledBatches) and isinstance(batches.activations, StoreRows)):
-        return ReadAhead(batches) if reads_ahead(device) else contextlib.nullcontext(batches)
+        return ReadAhead(batches, limit) if reads_ahead(device) else contextlib.nullcontext(batches)
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(READ_WORKERS, cpus) if reads_ahead(device) else 0
@@ -821,7 +822,7 @@ def read_ahead(batches, device: str, workers: int | None = None, logger=None):
         return contextlib.nullcontext(batches)
     if logger is not None:
         logger.info(f"{workers} worker processes read the training batches ahead (read_workers)")
-    return WorkerReads(batches, workers)
+    return WorkerReads(batches, workers, limit)
 
 
 def shared_memory_free(path: str = "/dev/shm") -> int | None:
@@ -884,15 +885,17 @@ class WorkerReads:
 
     BATCHES_PER_WORKER = 2  # read ahead by each worker (DataLoader's prefetch_factor)
 
-    def __init__(self, batches: ShuffledBatches, workers: int):
+    def __init__(self, batches: ShuffledBatches, workers: int, limit: int | None = None):
         import itertools
         import sys
 
         from torch.utils.data import DataLoader
 
         self._device, self._dtype = batches.device, batches.dtype
+        start = batches.next_batch
+        numbers = itertools.count(start) if limit is None else range(start, start + limit)
         # A clone: a slice of the permutation would share its whole storage with the worker.
-        rows = (batches.rows_of(batch).clone() for batch in itertools.count(batches.next_batch))
+        rows = (batches.rows_of(batch).clone() for batch in numbers)
         loader = DataLoader(
             _StoreReads(batches.activations.store_ref),
             batch_size=None,
@@ -924,20 +927,31 @@ class WorkerReads:
 class ReadAhead:
     """Iterates `batches` one batch ahead on a background thread: the next batch is read (from
     the store, or made by the model in streaming mode) while the caller trains on this one. The
-    same batches in the same order; an error making a batch is raised when that batch is asked
-    for. Use it as a context manager, which stops the thread."""
+    same batches in the same order, at most `limit` of them (none is made past the last the
+    caller needs: in streaming mode that could be a whole chunk of model passes); an error making
+    a batch is raised when that batch is asked for. Use it as a context manager, which stops the
+    thread."""
 
-    def __init__(self, batches):
-        self._batches = batches
+    def __init__(self, batches, limit: int | None = None):
+        self._batches, self._left = batches, limit
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeflow-read-ahead")
-        self._next = self._reader.submit(next, batches)
+        self._next = self._read_next()
+
+    def _read_next(self) -> Future | None:
+        if self._left is not None:
+            if self._left == 0:
+                return None
+            self._left -= 1
+        return self._reader.submit(next, self._batches)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
+        if self._next is None:
+            raise StopIteration
         batch = self._next.result()
-        self._next = self._reader.submit(next, self._batches)
+        self._next = self._read_next()
         return batch
 
     def __enter__(self):

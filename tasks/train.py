@@ -417,7 +417,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
     try:
-        with _wandb_run(cfg, runner_cfg, Path(run_dir).name), stop_signals(), read_ahead(batches, cfg.device, cfg.read_workers, logger) as provider:
+        with _wandb_run(cfg, runner_cfg, Path(run_dir).name), stop_signals(), read_ahead(batches, cfg.device, cfg.read_workers, logger, log.total - batches.next_batch) as provider:
             trainer.data_provider = provider
             sae = trainer.fit()
             if guard is not None:

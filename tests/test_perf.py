@@ -206,6 +206,13 @@ def test_read_ahead_reads_the_next_batch_on_another_thread_and_changes_nothing()
     assert all(name.startswith("saeflow-read-ahead") for name in asked)
     assert not any(thread.name.startswith("saeflow-read-ahead") for thread in threading.enumerate())
 
+    # With a limit (the batches training has left), none is made past the last: in streaming
+    # mode the next could start a whole chunk of model passes.
+    made = []
+    counted = (made.append(i) or i for i in range(100))
+    with ReadAhead(counted, limit=3) as ahead:
+        assert list(ahead) == [0, 1, 2] and made == [0, 1, 2]
+
     # Training reads ahead on accelerators only; on the CPU it reads in the training loop.
     stream = iter(range(5))
     with read_ahead(stream, "cpu") as provider:
@@ -230,9 +237,11 @@ def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_t
     from_workers.next_batch = 2
     in_loop = ShuffledBatches(acts, 384, seed=3)
     in_loop.next_batch = 2
-    with WorkerReads(from_workers, workers=2) as batches:
+    with WorkerReads(from_workers, workers=2, limit=10) as batches:
         assert all(torch.equal(next(batches), next(in_loop)) for _ in range(10))  # 3,840 rows: 4 epochs
         assert len(multiprocessing.active_children()) == 2
+        with pytest.raises(StopIteration):  # none read past the limit
+            next(batches)
     assert multiprocessing.active_children() == []
     # In the SAE's dtype where the store's differs (store_dtype): the same rows, converted.
     with WorkerReads(ShuffledBatches(StoreRows(store), 384, seed=3, dtype=torch.float64), workers=2) as batches:
