@@ -18,6 +18,16 @@ from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
 from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, device_kind, hook_layer_of, stable_hash
 
 
+def _per_token_hooks(hooks: dict[str, tuple[int, ...] | None]) -> list[str]:
+    """The hooks an SAE can be trained on: a vector per token (or per token and head)."""
+    from tasks.model import HEAD_HOOKS
+
+    return sorted(
+        name for name, shape in hooks.items()
+        if shape is not None and (len(shape) == 1 and shape[0] > 1 or any(h in name for h in HEAD_HOOKS))
+    )
+
+
 def _valid_hooks_message(hook_names: list[str], n_layers: int) -> str:
     outside = [h for h in hook_names if not h.startswith("blocks.")]
     in_block = sorted({h.split(".", 2)[2] for h in hook_names if h.startswith("blocks.0.")})
@@ -137,7 +147,7 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
     from datasets.exceptions import DatasetGenerationError
 
     from tasks.data import check_dataset_columns, dataset_columns, load_text_dataset
-    from tasks.model import HEAD_HOOKS, OPTIONAL_HEAD_HOOKS, head_hook_problem, hook_width, meta_model, token_hooks
+    from tasks.model import OPTIONAL_HEAD_HOOKS, head_hook_problem, hook_width, meta_model, token_hooks
     from tasks.tokens import check_token_dataset
 
     _check_device(cfg, runs_here)
@@ -178,14 +188,18 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
                 f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in, which "
                 f"saeflow applies to a locally built model_cfg model)"
             )
-        per_token = sorted(name for name, shape in hooks.items() if shape is not None and (len(shape) == 1 or any(h in name for h in HEAD_HOOKS)))
-        raise ConfigError(f"{problem}; " + _valid_hooks_message(per_token, model.cfg.n_layers))
+        raise ConfigError(f"{problem}; " + _valid_hooks_message(_per_token_hooks(hooks), model.cfg.n_layers))
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size ({cfg.context_size}) is larger than {cfg.model_name}'s n_ctx ({model.cfg.n_ctx}); lower context_size")
     try:
         width = hook_width(hooks[cfg.hook_name], cfg.hook_name, cfg.hook_head_index)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if width == 1:
+        raise ConfigError(
+            f"hook_name '{cfg.hook_name}' holds one number per token (a norm's scale): nothing for an SAE to decompose; "
+            + _valid_hooks_message(_per_token_hooks(hooks), model.cfg.n_layers)
+        )
     if cfg.d_in is not None and cfg.d_in != width:
         raise ConfigError(f"d_in is {cfg.d_in} but {cfg.hook_name} of {cfg.model_name} has width {width}; set d_in: {width} or leave it out")
     layer = hook_layer_of(cfg.hook_name)

@@ -40,6 +40,13 @@ def test_hooks_without_one_activation_per_token_are_refused(hook):
     assert "hook_z" in message and "hook_pattern" not in message.split("valid hooks")[1] and "hook_attn_scores" not in message.split("valid hooks")[1]
 
 
+def test_a_hook_of_one_number_per_token_is_refused():
+    """A LayerNorm's scale is [batch, pos, 1]: an SAE on it would be 1 wide."""
+    message = resolve_error(hook_name="blocks.0.ln1.hook_scale")
+    assert "hook_name 'blocks.0.ln1.hook_scale' holds one number per token (a norm's scale): nothing for an SAE to decompose" in message
+    assert "hook_resid_post" in message.split("valid hooks")[1] and "hook_scale" not in message.split("valid hooks")[1]
+
+
 def test_a_hook_the_model_does_not_compute_is_refused():
     message = resolve_error(hook_name="blocks.0.hook_mlp_in")
     assert "hook_name 'blocks.0.hook_mlp_in' is not computed by tiny-test as configured" in message
