@@ -255,7 +255,7 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             f"most d_sae (which is added as the last one): lower them, or widen the SAE (d_sae or expansion_factor)"
         )
     try:
-        _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta"}))
+        _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta", "compile_sae": False}))  # checked, not trained: nothing to compile
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
     _check_schedules(runner_cfg.to_sae_trainer_config())
