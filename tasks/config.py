@@ -231,8 +231,10 @@ class RunConfig(BaseModel):
     autocast_lm: bool = False
     """bf16 autocast for the model forward pass while filling the store (GPU)."""
     seed: int = 42
-    """Seeds the SAE initialisation, the data order, locally built models and the built-in dataset
-    (which changes the pretokenised contexts and the activation store; a local model, the store)."""
+    """Seeds the SAE initialisation, the data order, locally built models, the built-in dataset
+    (which changes the pretokenised contexts and the activation store; a local model, the store)
+    and synthetic activations unless `synthetic.seed` is set (pin it for a seed sweep on one set
+    of rows)."""
     compile_sae: bool = False
     """Compile the SAE's training step with `torch.compile` (SAELens's `compile_sae`), for long
     runs. Results differ from an uncompiled run in the last bits; a compiled run still resumes

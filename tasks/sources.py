@@ -245,7 +245,9 @@ def import_spec(cfg: RunConfig) -> dict[str, Any]:
     spec = {"source": cfg.activation_source, "d_in": cfg.d_in, "eval_rows": cfg.eval_tokens, "dtype": cfg.activation_dtype}
     if cfg.activation_source == "synthetic":
         synthetic = synthetic_model_config(cfg.synthetic, cfg.d_in, cfg.seed).to_dict()
-        spec.update(synthetic=synthetic, n_tokens=cfg.training_tokens, seed=cfg.seed)
+        # The rows are the generator's (synthetic.seed, by default the run's seed): a seed sweep
+        # with it pinned trains every member on the same data, from one store.
+        spec.update(synthetic=synthetic, n_tokens=cfg.training_tokens, seed=synthetic["seed"])
     else:
         path = Path(cfg.activations_path).expanduser().resolve()
         spec.update(path=str(path), hook_name=cfg.hook_name, fingerprint=source_fingerprint(path))

@@ -426,6 +426,18 @@ def test_cosine_similarity_leaves_out_all_zero_rows():
     assert math.isnan(mean_cosine_similarity(lambda x: x, torch.zeros(3, 2)))
 
 
+def test_synthetic_rows_are_drawn_with_the_generator_s_seed():
+    """A seed sweep with synthetic.seed pinned shares one store; unpinned, it defaults to the seed."""
+    from tasks.sources import import_spec
+
+    def spec(run_seed, synthetic_seed=None):
+        pinned = {} if synthetic_seed is None else {"seed": synthetic_seed}
+        return import_spec(resolve(make_config({"synthetic": {"num_features": 32, "hidden_dim": D_IN, **pinned}, "seed": run_seed})))
+
+    assert spec(1, 7) == spec(2, 7) != spec(1, 8)
+    assert spec(1) != spec(2) and spec(1)["seed"] == 1 and spec(3, 7)["seed"] == 7
+
+
 def test_a_bf16_sae_trains_with_a_warning_and_is_measured_against_the_synthetic_truth_in_float32(prefect_server, tmp_path, caplog):
     """dtype bfloat16 trains (warning that bf16 weights lose small Adam steps); SAELens multiplies
     the SAE's decoder with the float32 true features, where the bf16 SAE's evaluation failed
