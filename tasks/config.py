@@ -531,9 +531,11 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 GLOBAL_RNG = threading.RLock()
-"""Held while torch's process-wide random generator is seeded, set or drawn from: SAELens and
-TransformerLens draw initial weights from it, and the members of a sweep are threads of one
-process. A member whose SAE initialisation was interleaved with another's seeding got other
+"""Held while torch's process-wide random generator is seeded, set or drawn from (SAE
+initialisation and loading, locally built models, synthetic rows and ground truth, checkpoint
+restores; pretrained models and checkpoints load without it: checked, they leave it alone):
+SAELens and TransformerLens draw initial weights from it, and the members of a sweep are
+threads of one process. A member whose SAE initialisation was interleaved with another's seeding got other
 weights than the same run alone (4 of 20 tries of 4 members started together)."""
 
 

@@ -93,7 +93,8 @@ def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: st
 
     from tasks.sources import eval_seed
 
-    truth = SyntheticModel.load_from_disk(store_ref["ground_truth"], device=device)
+    with GLOBAL_RNG:  # SAELens seeds, draws from and restores the global generator while it loads
+        truth = SyntheticModel.load_from_disk(store_ref["ground_truth"], device=device)
     if sae.W_dec.dtype != torch.float32:  # SAELens multiplies its weights with the float32 truth
         sae = copy.deepcopy(sae).to(torch.float32)
     with GLOBAL_RNG, torch.random.fork_rng(devices=[]):

@@ -128,7 +128,6 @@ def check_checkpoint(folder: Path, tokenizer_path: str | None) -> None:
         )
 
 
-@holding_global_rng
 def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a local checkpoint, converted by TransformerLens from the
     checkpoint's own config.json (no network)."""
@@ -150,7 +149,7 @@ def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[st
     return hooked_cfg
 
 
-@holding_global_rng
+@holding_global_rng  # TransformerLens's config seeds torch's global generator (set_seed_everywhere)
 def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: str):
     """TransformerLens's config of a `model_cfg` model with a tokenizer of `d_vocab` tokens;
     ConfigError, saying what to change, for a `model_cfg` TransformerLens would refuse."""
@@ -179,7 +178,6 @@ def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: s
         raise ConfigError(f"model_cfg is refused by TransformerLens's HookedTransformerConfig: {error}") from None
 
 
-@holding_global_rng
 def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a pretrained TransformerLens model (reads the hub's config)."""
     from transformer_lens import loading
@@ -404,7 +402,6 @@ def select_cuda_device(device: str) -> None:
         torch.cuda.set_device(torch.device("cuda", target.index or 0))
 
 
-@holding_global_rng
 def load_model(model_ref: dict[str, Any], device: str, from_pretrained_kwargs: dict | None = None):
     """Load the model a `build_model` result describes, with its weights exactly as trained (no
     layer norm folded, nothing centred): the model that makes the activations, and the one the
@@ -487,7 +484,6 @@ def special_token_ids(model_ref: dict[str, Any], from_pretrained_kwargs: dict[st
     return sorted(get_special_token_ids(tokenizing_model(model_ref, from_pretrained_kwargs).tokenizer))
 
 
-@holding_global_rng
 def _on_meta(hooked_cfg, tokenizer=None):
     from transformer_lens import HookedTransformer
 

@@ -151,7 +151,9 @@ def test_checkpoint_loads_offline_and_matches_the_transformers_logits(checkpoint
     hf_model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert model_ref["d_vocab"] == hf_model.config.vocab_size
 
+    generator_state = torch.get_rng_state()
     model = load_model(model_ref, "cpu")
+    assert torch.equal(torch.get_rng_state(), generator_state)  # loaded without GLOBAL_RNG: it must leave the generator alone
     if name == "llama":
         assert (model.cfg.n_heads, model.cfg.n_key_value_heads, model.cfg.normalization_type) == (4, 2, "RMS")
     tokens = model.to_tokens(PROMPT)
