@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     if args.new:  # the same command would start yet another run
-        again = f"run `saeflow run --run-name {run_name} --artifacts-dir {args.artifacts_dir}` to continue it"
+        again = f"run `saeflow run --run-name {shlex.quote(run_name)} --artifacts-dir {shlex.quote(str(args.artifacts_dir))}` to continue it"
     else:
         again = "run the same command again to continue it"
     again_capitalised = again[0].upper() + again[1:]

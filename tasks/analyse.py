@@ -23,7 +23,7 @@ import torch
 from tasks.artifacts import output_hashes, stage, write_json
 from tasks.config import ConfigError, RunConfig
 
-STAGE_VERSION = 4  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token; 4: the model as trained, `unembed_directions`
+STAGE_VERSION = 5  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token; 4: the model as trained, `unembed_directions`; 5: a bf16 model's W_dec @ W_out / W_O in float32
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:

@@ -328,6 +328,8 @@ class RunConfig(BaseModel):
                 data = {**data, "model_name": Path(data["activations_path"]).name or "activations"}
             elif data.get("synthetic") is not None:
                 data = {**data, "model_name": "synthetic"}
+        if isinstance(data, dict) and data.get("store_dtype") is not None and data["store_dtype"] == data.get("dtype", "float32"):
+            data = {k: v for k, v in data.items() if k != "store_dtype"}  # the default: the same run as without it
         return data
 
     @model_validator(mode="after")

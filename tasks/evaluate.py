@@ -27,7 +27,7 @@ import torch
 from tasks.artifacts import output_hashes, stage, write_json
 from tasks.config import GLOBAL_RNG
 
-STAGE_VERSION = 3  # 2: cosine similarity without the model is averaged over the rows that are not all zero; 3: every metric on the same whole batches
+STAGE_VERSION = 4  # 2: cosine similarity without the model is averaged over the rows that are not all zero; 3: every metric on the same whole batches; 4: without the model, the held-out rows counted as evaluated
 DENSE_THRESHOLD = 0.1
 ROWS_PER_BATCH = 4096
 

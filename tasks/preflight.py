@@ -411,9 +411,12 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
         if changed == ["activations_fingerprint"] and previous.get("activations_fingerprint") == _fingerprint_of_every_file(cfg):
             changed = []  # recorded as saeflow did before 2026-11-30, over every file of the folder
         if changed:
+            # Another activations_path or model_name is said as such; its files' fingerprint then differs too.
+            fingerprints_said = {"activations_fingerprint": "activations_path", "checkpoint_fingerprint": "model_name"}
             details = "; ".join(
                 FILES_CHANGED[k].format(cfg=cfg) if k in FILES_CHANGED else f"{k}: {previous.get(k, _default_fields().get(k))!r} -> {current.get(k)!r}"
                 for k in changed
+                if fingerprints_said.get(k) not in changed
             )
             raise ConfigError(
                 f"run '{name}' was started with a different config ({details}). Start a new run with --new "

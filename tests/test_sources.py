@@ -426,6 +426,16 @@ def test_cosine_similarity_leaves_out_all_zero_rows():
     assert math.isnan(mean_cosine_similarity(lambda x: x, torch.zeros(3, 2)))
 
 
+def test_a_run_given_other_activations_is_told_so_not_that_its_files_changed(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "part-1.npy", sparse_rows(6000, seed=0).numpy())
+    claim_run(resolve(source_config(tmp_path / "a")), tmp_path / "artifacts", "x", new=False)
+    with pytest.raises(ConfigError) as refused:
+        claim_run(resolve(source_config(tmp_path / "b")), tmp_path / "artifacts", "x", new=False)
+    assert f"(activations_path: '{tmp_path / 'a'}' -> '{tmp_path / 'b'}';" in str(refused.value) and "the files of" not in str(refused.value)
+
+
 def test_synthetic_rows_are_drawn_with_the_generator_s_seed():
     """A seed sweep with synthetic.seed pinned shares one store; unpinned, it defaults to the seed."""
     from tasks.sources import import_spec
@@ -474,6 +484,8 @@ def test_a_bf16_store_trains_a_float32_sae_as_on_those_rows_in_float32(prefect_s
     in_float32 = start(resolve(source_config(rounded)), tmp_path / "b")
     assert load_store(in_bf16["activations"])[0].dtype == torch.bfloat16
     assert in_bf16["activations"]["dtype"] == "bfloat16" and in_float32["activations"]["dtype"] == "float32"
+    # store_dtype equal to dtype is the default, not another run
+    assert default_run_name(source_config(rounded, store_dtype="float32")) == default_run_name(source_config(rounded)) == in_float32["run_name"]
     shard_bytes = [sum(p.stat().st_size for p in Path(run["activations"]["path"]).glob("shard-*")) for run in (in_bf16, in_float32)]
     assert shard_bytes[0] < 0.51 * shard_bytes[1]
     trained = [load_file(Path(run["training"]["path"]) / "sae_weights.safetensors") for run in (in_bf16, in_float32)]
