@@ -408,8 +408,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
         changed = _changed_fields(previous, current)
-        if changed == ["activations_fingerprint"] and previous.get("activations_fingerprint") == _fingerprint_of_every_file(cfg):
-            changed = []  # recorded as saeflow did before 2026-11-30, over every file of the folder
+        if changed == ["activations_fingerprint"] and previous.get("activations_fingerprint") in _earlier_fingerprints(cfg):
+            changed = []  # recorded as an earlier saeflow did, over other files of the folder
         if changed:
             # Another activations_path or model_name is said as such; its files' fingerprint then differs too.
             fingerprints_said = {"activations_fingerprint": "activations_path", "checkpoint_fingerprint": "model_name"}
@@ -461,14 +461,21 @@ FILES_CHANGED = {
 }
 
 
-def _fingerprint_of_every_file(cfg: RunConfig) -> str | None:
-    """An `activations_path`'s fingerprint as saeflow recorded it before 2026-11-30: over every
-    file of the folder, not only those read (`source_fingerprint`)."""
+def _earlier_fingerprints(cfg: RunConfig) -> set[str]:
+    """An `activations_path`'s fingerprints as earlier saeflow versions recorded them, over other
+    files than those read (`source_fingerprint`): every file of the folder (before 2026-11-30),
+    and a saved dataset's `.arrow` and `.json` files, cache files of `datasets` included (until
+    2026-11-30 evening)."""
+    from tasks.sources import is_saved_dataset
+
     path = Path(cfg.activations_path or "").expanduser().resolve()
     if cfg.activations_path is None or not path.is_dir():
-        return None
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return stable_hash([[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+        return set()
+    every_file = sorted(p for p in path.rglob("*") if p.is_file())
+    earlier = [every_file]
+    if is_saved_dataset(path):
+        earlier.append(sorted(p for p in path.iterdir() if p.suffix in (".arrow", ".json")))
+    return {stable_hash([[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]) for files in earlier}
 
 
 def _new_run_folder(cfg: RunConfig, artifacts_dir: str | Path, base: str) -> str:

@@ -201,6 +201,19 @@ def test_a_cache_activations_runner_dataset_imports_the_models_activations(tmp_p
     load_from_disk(str(cached)).filter(lambda row: row["token_ids"][0] % 2 == 0)
     assert any(p.name.startswith("cache-") for p in cached.iterdir())
     assert run_identity(resolve(cfg)) == before
+    # A run whose record holds the fingerprint saeflow took until 2026-11-30 (every .arrow and
+    # .json, cache files included) continues by its name.
+    from tasks.config import stable_hash
+
+    (cached / "notes.txt").write_text("made with CacheActivationsRunner")
+    claim_run(resolve(cfg), tmp_path / "artifacts", "earlier", new=False)
+    stored = tmp_path / "artifacts" / "runs" / "earlier" / "config.json"
+    record = json.loads(stored.read_text())
+    files = sorted(p for p in cached.iterdir() if p.suffix in (".arrow", ".json"))
+    record["result_fields"]["activations_fingerprint"] = stable_hash([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    assert record["result_fields"]["activations_fingerprint"] != before["activations_fingerprint"]
+    stored.write_text(json.dumps(record))
+    assert claim_run(resolve(cfg), tmp_path / "artifacts", "earlier", new=False) == "earlier"
 
 
 def test_write_activations_takes_any_iterator_of_batches(tmp_path, monkeypatch):
