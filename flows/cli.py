@@ -177,12 +177,12 @@ def _serve(args) -> int:
     if args.new_each_run:
         check_schedules_fit_the_run(cfg)
     else:
-        check_schedules_of_a_new_run(cfg, args.artifacts_dir, args.run_name or default_run_name(cfg))
+        check_schedules_of_a_new_run(cfg, args.artifacts_dir, args.run_name or default_run_name(cfg, args.artifacts_dir))
     check_prefect_api()
     artifacts_dir = str(Path(args.artifacts_dir).resolve())
     parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}
     # Two configs served at once get two deployments, and so do one config's continued and fresh runs.
-    name = args.name or f"{args.run_name or default_run_name(cfg)}{'-new-each-run' if args.new_each_run else ''}"
+    name = args.name or f"{args.run_name or default_run_name(cfg, args.artifacts_dir)}{'-new-each-run' if args.new_each_run else ''}"
     # One flow run at a time: one that comes due while the previous still trains waits for it
     # (Late in the UI), instead of failing on the run's lock.
     pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1)

@@ -43,13 +43,13 @@ NO_MODEL_ANALYSIS = (
 )
 
 
-def effective_run_name(config: dict[str, Any] | str, run_name: str | None, new_each_run: bool) -> str:
+def effective_run_name(config: dict[str, Any] | str, run_name: str | None, new_each_run: bool, artifacts_dir: str = "artifacts") -> str:
     """The run a flow run works on: `run_name`, else the config's stable name; with
     `new_each_run`, a fresh run named after the flow run's scheduled start time."""
     from prefect import runtime
 
     cfg = load_config(config) if isinstance(config, str) else RunConfig(**config)
-    name = run_name or default_run_name(cfg)
+    name = run_name or default_run_name(cfg, artifacts_dir)
     if new_each_run:
         name = f"{name}-{runtime.flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
     return name
@@ -59,7 +59,7 @@ def _flow_run_name() -> str:
     from prefect import runtime
 
     p = runtime.flow_run.parameters
-    return effective_run_name(p["config"], p.get("run_name"), p.get("new_each_run", False))
+    return effective_run_name(p["config"], p.get("run_name"), p.get("new_each_run", False), p.get("artifacts_dir", "artifacts"))
 
 
 PREEMPTED = "Preempted"  # the name of a stopped flow run's final state (of type Cancelled)
@@ -72,7 +72,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
 
     `config` is a config mapping or the path of a YAML config. The run continues `run_name` (by
     default the config's stable name) unless `new_each_run` makes it a fresh one."""
-    run_name = effective_run_name(config, run_name, new_each_run)
+    run_name = effective_run_name(config, run_name, new_each_run, artifacts_dir)
     artifacts_dir = str(Path(artifacts_dir).resolve())  # a deployment may give it relative to its working directory
     cfg = resolve(load_config(config) if isinstance(config, str) else RunConfig(**config))
     claim_run(cfg, artifacts_dir, run_name, new=False)

@@ -181,7 +181,7 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
     folder = Path(artifacts_dir) / "sweeps" / name
     with sweep_lock(name, artifacts_dir):
         crash_ghost_runs(f"sweep-{name}", artifacts_dir, SWEEP_FLOW_NAME)
-        names = [default_run_name(RunConfig(**config)) for config in members]
+        names = [default_run_name(RunConfig(**config), artifacts_dir) for config in members]
         for config, run_name in zip(members, names):
             with contextlib.suppress(Busy):  # a member another process runs fails on its own, reported below
                 claim_run(RunConfig(**config), artifacts_dir, run_name, new=False)
@@ -337,7 +337,7 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
     artifacts_dir = str(Path(artifacts_dir).resolve())
     for cfg, label in zip(configs, member_labels(configs)):
         try:
-            check_schedules_of_a_new_run(cfg, artifacts_dir, default_run_name(cfg))
+            check_schedules_of_a_new_run(cfg, artifacts_dir, default_run_name(cfg, artifacts_dir))
         except ConfigError as error:
             raise ConfigError(f"sweep member {label}: {error}") from None
     with sweep_lock(name, artifacts_dir):  # refused here, before any Prefect server or flow run; the flow takes it again

@@ -345,9 +345,11 @@ def run_identity(cfg: RunConfig) -> dict:
     return identity
 
 
-def default_run_name(cfg: RunConfig) -> str:
+def default_run_name(cfg: RunConfig, artifacts_dir: str | Path | None = None) -> str:
     """A stable, readable run name: the same config always gives the same name, whether or not
-    it has been resolved (the fields `resolve` fills in follow from the others)."""
+    it has been resolved (the fields `resolve` fills in follow from the others). With
+    `artifacts_dir`, a run an earlier saeflow named after a numbered GPU (`cuda:3`) keeps that
+    name there, unless a run of the new name exists."""
     from tasks.model import checkpoint_folder
 
     folder = checkpoint_folder(cfg)
@@ -355,10 +357,19 @@ def default_run_name(cfg: RunConfig) -> str:
     hook = cfg.hook_name.replace("blocks.", "L").replace("hook_", "").replace(".", "-")
     # Fields at their defaults are left out, so a saeflow version that adds a field keeps the names.
     defaults = _default_fields()
+
+    def named(identity: dict) -> str:
+        identity = {k: v for k, v in identity.items() if k not in DERIVED_FIELDS and (k not in defaults or v != defaults[k])}
+        return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
+
     # A device by its kind: a run requeued on another GPU (cuda:3, then cuda:0) is the same run.
-    identity = run_identity(cfg) | {"device": device_kind(cfg.device)}
-    identity = {k: v for k, v in identity.items() if k not in DERIVED_FIELDS and (k not in defaults or v != defaults[k])}
-    return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
+    identity = run_identity(cfg)
+    name = named(identity | {"device": device_kind(cfg.device)})
+    if artifacts_dir is not None and cfg.device != device_kind(cfg.device):
+        earlier = named(identity)  # the name until 2026-11-30 evening, with the GPU's number
+        if not (run_dir(artifacts_dir, name) / "config.json").exists() and (run_dir(artifacts_dir, earlier) / "config.json").exists():
+            return earlier
+    return name
 
 
 def _default_fields() -> dict:
@@ -398,7 +409,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     if cfg.checkpoint_path is not None:
         check_writable(Path(cfg.checkpoint_path), "checkpoint_path", "choose another, or leave it out to keep checkpoints in the run's folder")
     current = run_identity(cfg)
-    name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg)) if new else run_name or default_run_name(cfg)
+    name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg, artifacts_dir)) if new else run_name or default_run_name(cfg, artifacts_dir)
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)

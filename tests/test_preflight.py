@@ -308,12 +308,23 @@ def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_ref
     assert claim_run(moved, tmp_path, "exp", new=False) == "exp"  # a finished run needs no checkpoint
 
 
-def test_a_run_continues_on_another_gpu_of_the_same_kind(tmp_path: Path):
+def test_a_run_continues_on_another_gpu_of_the_same_kind(tmp_path: Path, monkeypatch):
     """A job requeued from cuda:3 onto a machine whose GPU is cuda:0 continues its run, by its
     default name too; moving it to the CPU changes the result and is refused."""
     cfg = resolve(tiny_config())
     names = {device: default_run_name(cfg.model_copy(update={"device": device})) for device in ("cuda:3", "cuda:0", "cuda", "cpu")}
     assert names["cuda:3"] == names["cuda:0"] == names["cuda"] != names["cpu"] == default_run_name(cfg)
+    # A run that an earlier saeflow named after its GPU's number keeps its name in its artifacts folder.
+    import tasks.preflight
+
+    on_gpu_3 = cfg.model_copy(update={"device": "cuda:3"})
+    with monkeypatch.context() as earlier:
+        earlier.setattr(tasks.preflight, "device_kind", lambda device: device)
+        numbered = default_run_name(on_gpu_3)
+    assert numbered != names["cuda:3"]
+    claim_run(on_gpu_3, tmp_path / "earlier", numbered, new=False)
+    assert default_run_name(on_gpu_3, tmp_path / "earlier") == claim_run(on_gpu_3, tmp_path / "earlier", None, new=False) == numbered
+    assert default_run_name(on_gpu_3, tmp_path) == names["cuda:3"]  # not in another artifacts folder
     claim_run(cfg.model_copy(update={"device": "cuda:3"}), tmp_path, "gpu", new=False)
     assert claim_run(cfg.model_copy(update={"device": "cuda:0"}), tmp_path, "gpu", new=False) == "gpu"
     assert claim_run(cfg.model_copy(update={"device": "cuda"}), tmp_path, "gpu", new=False) == "gpu"
