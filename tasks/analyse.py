@@ -100,11 +100,12 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
     projection's shape `(d_sae, d_vocab)`; empty when the hook has no direct path to the logits."""
     from tasks.model import residual_directions, unembed_directions
 
-    directions = residual_directions(model, sae.W_dec, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
+    # Only the rows asked for: the whole [d_sae, d_vocab] projection of a large SAE takes tens of
+    # GB, and even its [d_sae, d_model] directions, in float32, GBs.
+    directions = residual_directions(model, sae.W_dec[features], sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
     if directions is None:
         return [], None
-    # Only the rows asked for: the whole [d_sae, d_vocab] projection of a large SAE takes tens of GB.
-    rows = unembed_directions(model, directions[features])
+    rows = unembed_directions(model, directions)
     effects = []
     for feature, row in zip(features, rows):
         top, bottom = torch.topk(row, k), torch.topk(-row, k)
@@ -115,7 +116,7 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
                 "inhibited": [{"token": model.to_string(int(i)), "logit": float(-v)} for v, i in zip(bottom.values, bottom.indices)],
             }
         )
-    return effects, [directions.shape[0], model.W_U.shape[1]]
+    return effects, [sae.cfg.d_sae, model.W_U.shape[1]]
 
 
 @torch.no_grad()
