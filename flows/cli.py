@@ -307,9 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         except Busy as error:
             print(f"saeflow: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except Exception as error:
-            if not STOP_REQUESTS:
-                raise
+        except Exception as error:  # noqa: BLE001 - one short message instead of a traceback
+            if not STOP_REQUESTS:  # such as Prefect's temporary server gone without a signal
+                print(
+                    f"saeflow: sweep failed: {type(error).__name__}: {error}\nFix the cause and run the same command again: "
+                    f"finished members and checkpoints are kept. The Prefect logs above have the details.",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             # The signal also stopped the temporary Prefect server, so the sweep could not finish its table.
             written = "".join(f"\n  {message}" for message in PREEMPTIONS) or " none"
             print(
@@ -319,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EXIT_PREEMPTED
         failed = [r for r in rows if r["state"] != "Completed"]
-        for row in rows:
+        for number, row in enumerate(rows, 1):  # numbered as in frontier.png
             if "l0" in row:
                 ce = f"  CE score {row['ce_loss_score']:.3f}" if row["ce_loss_score"] is not None else ""  # none without a model
                 detail = f"  L0 {row['l0']:.1f}  EV {row['explained_variance']:.3f}{ce}  dead {row['dead_features']}"
             else:
                 detail = f"  {row.get('error')}"
-            print(f"{row['state']:<10} {row['label']:<40} {row['run']}{detail}")
+            print(f"{number:>2}  {row['state']:<10} {row['label']:<40} {row['run']}{detail}")
         if failed and (STOP_REQUESTS or all(r["state"] == "Stopped" for r in failed)):
             # members stopped in other processes (Dask workers) are not counted here
             how = f"{len(STOP_CHECKPOINTS)} in training, each" if STOP_CHECKPOINTS else "those in training each"

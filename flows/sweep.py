@@ -38,7 +38,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
-from tasks.config import DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
+from tasks.config import ARCHITECTURE_FIELDS, DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by
 
@@ -80,6 +80,10 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
             f"or '- lr: 0.001' lines), not {listed!r}"
         )
     members = combos + listed
+    for override in overrides:  # a misspelt --set is told as such, not as every member's error
+        key = parse_override(override)[0]
+        if key not in fields:
+            raise ConfigError(f"--set {key}: not a config key{unknown_key_hint(key)}")
     varied = {key for member in members for key in member}
     clashing = sorted(varied & {parse_override(override)[0] for override in overrides})  # a bad --set is told as such
     if clashing:
@@ -91,12 +95,16 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
         raise ConfigError(f"{path} defines no member: give a grid or a members list")
     if len(members) > MAX_MEMBERS_WITHOUT_YES and not yes:
         raise ConfigError(f"the sweep has {len(members)} members (more than {MAX_MEMBERS_WITHOUT_YES}); pass --yes if you mean it")
-    configs = []
-    for member in members:
+    configs, refused = [], {}
+    for member in members:  # every member's problem at once, not one per try
         try:
             configs.append(resolve(make_config({**base_values, **member}, overrides), runs_here))
         except ConfigError as error:
-            raise ConfigError(f"sweep member {member}: {error}") from None
+            refused[str(member)] = str(error)
+    if refused:
+        if len(refused) == len(members) and len(set(refused.values())) == 1:
+            raise ConfigError(f"every sweep member: {next(iter(refused.values()))}")
+        raise ConfigError("\n".join(f"sweep member {member}: {error}" for member, error in refused.items()))
     overridden = [m for m, c in zip(members, configs) if "expansion_factor" in m and c.d_sae is not None]
     if overridden:
         raise ConfigError(
@@ -153,17 +161,25 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    # Points are numbered as the members are listed below the plots (and in the table): labels of
+    # several varied settings written beside each point piled up and squeezed the axes.
+    key_height = 0.18 * len(rows) + 0.3
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + key_height))
     for ax, key, label in zip(axes, ("explained_variance", "ce_loss_score"), ("explained variance", "CE-loss score")):
-        done = [r for r in rows if r["state"] == "Completed" and r[key] is not None]
-        ax.scatter([r["l0"] for r in done], [r[key] for r in done])
-        for r in done:
-            ax.annotate(r["label"], (r["l0"], r[key]), fontsize=7)
+        done = [(number, r) for number, r in enumerate(rows, 1) if r["state"] == "Completed" and r[key] is not None]
+        if not done:  # without a model there is no CE-loss score
+            completed = any(r["state"] == "Completed" for r in rows)
+            ax.text(0.5, 0.5, f"no {label} (no model)" if completed else "no member completed", ha="center", va="center", transform=ax.transAxes)
+        ax.scatter([r["l0"] for _, r in done], [r[key] for _, r in done])
+        for number, r in done:
+            ax.annotate(str(number), (r["l0"], r[key]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("L0 (held-out)")
         ax.set_ylabel(label)
         ax.set_title(f"Sparsity vs {label}")
-    fig.tight_layout()
+    key = "\n".join(f"{number}  {r['label']}" + ("" if r["state"] == "Completed" else f" ({r['state']})") for number, r in enumerate(rows, 1))
+    fig.text(0.01, 0.01, key, fontsize=8, family="monospace", va="bottom")
+    fig.tight_layout(rect=(0, key_height / (4 + key_height), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -238,7 +254,7 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
         # no CE or KL score without a model (activations_path, synthetic)
         row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "mse", "dead_features")})
     else:
-        row["error"] = state.message
+        row["error"] = (state.message or "").removeprefix("Task run encountered an exception ")  # Prefect's words before the error's own
         with contextlib.suppress(MissingResult):  # the member's exception, where Prefect kept it
             if isinstance(state.result(raise_on_failure=False), (Preempted, CancelledRun)):
                 row["state"] = "Stopped"  # by a signal or `saeflow stop` (or cancelled in the UI), at a safe point: the next run continues it
@@ -291,10 +307,15 @@ def _gpu_resource(device: str):
 
 
 def member_labels(configs: list[RunConfig]) -> list[str]:
-    """Short labels naming what differs between members (e.g. `l1_coefficient=2.0`)."""
+    """Short labels naming what differs between members (e.g. `l1_coefficient=2.0`), each with
+    only the settings its architecture has (no `k` for a standard SAE)."""
     dumps = [c.result_fields() for c in configs]
     varying = [k for k in dumps[0] if len({repr(d.get(k)) for d in dumps}) > 1 and k not in ("d_in", "hook_layer")]
-    return [",".join(f"{k}={d[k]}" for k in varying) or "base" for d in dumps]
+
+    def applies(key: str, values: dict) -> bool:
+        return key not in ARCHITECTURE_FIELDS or values["architecture"] in ARCHITECTURE_FIELDS[key]
+
+    return [",".join(f"{k}={d[k]}" for k in varying if applies(k, d)) or "base" for d in dumps]
 
 
 def sweep_runner(dask_address: str | None, dask_workers: int | None):

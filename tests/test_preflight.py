@@ -414,6 +414,18 @@ def test_cli_turns_a_failed_run_into_a_short_message_and_exit_1(tmp_path: Path, 
     err = capsys.readouterr().err
     assert f"saeflow: run 'x-2' stopped by SIGTERM after step 3; checkpoint c written. Run `saeflow run --run-name x-2 --artifacts-dir {tmp_path / 'a'}` to continue it." in err
 
+    # A sweep too (Prefect's temporary server gone mid-sweep printed a traceback).
+    import flows.sweep
+
+    def server_gone(*args, **kwargs):
+        raise ConnectionError("All connection attempts failed")
+
+    monkeypatch.setattr(flows.sweep, "run_sweep", server_gone)
+    assert main(["sweep", str(config), "--artifacts-dir", str(tmp_path / "a")]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "saeflow: sweep failed: ConnectionError: All connection attempts failed\nFix the cause and run the same command again" in err
+    assert "Traceback" not in err
+
 
 def test_serve_refuses_a_bad_schedule_before_anything_starts(capsys):
     assert main(["serve", "--cron", "0 2 * *"]) == EXIT_BAD_INPUT

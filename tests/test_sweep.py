@@ -160,6 +160,26 @@ def test_a_set_that_overrides_what_the_sweep_varies_is_refused(tmp_path):
     assert len(sweep_members(sweep, ["seed=3"])[1]) == 3
     with pytest.raises(ConfigError, match=r"^--set expects key=value, got 'lr'$"):
         sweep_members(sweep, ["lr"])
+    with pytest.raises(ConfigError, match=r"^--set l1_coeficient: not a config key; did you mean 'l1_coefficient'\?$"):
+        sweep_members(sweep, ["l1_coeficient=2"])
+
+
+def test_every_refused_member_is_told_at_once_and_labels_name_only_their_architecture_s_settings(tmp_path):
+    from flows.sweep import member_labels
+
+    sweep = write_sweep(tmp_path, {}, members=[{"architecture": "topk", "k": 100000}, {"lr": -0.001}, {"lr": 0.001}])
+    with pytest.raises(ConfigError) as refused:
+        sweep_members(sweep)
+    told = str(refused.value).splitlines()
+    assert len(told) == 2 and told[0].startswith("sweep member {'architecture': 'topk', 'k': 100000}: ") and "100000" in told[0]
+    assert told[1].startswith("sweep member {'lr': -0.001}: ") and "lr" in told[1]
+    with pytest.raises(ConfigError, match=r"^every sweep member: training_tokens: Input should be greater than 0$"):
+        sweep_members(write_sweep(tmp_path, {"lr": [0.001, 0.002]}), ["training_tokens=-1"])
+
+    _, configs = sweep_members(write_sweep(tmp_path, {"l1_coefficient": [1.0, 5.0]}, members=[{"architecture": "topk", "k": 8}]))
+    assert member_labels(configs) == [
+        "architecture=standard,l1_coefficient=1.0", "architecture=standard,l1_coefficient=5.0", "architecture=topk,k=8",
+    ]
 
 
 def test_members_of_an_expansion_factor_and_of_a_d_sae_are_two_saes(tmp_path):
@@ -212,11 +232,11 @@ def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_st
 
     assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_FAILED
     printed = capsys.readouterr().out
-    assert re.search(r"^Completed +lr=0.0003 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", printed, re.M), printed
-    assert re.search(r"^Failed +lr=0.001 +\S+  .*ConfigError: analysis_token_index is 99, but prompt", printed, re.M), printed
+    assert re.search(r"^ 1  Completed +lr=0.0003 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", printed, re.M), printed
+    assert re.search(r"^ 2  Failed +lr=0.001 +\S+  ConfigError: analysis_token_index is 99, but prompt", printed, re.M), printed
     rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
     assert [r["state"] for r in rows] == ["Completed", "Failed"]
-    assert "analysis_token_index is 99, but prompt" in rows[1]["error"] and "l0" in rows[0]
+    assert rows[1]["error"].startswith("ConfigError: analysis_token_index is 99, but prompt") and "l0" in rows[0]
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
