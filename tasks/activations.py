@@ -904,7 +904,7 @@ class WorkerReads:
             prefetch_factor=self.BATCHES_PER_WORKER,
             pin_memory=self._device.type == "cuda",
             worker_init_fn=_leave_signals_to_training,
-            generator=torch.Generator(),  # the workers' base seed, not drawn from the global generator (GLOBAL_RNG)
+            generator=torch.Generator(),  # the workers' base seed, not drawn from the global generator (TORCH_GLOBALS)
             multiprocessing_context="fork" if sys.platform == "linux" else None,  # fork is unsafe on macOS
         )
         self._batches = iter(loader)

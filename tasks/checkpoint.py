@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import atomic_dir, exclusive_lock, read_json, verify_manifest, write_json, write_manifest
-from tasks.config import holding_global_rng
+from tasks.config import holding_torch_globals
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -83,7 +83,7 @@ def _rng_state(device: str) -> dict[str, Any]:
     }
 
 
-@holding_global_rng
+@holding_torch_globals
 def _set_rng_state(state: dict[str, Any], device: str) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]

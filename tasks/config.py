@@ -532,21 +532,24 @@ def config_reference() -> str:
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-GLOBAL_RNG = threading.RLock()
-"""Held while torch's process-wide random generator is seeded, set or drawn from (SAE
-initialisation and loading, locally built models, synthetic rows and ground truth, checkpoint
-restores; pretrained models and checkpoints load without it: checked, they leave it alone):
-SAELens and TransformerLens draw initial weights from it, and the members of a sweep are
-threads of one process. A member whose SAE initialisation was interleaved with another's seeding got other
-weights than the same run alone (4 of 20 tries of 4 members started together)."""
+TORCH_GLOBALS = threading.RLock()
+"""Held while work uses or changes state that torch and transformers keep for the whole process,
+because the members of a sweep are threads of one process: torch's global random generator
+(seeded, restored and drawn from by SAE initialisation and loading, locally built models,
+synthetic rows and ground truth, checkpoint restores: a member whose initialisation was
+interleaved with another's seeding got other weights than alone, 4 of 20 tries of 4 members
+started together), and what a transformers model load changes while it runs (the default dtype,
+a no-op `tie_weights` on the model class: two loads at once failed, 8 of 10 tries in a review,
+and one in bfloat16 left the default dtype bfloat16). The SAE trainer is made under it, as its
+counters take the default dtype."""
 
 
-def holding_global_rng(function):
-    """`function`, called holding GLOBAL_RNG."""
+def holding_torch_globals(function):
+    """`function`, called holding TORCH_GLOBALS."""
 
     @functools.wraps(function)
     def holding(*args, **kwargs):
-        with GLOBAL_RNG:
+        with TORCH_GLOBALS:
             return function(*args, **kwargs)
 
     return holding

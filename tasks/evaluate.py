@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tasks.artifacts import output_hashes, stage, write_json
-from tasks.config import GLOBAL_RNG
+from tasks.config import TORCH_GLOBALS
 
 STAGE_VERSION = 4  # 2: cosine similarity without the model is averaged over the rows that are not all zero; 3: every metric on the same whole batches; 4: without the model, the held-out rows counted as evaluated
 DENSE_THRESHOLD = 0.1
@@ -93,11 +93,11 @@ def synthetic_metrics(sae, store_ref: dict[str, Any], n_samples: int, device: st
 
     from tasks.sources import eval_seed
 
-    with GLOBAL_RNG:  # SAELens seeds, draws from and restores the global generator while it loads
+    with TORCH_GLOBALS:  # SAELens seeds, draws from and restores the global generator while it loads
         truth = SyntheticModel.load_from_disk(store_ref["ground_truth"], device=device)
     if sae.W_dec.dtype != torch.float32:  # SAELens multiplies its weights with the float32 truth
         sae = copy.deepcopy(sae).to(torch.float32)
-    with GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+    with TORCH_GLOBALS, torch.random.fork_rng(devices=[]):
         torch.manual_seed(eval_seed(store_ref))
         result = eval_sae_on_synthetic_data(sae, truth.feature_dict, truth.activation_generator, num_samples=n_samples, batch_size=ROWS_PER_BATCH)
     flat = {k: v for k, v in result.to_dict().items() if k != "classification"} | result.to_dict()["classification"]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.artifacts import file_sha256, stage
-from tasks.config import GLOBAL_RNG
+from tasks.config import TORCH_GLOBALS
 
 STAGE_VERSION = 1
 
@@ -28,7 +28,7 @@ def open_sae(source: dict[str, Any], device: str = "cpu"):
         raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json is missing)")
     if "manifest_sha256" in source and file_sha256(path / "manifest.json") != source["manifest_sha256"]:
         raise RuntimeError(f"{path} changed since it was saved (its manifest.json is not the one asked for); run the pipeline again")
-    with GLOBAL_RNG:  # the SAE's initialisation draws from it before its weights are loaded
+    with TORCH_GLOBALS:  # the SAE's initialisation draws from it before its weights are loaded
         sae = SAE.load_from_disk(path, device=device)
     sparsity_file = path / "sparsity.safetensors"
     sparsity = load_file(sparsity_file)["sparsity"] if sparsity_file.is_file() else None

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, verify_manifest, write_json, write_manifest
-from tasks.config import ConfigError, RunConfig, holding_global_rng, stable_hash
+from tasks.config import ConfigError, RunConfig, holding_torch_globals, stable_hash
 from tasks.data import load_text_dataset
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*", category=DeprecationWarning)
@@ -43,6 +43,20 @@ CHECKPOINT_ARCHITECTURES = (
 )
 # `from_pretrained` keyword arguments that shape the TransformerLens config itself.
 CONFIG_KWARGS = ("n_devices", "dtype", "default_prepend_bos", "n_ctx", "first_n_layers")
+
+
+def config_kwargs(from_pretrained_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `model_from_pretrained_kwargs` that shape a model's config, with a `dtype` named in
+    the YAML (`bfloat16`) as the torch dtype TransformerLens's config needs (its
+    `from_pretrained` takes the name, its config does not)."""
+    from transformer_lens.HookedTransformer import DTYPE_FROM_STRING
+
+    kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
+    if isinstance(kwargs.get("dtype"), str):
+        if kwargs["dtype"] not in DTYPE_FROM_STRING:
+            raise ValueError(f"model_from_pretrained_kwargs dtype '{kwargs['dtype']}' is none of {', '.join(DTYPE_FROM_STRING)}")
+        kwargs["dtype"] = DTYPE_FROM_STRING[kwargs["dtype"]]
+    return kwargs
 
 
 def model_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -142,14 +156,13 @@ def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[st
         if any(word in tmp.lower() for word in ("llama", "gemma")):
             raise RuntimeError(f"the temporary folder {tmp} confuses TransformerLens; set TMPDIR to a folder without 'llama' or 'gemma' in its path")
         (Path(tmp) / "config.json").write_text(json.dumps(config))
-        kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
-        hooked_cfg = loading.get_pretrained_model_config(tmp, device=device, **kwargs)
+        hooked_cfg = loading.get_pretrained_model_config(tmp, device=device, **config_kwargs(from_pretrained_kwargs))
     hooked_cfg.model_name = folder.name
     hooked_cfg.tokenizer_name = None  # the tokenizer is loaded from its folder and passed in
     return hooked_cfg
 
 
-@holding_global_rng  # TransformerLens's config seeds torch's global generator (set_seed_everywhere)
+@holding_torch_globals  # TransformerLens's config seeds torch's global generator (set_seed_everywhere)
 def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: str):
     """TransformerLens's config of a `model_cfg` model with a tokenizer of `d_vocab` tokens;
     ConfigError, saying what to change, for a `model_cfg` TransformerLens would refuse."""
@@ -192,8 +205,7 @@ def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
             f"(a local checkpoint: give the path of its folder)"
         )
     official = loading.get_official_model_name(name)
-    kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in CONFIG_KWARGS}
-    return loading.get_pretrained_model_config(official, **kwargs)
+    return loading.get_pretrained_model_config(official, **config_kwargs(from_pretrained_kwargs))
 
 
 def train_word_tokenizer(texts, out_dir: Path) -> None:
@@ -384,7 +396,7 @@ def train_local_model(model, dataset_path: str, seed: int, tokens: int, lr: floa
     }
 
 
-@holding_global_rng
+@holding_torch_globals
 def _local_model(hooked_cfg, tokenizer):
     from transformer_lens import HookedTransformer
 
@@ -402,6 +414,7 @@ def select_cuda_device(device: str) -> None:
         torch.cuda.set_device(torch.device("cuda", target.index or 0))
 
 
+@holding_torch_globals  # transformers' loads change process-wide state while they run (TORCH_GLOBALS)
 def load_model(model_ref: dict[str, Any], device: str, from_pretrained_kwargs: dict | None = None):
     """Load the model a `build_model` result describes, with its weights exactly as trained (no
     layer norm folded, nothing centred): the model that makes the activations, and the one the

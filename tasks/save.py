@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from tasks.activations import sample_activation_batches
 from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, verify_manifest, write_json, write_manifest
-from tasks.config import GLOBAL_RNG
+from tasks.config import TORCH_GLOBALS
 
 STAGE_VERSION = 3  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256; 3: special tokens left out
 LOG_EPS = 1e-10
@@ -70,12 +70,12 @@ def save_sae(
     if manifest is None and out.exists():
         raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
     if manifest is None or manifest.get("measured_with") != measured_with:
-        with GLOBAL_RNG:  # its initialisation draws from it before its weights are loaded
+        with TORCH_GLOBALS:  # its initialisation draws from it before its weights are loaded
             trained = TrainingSAE.load_from_disk(trained_ref["path"], device=device)
         # An older sae/ is replaced only once the new one is complete (it is remade from trained/).
         with atomic_dir(out, replace=manifest is not None) as tmp:
             trained.save_inference_model(tmp)
-            with GLOBAL_RNG:
+            with TORCH_GLOBALS:
                 sae = SAE.load_from_disk(tmp, device=device)
             frequency, n = firing_frequency(sae, sample_activation_batches(store_ref, sparsity_tokens, seed, ENCODE_BATCH, device, skip_tokens))
             save_file({"sparsity": torch.log10(frequency + LOG_EPS)}, tmp / "sparsity.safetensors")

@@ -34,7 +34,7 @@ import torch
 
 from tasks.activations import EVAL_ACTIVATIONS, SHARD_BYTES, _save_shard, _verified_shards, shard_bytes, store_dir
 from tasks.artifacts import atomic_dir, exclusive_lock, file_sha256, read_json, stage, verify_manifest, write_json, write_manifest
-from tasks.config import GLOBAL_RNG, ConfigError, RunConfig, stable_hash
+from tasks.config import TORCH_GLOBALS, ConfigError, RunConfig, stable_hash
 
 STAGE_VERSION = 1
 SHARD_SUFFIXES = (".safetensors", ".npy")
@@ -294,7 +294,7 @@ class _SyntheticRows:
 
     def _block(self, index: int) -> torch.Tensor:
         if self.cached[0] != index:
-            with GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+            with TORCH_GLOBALS, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(stable_hash({"seed": self.seed, "block": index}), 16))
                 self.cached = (index, self.model.sample(SYNTHETIC_BLOCK))
         return self.cached[1]
@@ -328,7 +328,7 @@ def _source(spec: dict[str, Any], out: Path):
     if spec["source"] == "synthetic":
         from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
 
-        with GLOBAL_RNG:
+        with TORCH_GLOBALS:
             model = SyntheticModel(SyntheticModelConfig.from_dict(spec["synthetic"]))
         truth = out / GROUND_TRUTH
         if verify_manifest(truth) is None:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from tasks.activations import read_ahead, store_contents, training_batches
 from tasks.artifacts import atomic_dir, finite_or_null, read_json, stage, verify_manifest, write_manifest
-from tasks.config import GLOBAL_RNG, RunConfig
+from tasks.config import TORCH_GLOBALS, RunConfig
 from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
 STAGE_VERSION = 1
@@ -134,7 +134,7 @@ def new_training_sae(cfg: RunConfig, run_name: str | None = None):
     sae_cfg = type(runner_cfg.sae).from_sae_runner_config(runner_cfg)
     source = str(Path(cfg.activations_path).expanduser().resolve()) if cfg.activations_path else None
     sae_cfg.metadata.dataset_path = source or ("sae_lens.synthetic" if cfg.synthetic is not None else cfg.dataset_path)
-    with GLOBAL_RNG:  # the seed and the draws of this SAE alone
+    with TORCH_GLOBALS:  # the seed and the draws of this SAE alone
         torch.manual_seed(cfg.seed)
         sae = TrainingSAE.from_dict(sae_cfg.to_dict())
     if cfg.compile_sae:
@@ -387,7 +387,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         if last:
             checkpoint(trainer)
 
-    trainer = _make_trainer(sae, runner_cfg, on_step_end, guard)
+    with TORCH_GLOBALS:  # its counters take the default dtype, which another thread's model load changes for a while
+        trainer = _make_trainer(sae, runner_cfg, on_step_end, guard)
     # Checkpoints are taken at the step boundary, after the step's log row, at SAELens's evenly
     # spaced thresholds; SAELens itself is left none to take.
     thresholds[:], trainer.checkpoint_thresholds = trainer.checkpoint_thresholds, []
