@@ -49,7 +49,7 @@ def test_a_killed_dask_sweep_rerun_trains_only_unfinished_members(prefect_server
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert re.search(r"^Completed +l1_coefficient=0.5 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", second.stdout, re.M), second.stdout
+    assert re.search(r"^ 1  Completed +l1_coefficient=0.5 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", second.stdout, re.M), second.stdout
     rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
     assert [r["state"] for r in rows] == ["Completed"] * 3
     assert [r["label"] for r in rows] == [f"l1_coefficient={v}" for v in (0.5, 1.0, 2.0)]
