@@ -102,9 +102,7 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
         except ConfigError as error:
             refused[str(member)] = str(error)
     if refused:
-        if len(refused) == len(members) and len(set(refused.values())) == 1:
-            raise ConfigError(f"every sweep member: {next(iter(refused.values()))}")
-        raise ConfigError("\n".join(f"sweep member {member}: {error}" for member, error in refused.items()))
+        raise ConfigError(refused_members(refused, len(members)))
     overridden = [m for m, c in zip(members, configs) if "expansion_factor" in m and c.d_sae is not None]
     if overridden:
         raise ConfigError(
@@ -306,6 +304,16 @@ def _gpu_resource(device: str):
     return dask.annotate(resources={"GPU": 1})
 
 
+def refused_members(refused: dict[str, str], n_members: int) -> str:
+    """One message for the refused members (each by its label or values) and their errors: every
+    one at once, so that a sweep is not fixed one member per try; one line when all of several
+    members are refused alike."""
+    first, error = next(iter(refused.items()))
+    if n_members > 1 and len(refused) == n_members and len(set(refused.values())) == 1:
+        return f"all {n_members} sweep members are refused alike, e.g. sweep member {first}: {error}"
+    return "\n".join(f"sweep member {member}: {error}" for member, error in refused.items())
+
+
 def member_labels(configs: list[RunConfig]) -> list[str]:
     """Short labels naming what differs between members (e.g. `l1_coefficient=2.0`), each with
     only the settings its architecture has (no `k` for a standard SAE)."""
@@ -356,11 +364,14 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
             "`dask worker` per GPU (CUDA_VISIBLE_DEVICES=i ... --resources GPU=1) and give --dask-address"
         )
     artifacts_dir = str(Path(artifacts_dir).resolve())
+    refused = {}
     for cfg, label in zip(configs, member_labels(configs)):
         try:
             check_schedules_of_a_new_run(cfg, artifacts_dir, default_run_name(cfg, artifacts_dir))
         except ConfigError as error:
-            raise ConfigError(f"sweep member {label}: {error}") from None
+            refused[label] = str(error)
+    if refused:
+        raise ConfigError(refused_members(refused, len(configs)))
     with sweep_lock(name, artifacts_dir):  # refused here, before any Prefect server or flow run; the flow takes it again
         pass
     sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)

@@ -349,7 +349,7 @@ def default_run_name(cfg: RunConfig, artifacts_dir: str | Path | None = None) ->
     """A stable, readable run name: the same config always gives the same name, whether or not
     it has been resolved (the fields `resolve` fills in follow from the others). With
     `artifacts_dir`, a run an earlier saeflow named after a numbered GPU (`cuda:3`) keeps that
-    name there, unless a run of the new name exists."""
+    name there."""
     from tasks.model import checkpoint_folder
 
     folder = checkpoint_folder(cfg)
@@ -367,7 +367,7 @@ def default_run_name(cfg: RunConfig, artifacts_dir: str | Path | None = None) ->
     name = named(identity | {"device": device_kind(cfg.device)})
     if artifacts_dir is not None and cfg.device != device_kind(cfg.device):
         earlier = named(identity)  # the name until 2026-11-30 evening, with the GPU's number
-        if not (run_dir(artifacts_dir, name) / "config.json").exists() and (run_dir(artifacts_dir, earlier) / "config.json").exists():
+        if (run_dir(artifacts_dir, earlier) / "config.json").exists():
             return earlier
     return name
 

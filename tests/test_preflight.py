@@ -325,6 +325,9 @@ def test_a_run_continues_on_another_gpu_of_the_same_kind(tmp_path: Path, monkeyp
     claim_run(on_gpu_3, tmp_path / "earlier", numbered, new=False)
     assert default_run_name(on_gpu_3, tmp_path / "earlier") == claim_run(on_gpu_3, tmp_path / "earlier", None, new=False) == numbered
     assert default_run_name(on_gpu_3, tmp_path) == names["cuda:3"]  # not in another artifacts folder
+    on_gpu_0 = cfg.model_copy(update={"device": "cuda:0"})
+    assert claim_run(on_gpu_0, tmp_path / "earlier", None, new=False) == names["cuda:0"]  # requeued elsewhere: a run of the new name
+    assert default_run_name(on_gpu_3, tmp_path / "earlier") == numbered  # still its own on its GPU
     claim_run(cfg.model_copy(update={"device": "cuda:3"}), tmp_path, "gpu", new=False)
     assert claim_run(cfg.model_copy(update={"device": "cuda:0"}), tmp_path, "gpu", new=False) == "gpu"
     assert claim_run(cfg.model_copy(update={"device": "cuda"}), tmp_path, "gpu", new=False) == "gpu"
