@@ -679,16 +679,22 @@ def test_training_fed_by_worker_processes_ends_bitwise_equal_and_resumes_exactly
 
     import tasks.activations
 
-    real_next, given = tasks.activations.WorkerReads.__next__, []
+    real_init, real_next, given, limits = tasks.activations.WorkerReads.__init__, tasks.activations.WorkerReads.__next__, [], []
+
+    def noting_init(self, batches, workers, limit=None):
+        limits.append((batches.next_batch, limit))
+        real_init(self, batches, workers, limit)
 
     def noting_next(self):
         given.append(True)
         return real_next(self)
 
+    monkeypatch.setattr(tasks.activations.WorkerReads, "__init__", noting_init)
     monkeypatch.setattr(tasks.activations.WorkerReads, "__next__", noting_next)
     summary = start_failing_once(faults_cfg[0].model_copy(update={"read_workers": 2}), artifacts, "worker-reads", monkeypatch)
     assert summary["training"]["resumed_from_step"] == 26
     assert len(given) == 31 + (64 - 26)  # every batch of both attempts came from the workers
+    assert limits == [(0, 64), (26, 64 - 26)]  # none read past the run's last batch
     assert_bitwise_equal(weights(summary), faults_reference)
     assert multiprocessing.active_children() == []
 
