@@ -37,7 +37,7 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifacts import RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
+from tasks.artifacts import BUSY_HINT, RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import ARCHITECTURE_FIELDS, DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by
@@ -254,8 +254,11 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
     else:
         row["error"] = (state.message or "").removeprefix("Task run encountered an exception ")  # Prefect's words before the error's own
         with contextlib.suppress(MissingResult):  # the member's exception, where Prefect kept it
-            if isinstance(state.result(raise_on_failure=False), (Preempted, CancelledRun)):
+            error = state.result(raise_on_failure=False)
+            if isinstance(error, (Preempted, CancelledRun)):
                 row["state"] = "Stopped"  # by a signal or `saeflow stop` (or cancelled in the UI), at a safe point: the next run continues it
+            elif isinstance(error, Busy):  # `saeflow sweep` has no --new
+                row["error"] = row["error"].replace(BUSY_HINT, "wait for it to finish, then run the sweep again (this member then continues)")
     return row
 
 

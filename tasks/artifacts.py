@@ -223,10 +223,12 @@ class Busy(RuntimeError):
 LOCK_PATIENCE_SECONDS = 0.2
 # How often a waiting lock is tried again, and a stop of this process looked for meanwhile.
 LOCK_POLL_SECONDS = 0.5
+# What a command refused a busy run is told (a sweep tells its members otherwise).
+BUSY_HINT = "wait for it to finish, or start a new run with --new"
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str, wait: bool, hint: str = "wait for it to finish, or start a new run with --new") -> Iterator[None]:
+def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT) -> Iterator[None]:
     """Hold an exclusive lock on `path` (flock, released if the process dies). With `wait`, wait
     for the holder to finish, unless this process is asked to stop meanwhile (`stop_requested`:
     raises `Preempted`); without, raise Busy naming the holder, and `hint`."""

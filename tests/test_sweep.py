@@ -226,20 +226,28 @@ def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_st
     from flows.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
     from tasks.artifacts import exclusive_lock
 
-    sweep = write_sweep(tmp_path, {}, members=[{"training_tokens": 8192}, {"training_tokens": 8192, "lr": 0.001, "analysis_token_index": 99}])
+    from tasks.artifacts import run_dir
+    from tasks.preflight import default_run_name
+
+    members = [{"training_tokens": 8192}, {"training_tokens": 8192, "lr": 0.001, "analysis_token_index": 99}, {"training_tokens": 8192, "lr": 0.002}]
+    sweep = write_sweep(tmp_path, {}, members=members)
     artifacts = tmp_path / "artifacts"
     with exclusive_lock(artifacts / "sweeps" / "t" / ".lock", "the sweep, as its process holds it", wait=False):
         assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
     assert f"sweep 't' (in {artifacts}) is in use by process {os.getpid()}" in capsys.readouterr().err
     assert not (artifacts / "runs").exists()
 
-    assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_FAILED
+    busy = run_dir(artifacts, default_run_name(sweep_members(sweep)[1][2], artifacts))
+    with exclusive_lock(busy / ".lock", f"run '{busy.name}'", wait=False):  # the third member, run by another process
+        assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_FAILED
     printed = capsys.readouterr().out
     assert re.search(r"^ 1  Completed +lr=0.0003 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", printed, re.M), printed
     assert re.search(r"^ 2  Failed +lr=0.001 +\S+  ConfigError: analysis_token_index is 99, but prompt", printed, re.M), printed
     rows = json.loads((artifacts / "sweeps" / "t" / "members.json").read_text())
-    assert [r["state"] for r in rows] == ["Completed", "Failed"]
+    assert [r["state"] for r in rows] == ["Completed", "Failed", "Failed"]
     assert rows[1]["error"].startswith("ConfigError: analysis_token_index is 99, but prompt") and "l0" in rows[0]
+    assert rows[2]["error"].startswith(f"Busy: run '{busy.name}' is in use by process {os.getpid()}")
+    assert rows[2]["error"].endswith("wait for it to finish, then run the sweep again (this member then continues)")  # a sweep has no --new
     assert (tmp_path / "artifacts" / "sweeps" / "t" / "frontier.png").is_file()
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -247,7 +255,7 @@ def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_st
     with get_client(sync_client=True) as client:
         sweeps = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-t"])))
     state, = [r.state for r in sweeps if r.parameters["artifacts_dir"] == str(artifacts)]
-    assert state.is_failed() and state.message == "1 of 2 members did not complete (1 Failed); the members table says why"
+    assert state.is_failed() and state.message == "2 of 3 members did not complete (2 Failed); the members table says why"
 
 
 def test_members_at_two_hooks_get_their_stores_from_one_shared_fill_which_sigterm_stops_between_shards(prefect_server, tmp_path, monkeypatch):
