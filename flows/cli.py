@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -275,6 +277,16 @@ def _analyze(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a reader gone away (`saeflow report RUN | head`) is caught
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write at exit
+        return 128 + signal.SIGPIPE  # as a program the signal ended
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from tasks.config import ConfigError, config_reference
 

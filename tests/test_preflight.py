@@ -391,6 +391,20 @@ def test_cli_prints_the_config_reference(capsys):
     assert "| `expansion_factor` |" in capsys.readouterr().out
 
 
+def test_output_to_a_reader_that_went_away_ends_quietly():
+    """`saeflow report RUN | head`: the reader closes the pipe; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first write
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "config-reference"], cwd=root, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_cli_turns_a_failed_run_into_a_short_message_and_exit_1(tmp_path: Path, capsys, monkeypatch):
     import flows.pipeline
     from flows.cli import EXIT_FAILED
