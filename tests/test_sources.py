@@ -306,6 +306,7 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
         ({"a.safetensors": torch.zeros(10_000, 8)}, {"d_in": 16}, r"d_in is 16 but the activations in .* have width 8; set d_in: 8 or leave it out"),
         ({"a.npy": np.zeros((6000, 16), np.float32), "b.npy": np.zeros((6000, 12), np.float32)}, {}, r"b.npy has rows of width 12 but .*a.npy has width 16; every shard must have the same width"),
         ({"a.safetensors": torch.zeros(10_000, 16), "b.safetensors": torch.zeros(0, 16)}, {}, r"b.safetensors is empty \(0 rows\); remove it"),
+        ({"a.safetensors": torch.zeros(10_000, 16), "pca.npy": np.zeros((16, 16), np.float32)}, {}, r"holds both .safetensors and .npy files \(a.safetensors, pca.npy\); .* Keep the shards of one format"),
         ({"a.npy": np.zeros((10, 100, 16), np.float32)}, {}, r"a.npy has shape \(10, 100, 16\); activations must be \[n, d_in\] \(flatten"),
         ({"a.npy": np.zeros((10_000, 16), np.int64)}, {}, r"a.npy does not hold floating-point numbers"),
         ({"a.safetensors": {"x": torch.zeros(10_000, 16), "y": torch.zeros(10_000, 16)}}, {}, r"holds the tensors \['x', 'y'\]; name the activations 'activations'"),
@@ -316,7 +317,7 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
         ({"a.npy": np.zeros((500, 16), np.float32)}, {"eval_tokens": 50}, r"leaves 450 to train on.*; lower train_batch_size_tokens below 500, and eval_tokens with it, or give more rows"),
         ({"a.npy": np.zeros((10_000, 16), np.longdouble)}, {}, r"a.npy holds float128 numbers, which torch cannot read; save them as float32 or float64"),
     ],
-    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "dataset-splits", "too-few-rows", "fewer-than-a-batch", "long-double"],
+    ids=["width-vs-d_in", "widths-differ", "empty", "two-formats", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "dataset-splits", "too-few-rows", "fewer-than-a-batch", "long-double"],
 )
 def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides, message):
     for name, content in files.items():
