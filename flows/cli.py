@@ -21,6 +21,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
 import flows  # noqa: F401  (process defaults before torch and Prefect start)
@@ -127,18 +128,49 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
     summary = folder / "summary.json"
     if not summary.is_file():
         from tasks.checkpoint import checkpoint_root
+        from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
-        checkpoint_path = read_json(stored)["config"].get("checkpoint_path") if stored.is_file() else None
-        checkpoints = sorted(p.name for p in checkpoint_root(checkpoint_path, folder).glob("step-*"))
+        config = read_json(stored)["config"] if stored.is_file() else {}
+        progress = training_progress(folder, config.get("training_tokens"))
+        artifacts = "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
+        if holder := lock_holder(folder / ".lock"):
+            raise RunNotReady(
+                f"run '{name}' is running ({holder}){f': {progress}' if progress else ''}. "
+                f"`saeflow stop {shlex.quote(name)}{artifacts}` stops it at a checkpoint"
+            )
+        checkpoints = sorted(p.name for p in checkpoint_root(config.get("checkpoint_path"), folder).glob("step-*"))
         found = [f"checkpoints up to {checkpoints[-1]}" if checkpoints else "no checkpoint"]
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
         raise RunNotReady(
-            f"run '{name}' has not finished: it has {', '.join(found)}. Run `saeflow run --run-name {name}"
-            f"{'' if artifacts_dir == 'artifacts' else f' --artifacts-dir {artifacts_dir}'}` (it reads the run's stored config) to finish it"
+            f"run '{name}' has not finished: it has {', '.join(found)}{f' (training logged {progress})' if progress else ''}. "
+            f"Run `saeflow run --run-name {shlex.quote(name)}{artifacts}` (it reads the run's stored config) to finish it"
         )
     return read_json(summary)
+
+
+def training_progress(folder: Path, training_tokens: int | None) -> str | None:
+    """The last row of a run's `train_log.jsonl` in words (step, share of the training tokens,
+    speed, loss, L0, and how long ago), or None before its first row."""
+    log = folder / "train_log.jsonl"
+    rows = log.read_text().splitlines() if log.is_file() else []
+    try:
+        row = json.loads(rows[-1])
+    except (IndexError, json.JSONDecodeError):  # no row yet, or the last one cut short
+        return None
+    share = f" ({100 * row['tokens'] / training_tokens:.1f}% of {training_tokens:,} tokens)" if training_tokens else ""
+    ago = time.time() - log.stat().st_mtime
+    numbers = [f"{row['tokens_per_s']:,.0f} tokens/s" if row.get("tokens_per_s") is not None else None]
+    numbers += [f"loss {row['loss']:.4g}" if row.get("loss") is not None else None, f"L0 {row['l0']:.1f}" if row.get("l0") is not None else None]
+    return f"step {row['step']:,}{share}, {', '.join(n for n in numbers if n)}, logged {_duration(ago)} ago"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def check_prefect_api() -> None:

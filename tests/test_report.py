@@ -2,6 +2,7 @@
 
 import html
 import json
+import os
 import re
 from pathlib import Path
 
@@ -309,6 +310,30 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     (tmp_path / "runs" / "elsewhere" / "config.json").write_text(json.dumps({"config": {"checkpoint_path": str(outside)}}))
     assert main(["report", "elsewhere", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "run 'elsewhere' has not finished: it has checkpoints up to step-000000026" in capsys.readouterr().err
+
+
+def test_report_on_a_run_in_training_says_how_far_it_is_and_how_to_stop_it(tmp_path, capsys):
+    from tasks.artifacts import exclusive_lock
+
+    run = tmp_path / "runs" / "long"
+    (run / "checkpoints" / "step-000000030").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"training_tokens": 80_000}}))
+    row = {"step": 40, "tokens": 40_960, "loss": 0.51234, "l0": 12.34, "tokens_per_s": 12345.6}
+    (run / "train_log.jsonl").write_text(json.dumps(row | {"step": 20}) + "\n" + json.dumps(row) + "\n")
+    with exclusive_lock(run / ".lock", "run 'long'", wait=False):
+        assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+    assert f"run 'long' is running (process {os.getpid()} on " in err
+    assert "step 40 (51.2% of 80,000 tokens), 12,346 tokens/s, loss 0.5123, L0 12.3, logged " in err
+    assert f"`saeflow stop long --artifacts-dir {tmp_path}` stops it at a checkpoint" in err and "saeflow run" not in err
+    assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT  # stopped, or killed
+    err = capsys.readouterr().err
+    assert "has not finished: it has checkpoints up to step-000000030 (training logged step 40 (51.2% of 80,000 tokens)" in err
+    assert "saeflow run --run-name long" in err
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write('{"step": 60, "tok')  # a row cut short by the kill
+    assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "has not finished: it has checkpoints up to step-000000030. Run `saeflow run" in capsys.readouterr().err
 
 
 def test_wandb_without_a_login_is_refused_before_any_work(tmp_path, monkeypatch):
