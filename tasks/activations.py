@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import multiprocessing
 import os
 import time
@@ -157,14 +158,34 @@ def _save_shard(path: Path, activations: torch.Tensor | None, tokens: torch.Tens
 
 
 def _verified_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's shards, up to the first one that is missing or fails its checksum."""
+    """The manifest's shards, up to the first one that is missing or not whole (its size is not
+    what its safetensors header says), or up to the last if that one fails its checksum.
+
+    Only the last is hashed: a shard is listed after it was written, fsynced and renamed into
+    place, so a crash can leave a listed shard missing or cut short (its folder entry or pages
+    not yet on disk), which the size shows, and hashing every shard would read the whole store
+    (minutes per TB) on each resumed fill and for each sweep member sharing the store."""
     good = []
     for shard in manifest.get("shards", []):
-        path = out / shard["file"]
-        if not path.is_file() or file_sha256(path) != shard["sha256"]:
-            break
+        if not _whole_safetensors(out / shard["file"]):
+            return good
         good.append(shard)
+    if good and file_sha256(out / good[-1]["file"]) != good[-1]["sha256"]:
+        good.pop()
     return good
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether `path` is a file as long as its safetensors header says (reads the header only)."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+            size = os.fstat(f.fileno()).st_size
+        data = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, or a header cut short or garbled
+        return False
+    return size == 8 + header_size + data
 
 
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))

@@ -69,6 +69,30 @@ def test_interrupted_fill_resumes_at_the_first_missing_shard(prefect_server, tmp
     assert len(acts) == 8192
 
 
+def test_a_resumed_fill_keeps_the_listed_shards_that_are_whole_hashing_only_the_last(tmp_path: Path, monkeypatch):
+    shards = []
+    for i in range(4):
+        name = f"shard-{i:05d}.safetensors"
+        sha = activations._save_shard(tmp_path / name, torch.randn(100, 8), torch.arange(100))
+        shards.append({"file": name, "start": 100 * i, "stop": 100 * (i + 1), "sha256": sha})
+    manifest = {"shards": shards}
+    hashed, real_sha256 = [], activations.file_sha256
+    monkeypatch.setattr(activations, "file_sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    assert activations._verified_shards(tmp_path, manifest) == shards
+    assert hashed == ["shard-00003.safetensors"]  # not the whole store, on every resume and sweep member
+
+    last = tmp_path / "shard-00003.safetensors"
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF  # same size, other contents
+    last.write_bytes(bytes(data))
+    assert activations._verified_shards(tmp_path, manifest) == shards[:3]
+    middle = tmp_path / "shard-00001.safetensors"
+    middle.write_bytes(middle.read_bytes()[:-4])  # cut short: its pages never reached the disk
+    assert activations._verified_shards(tmp_path, manifest) == shards[:1]
+    (tmp_path / "shard-00000.safetensors").unlink()
+    assert activations._verified_shards(tmp_path, manifest) == []
+
+
 def test_non_finite_activations_from_the_model_are_refused_naming_the_row(prefect_server, tmp_path: Path, monkeypatch):
     """A float16 model's overflow, stored, would stop training whenever its row is drawn."""
     cfg = resolve(tiny_config(training_tokens=8192))
