@@ -705,7 +705,7 @@ def sample_activation_batches(store_ref: dict[str, Any], n: int, seed: int, batc
         yield from rebatch((acts[keep.to(acts.device)] for acts, keep in zip(activation_batches(model, picked, spec), kept)), batch_rows)
         return
     activations = StoreRows(store_ref)
-    rows = torch.randperm(len(activations), generator=generator)[: min(n, len(activations))].sort().values
+    rows = randperm(len(activations), generator)[: min(n, len(activations))].sort().values.long()
     if len(skip):
         rows = rows[~torch.isin(store_tokens_at(store_ref, rows), skip)]
     for start in range(0, len(rows), batch_rows):
@@ -742,6 +742,12 @@ def rebatch(pieces: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]
         yield torch.cat(held)
 
 
+def randperm(n: int, generator: torch.Generator) -> torch.Tensor:
+    """`torch.randperm(n)` in int32 where its values fit: the same permutation (the draws do not
+    depend on the dtype) in half the memory, 2.4 instead of 4.8 GB for a store of 600M rows."""
+    return torch.randperm(n, generator=generator, dtype=torch.int32 if n <= 2**31 else torch.int64)
+
+
 class ShuffledBatches:
     """Training batches drawn from the stored activations in a seeded random order.
 
@@ -763,7 +769,7 @@ class ShuffledBatches:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(len(self.activations), generator=generator)
+            self._epoch, self._perm = epoch, randperm(len(self.activations), generator)
         return self._perm
 
     def __iter__(self):
@@ -778,7 +784,7 @@ class ShuffledBatches:
             take = min(need, n - offset)
             parts.append(self._permutation(epoch)[offset : offset + take])
             start, need = start + take, need - take
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]).long()
 
     def __next__(self) -> torch.Tensor:
         rows = self.activations[self.rows_of(self.next_batch)]

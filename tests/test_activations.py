@@ -147,6 +147,15 @@ def test_shuffled_batches_cover_each_row_once_per_epoch_and_seek_directly():
     assert not torch.equal(next(ShuffledBatches(data, 4, seed=4)).squeeze(1), rows[:4])
 
 
+@pytest.mark.parametrize("n", [1, 10, 4097, 600_000])
+def test_the_int32_permutation_is_the_int64_one_runs_trained_before_it_drew(n):
+    """Checkpoints record a batch number, not the rows: the order must not change across versions."""
+    ours = activations.randperm(n, torch.Generator().manual_seed(5))
+    assert ours.dtype == torch.int32 and torch.equal(ours.long(), torch.randperm(n, generator=torch.Generator().manual_seed(5)))
+    batches = ShuffledBatches(torch.zeros(n, 1), batch_size=3, seed=2)
+    assert batches.rows_of(0).dtype == torch.int64
+
+
 def test_stores_at_several_hooks_fill_from_one_model_pass_and_equal_stores_filled_alone(prefect_server, tmp_path: Path, monkeypatch):
     from transformer_lens import HookedTransformer
     from transformer_lens.components import Unembed
