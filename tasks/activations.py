@@ -364,6 +364,47 @@ class _StoredTokens:
                 return
 
 
+class NotEnoughDisk(RuntimeError):
+    """A store would not fit on its disk: refused before any row is made."""
+
+
+def check_free_disk(needs: dict[Path, int], fixes: str) -> None:
+    """Raise NotEnoughDisk, with `fixes`, if the bytes still to be written into each folder of
+    `needs` are more than its file system has free (folders on one file system add up)."""
+    import shutil
+
+    by_device: dict[int, tuple[int, list[Path]]] = {}
+    for folder, need in needs.items():
+        total, folders = by_device.get(folder.stat().st_dev, (0, []))
+        by_device[folder.stat().st_dev] = (total + need, [*folders, folder])
+    for need, folders in by_device.values():
+        free = shutil.disk_usage(folders[0]).free
+        if need > free:
+            raise NotEnoughDisk(
+                f"{', '.join(str(f) for f in folders)} need{'s' if len(folders) == 1 else ''} {_size(need)} more, "
+                f"but only {_size(free)} are free there; {fixes}"
+            )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def _check_room_for(writers: list[_StoreWriter]) -> None:
+    """Refuse a fill whose stores would fill the disk, before the model loads: hours into a
+    multi-TB fill is too late to find out."""
+    needs = {}
+    for w in writers:
+        row_bytes = 8 + (0 if w.spec.get("tokens_only") else w.spec["d_in"] * getattr(torch, w.spec["dtype"]).itemsize)
+        eval_bytes = 0 if w.eval_done else -(-w.spec["eval_tokens"] // w.spec["context_size"]) * w.spec["context_size"] * 8
+        needs[w.out] = (w.spec["n_tokens"] - w.done_rows) * row_bytes + eval_bytes
+    check_free_disk(
+        needs,
+        "free some space, or fill the store elsewhere (--artifacts-dir on a bigger disk), or make it smaller: store_dtype: bfloat16 "
+        "halves it, and activation_mode: streaming stores the token ids alone (8 bytes a token) and runs the model again as training reads",
+    )
+
+
 def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger) -> list[dict[str, Any]]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
@@ -385,6 +426,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         if stop := stop_requested():  # before loading the model: a sweep's member that waited for this lock
             raise preempted(f"stopped by {stop} before filling activation store(s) {names} began")
+        _check_room_for(todo)
         n_eval = -(-spec["eval_tokens"] // ctx)
         held_out_from = None  # the first held-out context, where the pretokenised contexts ran out
         if tokens_ref is not None:

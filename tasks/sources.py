@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tasks.activations import EVAL_ACTIVATIONS, SHARD_BYTES, _save_shard, _verified_shards, shard_bytes, store_dir
+from tasks.activations import EVAL_ACTIVATIONS, SHARD_BYTES, _save_shard, _verified_shards, check_free_disk, shard_bytes, store_dir
 from tasks.artifacts import atomic_dir, exclusive_lock, file_sha256, read_json, stage, verify_manifest, write_json, write_manifest
 from tasks.config import TORCH_GLOBALS, ConfigError, RunConfig, stable_hash
 
@@ -375,6 +375,8 @@ def _copy_rows(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
     row_bytes = spec["d_in"] * dtype.itemsize
     rows_per_shard = max(1, shard_bytes(n_rows * row_bytes) // row_bytes)
     done = shards[-1]["stop"] if shards else 0
+    eval_done = manifest.get("eval") and (out / manifest["eval"]["file"]).is_file()
+    check_free_disk({out: (n_rows - done + (0 if eval_done else n_eval)) * row_bytes}, "free some space, or import elsewhere (--artifacts-dir on a bigger disk)")
     if done:
         logger.info(f"Activation store {out.name}: resuming the import at row {done} of {n_rows}")
     for start in range(done, n_rows, rows_per_shard):

@@ -93,6 +93,31 @@ def test_a_resumed_fill_keeps_the_listed_shards_that_are_whole_hashing_only_the_
     assert activations._verified_shards(tmp_path, manifest) == []
 
 
+def test_a_fill_that_would_fill_the_disk_is_refused_before_the_model_loads(prefect_server, tmp_path: Path, monkeypatch):
+    import shutil
+
+    import tasks.model
+
+    cfg = resolve(tiny_config(training_tokens=8192))  # 8192 rows of 32 float32 and a token id, and 65536 held-out ids
+    real_disk_usage, loads = shutil.disk_usage, []
+
+    def small_disk(path):
+        usage = real_disk_usage(path)
+        return usage._replace(free=1_000_000) if str(path).startswith(str(tmp_path)) else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    monkeypatch.setattr(tasks.model, "load_model", lambda *a, **k: loads.append(1))
+    with pytest.raises(activations.NotEnoughDisk) as refused:
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path))
+    assert "needs 1.6 MB more, but only 1.0 MB are free there; free some space" in str(refused.value) and not loads
+    assert "store_dtype: bfloat16 halves it" in str(refused.value)
+    needs = {}
+    monkeypatch.setattr(activations, "check_free_disk", lambda found, fixes: needs.update(found))
+    with pytest.raises(AttributeError):  # past the check, at the model the test left out
+        fill_store(cfg.model_dump(mode="json"), str(tmp_path))
+    assert cfg.d_in == 32 and list(needs.values()) == [8192 * (32 * 4 + 8) + -(-cfg.eval_tokens // cfg.context_size) * cfg.context_size * 8]
+
+
 def test_non_finite_activations_from_the_model_are_refused_naming_the_row(prefect_server, tmp_path: Path, monkeypatch):
     """A float16 model's overflow, stored, would stop training whenever its row is drawn."""
     cfg = resolve(tiny_config(training_tokens=8192))

@@ -337,6 +337,21 @@ def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides,
         resolve(source_config(tmp_path / "data-00000-of-00001.arrow"))
 
 
+def test_an_import_that_would_fill_the_disk_is_refused_before_any_row_is_copied(tmp_path, shard_folder, monkeypatch):
+    import shutil
+
+    import tasks.sources
+    from tasks.activations import NotEnoughDisk
+
+    folder, acts, _ = shard_folder
+    real_disk_usage, saved = shutil.disk_usage, []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=100_000))
+    monkeypatch.setattr(tasks.sources, "_save_shard", lambda *a: saved.append(a))
+    with pytest.raises(NotEnoughDisk, match=r"needs 0.6 MB more, but only 0.1 MB are free there; free some space, or import elsewhere"):
+        import_store(source_config(folder), tmp_path / "artifacts")
+    assert not saved and acts.shape == (9216, 16)  # 9216 rows of 16 float32: 589,824 bytes
+
+
 def test_nan_rows_stop_the_import_naming_file_and_row(tmp_path):
     from tasks.sources import BadActivations
 
