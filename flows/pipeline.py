@@ -102,7 +102,7 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
             text = tokens_spec(cfg, model_ref)  # None when the dataset already holds token ids
             tokens_ref = pretokenise(text, model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir) if text else None
             mode, why = choose_activation_mode(cfg, artifacts_dir, run, store_dir(artifacts_dir, store_spec(cfg, model_ref, "cached")))
-            store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, tokens_ref, artifacts_dir)
+            store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, tokens_ref, artifacts_dir, run)
             stop_after_fill(store_ref)
         else:
             model_ref = tokens_ref = None

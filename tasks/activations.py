@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, write_json
 from tasks.config import RunConfig, stable_hash
-from tasks.stopping import STOPS_AFTER_FILL, preempted, stop_requested, stop_signals
+from tasks.stopping import STOPS_AFTER_FILL, StopRequests, preempted, stop_requested, stop_signals
 
 # SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
@@ -189,11 +189,12 @@ def _whole_safetensors(path: Path) -> bool:
 
 
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> dict[str, Any]:
+def fill_activations(spec: dict[str, Any], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str, run_dir: str | None = None) -> dict[str, Any]:
     """Run the model over the pretokenised contexts (`tokens_ref`; None when the dataset holds
     token ids) and persist `spec['n_tokens']` hook activations in shards. The spec determines the
-    contexts, so `tokens_ref` is not part of the cache key."""
-    return fill_stores([spec], model_ref, tokens_ref, artifacts_dir)[0]
+    contexts, so `tokens_ref` is not part of the cache key. `saeflow stop` of the run in `run_dir`
+    stops the fill as a signal does."""
+    return fill_stores([spec], model_ref, tokens_ref, artifacts_dir, StopRequests(Path(run_dir)) if run_dir else None)[0]
 
 
 @stage("fill-activation-stores", STAGE_VERSION, key_inputs=("specs", "artifacts_dir"))
@@ -211,10 +212,11 @@ def shared_pass_key(spec: dict[str, Any]) -> str:
     return stable_hash({k: v for k, v in spec.items() if k not in HOOK_FIELDS})
 
 
-def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str) -> list[dict[str, Any]]:
+def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, artifacts_dir: str, stop_requests: StopRequests | None = None) -> list[dict[str, Any]]:
     """Fill the stores of `specs` (same `shared_pass_key`) together, holding each store's lock:
     runs that share a store wait for the one filling it, then find it complete. SIGTERM/SIGINT
-    stop the fill after the model batch in hand, with the shards written so far kept."""
+    (and `stop_requests`, a run's `saeflow stop`) stop the fill after the model batch in hand,
+    with the shards written so far kept."""
     from prefect import get_run_logger
 
     if len({shared_pass_key(spec) for spec in specs}) != 1:
@@ -224,7 +226,7 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_r
         for out in sorted(set(outs)):  # one order for every process: no deadlock
             locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
-            refs = _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger())
+            refs = _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger(), stop_requests)
         if stop := stop_requested():  # after the last batch's check: training would no longer see it
             STOPS_AFTER_FILL.update({ref["path"]: stop for ref in refs})
         return refs
@@ -405,7 +407,7 @@ def _check_room_for(writers: list[_StoreWriter]) -> None:
     )
 
 
-def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger) -> list[dict[str, Any]]:
+def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger, stop_requests: StopRequests | None) -> list[dict[str, Any]]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
@@ -424,7 +426,15 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             logger.info(f"Activation store(s) {names}: resuming at row {start_row} of {n_tokens}")
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
-        if stop := stop_requested():  # before loading the model: a sweep's member that waited for this lock
+        def stop_asked() -> str | None:
+            if stop := stop_requested():
+                return stop
+            if stop_requests is not None and (stop := stop_requests.requested()):
+                stop_requests.done()
+                return stop
+            return None
+
+        if stop := stop_asked():  # before loading the model: a sweep's member that waited for this lock
             raise preempted(f"stopped by {stop} before filling activation store(s) {names} began")
         _check_room_for(todo)
         n_eval = -(-spec["eval_tokens"] // ctx)
@@ -470,7 +480,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
 
         stored_tokens = _StoredTokens(todo)
         while row < n_tokens:
-            if stop := stop_requested():  # the shards written so far are kept
+            if stop := stop_asked():  # the shards written so far are kept
                 bar.close()
                 raise preempted(f"stopped by {stop} while filling activation store(s) {names}, at row {row} of {n_tokens} (the shards written are kept)")
             tokens = next_tokens()

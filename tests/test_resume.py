@@ -366,6 +366,35 @@ def test_a_stop_after_the_fill_stops_that_run_only(faults_cfg, faults_reference,
     assert_bitwise_equal(weights(start(cfg, tmp_path, "after-fill")), faults_reference)
 
 
+def test_saeflow_stop_during_the_fill_stops_it_at_the_next_batch_keeping_its_shards(faults_cfg, faults_reference, tmp_path, monkeypatch, capsys):
+    """Not hours later, after the whole store: the fill looks for the run's stop request as it
+    looks for a signal."""
+    import tasks.activations
+    from flows.cli import main
+    from tasks.stopping import STOP_REQUEST_FILE, Preempted
+
+    cfg, _ = faults_cfg
+    monkeypatch.setattr(tasks.activations, "SHARD_BYTES", 1)  # a shard per model batch
+    save, written = tasks.activations._save_shard, []
+
+    def stop_after_the_second_shard(path, acts, tokens):
+        written.append(path.name)
+        if len(written) == 2:
+            assert main(["stop", "fill-stop", "--artifacts-dir", str(tmp_path)]) == 0
+            time.sleep(1.1)  # the fill looks for a request at most once a second; it waits for this shard meanwhile
+        return save(path, acts, tokens)
+
+    monkeypatch.setattr(tasks.activations, "_save_shard", stop_after_the_second_shard)
+    with pytest.raises(Preempted, match=r"stopped by saeflow stop \(from process \d+ .*\) while filling activation store\(s\) \w+, at row \d+ of \d+ \(the shards written are kept\)"):
+        start(cfg, tmp_path, "fill-stop")
+    assert "before training (building its model, filling its store) it stops at its next model batch, keeping the shards" in capsys.readouterr().out
+    assert 2 <= len(written) < 8 and "eval_tokens.safetensors" not in written
+    run = tmp_path / "runs" / "fill-stop"
+    assert not (run / STOP_REQUEST_FILE).exists() and not (run / "checkpoints").exists()
+    monkeypatch.undo()
+    assert_bitwise_equal(weights(start(cfg, tmp_path, "fill-stop")), faults_reference)
+
+
 def test_once_the_temporary_server_has_ended_prefect_s_client_stops_retrying(monkeypatch):
     """Ctrl-C in a terminal reaches the whole process group, Prefect's temporary server too, which
     Prefect does not start again: its client then retried every report with growing back-offs,
