@@ -278,7 +278,7 @@ def _analyze(args) -> int:
     from tasks.analyse import check_token_index, logit_effects, top_features_for_prompt
     from tasks.config import ConfigError
     from tasks.load import open_sae
-    from tasks.preflight import missing_device
+    from tasks.preflight import check_device_name, missing_device
     from tasks.model import load_model, select_cuda_device
 
     logger = logging.getLogger("saeflow.analyze")
@@ -289,6 +289,7 @@ def _analyze(args) -> int:
     setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
     check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
     device = args.device or cfg["device"]
+    check_device_name(device)
     missing = missing_device(device)
     if missing:
         raise ConfigError(f"run '{args.run}' {'is analysed' if args.device else 'was trained'} on {device}, but {missing}; add --device cpu")

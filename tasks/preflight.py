@@ -90,16 +90,21 @@ def _check_wandb_login() -> None:
         ) from None
 
 
-def _check_device(cfg: RunConfig, here: bool) -> None:
-    """`device` names a device torch knows and, with `here`, one this machine has."""
+def check_device_name(device: str) -> None:
+    """Raise ConfigError unless `device` names a device saeflow can use (cpu, cuda, cuda:N, mps)."""
     import torch
 
     try:
-        kind = torch.device(cfg.device).type
+        kind = torch.device(device).type
     except (RuntimeError, ValueError):  # torch's message lists device types saeflow cannot use
         kind = None
     if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device '{cfg.device}' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: {', '.join(_available_devices())})")
+        raise ConfigError(f"device '{device}' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: {', '.join(_available_devices())})")
+
+
+def _check_device(cfg: RunConfig, here: bool) -> None:
+    """`device` names a device torch knows and, with `here`, one this machine has."""
+    check_device_name(cfg.device)
     missing = missing_device(cfg.device) if here else None
     if missing:
         raise ConfigError(f"device is '{cfg.device}', but {missing}; use device: cpu or another device available here ({', '.join(_available_devices())})")

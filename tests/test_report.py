@@ -192,6 +192,8 @@ def test_analyze_runs_a_gpu_run_on_the_cpu_with_device(finished_run, tmp_path, c
     args = ["analyze", finished_run["name"], "--artifacts-dir", str(tmp_path), "--prompt", "Tom fed the dog ."]
     assert main([*args, "--device", "cpu"]) == 0
     assert "'Tom fed the dog .' at token '.':" in capsys.readouterr().out
+    assert main([*args, "--device", "gpu"]) == EXIT_BAD_INPUT  # was torch's RuntimeError, with a traceback
+    assert capsys.readouterr().err.startswith("saeflow: device 'gpu' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: cpu")
     if not torch.cuda.is_available():
         assert main(args) == EXIT_BAD_INPUT
         from tasks.preflight import missing_device
