@@ -4,13 +4,15 @@
     saeflow serve [CONFIG] [--cron EXPR | --interval SECONDS] [--name NAME] [--new-each-run] ...
     saeflow sweep SWEEP [--artifacts-dir DIR] [--set key=value ...] [--dask-address A | --dask-workers N] [--yes]
     saeflow report RUN [--artifacts-dir DIR]
-    saeflow analyze RUN --prompt TEXT [--prompt TEXT ...] [--token-index I] [--artifacts-dir DIR]
+    saeflow analyze RUN --prompt TEXT [--prompt TEXT ...] [--token-index I] [--artifacts-dir DIR] [--device D]
+    saeflow stop (RUN ... | --all) [--artifacts-dir DIR]
     saeflow config-reference
 
-Exit status: 0 done; 2 the config or the command line is wrong, or the run (or sweep) is already
-running elsewhere (nothing was started); 1 the run (or a sweep member) failed; 75 it was stopped by SIGTERM/SIGINT
-at a safe point (training after writing a checkpoint). After 1 or 75, running the same command again
-continues.
+Exit status: 0 done; 2 the config or the command line is wrong, the run (or sweep) is already
+running elsewhere, or (report, analyze) the run has not finished; 1 the run (or a sweep member)
+failed, or (stop) no run was running; 75 it was stopped by SIGTERM/SIGINT or `saeflow stop` at a
+safe point (training after writing a checkpoint); 130 a second Ctrl-C. After 1, 75 or 130,
+running the same command again continues. The README's "Running your own" has the details.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--new", action="store_true", help="start a fresh run under a new name; the old run is kept")
     serve = commands.add_parser("serve", help="serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)")
-    serve.add_argument("config", nargs="?", help="YAML config; the built-in demo when left out")
+    serve.add_argument("config", nargs="?", help="YAML config; left out: the config stored by the run that --run-name names, else the built-in offline demo")
     when = serve.add_mutually_exclusive_group()
     when.add_argument("--cron", help="cron schedule in UTC, e.g. '0 2 * * *'")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
-    serve.add_argument("--name", help="deployment name (default: the run's name)")
+    serve.add_argument("--name", help="deployment name (default: the run's name; with --new-each-run, the name and -new-each-run)")
     serve.add_argument("--run-name", help="run that every scheduled flow run continues (default: the config's stable name)")
     serve.add_argument("--new-each-run", action="store_true", help="make every scheduled flow run a fresh run named with its scheduled time")
     serve.add_argument("--artifacts-dir", default="artifacts")

@@ -871,8 +871,9 @@ def read_ahead(batches, device: str, workers: int | None = None, logger=None, li
     if not (isinstance(batches, ShuffledBatches) and isinstance(batches.activations, StoreRows)):
         return ReadAhead(batches, limit) if reads_ahead(device) else contextlib.nullcontext(batches)
     if workers is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(READ_WORKERS, cpus) if reads_ahead(device) else 0
+        from flows import usable_cpus  # its affinity, capped by its container's CPU quota
+
+        workers = min(READ_WORKERS, usable_cpus()) if reads_ahead(device) else 0
     if workers == 0:
         return contextlib.nullcontext(batches)
     if multiprocessing.current_process().daemon:

@@ -255,6 +255,12 @@ def test_worker_processes_read_a_cached_store_s_batches_in_order_and_stop_with_t
     # else; `read_workers` sets how many, 0 reading in the training loop, on any device.
     with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cuda") as provider:
         assert isinstance(provider, WorkerReads) and len(multiprocessing.active_children()) == min(4, len(os.sched_getaffinity(0)))
+    import flows
+
+    monkeypatch.setattr(flows, "usable_cpus", lambda: 1)  # a container's CPU quota, under its affinity
+    with read_ahead(ShuffledBatches(StoreRows(store), 384, seed=3), "cuda") as provider:
+        assert isinstance(provider, WorkerReads) and len(multiprocessing.active_children()) == 1
+    monkeypatch.undo()
     with read_ahead(ShuffledBatches(acts, 384, seed=3), "cuda") as provider:
         assert isinstance(provider, ReadAhead)
     for device, workers in (("cuda", 0), ("cpu", None)):
