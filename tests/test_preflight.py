@@ -118,6 +118,11 @@ def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
     message = resolve_error(tokenizer_path=str(tmp_path / "nope"))
     assert message.startswith(f"tokenizer_path {tmp_path / 'nope'} does not exist") and "leave tokenizer_path out" in message
     assert f"tokenizer_path {tmp_path} holds no tokenizer" in resolve_error(tokenizer_path=str(tmp_path))
+    message = resolve_error(model_cfg=None, model_name="gpt2", tokenizer_path=str(tmp_path))  # before the hub is asked
+    assert message == (
+        "tokenizer_path is for a model_cfg model or a local checkpoint saved without its tokenizer; the pretrained model "
+        "'gpt2' uses its own tokenizer, and would ignore it: leave tokenizer_path out"
+    )
 
 
 def test_sae_lens_rejections_come_before_any_work():
