@@ -1,4 +1,4 @@
-"""Stage 7, analyse: the guide's two analyses on the loaded SAE, written to `<run>/analysis.json`,
+"""Stage 8, analyse: the guide's two analyses on the loaded SAE, written to `<run>/analysis.json`,
 and a feature dashboard, `<run>/dashboard.html`.
 
 1. Top features for each configured prompt at `analysis_token_index`: the model's activations

@@ -205,7 +205,8 @@ class RunConfig(BaseModel):
     """Streaming mode only: the model makes the activations of a chunk of
     `n_batches_in_buffer * store_batch_size_prompts` contexts at a time, whose tokens are shuffled
     among themselves (training batches may span chunks). Unused in cached mode, which shuffles the
-    whole store."""
+    whole store, but a run's setting still (`activation_mode: auto` may choose either mode):
+    changing it names a new run."""
     store_batch_size_prompts: int = Field(32, gt=0)
     """Sequences per model forward pass while filling the activation store."""
     dead_feature_window: int = Field(1000, gt=0)

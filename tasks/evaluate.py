@@ -1,4 +1,4 @@
-"""Stage 6, evaluate: is this SAE any good? SAELens's `run_evals` on held-out tokens (the
+"""Stage 7, evaluate: is this SAE any good? SAELens's `run_evals` on held-out tokens (the
 contexts that follow the training tokens in the data), written to `<run>/metrics.json`.
 
 Reported: explained variance, MSE, cosine similarity (reconstruction); L0 and L1 (sparsity);

@@ -1,4 +1,4 @@
-"""Stage 5, load: open the saved SAE with plain SAELens (`SAE.load_from_disk`) and check it."""
+"""Stage 6, load: open the saved SAE with plain SAELens (`SAE.load_from_disk`) and check it."""
 
 from __future__ import annotations
 

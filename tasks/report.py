@@ -1,4 +1,4 @@
-"""Stage 8, report: what a researcher judges the SAE from, in `<run>/` and in the Prefect UI.
+"""Stage 9, report: what a researcher judges the SAE from, in `<run>/` and in the Prefect UI.
 
 - `plots/feature_density.png`: histogram of log10 feature firing frequency (dead features apart);
 - `plots/training_curves.png`: loss, MSE, L0, explained variance and dead features over tokens,

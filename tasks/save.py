@@ -1,4 +1,4 @@
-"""Stage 4, save: the final SAE in SAELens's native format at `<run>/sae/`, with its real
+"""Stage 5, save: the final SAE in SAELens's native format at `<run>/sae/`, with its real
 feature sparsity.
 
 `cfg.json` and `sae_weights.safetensors` are SAELens's inference format (`save_inference_model`:

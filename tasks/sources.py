@@ -1,4 +1,4 @@
-"""Stage 2 without a model, import activations: activations made elsewhere (a folder of
+"""Stage 3 without a model, import activations: activations made elsewhere (a folder of
 `.safetensors` or `.npy` shards, a dataset written by SAELens's `CacheActivationsRunner`) or
 generated with known features (`sae_lens.synthetic`) become an activation store in the layout
 `fill_activations` writes, so that training, resuming, saving and evaluation work on them unchanged.

@@ -1,6 +1,6 @@
 """Streaming activation mode: for runs whose activations are too big to keep on disk.
 
-In streaming mode the activation store holds only the token ids of the training contexts (4-8
+In streaming mode the activation store holds only the token ids of the training contexts (8
 bytes a token instead of `d_in` floats) and training makes the activations on the fly, a chunk
 of contexts at a time, through the model. The order is fixed by the seed:
 
@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-MODES = ("cached", "streaming", "auto")
 MODE_FILE = "activation_mode.json"
 FREE_DISK_SHARE = 0.5  # `auto` caches at most this share of the free disk by default
 
@@ -139,7 +138,7 @@ def activation_batches(model, contexts: torch.Tensor, spec: dict[str, Any]) -> I
 
     device = torch.device(spec["device"])
     for start in range(0, len(contexts), spec["store_batch_size_prompts"]):
-        batch = contexts[start : start + spec["store_batch_size_prompts"]].to(device)
+        batch = contexts[start : start + spec["store_batch_size_prompts"]].to(device, torch.long)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
             acts = hooks_activations(model, batch, [(spec["hook_name"], spec["hook_head_index"])])[0]
         yield acts.reshape(-1, spec["d_in"]).to(getattr(torch, spec["dtype"]))

@@ -1,4 +1,4 @@
-"""Stage 3, train: SAELens's `SAETrainer` fed from the activation store, with checkpoints.
+"""Stage 4, train: SAELens's `SAETrainer` fed from the activation store, with checkpoints.
 
 The run config is mapped onto sae-lens 6.x (`LanguageModelSAERunnerConfig`, its
 `to_sae_trainer_config()`, the architecture's `*TrainingSAEConfig`); training itself is

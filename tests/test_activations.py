@@ -118,6 +118,24 @@ def test_a_fill_that_would_fill_the_disk_is_refused_before_the_model_loads(prefe
     assert cfg.d_in == 32 and list(needs.values()) == [8192 * (32 * 4 + 8) + -(-cfg.eval_tokens // cfg.context_size) * cfg.context_size * 8]
 
 
+def test_a_streaming_store_s_contexts_are_its_tokens_in_int32_and_a_gap_is_refused(tmp_path: Path):
+    from tasks.artifacts import write_json
+
+    tokens = torch.randint(0, 50_000, (12, 8))
+    shards = []
+    for i, (start, stop) in enumerate([(0, 40), (40, 96)]):
+        sha = activations._save_shard(tmp_path / f"shard-{i:05d}.safetensors", None, tokens.reshape(-1)[start:stop])
+        shards.append({"file": f"shard-{i:05d}.safetensors", "start": start, "stop": stop, "sha256": sha})
+    write_json(tmp_path / "manifest.json", {"shards": shards, "complete": True})
+    store_ref = {"path": str(tmp_path), "n_tokens": 96}
+    contexts = activations.store_contexts(store_ref, 8)
+    assert contexts.dtype == torch.int32 and torch.equal(contexts.long(), tokens)
+    assert torch.equal(load_store(store_ref)[1], tokens.reshape(-1)) and load_store(store_ref)[0] is None
+    write_json(tmp_path / "manifest.json", {"shards": shards[1:], "complete": True})
+    with pytest.raises(RuntimeError, match=r"rows 0..40 are missing"):
+        activations.store_contexts(store_ref, 8)
+
+
 def test_non_finite_activations_from_the_model_are_refused_naming_the_row(prefect_server, tmp_path: Path, monkeypatch):
     """A float16 model's overflow, stored, would stop training whenever its row is drawn."""
     cfg = resolve(tiny_config(training_tokens=8192))
