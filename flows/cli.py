@@ -313,6 +313,7 @@ def _analyze(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `saeflow` command line on `argv` (default: the process's); returns the exit status."""
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, where a reader gone away (`saeflow report RUN | head`) is caught

@@ -154,6 +154,7 @@ def _marking_a_stop(marker: Path):
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    """Plot the members' sparsity against reconstruction (the frontier) into `path`, numbered as in the table."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -82,6 +82,7 @@ def store_spec(cfg: RunConfig, model_ref: dict[str, Any], mode: str = "cached") 
 
 
 def store_dir(artifacts_dir: str | Path, spec: dict[str, Any]) -> Path:
+    """The folder of the activation store that `spec` describes, under `<artifacts>/activations/`."""
     return keyed_folder(Path(artifacts_dir) / "activations", spec)
 
 

@@ -27,6 +27,7 @@ STAGE_VERSION = 5  # 2: prompts' features that do not fire left out, `is_bos`; 3
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
+    """The analyse stage's settings from the run's config (prompts, counts, device): its cache key."""
     keys = (
         "prompts", "analysis_token_index", "top_k_features", "top_k_tokens", "dashboard_features", "dashboard_contexts",
         "context_size", "prepend_bos", "device", "model_from_pretrained_kwargs",

@@ -67,11 +67,13 @@ def finite_or_null(value: Any) -> Any:
 
 
 def read_json(path: Path) -> Any:
+    """The JSON value in the file at `path`."""
     with open(path) as f:
         return json.load(f)
 
 
 def file_sha256(path: Path) -> str:
+    """The hex sha256 of the file at `path`, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -533,6 +533,7 @@ OPTIONAL_HEAD_HOOKS = ("attn.hook_result", "hook_attn_in")
 
 
 def head_hook_problem(hook_name: str) -> str:
+    """Why `hook_name`, a hook with a head dimension other than HEAD_HOOKS, cannot be trained on, and what to use instead."""
     return (
         f"{hook_name} has a head dimension, and SAELens's evaluation splices an SAE into such a hook only "
         f"for {', '.join(HEAD_HOOKS)} hooks, whole or one head (it would fail after training); train on one of "

@@ -72,6 +72,7 @@ def _pyplot():
 
 
 def plot_feature_density(log_sparsity: torch.Tensor, path: Path) -> None:
+    """Histogram of the live features' log10 firing frequencies into `path`, with the dead ones counted in the title."""
     plt = _pyplot()
     dead = log_sparsity <= torch.log10(torch.tensor(LOG_EPS)) + 1e-3
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -85,6 +86,7 @@ def plot_feature_density(log_sparsity: torch.Tensor, path: Path) -> None:
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """The training log's curves (CURVES) against tokens into `path`, one panel each."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     tokens = [r["tokens"] for r in rows]
@@ -106,6 +108,7 @@ def metric_value(value: float | None) -> str:
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows (label, key, value) of the metrics the report shows, in its order."""
     return [{"metric": label, "key": key, "value": metrics[key]} for key, label in METRIC_ROWS if key in metrics]
 
 

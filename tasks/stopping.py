@@ -314,14 +314,15 @@ def lock_holder(lock: Path) -> str | None:
     return None
 
 
-def request_stop(run_folder: Path, reason: str = "saeflow stop") -> str | None:
-    """Ask the process running the run in `run_folder` to stop its training as on SIGTERM (a
-    checkpoint at the end of the current step), for `reason`; returns that process, or None if
-    the run is not running. The request names the process, so a later run of the name ignores it."""
+def request_stop(run_folder: Path) -> str | None:
+    """Ask the process running the run in `run_folder` to stop as on SIGTERM (in training, a
+    checkpoint at the end of the current step; in the fill, after its model batch); returns that
+    process, or None if the run is not running. The request names the process, so a later run
+    of the name ignores it."""
     holder = lock_holder(run_folder / ".lock")
     if holder is not None:
         by = f"process {os.getpid()} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        write_json(run_folder / STOP_REQUEST_FILE, {"holder": holder, "by": by, "reason": reason})
+        write_json(run_folder / STOP_REQUEST_FILE, {"holder": holder, "by": by, "reason": "saeflow stop"})
     return holder
 
 
