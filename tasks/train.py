@@ -349,6 +349,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     owner = run_owner(cfg, Path(run_dir).name)
     contents = store_contents(store_ref)
 
+    last_checkpoint = [0.0]  # when training started or the last checkpoint was written (monotonic)
+
     def checkpoint(trainer) -> Path:
         steps = trainer.n_training_steps
         folder = root / f"step-{steps:09d}"
@@ -356,6 +358,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"], "store_contents": contents}
             save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints, owner)
             logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
+        last_checkpoint[0] = time.monotonic()
         return folder
 
     log = TrainingLog(Path(run_dir) / "train_log.jsonl", cfg, logger)
@@ -368,7 +371,8 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         # After the last step too, so that a failure while the trained SAE is written (a full
         # disk, a signal) costs no step, where SAELens's last threshold lies a whole interval earlier.
         last = cfg.n_checkpoints > 0 and trainer.n_training_samples >= trainer.cfg.total_training_samples
-        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop or last
+        timed = cfg.checkpoint_every_minutes is not None and time.monotonic() - last_checkpoint[0] >= 60 * cfg.checkpoint_every_minutes
+        boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop or last or timed
         if guard is not None and boundary:
             guard.check(trainer.n_training_steps)
         log.after_step(trainer, step_output, stopping=bool(stop))  # the row comes before its step's checkpoint
@@ -384,7 +388,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             PREEMPTIONS.append(message)
             STOP_CHECKPOINTS.append(folder)
             raise TrainingPreempted(message)
-        if last:
+        if last or timed:
             checkpoint(trainer)
 
     with TORCH_GLOBALS:  # its counters take the default dtype, which another thread's model load changes for a while
@@ -417,6 +421,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     log.start(trainer)
 
     start_tokens, started = trainer.n_training_samples, time.monotonic()
+    last_checkpoint[0] = started
     try:
         with _wandb_run(cfg, runner_cfg, Path(run_dir).name), stop_signals(), read_ahead(batches, cfg.device, cfg.read_workers, logger, log.total - batches.next_batch) as provider:
             trainer.data_provider = provider

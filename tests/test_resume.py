@@ -366,6 +366,18 @@ def test_a_stop_after_the_fill_stops_that_run_only(faults_cfg, faults_reference,
     assert_bitwise_equal(weights(start(cfg, tmp_path, "after-fill")), faults_reference)
 
 
+def test_checkpoints_every_few_minutes_of_training_leave_the_result_as_it_was(faults_cfg, faults_reference, tmp_path):
+    """`checkpoint_every_minutes`, besides the checkpoints spaced by tokens: a period shorter than
+    any step writes one after every step; a long one, none."""
+    cfg, _ = faults_cfg
+    total = -(-cfg.training_tokens // cfg.train_batch_size_tokens)
+    for name, minutes, expected in (("every-step", 1e-9, list(range(1, total + 1))), ("never", 1e6, [])):
+        timed = cfg.model_copy(update={"n_checkpoints": 0, "checkpoint_every_minutes": minutes, "keep_checkpoints": 1000})
+        assert_bitwise_equal(weights(start(timed, tmp_path, name)), faults_reference)
+        checkpoints = tmp_path / "runs" / name / "checkpoints"
+        assert sorted(int(p.name.removeprefix("step-")) for p in checkpoints.glob("step-*")) == expected
+
+
 def test_saeflow_stop_during_the_fill_stops_it_at_the_next_batch_keeping_its_shards(faults_cfg, faults_reference, tmp_path, monkeypatch, capsys):
     """Not hours later, after the whole store: the fill looks for the run's stop request as it
     looks for a signal."""
