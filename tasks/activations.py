@@ -499,9 +499,11 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             if hooked:
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec["autocast_lm"]):
                     batch = hooks_activations(model, tokens, [(w.spec["hook_name"], w.spec["hook_head_index"]) for w in hooked])
-            acts_of = {id(w): acts.reshape(-1, w.spec["d_in"])[:take].to("cpu", dtype) for w, acts in zip(hooked, batch)}
-            for writer in hooked:
-                _check_finite(acts_of[id(writer)], row - take, writer.spec)
+            acts_of = {}
+            for writer, acts in zip(hooked, batch):
+                rows = acts.reshape(-1, writer.spec["d_in"])[:take].to(dtype)
+                _check_finite(rows, row - take, writer.spec)  # on the model's device: 5 ms a 4096 x 768 batch on one CPU core
+                acts_of[id(writer)] = rows.to("cpu")
             wrote = False
             for writer in need:
                 wrote |= writer.add(acts_of.get(id(writer)), flat_tokens, row)
