@@ -197,7 +197,7 @@ def _serve(args) -> int:
 
     from flows.pipeline import pipeline_for
     from tasks.config import ConfigError
-    from tasks.preflight import check_artifacts_dir, check_schedules_fit_the_run, check_schedules_of_a_new_run, default_run_name, resolve
+    from tasks.preflight import check_artifacts_dir, check_new_run, check_new_run_named, default_run_name, resolve
 
     if args.interval is not None and args.interval <= 0:
         raise ConfigError(f"--interval is {args.interval:g}; give a number of seconds above 0")
@@ -212,9 +212,9 @@ def _serve(args) -> int:
     cfg = resolve(_run_config(args))
     check_artifacts_dir(args.artifacts_dir)
     if args.new_each_run:
-        check_schedules_fit_the_run(cfg)
+        check_new_run(cfg)
     else:
-        check_schedules_of_a_new_run(cfg, args.artifacts_dir, args.run_name or default_run_name(cfg, args.artifacts_dir))
+        check_new_run_named(cfg, args.artifacts_dir, args.run_name or default_run_name(cfg, args.artifacts_dir))
     check_prefect_api()
     artifacts_dir = str(Path(args.artifacts_dir).resolve())
     parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}

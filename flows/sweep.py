@@ -39,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import BUSY_HINT, RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import ARCHITECTURE_FIELDS, DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
-from tasks.preflight import check_schedules_of_a_new_run, claim_run, default_run_name, resolve
+from tasks.preflight import check_new_run_named, claim_run, default_run_name, resolve
 from tasks.stopping import Preempted, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
@@ -371,7 +371,7 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
     refused = {}
     for cfg, label in zip(configs, member_labels(configs)):
         try:
-            check_schedules_of_a_new_run(cfg, artifacts_dir, default_run_name(cfg, artifacts_dir))
+            check_new_run_named(cfg, artifacts_dir, default_run_name(cfg, artifacts_dir))
         except ConfigError as error:
             refused[label] = str(error)
     if refused:

@@ -87,7 +87,7 @@ class RunConfig(BaseModel):
     tokenizer_path: str | None = None
     """Folder of a Hugging Face tokenizer for a `model_cfg` model (empty: a word-level tokenizer is
     trained on the dataset and stored with the model), or for a local checkpoint saved without
-    its tokenizer. Refused with a pretrained model name, which uses its own."""
+    its tokenizer. A new run with a pretrained model name, which uses its own, is refused."""
     model_from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`; for a local
     checkpoint, those that shape its config (`dtype`, `n_ctx`, `first_n_layers`,

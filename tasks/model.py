@@ -454,11 +454,6 @@ def meta_model(cfg: RunConfig, with_tokenizer: bool = False):
     attaches the model's tokenizer (a pretrained one's from the hub or its cache)."""
     folder = checkpoint_folder(cfg)
     tokenizer = None
-    if cfg.tokenizer_path is not None and cfg.model_cfg is None and folder is None:
-        raise ConfigError(
-            f"tokenizer_path is for a model_cfg model or a local checkpoint saved without its tokenizer; the pretrained "
-            f"model '{cfg.model_name}' uses its own tokenizer, and would ignore it: leave tokenizer_path out"
-        )
     if cfg.tokenizer_path is not None:
         tokenizer_dir = Path(cfg.tokenizer_path).expanduser()
         if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):

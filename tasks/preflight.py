@@ -276,10 +276,22 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             ) from None
 
 
-def check_schedules_fit_the_run(cfg: RunConfig) -> None:
-    """Refuse warm-ups and decays longer than the run, which SAELens accepts and which leave the
-    learning rate or the sparsity penalty short of its setting for the whole run. For new runs
-    only (`claim_run`): a run started so by an earlier saeflow must still be able to continue."""
+def check_new_run(cfg: RunConfig) -> None:
+    """What only a new run is refused for (`claim_run`), as a run started so by an earlier saeflow
+    must still be able to continue: warm-ups and decays longer than the run, which SAELens
+    accepts and which leave the learning rate or the sparsity penalty short of its setting for
+    the whole run; a `tokenizer_path` that a pretrained model ignores; an `activations_path`
+    folder of both .safetensors and .npy files (each file of those suffixes would be imported)."""
+    from tasks.model import checkpoint_folder
+    from tasks.sources import check_one_format
+
+    if cfg.tokenizer_path is not None and cfg.model_cfg is None and cfg.activation_source is None and checkpoint_folder(cfg) is None:
+        raise ConfigError(
+            f"tokenizer_path is for a model_cfg model or a local checkpoint saved without its tokenizer; the pretrained "
+            f"model '{cfg.model_name}' uses its own tokenizer, and would ignore it: leave tokenizer_path out"
+        )
+    if cfg.activations_path is not None:
+        check_one_format(Path(cfg.activations_path).expanduser())
     steps, warm_up, decay = cfg.training_tokens // cfg.train_batch_size_tokens, cfg.lr_warm_up_steps, cfg.lr_decay_steps
     of_the_run = f"the run's {steps} training steps (training_tokens // train_batch_size_tokens; these settings count steps, not tokens)"
     if warm_up + decay > steps:
@@ -296,10 +308,10 @@ def check_schedules_fit_the_run(cfg: RunConfig) -> None:
             )
 
 
-def check_schedules_of_a_new_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str) -> None:
-    """`check_schedules_fit_the_run` unless run `run_name` exists already (has its config.json)."""
+def check_new_run_named(cfg: RunConfig, artifacts_dir: str | Path, run_name: str) -> None:
+    """`check_new_run` unless run `run_name` exists already (has its config.json)."""
     if not (run_dir(artifacts_dir, run_name) / "config.json").exists():
-        check_schedules_fit_the_run(cfg)
+        check_new_run(cfg)
 
 
 def _check_schedules(trainer_cfg) -> None:
@@ -419,7 +431,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)
     if not new:  # a new run's were checked before its folder was made
-        check_schedules_of_a_new_run(cfg, artifacts_dir, name)
+        check_new_run_named(cfg, artifacts_dir, name)
     if stored.exists():
         stored_config = read_json(stored)
         previous = stored_config["result_fields"]
@@ -500,7 +512,7 @@ def _new_run_folder(cfg: RunConfig, artifacts_dir: str | Path, base: str) -> str
     `mkdir`, which fails if one exists: two `--new` runs started at once get two names."""
     from tasks.checkpoint import checkpoint_root
 
-    check_schedules_fit_the_run(cfg)  # before the folder is made
+    check_new_run(cfg)  # before the folder is made
     for name in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
         folder = run_dir(artifacts_dir, name)
         try:

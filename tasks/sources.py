@@ -166,7 +166,7 @@ def is_saved_dataset(path: Path) -> bool:
 
 def open_source(path: str | Path, hook_name: str) -> list:
     """The readers of an `activations_path`, in order; raises BadActivations for a missing or
-    empty source, an unreadable or empty file, a folder of both formats, or files of different widths."""
+    empty source, an unreadable or empty file, or files of different widths."""
     path = Path(path).expanduser()
     if not path.exists():
         raise BadActivations(f"activations_path {path} does not exist")
@@ -186,13 +186,6 @@ def open_source(path: str | Path, hook_name: str) -> list:
             f"{path} holds no .safetensors or .npy files and is not a dataset written by CacheActivationsRunner; "
             f"point activations_path at a folder of [n, d_in] shards"
         )
-    formats = {p.suffix: p for p in files}
-    if len(formats) > 1:
-        raise BadActivations(
-            f"{path} holds both .safetensors and .npy files ({formats['.safetensors'].name}, {formats['.npy'].name}); "
-            f"every file of that suffix would be read as activations. Keep the shards of one format in the folder "
-            f"and move the other files out"
-        )
     readers = [_SafetensorsFile(p) if p.suffix == ".safetensors" else _NpyFile(p) for p in files]
     for reader in readers[1:]:
         if reader.width != readers[0].width:
@@ -201,6 +194,19 @@ def open_source(path: str | Path, hook_name: str) -> list:
                 f"every shard must have the same width (d_in)"
             )
     return readers
+
+
+def check_one_format(path: Path) -> None:
+    """Raise ConfigError for a folder of both .safetensors and .npy files: a stray `.npy` (a PCA
+    basis, norms) beside the shards would be imported as rows. For new runs only: a run started
+    on such a folder continues as it began."""
+    formats = {p.suffix: p for p in source_files(path)} if path.is_dir() and not is_saved_dataset(path) else {}
+    if len(formats) > 1:
+        raise ConfigError(
+            f"{path} holds both .safetensors and .npy files ({formats['.safetensors'].name}, {formats['.npy'].name}); "
+            f"every file of those suffixes would be read as activations. Keep the shards of one format in the folder "
+            f"and move the other files out"
+        )
 
 
 def source_files(path: Path) -> list[Path]:

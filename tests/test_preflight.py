@@ -118,11 +118,24 @@ def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
     message = resolve_error(tokenizer_path=str(tmp_path / "nope"))
     assert message.startswith(f"tokenizer_path {tmp_path / 'nope'} does not exist") and "leave tokenizer_path out" in message
     assert f"tokenizer_path {tmp_path} holds no tokenizer" in resolve_error(tokenizer_path=str(tmp_path))
-    message = resolve_error(model_cfg=None, model_name="gpt2", tokenizer_path=str(tmp_path))  # before the hub is asked
-    assert message == (
+
+
+
+def test_a_tokenizer_path_that_a_pretrained_model_ignores_is_refused_to_new_runs_only(tmp_path: Path):
+    from tasks.preflight import check_new_run, check_new_run_named
+
+    cfg = tiny_config(model_cfg=None, model_name="gpt2", tokenizer_path=str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        check_new_run(cfg)
+    assert str(refused.value) == (
         "tokenizer_path is for a model_cfg model or a local checkpoint saved without its tokenizer; the pretrained model "
         "'gpt2' uses its own tokenizer, and would ignore it: leave tokenizer_path out"
     )
+    with pytest.raises(ConfigError, match="leave tokenizer_path out"):
+        check_new_run_named(cfg, tmp_path, "started")
+    (tmp_path / "runs" / "started").mkdir(parents=True)
+    (tmp_path / "runs" / "started" / "config.json").write_text("{}")
+    check_new_run_named(cfg, tmp_path, "started")  # started by an earlier saeflow, which accepted it: it continues
 
 
 def test_sae_lens_rejections_come_before_any_work():
@@ -191,7 +204,7 @@ def test_a_new_run_whose_warm_ups_outlast_it_is_refused_and_an_earlier_one_conti
     assert not list(tmp_path.glob("runs/*"))
     cfg = resolve(tiny_config(l1_warm_up_steps=65))
     with monkeypatch.context() as earlier_saeflow:
-        earlier_saeflow.setattr(tasks.preflight, "check_schedules_fit_the_run", lambda cfg: None)
+        earlier_saeflow.setattr(tasks.preflight, "check_new_run", lambda cfg: None)
         name = claim_run(cfg, tmp_path, None, new=False)
     assert claim_run(cfg, tmp_path, None, new=False) == name
     assert claim_run(resolve(tiny_config(l1_warm_up_steps=64)), tmp_path, None, new=False) != name
@@ -227,13 +240,13 @@ def test_new_runs_started_at_once_get_names_of_their_own(tmp_path: Path, monkeyp
     folders = {c.lr: tmp_path / (f"artifacts-{i}" if shared_checkpoints else "artifacts") for i, c in enumerate(configs)}
     base = default_run_name(configs[0])
     ready = threading.Barrier(len(configs))
-    real_check = tasks.preflight.check_schedules_fit_the_run
+    real_check = tasks.preflight.check_new_run
 
     def check_then_wait(cfg):  # all four look for a free name at the same moment
         real_check(cfg)
         ready.wait(timeout=30)
 
-    monkeypatch.setattr(tasks.preflight, "check_schedules_fit_the_run", check_then_wait)
+    monkeypatch.setattr(tasks.preflight, "check_new_run", check_then_wait)
     names: dict[float, str] = {}
     threads = [threading.Thread(target=lambda c=c: names.__setitem__(c.lr, claim_run(c, folders[c.lr], base, new=True))) for c in configs]
     for thread in threads:

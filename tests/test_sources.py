@@ -306,7 +306,6 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
         ({"a.safetensors": torch.zeros(10_000, 8)}, {"d_in": 16}, r"d_in is 16 but the activations in .* have width 8; set d_in: 8 or leave it out"),
         ({"a.npy": np.zeros((6000, 16), np.float32), "b.npy": np.zeros((6000, 12), np.float32)}, {}, r"b.npy has rows of width 12 but .*a.npy has width 16; every shard must have the same width"),
         ({"a.safetensors": torch.zeros(10_000, 16), "b.safetensors": torch.zeros(0, 16)}, {}, r"b.safetensors is empty \(0 rows\); remove it"),
-        ({"a.safetensors": torch.zeros(10_000, 16), "pca.npy": np.zeros((16, 16), np.float32)}, {}, r"holds both .safetensors and .npy files \(a.safetensors, pca.npy\); .* Keep the shards of one format"),
         ({"a.npy": np.zeros((10, 100, 16), np.float32)}, {}, r"a.npy has shape \(10, 100, 16\); activations must be \[n, d_in\] \(flatten"),
         ({"a.npy": np.zeros((10_000, 16), np.int64)}, {}, r"a.npy does not hold floating-point numbers"),
         ({"a.safetensors": {"x": torch.zeros(10_000, 16), "y": torch.zeros(10_000, 16)}}, {}, r"holds the tensors \['x', 'y'\]; name the activations 'activations'"),
@@ -317,7 +316,7 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
         ({"a.npy": np.zeros((500, 16), np.float32)}, {"eval_tokens": 50}, r"leaves 450 to train on.*; lower train_batch_size_tokens below 500, and eval_tokens with it, or give more rows"),
         ({"a.npy": np.zeros((10_000, 16), np.longdouble)}, {}, r"a.npy holds float128 numbers, which torch cannot read; save them as float32 or float64"),
     ],
-    ids=["width-vs-d_in", "widths-differ", "empty", "two-formats", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "dataset-splits", "too-few-rows", "fewer-than-a-batch", "long-double"],
+    ids=["width-vs-d_in", "widths-differ", "empty", "3d", "integers", "two-tensors", "not-safetensors", "no-shards", "dataset-splits", "too-few-rows", "fewer-than-a-batch", "long-double"],
 )
 def test_bad_shards_are_refused_before_anything_runs(tmp_path, files, overrides, message):
     for name, content in files.items():
@@ -350,6 +349,24 @@ def test_an_import_that_would_fill_the_disk_is_refused_before_any_row_is_copied(
     with pytest.raises(NotEnoughDisk, match=r"needs 0.6 MB more, but only 0.1 MB are free there; free some space, or import elsewhere"):
         import_store(source_config(folder), tmp_path / "artifacts")
     assert not saved and acts.shape == (9216, 16)  # 9216 rows of 16 float32: 589,824 bytes
+
+
+def test_a_new_run_on_a_folder_of_both_formats_is_refused_and_one_started_before_continues(tmp_path, shard_folder, monkeypatch):
+    import shutil
+
+    import tasks.preflight
+    from tasks.preflight import claim_run
+
+    folder = tmp_path / "acts"
+    shutil.copytree(shard_folder[0], folder)
+    np.save(folder / "pca.npy", np.zeros((16, 16), np.float32))  # as wide as the rows: it would be imported
+    cfg = resolve(source_config(folder))
+    with pytest.raises(ConfigError, match=r"holds both .safetensors and .npy files \(acts-10.safetensors, pca.npy\); every file .* Keep the shards of one format"):
+        claim_run(cfg, tmp_path / "artifacts", None, new=False)
+    with monkeypatch.context() as earlier_saeflow:
+        earlier_saeflow.setattr(tasks.preflight, "check_new_run", lambda cfg: None)
+        name = claim_run(cfg, tmp_path / "artifacts", None, new=False)
+    assert claim_run(cfg, tmp_path / "artifacts", None, new=False) == name
 
 
 def test_nan_rows_stop_the_import_naming_file_and_row(tmp_path):
