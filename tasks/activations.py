@@ -180,11 +180,13 @@ def _whole_safetensors(path: Path) -> bool:
     """Whether `path` is a file as long as its safetensors header says (reads the header only)."""
     try:
         with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
             size = os.fstat(f.fileno()).st_size
+            header_size = int.from_bytes(f.read(8), "little")
+            if header_size > size - 8:  # garbled: reading it would ask for up to 2^64 bytes
+                return False
+            header = json.loads(f.read(header_size))
         data = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, or a header cut short or garbled
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):  # missing, or a header cut short or garbled
         return False
     return size == 8 + header_size + data
 
@@ -607,6 +609,8 @@ def store_contexts(store_ref: dict[str, Any], context_size: int) -> torch.Tensor
     contexts = torch.empty(store_ref["n_tokens"], dtype=torch.int32)
     start = 0
     for data in _store_shards(store_ref):
+        if start + len(data["tokens"]) > len(contexts):
+            raise RuntimeError(f"activation store {store_ref['path']} holds more than the {len(contexts)} rows expected")
         contexts[start : start + len(data["tokens"])] = data["tokens"]
         start += len(data["tokens"])
     return contexts.reshape(-1, context_size)

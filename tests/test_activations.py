@@ -91,6 +91,9 @@ def test_a_resumed_fill_keeps_the_listed_shards_that_are_whole_hashing_only_the_
     assert activations._verified_shards(tmp_path, manifest) == shards[:1]
     (tmp_path / "shard-00000.safetensors").unlink()
     assert activations._verified_shards(tmp_path, manifest) == []
+    for garbled in (b"\xff" * 8, (2**40).to_bytes(8, "little"), b"\x05\x00\x00\x00\x00\x00\x00\x00[1]xx"):
+        (tmp_path / "garbled.safetensors").write_bytes(garbled + b"{}")
+        assert not activations._whole_safetensors(tmp_path / "garbled.safetensors")
 
 
 def test_a_fill_that_would_fill_the_disk_is_refused_before_the_model_loads(prefect_server, tmp_path: Path, monkeypatch):
@@ -131,6 +134,8 @@ def test_a_streaming_store_s_contexts_are_its_tokens_in_int32_and_a_gap_is_refus
     contexts = activations.store_contexts(store_ref, 8)
     assert contexts.dtype == torch.int32 and torch.equal(contexts.long(), tokens)
     assert torch.equal(load_store(store_ref)[1], tokens.reshape(-1)) and load_store(store_ref)[0] is None
+    with pytest.raises(RuntimeError, match=r"holds more than the 40 rows expected"):
+        activations.store_contexts({**store_ref, "n_tokens": 40}, 8)
     write_json(tmp_path / "manifest.json", {"shards": shards[1:], "complete": True})
     with pytest.raises(RuntimeError, match=r"rows 0..40 are missing"):
         activations.store_contexts(store_ref, 8)
