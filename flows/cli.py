@@ -104,7 +104,7 @@ def _stop(args) -> int:
         if holder is not None:
             print(
                 f"asked run '{name}' ({holder}) to stop: in training it writes a checkpoint at the end of the current step; "
-                f"before training (building its model, filling its store) it stops at its next model batch, keeping the "
+                f"before training (filling or importing its store) it stops after its model batch or shard, keeping the "
                 f"shards written (a model being built or data being tokenised is finished first)"
             )
             asked += 1

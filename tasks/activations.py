@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, write_json
 from tasks.config import RunConfig, stable_hash
-from tasks.stopping import STOPS_AFTER_FILL, StopRequests, preempted, stop_requested, stop_signals
+from tasks.stopping import STOPS_AFTER_FILL, StopRequests, preempted, stop_asked, stop_requested, stop_signals
 
 # SAELens copies each pretokenised row with torch.tensor(row), which warns for tensor rows.
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
@@ -429,15 +429,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             logger.info(f"Activation store(s) {names}: resuming at row {start_row} of {n_tokens}")
         if len(todo) > 1:
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
-        def stop_asked() -> str | None:
-            if stop := stop_requested():
-                return stop
-            if stop_requests is not None and (stop := stop_requests.requested()):
-                stop_requests.done()
-                return stop
-            return None
-
-        if stop := stop_asked():  # before loading the model: a sweep's member that waited for this lock
+        if stop := stop_asked(stop_requests):  # before loading the model: a sweep's member that waited for this lock
             raise preempted(f"stopped by {stop} before filling activation store(s) {names} began")
         _check_room_for(todo)
         n_eval = -(-spec["eval_tokens"] // ctx)
@@ -483,7 +475,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
 
         stored_tokens = _StoredTokens(todo)
         while row < n_tokens:
-            if stop := stop_asked():  # the shards written so far are kept
+            if stop := stop_asked(stop_requests):  # the shards written so far are kept
                 bar.close()
                 raise preempted(f"stopped by {stop} while filling activation store(s) {names}, at row {row} of {n_tokens} (the shards written are kept)")
             tokens = next_tokens()

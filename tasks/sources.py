@@ -35,6 +35,7 @@ import torch
 from tasks.activations import EVAL_ACTIVATIONS, SHARD_BYTES, _save_shard, _verified_shards, check_free_disk, shard_bytes, store_dir
 from tasks.artifacts import atomic_dir, exclusive_lock, file_sha256, read_json, stage, verify_manifest, write_json, write_manifest
 from tasks.config import TORCH_GLOBALS, ConfigError, RunConfig, stable_hash
+from tasks.stopping import STOPS_AFTER_FILL, StopRequests, preempted, stop_asked, stop_requested, stop_signals
 
 STAGE_VERSION = 1
 SHARD_SUFFIXES = (".safetensors", ".npy")
@@ -325,15 +326,20 @@ def eval_seed(store_ref: dict[str, Any]) -> int:
 
 
 @stage("import-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def import_activations(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
+def import_activations(spec: dict[str, Any], artifacts_dir: str, run_dir: str | None = None) -> dict[str, Any]:
     """Copy (or generate) the activations into a store, checking every row; hold out the last
-    `eval_rows` for evaluation."""
+    `eval_rows` for evaluation. SIGTERM/SIGINT, and `saeflow stop` of the run in `run_dir`, stop
+    it after the shard in hand, as they stop a fill."""
     from prefect import get_run_logger
 
     out = store_dir(artifacts_dir, spec)
+    stop_requests = StopRequests(Path(run_dir)) if run_dir else None
     # Runs that share this store (a sweep) wait here for the one importing it, then find it complete.
-    with exclusive_lock(out / ".lock", f"activation store {out}", wait=True):
-        return _import(spec, out, get_run_logger())
+    with stop_signals(), exclusive_lock(out / ".lock", f"activation store {out}", wait=True):
+        ref = _import(spec, out, get_run_logger(), stop_requests)
+        if stop := stop_requested():  # after the last shard's check: training would no longer see it
+            STOPS_AFTER_FILL[ref["path"]] = stop
+        return ref
 
 
 def _source(spec: dict[str, Any], out: Path):
@@ -357,10 +363,10 @@ def _source(spec: dict[str, Any], out: Path):
     return rows, rows.rows - spec["eval_rows"], spec["eval_rows"]
 
 
-def _import(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
+def _import(spec: dict[str, Any], out: Path, logger, stop_requests: StopRequests | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _copy_rows(spec, out, logger)
+        return _copy_rows(spec, out, logger, stop_requests)
     except BadActivations:
         for path in out.iterdir():  # fixing the source changes the store's key: these rows would never be used
             if path.is_dir():
@@ -370,7 +376,7 @@ def _import(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
         raise
 
 
-def _copy_rows(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
+def _copy_rows(spec: dict[str, Any], out: Path, logger, stop_requests: StopRequests | None) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"spec": spec, "shards": []}
     if manifest["spec"] != spec:
@@ -381,19 +387,22 @@ def _copy_rows(spec: dict[str, Any], out: Path, logger) -> dict[str, Any]:
     row_bytes = spec["d_in"] * dtype.itemsize
     rows_per_shard = max(1, shard_bytes(n_rows * row_bytes) // row_bytes)
     done = shards[-1]["stop"] if shards else 0
-    eval_done = manifest.get("eval") and (out / manifest["eval"]["file"]).is_file()
-    check_free_disk({out: (n_rows - done + (0 if eval_done else n_eval)) * row_bytes}, "free some space, or import elsewhere (--artifacts-dir on a bigger disk)")
+    entry = manifest.get("eval")
+    eval_done = bool(entry and (out / entry["file"]).is_file() and file_sha256(out / entry["file"]) == entry["sha256"])
+    stored_row_bytes = row_bytes + (8 if any(getattr(r, "has_tokens", False) for r in getattr(source, "readers", [])) else 0)
+    check_free_disk({out: (n_rows - done + (0 if eval_done else n_eval)) * stored_row_bytes}, "free some space, or import elsewhere (--artifacts-dir on a bigger disk)")
     if done:
         logger.info(f"Activation store {out.name}: resuming the import at row {done} of {n_rows}")
     for start in range(done, n_rows, rows_per_shard):
+        if stop := stop_asked(stop_requests):  # the shards written so far are kept
+            raise preempted(f"stopped by {stop} while importing activation store {out.name}, at row {start} of {n_rows} (the shards written are kept)")
         stop = min(start + rows_per_shard, n_rows)
         acts, tokens = source.read(start, stop)
         name = f"shard-{len(shards):05d}.safetensors"
         shards.append({"file": name, "start": start, "stop": stop, "sha256": _save_shard(out / name, acts.to(dtype), tokens)})
         write_json(manifest_path, {**manifest, "spec": spec, "shards": shards, "complete": False})
         logger.info(f"Activation store {out.name}: {stop}/{n_rows} rows imported ({100 * stop / n_rows:.0f}%)")
-    entry = manifest.get("eval")
-    if not (entry and (out / entry["file"]).is_file() and file_sha256(out / entry["file"]) == entry["sha256"]):
+    if not eval_done:
         acts, tokens = source.read(n_rows, n_rows + n_eval)
         entry = {"file": EVAL_ACTIVATIONS, "rows": n_eval, "sha256": _save_shard(out / EVAL_ACTIVATIONS, acts.to(dtype), tokens)}
         write_json(manifest_path, {**manifest, "spec": spec, "shards": shards, "eval": entry, "complete": True})

@@ -292,6 +292,17 @@ def stop_requested() -> str | None:
 
 
 
+def stop_asked(requests: StopRequests | None) -> str | None:
+    """What asked this process (a signal, `stop_requested`) or, through `requests`, its run
+    (`saeflow stop`) to stop, or None. A run's request is then done: it is not asked again."""
+    if stop := stop_requested():
+        return stop
+    if requests is not None and (stop := requests.requested()):
+        requests.done()
+        return stop
+    return None
+
+
 STOP_REQUEST_FILE = "stop-request.json"
 
 

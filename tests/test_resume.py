@@ -399,7 +399,7 @@ def test_saeflow_stop_during_the_fill_stops_it_at_the_next_batch_keeping_its_sha
     monkeypatch.setattr(tasks.activations, "_save_shard", stop_after_the_second_shard)
     with pytest.raises(Preempted, match=r"stopped by saeflow stop \(from process \d+ .*\) while filling activation store\(s\) \w+, at row \d+ of \d+ \(the shards written are kept\)"):
         start(cfg, tmp_path, "fill-stop")
-    assert "before training (building its model, filling its store) it stops at its next model batch, keeping the shards" in capsys.readouterr().out
+    assert "before training (filling or importing its store) it stops after its model batch or shard, keeping the shards" in capsys.readouterr().out
     assert 2 <= len(written) < 8 and "eval_tokens.safetensors" not in written
     run = tmp_path / "runs" / "fill-stop"
     assert not (run / STOP_REQUEST_FILE).exists() and not (run / "checkpoints").exists()

@@ -11,6 +11,7 @@ import re
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,37 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
     assert torch.equal(load_eval_activations(resumed), load_eval_activations(reference))
 
 
+def test_saeflow_stop_stops_an_import_after_its_shard_and_the_import_continues(tmp_path, monkeypatch):
+    import tasks.activations
+    import tasks.sources
+    from tasks.activations import store_dir
+    from tasks.artifacts import exclusive_lock
+    from tasks.sources import _import, import_spec
+    from tasks.stopping import Preempted, StopRequests, request_stop
+
+    monkeypatch.setattr(tasks.activations, "SHARD_BYTES", 1024 * D_IN * 4)  # 8 shards
+    cfg = make_config({"synthetic": {"num_features": 32, "hidden_dim": D_IN}, "training_tokens": 8192, "eval_tokens": 1024, "train_batch_size_tokens": 512})
+    reference = import_store(cfg, tmp_path / "a")
+    run = tmp_path / "runs" / "imported"
+    written, real_save = [], tasks.sources._save_shard
+
+    def stop_after_two(path, acts, tokens):
+        written.append(path.name)
+        if len(written) == 2:
+            assert request_stop(run) is not None
+            time.sleep(1.1)  # a run's request is looked for at most once a second
+        return real_save(path, acts, tokens)
+
+    spec = import_spec(resolve(cfg))
+    monkeypatch.setattr(tasks.sources, "_save_shard", stop_after_two)
+    with exclusive_lock(run / ".lock", "run 'imported'", wait=False), pytest.raises(Preempted) as stopped:
+        _import(spec, store_dir(tmp_path / "b", spec), LOGGER, StopRequests(run))
+    assert re.fullmatch(r"stopped by saeflow stop \(from process .*\) while importing activation store \w+, at row 2048 of 8192 \(the shards written are kept\)", str(stopped.value))
+    monkeypatch.setattr(tasks.sources, "_save_shard", real_save)
+    resumed = import_store(cfg, tmp_path / "b")
+    assert resumed["n_shards"] == 8 and torch.equal(load_store(resumed)[0], load_store(reference)[0])
+
+
 @pytest.mark.parametrize(
     "files, overrides, message",
     [
@@ -346,9 +378,9 @@ def test_an_import_that_would_fill_the_disk_is_refused_before_any_row_is_copied(
     real_disk_usage, saved = shutil.disk_usage, []
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=100_000))
     monkeypatch.setattr(tasks.sources, "_save_shard", lambda *a: saved.append(a))
-    with pytest.raises(NotEnoughDisk, match=r"needs 0.6 MB more, but only 0.1 MB are free there; free some space, or import elsewhere"):
+    with pytest.raises(NotEnoughDisk, match=r"needs 0.7 MB more, but only 0.1 MB are free there; free some space, or import elsewhere"):
         import_store(source_config(folder), tmp_path / "artifacts")
-    assert not saved and acts.shape == (9216, 16)  # 9216 rows of 16 float32: 589,824 bytes
+    assert not saved and acts.shape == (9216, 16)  # 9216 rows of 16 float32 and a token id: 663,552 bytes
 
 
 def test_a_new_run_on_a_folder_of_both_formats_is_refused_and_one_started_before_continues(tmp_path, shard_folder, monkeypatch):
