@@ -138,10 +138,14 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         progress = training_progress(folder, config.get("training_tokens"))
         artifacts = "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
         if holder := lock_holder(folder / ".lock"):
-            raise RunNotReady(
-                f"run '{name}' is running ({holder}){f': {progress}' if progress else ''}. "
-                f"`saeflow stop {shlex.quote(name)}{artifacts}` stops it at a checkpoint"
-            )
+            if (folder / "trained" / "manifest.json").is_file():
+                doing = "its training has finished; it is saving, evaluating and analysing the SAE"
+            else:
+                doing = (
+                    f"{f'training, {progress}' if progress else 'before training (or in its first steps)'}. `saeflow stop "
+                    f"{shlex.quote(name)}{artifacts}` stops it (in training at a checkpoint, in a fill after its model batch)"
+                )
+            raise RunNotReady(f"run '{name}' is running ({holder}): {doing}")
         checkpoints = sorted(p.name for p in checkpoint_root(config.get("checkpoint_path"), folder).glob("step-*"))
         found = [f"checkpoints up to {checkpoints[-1]}" if checkpoints else "no checkpoint"]
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
@@ -157,10 +161,14 @@ def training_progress(folder: Path, training_tokens: int | None) -> str | None:
     """The last row of a run's `train_log.jsonl` in words (step, share of the training tokens,
     speed, loss, L0, and how long ago), or None before its first row."""
     log = folder / "train_log.jsonl"
-    rows = log.read_text().splitlines() if log.is_file() else []
-    try:
-        row = json.loads(rows[-1])
-    except (IndexError, json.JSONDecodeError):  # no row yet, or the last one cut short
+    row = None
+    for line in reversed(log.read_text().splitlines() if log.is_file() else []):
+        try:
+            row = json.loads(line)
+            break
+        except json.JSONDecodeError:  # a row cut short by a kill
+            continue
+    if row is None:
         return None
     share = f" ({100 * row['tokens'] / training_tokens:.1f}% of {training_tokens:,} tokens)" if training_tokens else ""
     ago = time.time() - log.stat().st_mtime

@@ -383,7 +383,10 @@ def check_free_disk(needs: dict[Path, int], fixes: str) -> None:
         total, folders = by_device.get(folder.stat().st_dev, (0, []))
         by_device[folder.stat().st_dev] = (total + need, [*folders, folder])
     for need, folders in by_device.values():
-        free = shutil.disk_usage(folders[0]).free
+        usage = shutil.disk_usage(folders[0])
+        if usage.total == 0:  # a file system that does not say (some FUSE mounts of object stores)
+            continue
+        free = usage.free
         if need > free:
             raise NotEnoughDisk(
                 f"{', '.join(str(f) for f in folders)} need{'s' if len(folders) == 1 else ''} {_size(need)} more, "
@@ -403,10 +406,15 @@ def _check_room_for(writers: list[_StoreWriter]) -> None:
         row_bytes = 8 + (0 if w.spec.get("tokens_only") else w.spec["d_in"] * getattr(torch, w.spec["dtype"]).itemsize)
         eval_bytes = 0 if w.eval_done else -(-w.spec["eval_tokens"] // w.spec["context_size"]) * w.spec["context_size"] * 8
         needs[w.out] = (w.spec["n_tokens"] - w.done_rows) * row_bytes + eval_bytes
+    smaller = []
+    if any(not w.spec.get("tokens_only") and w.spec["dtype"] == "float32" for w in writers):
+        smaller.append("store_dtype: bfloat16 halves it")
+    if any(not w.spec.get("tokens_only") for w in writers):
+        smaller.append("activation_mode: streaming stores the token ids alone (8 bytes a token) and runs the model again as training reads")
     check_free_disk(
         needs,
-        "free some space, or fill the store elsewhere (--artifacts-dir on a bigger disk), or make it smaller: store_dtype: bfloat16 "
-        "halves it, and activation_mode: streaming stores the token ids alone (8 bytes a token) and runs the model again as training reads",
+        "free some space, or fill the store elsewhere (--artifacts-dir on a bigger disk)"
+        + (f", or make it smaller (a new run): {', and '.join(smaller)}" if smaller else ""),
     )
 
 

@@ -262,12 +262,13 @@ class RunConfig(BaseModel):
     # --- checkpoints and logging --------------------------------------------------------------
     n_checkpoints: int = Field(10, ge=0)
     """Checkpoints written during training, evenly spaced, plus one after the last step (none with
-    0); a restarted run resumes from the newest."""
+    0, but for `checkpoint_every_minutes`); a restarted run resumes from the newest."""
     checkpoint_every_minutes: float | None = Field(None, gt=0)
-    """Also write a checkpoint once this many minutes of training have passed since the last one
-    (or since training started), so that a run killed without warning (out of memory, a lost
-    node) loses at most that much: `n_checkpoints` are spaced by tokens, hours apart in a
-    multi-day run. A signal or `saeflow stop` writes one at once either way."""
+    """Also write a checkpoint at the end of the first step once this many minutes of training
+    have passed since the last one (or since training started), so that a run killed without
+    warning (out of memory, a lost node) loses about that much: `n_checkpoints` are spaced by
+    tokens, hours apart in a multi-day run. They count among the `keep_checkpoints` newest. A
+    signal or `saeflow stop` writes one at once either way."""
     keep_checkpoints: int = Field(3, gt=0)
     """How many of the newest checkpoints are kept."""
     retries: int = Field(0, ge=0)

@@ -326,14 +326,25 @@ def test_report_on_a_run_in_training_says_how_far_it_is_and_how_to_stop_it(tmp_p
         assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
     assert f"run 'long' is running (process {os.getpid()} on " in err
-    assert "step 40 (51.2% of 80,000 tokens), 12,346 tokens/s, loss 0.5123, L0 12.3, logged " in err
-    assert f"`saeflow stop long --artifacts-dir {tmp_path}` stops it at a checkpoint" in err and "saeflow run" not in err
+    assert "): training, step 40 (51.2% of 80,000 tokens), 12,346 tokens/s, loss 0.5123, L0 12.3, logged " in err
+    assert f"`saeflow stop long --artifacts-dir {tmp_path}` stops it (in training at a checkpoint" in err and "saeflow run" not in err
+    (run / "trained").mkdir()
+    (run / "trained" / "manifest.json").write_text("{}")
+    with exclusive_lock(run / ".lock", "run 'long'", wait=False):
+        assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+    assert "): its training has finished; it is saving, evaluating and analysing the SAE" in err and "saeflow stop" not in err
+    (run / "trained" / "manifest.json").unlink()
+    (run / "trained").rmdir()
     assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT  # stopped, or killed
     err = capsys.readouterr().err
     assert "has not finished: it has checkpoints up to step-000000030 (training logged step 40 (51.2% of 80,000 tokens)" in err
     assert "saeflow run --run-name long" in err
     with open(run / "train_log.jsonl", "a") as f:
-        f.write('{"step": 60, "tok')  # a row cut short by the kill
+        f.write('{"step": 60, "tok')  # a row cut short by the kill: the one before it is the last
+    assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "(training logged step 40 (51.2% of 80,000 tokens)" in capsys.readouterr().err
+    (run / "train_log.jsonl").write_text('{"step": 60, "tok')
     assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "has not finished: it has checkpoints up to step-000000030. Run `saeflow run" in capsys.readouterr().err
 
