@@ -107,6 +107,7 @@ def logit_effects(model, sae, features: list[int], k: int) -> tuple[list[dict[st
     if directions is None:
         return [], None
     rows = unembed_directions(model, directions)
+    k = min(k, rows.shape[1])  # a top_k_tokens beyond the vocabulary lists all of it
     effects = []
     for feature, row in zip(features, rows):
         top, bottom = torch.topk(row, k), torch.topk(-row, k)

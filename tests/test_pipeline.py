@@ -108,6 +108,10 @@ def test_logit_analysis_uses_W_dec_times_W_U(finished_run, models):
     assert [e["token"] for e in effect["promoted"]] == [model.to_string(i) for i in torch.topk(row, 5).indices]
     assert [e["token"] for e in effect["inhibited"]] == [model.to_string(i) for i in torch.topk(-row, 5).indices]
     assert effect["promoted"][0]["logit"] == pytest.approx(row.max().item(), rel=1e-5)
+    from tasks.analyse import logit_effects
+
+    (everything,), _ = logit_effects(model, sae, [effect["feature"]], 10**6)  # top_k_tokens beyond the vocabulary: all of it
+    assert len(everything["promoted"]) == len(everything["inhibited"]) == model.cfg.d_vocab
 
 
 def test_unembed_directions_equal_W_U_of_the_model_with_its_layer_norms_folded(models):
