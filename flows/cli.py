@@ -333,11 +333,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    from tasks.config import ConfigError, config_reference
+    from tasks.config import ConfigError, check_run_name, config_reference
 
     if args.command == "config-reference":
         print(config_reference())
         return 0
+    try:
+        for name in [getattr(args, "run_name", None), getattr(args, "run", None), *getattr(args, "runs", [])]:
+            if name is not None:
+                check_run_name(name)
+    except ConfigError as error:
+        print(f"saeflow: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.command == "stop":
         return _stop(args)
     if args.command in ("report", "analyze"):

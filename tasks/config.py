@@ -68,6 +68,16 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that says how to fix it."""
 
 
+def check_run_name(name: str) -> None:
+    """Raise ConfigError unless `name` is a plain folder name: it names `<artifacts>/runs/<name>/`,
+    and `../x` or `a/b` would put a run outside that folder or inside another run's list."""
+    if name and Path(name).name == name and not name.startswith("."):
+        return
+    path = Path(name)
+    found = f"; for the run in {path}, give its name and artifacts folder: {path.name} --artifacts-dir {path.parent.parent}" if (path / "config.json").is_file() and path.parent.name == "runs" else ""
+    raise ConfigError(f"run name {name!r} must be a plain folder name (it names <artifacts>/runs/<name>/){found}")
+
+
 class RunConfig(BaseModel):
     """Everything that defines one saeflow run."""
 

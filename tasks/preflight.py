@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
-from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, device_kind, hook_layer_of, stable_hash
+from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, check_run_name, device_kind, hook_layer_of, stable_hash
 
 
 def _per_token_hooks(hooks: dict[str, tuple[int, ...] | None]) -> list[str]:
@@ -422,6 +422,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     """
     from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root
 
+    if run_name is not None:
+        check_run_name(run_name)
     check_artifacts_dir(artifacts_dir)
     if cfg.checkpoint_path is not None:
         check_writable(Path(cfg.checkpoint_path), "checkpoint_path", "choose another, or leave it out to keep checkpoints in the run's folder")

@@ -314,6 +314,23 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     assert "run 'elsewhere' has not finished: it has checkpoints up to step-000000026" in capsys.readouterr().err
 
 
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(finished_run, tmp_path, capsys):
+    run_folder = finished_run["artifacts"] / "runs" / finished_run["name"]
+    assert main(["report", str(run_folder)]) == EXIT_BAD_INPUT  # the run's path for its name
+    assert capsys.readouterr().err == (
+        f"saeflow: run name {str(run_folder)!r} must be a plain folder name (it names <artifacts>/runs/<name>/); for the run in "
+        f"{run_folder}, give its name and artifacts folder: {finished_run['name']} --artifacts-dir {finished_run['artifacts']}\n"
+    )
+    for command in (["run", "--run-name", "../../escaped"], ["stop", "exp/one"], ["analyze", ".hidden", "--prompt", "x"]):
+        assert main([*command, "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+        assert "must be a plain folder name" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "escaped").exists()
+    from tasks.preflight import claim_run
+
+    with pytest.raises(ConfigError, match="must be a plain folder name"):  # the Python API's way in
+        claim_run(finished_run["cfg"], tmp_path, "a/b", new=False)
+
+
 def test_report_on_a_run_in_training_says_how_far_it_is_and_how_to_stop_it(tmp_path, capsys):
     from tasks.artifacts import exclusive_lock
 
