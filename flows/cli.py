@@ -297,15 +297,23 @@ def _analyze(args) -> int:
     logger.handlers[0].setFormatter(logging.Formatter("saeflow: %(message)s"))
     index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
     setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
-    check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
     device = args.device or cfg["device"]
     check_device_name(device)
     missing = missing_device(device)
     if missing:
         raise ConfigError(f"run '{args.run}' {'is analysed' if args.device else 'was trained'} on {device}, but {missing}; add --device cpu")
     select_cuda_device(device)
-    model = load_model(summary["model"], device, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
-    sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
+    try:
+        check_token_index(summary["model"], cfg["model_from_pretrained_kwargs"], args.prompt, index, cfg["context_size"], cfg["prepend_bos"], setting)
+        model = load_model(summary["model"], device, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
+        sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
+    except OSError as error:  # the model's or the SAE's files moved since the run
+        where = summary["model"].get("path") or summary["model"].get("name")
+        raise RunNotReady(
+            f"run '{args.run}' cannot be analysed: {type(error).__name__}: {error}. It reads its model ({where}) and its SAE "
+            f"({summary['sae']['path']}) where the run left them: put them back, or run the run again (`saeflow run "
+            f"--run-name {shlex.quote(args.run)}`) to make what is missing"
+        ) from None
     for prompt in args.prompt:
         result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logger)
         bos = " (the BOS token prepend_bos adds)" if result["is_bos"] else ""

@@ -314,6 +314,20 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     assert "run 'elsewhere' has not finished: it has checkpoints up to step-000000026" in capsys.readouterr().err
 
 
+def test_analyze_of_a_run_whose_model_moved_says_so_without_a_traceback(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "runs" / finished_run["name"]
+    shutil.copytree(finished_run["artifacts"] / "runs" / finished_run["name"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model"]["path"] = str(tmp_path / "moved")
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["analyze", finished_run["name"], "--artifacts-dir", str(tmp_path), "--prompt", "Tom fed the dog ."]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"saeflow: run '{finished_run['name']}' cannot be analysed: ") and "Traceback" not in err
+    assert f"It reads its model ({tmp_path / 'moved'}) and its SAE" in err
+
+
 def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(finished_run, tmp_path, capsys):
     run_folder = finished_run["artifacts"] / "runs" / finished_run["name"]
     assert main(["report", str(run_folder)]) == EXIT_BAD_INPUT  # the run's path for its name
