@@ -348,7 +348,13 @@ def check_dask_address(address: str) -> None:
 
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     try:
-        socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=5).close()
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not parsed.hostname or port is None:
+        raise ConfigError(f"--dask-address {address} names no scheduler port; give host and port, e.g. tcp://{parsed.hostname or '10.0.0.5'}:8786 (`dask scheduler` listens on 8786)")
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
     except OSError as error:
         raise ConfigError(f"cannot reach the Dask scheduler at {address} ({error}); start it with `dask scheduler` or fix --dask-address") from None
 

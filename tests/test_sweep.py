@@ -217,6 +217,9 @@ def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     sweep = write_sweep(tmp_path, {"lr": [0.001]})
     assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-address", "tcp://127.0.0.1:9"]) == EXIT_BAD_INPUT
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+    for address in ("10.0.0.5", "tcp://10.0.0.5", "10.0.0.5:port"):  # Dask's runner wants the port: it failed after the server started
+        assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-address", address]) == EXIT_BAD_INPUT
+        assert f"--dask-address {address} names no scheduler port; give host and port, e.g. tcp://10.0.0.5:8786" in capsys.readouterr().err
     assert main(["sweep", str(sweep), "--artifacts-dir", str(tmp_path), "--dask-workers", "0"]) == EXIT_BAD_INPUT
     assert "--dask-workers is 0; give at least 1 worker process" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
