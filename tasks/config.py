@@ -516,6 +516,26 @@ def make_config(values: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(_friendly_errors(error)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key written twice in one mapping is an error (YAML keeps the
+    last, so a setting written earlier in the file would be silently dropped)."""
+
+
+def _mapping_of_unique_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in lines:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {lines[key] + 1} and {key_node.start_mark.line + 1}); keep one", key_node.start_mark
+            )
+        lines[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_of_unique_keys)
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """The mapping a YAML file holds (`what` names the file in messages), or ConfigError."""
     path = Path(path)
@@ -524,7 +544,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):

@@ -144,6 +144,9 @@ def test_missing_or_malformed_config_file(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("lr: [1\n")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text("lr: 0.001\nmodel_cfg:\n  n_layers: 2\nlr: 0.01\n")  # YAML keeps the last silently
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: key 'lr' is given twice \(lines 1 and 4\); keep one"):
+        load_config(tmp_path / "twice.yaml")
 
 
 def test_demo_config_is_valid():
