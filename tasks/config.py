@@ -348,7 +348,19 @@ class RunConfig(BaseModel):
                 data = {**data, "model_name": "synthetic"}
         if isinstance(data, dict) and data.get("store_dtype") is not None and data["store_dtype"] == data.get("dtype", "float32"):
             data = {k: v for k, v in data.items() if k != "store_dtype"}  # the default: the same run as without it
+        if isinstance(data, dict):
+            # YAML reads 1e6 (no dot) as text, which an integer setting would refuse: a whole number in
+            # scientific notation is taken as that number, as `lr: 1e-4` is for a float.
+            for name in cls._integer_fields() & data.keys():
+                value = data[name]
+                if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()) and float(value).is_integer() and abs(float(value)) < 2**53:
+                    data = {**data, name: int(float(value))}
         return data
+
+    @classmethod
+    @functools.cache
+    def _integer_fields(cls) -> frozenset[str]:
+        return frozenset(name for name, field in cls.model_fields.items() if field.annotation in (int, int | None))
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -484,6 +496,16 @@ def unknown_key_hint(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; see `saeflow config-reference` for valid keys"
 
 
+SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
+# What YAML made of a value that a setting of another type refused, and what to write instead.
+YAML_HINTS = {
+    "int_parsing": "write a whole number, e.g. 1000000 or 1_000_000",
+    "int_from_float": "write a whole number",
+    "string_type": "YAML reads yes/no/on/off/true/false as booleans and bare numbers as numbers: put the value in quotes",
+    "list_type": 'give a list, e.g. ["Tom saw a cat ."] or one "- item" line each',
+}
+
+
 def _friendly_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -492,6 +514,9 @@ def _friendly_errors(error: ValidationError) -> str:
             lines.append(f"unknown config key '{where}'{unknown_key_hint(where)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            kind = item["type"]
+            if (kind in YAML_HINTS or kind.endswith(("_parsing", "_type")) or kind == "literal_error") and item["loc"] and "input" in item:  # what YAML made of it
+                message += f" (given {item['input']!r}" + (f"; {YAML_HINTS[kind]})" if kind in YAML_HINTS else ")")
             lines.append(f"{where}: {message}" if item["loc"] else message)
     return "\n".join(lines)
 

@@ -116,6 +116,10 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"dtype": "float16"}, "dtype float16 cannot train an SAE: Adam's epsilon (1e-8) is 0 in float16"),
         ({"model_train_tokens": 1000}, "model_train_tokens trains a locally built model, but model_cfg is not set"),
         ({"model_train_lr": 0}, "model_train_lr: Input should be greater than 0"),
+        ({"training_tokens": "2,000,000"}, "training_tokens: Input should be a valid integer, unable to parse string as an integer (given '2,000,000'; write a whole number, e.g. 1000000 or 1_000_000)"),
+        ({"training_tokens": "2.5e0"}, "(given '2.5e0'; write a whole number"),
+        ({"wandb_project": False}, "wandb_project: Input should be a valid string (given False; YAML reads yes/no/on/off/true/false as booleans"),
+        ({"prompts": "Tom saw a cat ."}, "prompts: Input should be a valid list (given 'Tom saw a cat .'; give a list"),
     ],
 )
 def test_bad_values_get_one_clear_message(values, message):
@@ -129,6 +133,10 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path: Path):
     path.write_text(yaml.safe_dump(GUIDE_CONFIG))
     cfg = load_config(path, ["lr=0.001", "prompts=[a, b]", "log_to_wandb=true"])
     assert cfg.lr == 0.001 and cfg.prompts == ["a", "b"] and cfg.log_to_wandb is True
+    # YAML reads 1e6 (no dot) as text: a whole number in scientific notation is that number, as 1e-4 is for lr
+    cfg = load_config(path, ["training_tokens=3e6", "lr=1e-4", "n_checkpoints=1E1"])
+    assert (cfg.training_tokens, cfg.lr, cfg.n_checkpoints) == (3_000_000, 1e-4, 10) and type(cfg.training_tokens) is int
+    assert cfg.result_fields() == load_config(path, ["training_tokens=3000000", "lr=0.0001", "n_checkpoints=10"]).result_fields()
     with pytest.raises(ConfigError, match="--set expects key=value"):
         load_config(path, ["lr"])
 
