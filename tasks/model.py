@@ -191,12 +191,19 @@ def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: s
         raise ConfigError(f"model_cfg is refused by TransformerLens's HookedTransformerConfig: {error}") from None
 
 
+def pretrained_model_names() -> dict[str, str]:
+    """TransformerLens's model names and aliases, by their lowercase spelling."""
+    from transformer_lens import loading
+
+    known = {n.lower(): n for n in loading.OFFICIAL_MODEL_NAMES}
+    return known | {a.lower(): a for n in loading.OFFICIAL_MODEL_NAMES for a in loading.MODEL_ALIASES.get(n, [])}
+
+
 def pretrained_config(name: str, from_pretrained_kwargs: dict[str, Any]):
     """The HookedTransformerConfig of a pretrained TransformerLens model (reads the hub's config)."""
     from transformer_lens import loading
 
-    known = {n.lower(): n for n in loading.OFFICIAL_MODEL_NAMES}
-    known |= {a.lower(): a for n in loading.OFFICIAL_MODEL_NAMES for a in loading.MODEL_ALIASES.get(n, [])}
+    known = pretrained_model_names()
     if name.lower() not in known:  # TransformerLens's own error lists every model it knows (~7,000 characters)
         close = [known[n] for n in difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.6)]
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see TransformerLens's model table for the names"

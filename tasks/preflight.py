@@ -280,11 +280,19 @@ def check_new_run(cfg: RunConfig) -> None:
     """What only a new run is refused for (`claim_run`), as a run started so by an earlier saeflow
     must still be able to continue: warm-ups and decays longer than the run, which SAELens
     accepts and which leave the learning rate or the sparsity penalty short of its setting for
-    the whole run; a `tokenizer_path` that a pretrained model ignores; an `activations_path`
+    the whole run; a `model_cfg` model named as a pretrained one or a checkpoint (the SAE would be
+    labelled with it); a `tokenizer_path` that a pretrained model ignores; an `activations_path`
     folder of both .safetensors and .npy files (each file of those suffixes would be imported)."""
-    from tasks.model import checkpoint_folder
+    from tasks.model import checkpoint_folder, pretrained_model_names
     from tasks.sources import check_one_format
 
+    named = cfg.model_name != RunConfig.model_fields["model_name"].default  # a model_cfg config without a name has the default's
+    if cfg.model_cfg is not None and named and (cfg.model_name.lower() in pretrained_model_names() or Path(cfg.model_name).expanduser().exists()):
+        raise ConfigError(
+            f"model_name '{cfg.model_name}' names a pretrained model or a checkpoint folder, but model_cfg builds a model of its "
+            f"own with random weights (trained only with model_train_tokens): the SAE would be trained on that one and "
+            f"labelled '{cfg.model_name}'. Leave model_cfg out to use '{cfg.model_name}', or give the local model a name of its own"
+        )
     if cfg.tokenizer_path is not None and cfg.model_cfg is None and cfg.activation_source is None and checkpoint_folder(cfg) is None:
         raise ConfigError(
             f"tokenizer_path is for a model_cfg model or a local checkpoint saved without its tokenizer; the pretrained "

@@ -1,6 +1,7 @@
 """Bad input gets one clear message before any model is loaded; runs are never overwritten."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -119,6 +120,16 @@ def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
     assert message.startswith(f"tokenizer_path {tmp_path / 'nope'} does not exist") and "leave tokenizer_path out" in message
     assert f"tokenizer_path {tmp_path} holds no tokenizer" in resolve_error(tokenizer_path=str(tmp_path))
 
+
+
+def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path: Path):
+    from tasks.preflight import check_new_run
+
+    for name in ("gpt2", "GPT2-small", str(tmp_path)):
+        with pytest.raises(ConfigError, match=rf"model_name '{re.escape(name)}' names a pretrained model or a checkpoint folder, but model_cfg builds"):
+            check_new_run(tiny_config(model_name=name))
+    check_new_run(tiny_config(model_name="tiny-gpt2-like"))
+    check_new_run(tiny_config(model_name="gelu-1l"))  # the default: a model_cfg config that names no model
 
 
 def test_a_tokenizer_path_that_a_pretrained_model_ignores_is_refused_to_new_runs_only(tmp_path: Path):
