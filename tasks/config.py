@@ -101,8 +101,9 @@ class RunConfig(BaseModel):
     its tokenizer. A new run with a pretrained model name, which uses its own, is refused."""
     model_from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for `HookedTransformer.from_pretrained_no_processing`; for a local
-    checkpoint, those that shape its config (`dtype`, `n_ctx`, `first_n_layers`,
-    `default_prepend_bos`, `n_devices`)."""
+    checkpoint, only those that shape its config (`dtype`, `n_ctx`, `first_n_layers`,
+    `default_prepend_bos`, `n_devices`); none for a `model_cfg` model (set them in `model_cfg`).
+    A new run giving one that its model would ignore is refused."""
     model_train_tokens: int = Field(0, ge=0)
     """Tokens a `model_cfg` model is trained on (next-token prediction on `dataset_path`, in
     contexts of its `n_ctx` tokens, Adam, seeded by `seed`) before its activations are made.

@@ -281,9 +281,10 @@ def check_new_run(cfg: RunConfig) -> None:
     must still be able to continue: warm-ups and decays longer than the run, which SAELens
     accepts and which leave the learning rate or the sparsity penalty short of its setting for
     the whole run; a `model_cfg` model named as a pretrained one or a checkpoint (the SAE would be
-    labelled with it); a `tokenizer_path` that a pretrained model ignores; an `activations_path`
+    labelled with it); `model_from_pretrained_kwargs` that a `model_cfg` model or a local
+    checkpoint ignores (a misspelt key, too); a `tokenizer_path` that a pretrained model ignores; an `activations_path`
     folder of both .safetensors and .npy files (each file of those suffixes would be imported)."""
-    from tasks.model import checkpoint_folder, pretrained_model_names
+    from tasks.model import CONFIG_KWARGS, checkpoint_folder, pretrained_model_names
     from tasks.sources import check_one_format
 
     named = cfg.model_name != RunConfig.model_fields["model_name"].default  # a model_cfg config without a name has the default's
@@ -292,6 +293,18 @@ def check_new_run(cfg: RunConfig) -> None:
             f"model_name '{cfg.model_name}' names a pretrained model or a checkpoint folder, but model_cfg builds a model of its "
             f"own with random weights (trained only with model_train_tokens): the SAE would be trained on that one and "
             f"labelled '{cfg.model_name}'. Leave model_cfg out to use '{cfg.model_name}', or give the local model a name of its own"
+        )
+    kwargs = sorted(cfg.model_from_pretrained_kwargs)
+    if cfg.model_cfg is not None and kwargs:
+        raise ConfigError(
+            f"model_from_pretrained_kwargs ({', '.join(kwargs)}) do nothing to a model_cfg model, which is built from model_cfg "
+            f"alone: set such fields (dtype, n_ctx, ...) in model_cfg, and leave model_from_pretrained_kwargs out"
+        )
+    ignored = [k for k in kwargs if k not in CONFIG_KWARGS]
+    if cfg.activation_source is None and checkpoint_folder(cfg) is not None and ignored:
+        raise ConfigError(
+            f"model_from_pretrained_kwargs {', '.join(ignored)} would do nothing to the local checkpoint {cfg.model_name}, which "
+            f"is loaded as saved, with only {', '.join(CONFIG_KWARGS)} applied: leave {'it' if len(ignored) == 1 else 'them'} out"
         )
     if cfg.tokenizer_path is not None and cfg.model_cfg is None and cfg.activation_source is None and checkpoint_folder(cfg) is None:
         raise ConfigError(

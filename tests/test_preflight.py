@@ -132,6 +132,17 @@ def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path
     check_new_run(tiny_config(model_name="gelu-1l"))  # the default: a model_cfg config that names no model
 
 
+def test_model_from_pretrained_kwargs_a_model_would_ignore_are_refused_to_new_runs(tmp_path: Path):
+    from tasks.preflight import check_new_run
+
+    with pytest.raises(ConfigError, match=r"model_from_pretrained_kwargs \(dtype\) do nothing to a model_cfg model, .* set such fields \(dtype, n_ctx, ...\) in model_cfg"):
+        check_new_run(tiny_config(model_from_pretrained_kwargs={"dtype": "bfloat16"}))
+    checkpoint = tiny_config(model_cfg=None, model_name=str(tmp_path), model_from_pretrained_kwargs={"dtyp": "bfloat16", "dtype": "float32", "fold_ln": True})
+    with pytest.raises(ConfigError, match=rf"model_from_pretrained_kwargs dtyp, fold_ln would do nothing to the local checkpoint {re.escape(str(tmp_path))}, which is loaded as saved, with only n_devices, dtype, "):
+        check_new_run(checkpoint)
+    check_new_run(checkpoint.model_copy(update={"model_from_pretrained_kwargs": {"dtype": "float32", "n_ctx": 32}}))
+
+
 def test_a_tokenizer_path_that_a_pretrained_model_ignores_is_refused_to_new_runs_only(tmp_path: Path):
     from tasks.preflight import check_new_run, check_new_run_named
 
