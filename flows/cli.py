@@ -91,7 +91,7 @@ def _stop(args) -> int:
         return EXIT_BAD_INPUT
     missing = [name for name in args.runs if not run_dir(args.artifacts_dir, name).is_dir()]
     if missing:
-        print(f"saeflow: no run {', '.join(repr(m) for m in missing)} in {runs}", file=sys.stderr)
+        print(f"saeflow: no run {', '.join(repr(m) for m in missing)} in {runs}; {runs_there(runs)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     names = args.runs or sorted(p.name for p in runs.glob("*") if p.is_dir())
     asked = 0
@@ -126,8 +126,7 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
 
     folder = run_dir(artifacts_dir, name)
     if not folder.is_dir():
-        runs = sorted(p.name for p in folder.parent.iterdir()) if folder.parent.is_dir() else []
-        raise RunNotReady(f"no run '{name}' in {folder.parent}; runs there: {', '.join(runs) or 'none'}")
+        raise RunNotReady(f"no run '{name}' in {folder.parent}; {runs_there(folder.parent)}")
     summary = folder / "summary.json"
     if not summary.is_file():
         from tasks.checkpoint import checkpoint_root
@@ -155,6 +154,14 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
             f"Run `saeflow run --run-name {shlex.quote(name)}{artifacts}` (it reads the run's stored config) to finish it"
         )
     return read_json(summary)
+
+
+def runs_there(runs: Path) -> str:
+    """The runs of a `runs` folder, for a message about a name not among them."""
+    names = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    if names:
+        return f"runs there: {', '.join(names)}"
+    return "there are no runs there: give the --artifacts-dir the run was started with (default: ./artifacts)"
 
 
 def training_progress(folder: Path, training_tokens: int | None) -> str | None:
@@ -295,6 +302,8 @@ def _analyze(args) -> int:
     logger.propagate = False
     logger.handlers = [logging.StreamHandler(sys.stderr)]
     logger.handlers[0].setFormatter(logging.Formatter("saeflow: %(message)s"))
+    if any(not prompt.strip() for prompt in args.prompt):
+        raise ConfigError("--prompt is empty: it has no word to analyse; give the text to analyse")
     index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
     setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
     device = args.device or cfg["device"]

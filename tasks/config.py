@@ -366,6 +366,8 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if any(not prompt.strip() for prompt in self.prompts):
+            raise ValueError(f"prompts holds an empty prompt ({self.prompts}), which has no word to analyse; remove it")
         layer = hook_layer_of(self.hook_name)
         if self.hook_layer is not None and layer is not None and self.hook_layer != layer:
             raise ValueError(
@@ -480,6 +482,8 @@ def unknown_key_hint(key: str) -> str:
     from sae_lens import saes
     from sae_lens.config import LanguageModelSAERunnerConfig
 
+    if key in ("base", "grid", "members"):
+        return "; it is a sweep file's key: run a sweep file with `saeflow sweep FILE`"
     if key in SAELENS_EQUIVALENTS:
         return f"; {SAELENS_EQUIVALENTS[key]}"
     if key in REMOVED_IN_SAELENS_6:
@@ -508,6 +512,15 @@ YAML_HINTS = {
 }
 
 
+def _choice_hint(key: str, given: str, choices: list[str]) -> str:
+    """What to write instead of `given`, which is none of `choices` of `key`."""
+    if key == "lr_scheduler_name" and ("warm" in given.lower() or "decay" in given.lower()):
+        # SAELens before 6 had schedulers with warm-up or decay in their names (the guide's cosine_warmup)
+        return "; SAELens 6 sets warm-up and decay apart: use cosineannealing (or constant) with lr_warm_up_steps and lr_decay_steps"
+    close = difflib.get_close_matches(given.lower(), choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _friendly_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -519,6 +532,8 @@ def _friendly_errors(error: ValidationError) -> str:
             kind = item["type"]
             if (kind in YAML_HINTS or kind.endswith(("_parsing", "_type")) or kind == "literal_error") and item["loc"] and "input" in item:  # what YAML made of it
                 message += f" (given {item['input']!r}" + (f"; {YAML_HINTS[kind]})" if kind in YAML_HINTS else ")")
+            if kind == "literal_error" and isinstance(item.get("input"), str):
+                message += _choice_hint(where, item["input"], re.findall(r"'([^']*)'", item.get("ctx", {}).get("expected", "")))
             lines.append(f"{where}: {message}" if item["loc"] else message)
     return "\n".join(lines)
 

@@ -247,8 +247,10 @@ def test_compile_sae_without_a_cpp_compiler_is_refused():
 def test_unwritable_artifacts_dir(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(ConfigError, match="is not writable.*--artifacts-dir"):
+    with pytest.raises(ConfigError, match=f"artifacts directory {blocker / 'artifacts'} cannot be a folder: {blocker} is a file; choose another with --artifacts-dir"):
         claim_run(resolve(tiny_config()), blocker / "artifacts", None, new=False)
+    with pytest.raises(ConfigError, match=f"artifacts directory {blocker} cannot be a folder: {blocker} is a file"):
+        claim_run(resolve(tiny_config()), blocker, None, new=False)
 
 
 @pytest.mark.parametrize("shared_checkpoints", [False, True], ids=["one-artifacts-folder", "folders-sharing-checkpoint_path"])
@@ -286,7 +288,7 @@ def test_an_unwritable_checkpoint_path_is_refused_and_a_failed_new_claim_leaves_
     (tmp_path / "a-file").write_text("")
     cfg = resolve(tiny_config(checkpoint_path=str(tmp_path / "a-file" / "checkpoints")))
     for new in (False, True):
-        with pytest.raises(ConfigError, match=r"checkpoint_path .*a-file/checkpoints is not writable \(Not a directory\); choose another"):
+        with pytest.raises(ConfigError, match=r"checkpoint_path .*a-file/checkpoints cannot be a folder: .*a-file is a file; choose another"):
             claim_run(cfg, tmp_path / "artifacts", None, new=new)
     assert not (tmp_path / "artifacts" / "runs").exists() or not any((tmp_path / "artifacts" / "runs").iterdir())
 

@@ -192,6 +192,8 @@ def test_analyze_runs_a_gpu_run_on_the_cpu_with_device(finished_run, tmp_path, c
     args = ["analyze", finished_run["name"], "--artifacts-dir", str(tmp_path), "--prompt", "Tom fed the dog ."]
     assert main([*args, "--device", "cpu"]) == 0
     assert "'Tom fed the dog .' at token '.':" in capsys.readouterr().out
+    assert main([*args[:-2], "--prompt", "", "--device", "cpu"]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "saeflow: --prompt is empty: it has no word to analyse; give the text to analyse\n"
     assert main([*args, "--device", "gpu"]) == EXIT_BAD_INPUT  # was torch's RuntimeError, with a traceback
     assert capsys.readouterr().err.startswith("saeflow: device 'gpu' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: cpu")
     if not torch.cuda.is_available():
@@ -304,7 +306,9 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run 'half' has not finished: it has checkpoints up to step-000000013" in err and "saeflow run" in err
     assert main(["analyze", "other", "--prompt", "x", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
-    assert "no run 'other'" in capsys.readouterr().err
+    assert "no run 'other' in " in (err := capsys.readouterr().err) and "runs there: half" in err
+    assert main(["report", "half", "--artifacts-dir", str(tmp_path / "elsewhere")]) == EXIT_BAD_INPUT
+    assert "there are no runs there: give the --artifacts-dir the run was started with (default: ./artifacts)" in capsys.readouterr().err
     # checkpoints kept outside the run's folder (the guide's checkpoint_path)
     outside = tmp_path / "sae_training_checkpoints"
     (outside / "elsewhere" / "step-000000026").mkdir(parents=True)

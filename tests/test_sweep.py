@@ -144,6 +144,7 @@ def test_bad_sweep_files_are_refused_before_any_work(tmp_path, grid, extra, mess
         ("grid: [lr, 1]\n", "grid must map config keys to lists of values"),
         ("members: [lr=1]\n", "members must be a list of mappings of config keys"),
         ("grid: {lr: [1\n", "sweep file {folder}/sweep.yaml is not valid YAML"),
+        ("model_name: demo\nlr: 0.001\n", "found ['lr', 'model_name'] (2 of them are config keys: is it a run's config? Run it with `saeflow run {folder}/sweep.yaml`, or name it as a sweep's base: sweep.yaml)"),
     ],
 )
 def test_malformed_sweep_files_are_config_errors(tmp_path, text, message):
