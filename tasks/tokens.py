@@ -99,7 +99,7 @@ def _write_contexts(spec: dict[str, Any], model_ref: dict[str, Any], from_pretra
             writer.write({"tokens": context})
             written += 1
         if written == 0:
-            raise ValueError(f"dataset {spec['dataset_path']} holds less text than one context of {spec['context_size']} tokens")
+            raise ValueError(f"dataset {spec['dataset_path']} holds less text than one context of {spec['context_size']} tokens; give more text, or a smaller context_size")
         if written < n_contexts:
             # Each context once: the fill holds the last ones out for evaluation and goes round the others.
             logger.warning(f"Dataset {spec['dataset_path']} ran out after {written} contexts of the {n_contexts} needed")
