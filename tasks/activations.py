@@ -375,15 +375,16 @@ class NotEnoughDisk(RuntimeError):
 
 def check_free_disk(needs: dict[Path, int], fixes: str) -> None:
     """Raise NotEnoughDisk, with `fixes`, if the bytes still to be written into each folder of
-    `needs` are more than its file system has free (folders on one file system add up)."""
+    `needs` (made or not) are more than its file system has free (folders on one file system add up)."""
     import shutil
 
     by_device: dict[int, tuple[int, list[Path]]] = {}
     for folder, need in needs.items():
-        total, folders = by_device.get(folder.stat().st_dev, (0, []))
-        by_device[folder.stat().st_dev] = (total + need, [*folders, folder])
+        device = next(p for p in (folder, *folder.parents) if p.exists()).stat().st_dev
+        total, folders = by_device.get(device, (0, []))
+        by_device[device] = (total + need, [*folders, folder])
     for need, folders in by_device.values():
-        usage = shutil.disk_usage(folders[0])
+        usage = shutil.disk_usage(next(p for p in (folders[0], *folders[0].parents) if p.exists()))
         if usage.total == 0:  # a file system that does not say (some FUSE mounts of object stores)
             continue
         free = usage.free
@@ -398,24 +399,33 @@ def _size(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
-def _check_room_for(writers: list[_StoreWriter]) -> None:
-    """Refuse a fill whose stores would fill the disk, before the model loads: hours into a
-    multi-TB fill is too late to find out."""
+def _check_room(stores: list[tuple[dict[str, Any], Path, int, bool]]) -> None:
+    """Refuse to fill stores, each `(spec, folder, rows done, held-out contexts done)`, that would
+    fill the disk: hours into a multi-TB fill is too late to find out."""
     needs = {}
-    for w in writers:
-        row_bytes = 8 + (0 if w.spec.get("tokens_only") else w.spec["d_in"] * getattr(torch, w.spec["dtype"]).itemsize)
-        eval_bytes = 0 if w.eval_done else -(-w.spec["eval_tokens"] // w.spec["context_size"]) * w.spec["context_size"] * 8
-        needs[w.out] = (w.spec["n_tokens"] - w.done_rows) * row_bytes + eval_bytes
+    for spec, out, done_rows, eval_done in stores:
+        row_bytes = 8 + (0 if spec.get("tokens_only") else spec["d_in"] * getattr(torch, spec["dtype"]).itemsize)
+        eval_bytes = 0 if eval_done else -(-spec["eval_tokens"] // spec["context_size"]) * spec["context_size"] * 8
+        needs[out] = (spec["n_tokens"] - done_rows) * row_bytes + eval_bytes
     smaller = []
-    if any(not w.spec.get("tokens_only") and w.spec["dtype"] == "float32" for w in writers):
+    if any(not spec.get("tokens_only") and spec["dtype"] == "float32" for spec, *_ in stores):
         smaller.append("store_dtype: bfloat16 halves it")
-    if any(not w.spec.get("tokens_only") for w in writers):
+    if any(not spec.get("tokens_only") for spec, *_ in stores):
         smaller.append("activation_mode: streaming stores the token ids alone (8 bytes a token) and runs the model again as training reads")
     check_free_disk(
         needs,
         "free some space, or fill the store elsewhere (--artifacts-dir on a bigger disk)"
         + (f", or make it smaller (a new run): {', and '.join(smaller)}" if smaller else ""),
     )
+
+
+def check_room_for_store(spec: dict[str, Any], artifacts_dir: str) -> None:
+    """The fill's disk check, before the data is tokenised (which may take hours for a large
+    dataset): from the store's manifest as it stands, without checksums."""
+    out = store_dir(artifacts_dir, spec)
+    manifest = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else {}
+    if not manifest.get("complete"):
+        _check_room([(spec, out, manifest["shards"][-1]["stop"] if manifest.get("shards") else 0, "eval" in manifest)])
 
 
 def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger, stop_requests: StopRequests | None) -> list[dict[str, Any]]:
@@ -439,7 +449,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
             logger.info(f"Filling {len(todo)} activation stores from one model pass: " + ", ".join(w.spec["hook_name"] for w in todo))
         if stop := stop_asked(stop_requests):  # before loading the model: a sweep's member that waited for this lock
             raise preempted(f"stopped by {stop} before filling activation store(s) {names} began")
-        _check_room_for(todo)
+        _check_room([(w.spec, w.out, w.done_rows, w.eval_done) for w in todo])
         n_eval = -(-spec["eval_tokens"] // ctx)
         held_out_from = None  # the first held-out context, where the pretokenised contexts ran out
         if tokens_ref is not None:

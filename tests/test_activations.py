@@ -114,6 +114,11 @@ def test_a_fill_that_would_fill_the_disk_is_refused_before_the_model_loads(prefe
         fill_store(cfg.model_dump(mode="json"), str(tmp_path))
     assert "needs 1.6 MB more, but only 1.0 MB are free there; free some space" in str(refused.value) and not loads
     assert "or make it smaller (a new run): store_dtype: bfloat16 halves it, and activation_mode: streaming" in str(refused.value)
+    from conftest import start
+
+    with pytest.raises(activations.NotEnoughDisk, match="needs 1.6 MB more"):  # a run: refused before its data is tokenised
+        start(tiny_config(training_tokens=8192, activation_mode="cached"), tmp_path / "run")
+    assert (tmp_path / "run" / "models").is_dir() and not (tmp_path / "run" / "tokens").exists()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(total=0, free=0))
     activations.check_free_disk({tmp_path: 10**15}, "")  # a file system that does not say what is free: not refused
     needs = {}
