@@ -163,6 +163,8 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
     if cfg.activation_source is not None:
         cfg = _resolve_source(cfg)
         _check_sae_settings(cfg)
+        if runs_here:
+            _check_sae_fits(cfg)
         return RunConfig(**cfg.model_dump())
     try:
         model = meta_model(cfg)
@@ -240,7 +242,46 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
             raise ConfigError(f"cannot use dataset '{cfg.dataset_path}': {error}") from None
     cfg = cfg.model_copy(update={"is_dataset_tokenized": tokenized})
     _check_sae_settings(cfg)
+    if runs_here:
+        _check_sae_fits(cfg)
     return RunConfig(**cfg.model_dump())
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes of memory `device` has in all (a GPU's, or this machine's RAM capped by a cgroup v2
+    limit), or None where it cannot be told."""
+    import torch
+
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        return torch.cuda.get_device_properties(kind.index or 0).total_memory
+    if kind.type != "cpu":
+        return None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        return min(total, int(limit)) if limit != "max" else total
+    except (OSError, ValueError):
+        return total
+
+
+def _check_sae_fits(cfg: RunConfig) -> None:
+    """Refuse an SAE that cannot train in its device's memory at all, before the store is filled
+    (hours, for a large one): its weights, their gradients and Adam's two moments, and two
+    `[batch, d_sae]` activations (the encoder's output and its gradient), a floor of what
+    training takes."""
+    import torch
+
+    memory = device_memory(cfg.device)
+    weights = 2 * cfg.d_in * cfg.sae_width * getattr(torch, cfg.dtype).itemsize
+    batch = 2 * cfg.train_batch_size_tokens * cfg.sae_width * 4
+    if memory is not None and 4 * weights + batch > memory:
+        raise ConfigError(
+            f"the SAE (d_in {cfg.d_in}, d_sae {cfg.sae_width}) needs at least {(4 * weights + batch) / 1e9:,.1f} GB to train "
+            f"(weights, gradients and Adam's moments {4 * weights / 1e9:,.1f} GB; two [train_batch_size_tokens, d_sae] "
+            f"activations {batch / 1e9:,.1f} GB), more than the {memory / 1e9:,.1f} GB of {cfg.device}; lower d_sae or "
+            f"expansion_factor, or train_batch_size_tokens"
+        )
 
 
 def _check_sae_settings(cfg: RunConfig) -> None:

@@ -122,6 +122,20 @@ def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
 
 
 
+def test_an_sae_too_big_for_its_device_s_memory_is_refused_before_any_work(monkeypatch):
+    import tasks.preflight
+
+    assert tasks.preflight.device_memory("cpu") > 2**30  # this machine's RAM, or its container's limit
+    monkeypatch.setattr(tasks.preflight, "device_memory", lambda device: 16 * 10**9)
+    message = resolve_error(expansion_factor=100_000, train_batch_size_tokens=4096)  # d_in 32: d_sae 3.2M
+    assert message == (
+        "the SAE (d_in 32, d_sae 3200000) needs at least 108.1 GB to train (weights, gradients and Adam's moments 3.3 GB; "
+        "two [train_batch_size_tokens, d_sae] activations 104.9 GB), more than the 16.0 GB of cpu; lower d_sae or "
+        "expansion_factor, or train_batch_size_tokens"
+    )
+    assert resolve(tiny_config(expansion_factor=1000, train_batch_size_tokens=4096)).sae_width == 32_000  # 1.1 GB: trains
+
+
 def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path: Path):
     from tasks.preflight import check_new_run
 
