@@ -51,11 +51,13 @@ def _unreachable_hub_hint(dataset_path: str, error: Exception) -> str:
 
     if not isinstance(error, ConnectionError):
         return ""
+    local = f" There is no local file or folder {Path(dataset_path).resolve()} either." if "/" in dataset_path else ""
     return (
         f". Without the hub, a hub dataset is read from the datasets cache ({datasets.config.HF_DATASETS_CACHE}, "
         f"HF_DATASETS_CACHE), which does not hold it: load it once where the hub is reachable, into the same cache, "
         f"with `datasets.load_dataset('{dataset_path}', split='train')` (not streaming: streaming caches nothing), "
-        f"or save it there with `save_to_disk` and set dataset_path to that folder"
+        f"or save it there with `save_to_disk` and set dataset_path to that folder.{local} On a machine without "
+        f"network, HF_HUB_OFFLINE=1 makes this answer come at once instead of after the hub's retries"
     )
 
 
@@ -175,8 +177,8 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
             raise ConfigError(f"model_cfg is refused by TransformerLens: {error}") from None
         raise ConfigError(
             f"cannot read the architecture of model '{cfg.model_name}': {str(error).rstrip('.')}. Use a TransformerLens "
-            f"model name (offline, it must already be in the Hugging Face cache), the path of a local "
-            f"checkpoint folder, or give model_cfg"
+            f"model name (offline, it must already be in the Hugging Face cache; HF_HUB_OFFLINE=1 then spares the hub's "
+            f"retries), the path of a local checkpoint folder, or give model_cfg"
         ) from None
     hooks = token_hooks(model)
     if hooks.get(cfg.hook_name) is None:

@@ -122,6 +122,15 @@ def test_a_missing_tokenizer_path_is_named(tmp_path: Path):
 
 
 
+def test_a_hub_dataset_out_of_reach_is_told_how_to_get_it_and_that_no_such_local_folder_exists():
+    from tasks.preflight import _unreachable_hub_hint
+
+    hint = _unreachable_hub_hint("data/missing", ConnectionError("Couldn't reach 'data/missing' on the Hub"))
+    assert "load it once where the hub is reachable" in hint and f"There is no local file or folder {Path('data/missing').resolve()} either." in hint
+    assert "HF_HUB_OFFLINE=1 makes this answer come at once" in hint
+    assert _unreachable_hub_hint("data/missing", ValueError("other")) == ""
+
+
 def test_an_sae_too_big_for_its_device_s_memory_is_refused_before_any_work(monkeypatch):
     import tasks.preflight
 
