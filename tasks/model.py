@@ -552,7 +552,10 @@ def hook_width(token_shape: tuple[int, ...], hook_name: str, hook_head_index: in
         if len(token_shape) != 2:
             raise ValueError(f"hook_head_index is set but {hook_name} has no head dimension; remove hook_head_index")
         if not 0 <= hook_head_index < token_shape[0]:
-            raise ValueError(f"hook_head_index {hook_head_index} is out of range: {hook_name} has {token_shape[0]} heads")
+            raise ValueError(
+                f"hook_head_index {hook_head_index} is out of range: {hook_name} has {token_shape[0]} heads; use 0 to "
+                f"{token_shape[0] - 1}, or leave it out for all heads"
+            )
         return token_shape[1]
     width = 1
     for size in token_shape:

@@ -61,6 +61,17 @@ def _unreachable_hub_hint(dataset_path: str, error: Exception) -> str:
     )
 
 
+# The HookedTransformerConfig setting that makes TransformerLens compute a hook, by the hook's name.
+OPTIONAL_HOOK_SETTINGS = {
+    "hook_mlp_in": "use_hook_mlp_in",
+    "hook_attn_in": "use_attn_in",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_result": "use_attn_result",
+}
+
+
 def missing_device(device: str) -> str | None:
     """Why this machine cannot run on `device` (a device string torch parses), or None."""
     import torch
@@ -192,11 +203,12 @@ def resolve(cfg: RunConfig, runs_here: bool = True) -> RunConfig:
         elif cfg.hook_name.endswith(OPTIONAL_HEAD_HOOKS):  # not computed as configured, and not usable if it were
             problem = f"hook_name {head_hook_problem(cfg.hook_name)}"
         else:
-            problem = (
-                f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured (TransformerLens fills it "
-                f"only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in, which "
-                f"saeflow applies to a locally built model_cfg model)"
-            )
+            setting = next((v for k, v in OPTIONAL_HOOK_SETTINGS.items() if cfg.hook_name.endswith(k)), None)
+            if cfg.model_cfg is not None and setting:
+                fix = f": add {setting}: true to model_cfg"
+            else:
+                fix = " (TransformerLens fills it only with a setting such as use_attn_result, use_split_qkv_input, use_attn_in or use_hook_mlp_in, which saeflow applies to a locally built model_cfg model)"
+            problem = f"hook_name '{cfg.hook_name}' is not computed by {cfg.model_name} as configured{fix}"
         raise ConfigError(f"{problem}; " + _valid_hooks_message(_per_token_hooks(hooks), model.cfg.n_layers))
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size ({cfg.context_size}) is larger than {cfg.model_name}'s n_ctx ({model.cfg.n_ctx}); lower context_size")

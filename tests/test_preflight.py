@@ -50,7 +50,7 @@ def test_a_hook_of_one_number_per_token_is_refused():
 
 def test_a_hook_the_model_does_not_compute_is_refused():
     message = resolve_error(hook_name="blocks.0.hook_mlp_in")
-    assert "hook_name 'blocks.0.hook_mlp_in' is not computed by tiny-test as configured" in message
+    assert "hook_name 'blocks.0.hook_mlp_in' is not computed by tiny-test as configured: add use_hook_mlp_in: true to model_cfg; valid hooks" in message
     assert resolve(tiny_config(hook_name="blocks.0.hook_mlp_in", model_cfg={**TINY_MODEL, "use_hook_mlp_in": True})).d_in == 32
     # a head dimension: SAELens's evaluation splices into hook_q/k/v/z only, whole or one head;
     # said first when the hook is not computed either (turning it on would not help)
@@ -68,7 +68,7 @@ def test_stated_d_in_must_match_the_hook():
 
 
 def test_head_index_out_of_range():
-    assert "has 4 heads" in resolve_error(hook_name="blocks.0.attn.hook_z", hook_head_index=7)
+    assert "has 4 heads; use 0 to 3, or leave it out for all heads" in resolve_error(hook_name="blocks.0.attn.hook_z", hook_head_index=7)
 
 
 def test_context_larger_than_n_ctx():
