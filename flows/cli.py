@@ -358,7 +358,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         for name in [getattr(args, "run_name", None), getattr(args, "run", None), *getattr(args, "runs", [])]:
             if name is not None:
-                check_run_name(name)
+                check_run_name(name, args.artifacts_dir)
     except ConfigError as error:
         print(f"saeflow: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -68,10 +68,14 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that says how to fix it."""
 
 
-def check_run_name(name: str) -> None:
+def check_run_name(name: str, artifacts_dir: str | Path | None = None) -> None:
     """Raise ConfigError unless `name` is a plain folder name: it names `<artifacts>/runs/<name>/`,
-    and `../x` or `a/b` would put a run outside that folder or inside another run's list."""
+    and `../x` or `a/b` would put a run outside that folder or inside another run's list. A run
+    of `artifacts_dir` so named by an earlier saeflow (a hook name holding `/`) passes."""
     if name and Path(name).name == name and not name.startswith("."):
+        return
+    inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+    if inside and artifacts_dir is not None and (Path(artifacts_dir) / "runs" / name / "config.json").is_file():
         return
     path = Path(name)
     found = f"; for the run in {path}, give its name and artifacts folder: {path.name} --artifacts-dir {path.parent.parent}" if (path / "config.json").is_file() and path.parent.name == "runs" else ""

@@ -9,6 +9,7 @@ the run folder and refuses to continue a run whose stored config would change th
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import shutil
 import uuid
@@ -441,8 +442,8 @@ def run_identity(cfg: RunConfig) -> dict:
 def default_run_name(cfg: RunConfig, artifacts_dir: str | Path | None = None) -> str:
     """A stable, readable run name: the same config always gives the same name, whether or not
     it has been resolved (the fields `resolve` fills in follow from the others). With
-    `artifacts_dir`, a run an earlier saeflow named after a numbered GPU (`cuda:3`) keeps that
-    name there."""
+    `artifacts_dir`, a run an earlier saeflow named otherwise (after a numbered GPU, `cuda:3`, or
+    with a hook name holding `/`) keeps that name there."""
     from tasks.model import checkpoint_folder
 
     folder = checkpoint_folder(cfg)
@@ -451,17 +452,21 @@ def default_run_name(cfg: RunConfig, artifacts_dir: str | Path | None = None) ->
     # Fields at their defaults are left out, so a saeflow version that adds a field keeps the names.
     defaults = _default_fields()
 
-    def named(identity: dict) -> str:
+    def named(identity: dict, hook: str) -> str:
         identity = {k: v for k, v in identity.items() if k not in DERIVED_FIELDS and (k not in defaults or v != defaults[k])}
         return f"{model}-{hook}-{cfg.architecture}-{stable_hash(identity, 8)}"
 
     # A device by its kind: a run requeued on another GPU (cuda:3, then cuda:0) is the same run.
-    identity = run_identity(cfg)
-    name = named(identity | {"device": device_kind(cfg.device)})
-    if artifacts_dir is not None and cfg.device != device_kind(cfg.device):
-        earlier = named(identity)  # the name until 2026-11-30 evening, with the GPU's number
-        if (run_dir(artifacts_dir, earlier) / "config.json").exists():
-            return earlier
+    # An external source's hook name may hold any character: only a folder name's are kept.
+    identity, plain_hook = run_identity(cfg), re.sub(r"[^A-Za-z0-9_-]", "-", hook)
+    name = named(identity | {"device": device_kind(cfg.device)}, plain_hook)
+    if artifacts_dir is not None:
+        # Names of earlier saeflows, which a run they started keeps: with the GPU's number (until
+        # 2026-11-30 evening) and the hook name as given (until 2026-12-01).
+        earlier = [named(i, h) for i in (identity, identity | {"device": device_kind(cfg.device)}) for h in (hook, plain_hook)]
+        for candidate in dict.fromkeys(earlier):
+            if candidate != name and (run_dir(artifacts_dir, candidate) / "config.json").is_file():
+                return candidate
     return name
 
 
@@ -501,7 +506,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     """
     from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root
 
-    if run_name is not None:
+    if run_name is not None and run_name != default_run_name(cfg, artifacts_dir):  # a name given, not the one saeflow chose
         check_run_name(run_name)
     check_artifacts_dir(artifacts_dir)
     if cfg.checkpoint_path is not None:

@@ -383,6 +383,21 @@ def test_an_import_that_would_fill_the_disk_is_refused_before_any_row_is_copied(
     assert not saved and acts.shape == (9216, 16)  # 9216 rows of 16 float32 and a token id: 663,552 bytes
 
 
+def test_a_hook_name_with_a_slash_names_a_plain_run_folder_and_a_run_named_before_with_it_continues(tmp_path, shard_folder, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+    from tasks.preflight import run_identity
+
+    cfg = resolve(source_config(shard_folder[0], hook_name="encoder.layer/6"))
+    name = default_run_name(cfg, tmp_path)
+    assert "-encoder-layer-6-standard-" in name and claim_run(cfg, tmp_path, None, new=False) == name
+    earlier = name.replace("encoder-layer-6", "encoder-layer/6")  # as saeflow named it until 2026-12-01
+    (tmp_path / "runs" / earlier).mkdir(parents=True)
+    (tmp_path / "runs" / earlier / "config.json").write_text(json.dumps({"config": {}, "result_fields": run_identity(cfg)}))
+    assert default_run_name(cfg, tmp_path) == earlier and claim_run(cfg, tmp_path, None, new=False) == earlier
+    assert main(["report", earlier, "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert f"run '{earlier}' has not finished" in capsys.readouterr().err  # its name is not refused
+
+
 def test_a_new_run_on_a_folder_of_both_formats_is_refused_and_one_started_before_continues(tmp_path, shard_folder, monkeypatch):
     import shutil
 
