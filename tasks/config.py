@@ -570,10 +570,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _mapping_of_unique_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     lines: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, which YAML's own loader merges
+            continue
         key = loader.construct_object(key_node, deep=True)
-        if key in lines:
+        try:
+            line = lines.get(key)
+        except TypeError:  # a key YAML itself cannot use (a list)
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} cannot be a key", key_node.start_mark) from None
+        if line is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice (lines {lines[key] + 1} and {key_node.start_mark.line + 1}); keep one", key_node.start_mark
+                None, None, f"key {key!r} is given twice (lines {line + 1} and {key_node.start_mark.line + 1}; YAML would keep the second); keep one", key_node.start_mark
             )
         lines[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep)

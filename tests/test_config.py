@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ConfigError, RunConfig, config_reference, load_config, make_config
+from tasks.config import ConfigError, RunConfig, config_reference, load_config, make_config, read_yaml_mapping
 
 GUIDE_CONFIG = {
     "model_name": "tiny-stories-1M",
@@ -157,8 +157,10 @@ def test_missing_or_malformed_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
     (tmp_path / "twice.yaml").write_text("lr: 0.001\nmodel_cfg:\n  n_layers: 2\nlr: 0.01\n")  # YAML keeps the last silently
-    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: key 'lr' is given twice \(lines 1 and 4\); keep one"):
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: key 'lr' is given twice \(lines 1 and 4; YAML would keep the second\); keep one"):
         load_config(tmp_path / "twice.yaml")
+    (tmp_path / "merged2.yaml").write_text("shapes:\n  small: &small {n_layers: 2, d_model: 32}\n  deeper: {<<: *small, n_layers: 4}\n")  # merges still work
+    assert read_yaml_mapping(tmp_path / "merged2.yaml")["shapes"]["deeper"] == {"n_layers": 4, "d_model": 32}
 
 
 def test_demo_config_is_valid():
