@@ -405,7 +405,9 @@ def _copy_rows(spec: dict[str, Any], out: Path, logger, stop_requests: StopReque
     if not eval_done:
         acts, tokens = source.read(n_rows, n_rows + n_eval)
         entry = {"file": EVAL_ACTIVATIONS, "rows": n_eval, "sha256": _save_shard(out / EVAL_ACTIVATIONS, acts.to(dtype), tokens)}
-        write_json(manifest_path, {**manifest, "spec": spec, "shards": shards, "eval": entry, "complete": True})
+    finished = {**manifest, "spec": spec, "shards": shards, "eval": entry, "complete": True}
+    if not manifest_path.exists() or read_json(manifest_path) != finished:  # also when only a shard that had gone was written again
+        write_json(manifest_path, finished)
     result = {
         "path": str(out),
         "source": spec["source"],

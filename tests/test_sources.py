@@ -299,6 +299,11 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
     assert written == [f"shard-{i:05d}.safetensors" for i in range(9)] + ["eval_activations.safetensors"]
     assert torch.equal(load_store(resumed)[0], load_store(reference)[0])
     assert torch.equal(load_eval_activations(resumed), load_eval_activations(reference))
+    (Path(resumed["path"]) / "shard-00003.safetensors").unlink()  # a shard of a complete store gone
+    written.clear()
+    again = import_store(cfg, tmp_path / "b")
+    assert written == [f"shard-{i:05d}.safetensors" for i in range(3, 9)]  # the held-out rows' file verifies: kept
+    assert torch.equal(load_store(again)[0], load_store(reference)[0])  # complete again
 
 
 def test_saeflow_stop_stops_an_import_after_its_shard_and_the_import_continues(tmp_path, monkeypatch):
