@@ -380,11 +380,11 @@ def check_free_disk(needs: dict[Path, int], fixes: str) -> None:
 
     by_device: dict[int, tuple[int, list[Path]]] = {}
     for folder, need in needs.items():
-        device = next(p for p in (folder, *folder.parents) if p.exists()).stat().st_dev
+        device = next(p for p in (folder, *folder.parents) if os.path.exists(p)).stat().st_dev  # os.path: False, not an error, under a folder it may not search
         total, folders = by_device.get(device, (0, []))
         by_device[device] = (total + need, [*folders, folder])
     for need, folders in by_device.values():
-        usage = shutil.disk_usage(next(p for p in (folders[0], *folders[0].parents) if p.exists()))
+        usage = shutil.disk_usage(next(p for p in (folders[0], *folders[0].parents) if os.path.exists(p)))
         if usage.total == 0:  # a file system that does not say (some FUSE mounts of object stores)
             continue
         free = usage.free

@@ -482,7 +482,7 @@ def check_artifacts_dir(artifacts_dir: str | Path) -> None:
 def check_writable(folder: Path, what: str, fix: str) -> None:
     """Raise ConfigError naming `what` and `fix` if `folder` cannot be made or written in."""
     probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    existing = next((p for p in (folder, *folder.parents) if os.path.exists(p)), None)  # False, not an error, under a folder it may not search
     if existing is not None and not existing.is_dir():
         raise ConfigError(f"{what} {folder} cannot be a folder: {existing} is a file; {fix}")
     try:
