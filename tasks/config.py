@@ -92,8 +92,8 @@ class RunConfig(BaseModel):
     """TransformerLens pretrained model name (e.g. `tiny-stories-1M`, `gpt2`), or the path of a
     local Hugging Face checkpoint folder (`save_pretrained` output with its tokenizer) of an
     architecture TransformerLens supports, loaded without network. With `model_cfg` set, only a
-    label for the locally built model (a new run refuses a pretrained model's name or a
-    checkpoint's path there: the SAE would claim that model); with `activations_path` or `synthetic`, only a label
+    label for the locally built model (a new run refuses a pretrained model's name, the default's
+    included, or a checkpoint's path there: the SAE would claim that model); with `activations_path` or `synthetic`, only a label
     (default: the folder's name, or `synthetic`)."""
     model_cfg: dict[str, Any] | None = None
     """`HookedTransformerConfig` fields of a model built locally with random weights (seeded by

@@ -343,12 +343,14 @@ def check_new_run(cfg: RunConfig) -> None:
     from tasks.model import CONFIG_KWARGS, checkpoint_folder, pretrained_model_names
     from tasks.sources import check_one_format
 
-    named = cfg.model_name != RunConfig.model_fields["model_name"].default  # a model_cfg config without a name has the default's
-    if cfg.model_cfg is not None and named and (cfg.model_name.lower() in pretrained_model_names() or Path(cfg.model_name).expanduser().exists()):
+    path = Path(cfg.model_name).expanduser()
+    checkpoint_like = (path / "config.json").is_file() or cfg.model_name.startswith(("/", "./", "../", "~"))
+    if cfg.model_cfg is not None and (cfg.model_name.lower() in pretrained_model_names() or checkpoint_like):
+        given = "the default model_name" if cfg.model_name == RunConfig.model_fields["model_name"].default else "model_name"
         raise ConfigError(
-            f"model_name '{cfg.model_name}' names a pretrained model or a checkpoint folder, but model_cfg builds a model of its "
+            f"{given} '{cfg.model_name}' names a pretrained model or a checkpoint folder, but model_cfg builds a model of its "
             f"own with random weights (trained only with model_train_tokens): the SAE would be trained on that one and "
-            f"labelled '{cfg.model_name}'. Leave model_cfg out to use '{cfg.model_name}', or give the local model a name of its own"
+            f"labelled '{cfg.model_name}'. Leave model_cfg out to use '{cfg.model_name}', or give the local model a model_name of its own"
         )
     kwargs = sorted(cfg.model_from_pretrained_kwargs)
     if cfg.model_cfg is not None and kwargs:

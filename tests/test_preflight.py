@@ -148,11 +148,15 @@ def test_an_sae_too_big_for_its_device_s_memory_is_refused_before_any_work(monke
 def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path: Path):
     from tasks.preflight import check_new_run
 
-    for name in ("gpt2", "GPT2-small", str(tmp_path)):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    for name in ("gpt2", "GPT2-small", str(tmp_path / "ckpt"), "./anything"):
         with pytest.raises(ConfigError, match=rf"model_name '{re.escape(name)}' names a pretrained model or a checkpoint folder, but model_cfg builds"):
             check_new_run(tiny_config(model_name=name))
+    with pytest.raises(ConfigError, match=r"^the default model_name 'gelu-1l' names a pretrained model .* give the local model a model_name of its own$"):
+        check_new_run(tiny_config(model_name="gelu-1l"))  # a model_cfg config that names no model
     check_new_run(tiny_config(model_name="tiny-gpt2-like"))
-    check_new_run(tiny_config(model_name="gelu-1l"))  # the default: a model_cfg config that names no model
+    check_new_run(tiny_config(model_name="tests"))  # a folder here that is no checkpoint: a label that happens to exist
 
 
 def test_model_from_pretrained_kwargs_a_model_would_ignore_are_refused_to_new_runs(tmp_path: Path):
