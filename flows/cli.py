@@ -302,8 +302,8 @@ def _analyze(args) -> int:
     logger.propagate = False
     logger.handlers = [logging.StreamHandler(sys.stderr)]
     logger.handlers[0].setFormatter(logging.Formatter("saeflow: %(message)s"))
-    if any(not prompt.strip() for prompt in args.prompt):
-        raise ConfigError("--prompt is empty: it has no word to analyse; give the text to analyse")
+    if "" in args.prompt:
+        raise ConfigError("--prompt is empty: it has nothing to analyse; give the text to analyse")
     index = cfg["analysis_token_index"] if args.token_index is None else args.token_index
     setting = "--token-index" if args.token_index is not None else "--token-index (by default the run's analysis_token_index)"
     device = args.device or cfg["device"]

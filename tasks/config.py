@@ -370,8 +370,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if any(not prompt.strip() for prompt in self.prompts):
-            raise ValueError(f"prompts holds an empty prompt ({self.prompts}), which has no word to analyse; remove it")
         layer = hook_layer_of(self.hook_name)
         if self.hook_layer is not None and layer is not None and self.hook_layer != layer:
             raise ValueError(

@@ -338,7 +338,7 @@ def check_new_run(cfg: RunConfig) -> None:
     accepts and which leave the learning rate or the sparsity penalty short of its setting for
     the whole run; a `model_cfg` model named as a pretrained one or a checkpoint (the SAE would be
     labelled with it); `model_from_pretrained_kwargs` that a `model_cfg` model or a local
-    checkpoint ignores (a misspelt key, too); a `tokenizer_path` that a pretrained model ignores; an `activations_path`
+    checkpoint ignores (a misspelt key, too); an empty prompt; a `tokenizer_path` that a pretrained model ignores; an `activations_path`
     folder of both .safetensors and .npy files (each file of those suffixes would be imported)."""
     from tasks.model import CONFIG_KWARGS, checkpoint_folder, pretrained_model_names
     from tasks.sources import check_one_format
@@ -352,6 +352,8 @@ def check_new_run(cfg: RunConfig) -> None:
             f"own with random weights (trained only with model_train_tokens): the SAE would be trained on that one and "
             f"labelled '{cfg.model_name}'. Leave model_cfg out to use '{cfg.model_name}', or give the local model a model_name of its own"
         )
+    if "" in cfg.prompts:  # an earlier saeflow analysed its BOS token
+        raise ConfigError(f"prompts holds an empty prompt ({cfg.prompts}), which has nothing to analyse; remove it")
     kwargs = sorted(cfg.model_from_pretrained_kwargs)
     if cfg.model_cfg is not None and kwargs:
         raise ConfigError(

@@ -102,7 +102,6 @@ def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
         ({"hook_layer": 3}, "hook_layer is 3 but hook_name 'blocks.0.hook_resid_pre' is in layer 0"),
         ({"expansion_factr": 4}, "unknown config key 'expansion_factr'; did you mean 'expansion_factor'?"),
         ({"run_name": "x"}, "unknown config key 'run_name'; name the run on the command line (--run-name NAME)"),
-        ({"prompts": ["Tom saw a cat .", " "]}, "prompts holds an empty prompt (['Tom saw a cat .', ' ']), which has no word to analyse; remove it"),
         ({"base": "demo.yaml", "grid": {"lr": [0.001]}}, "unknown config key 'base'; it is a sweep file's key: run a sweep file with `saeflow sweep FILE`"),
         ({"use_cached_activations": True}, "set activations_path to their folder"),
         ({"apply_b_dec_to_input": False}, "it is a SAELens SAE setting: give it under sae_kwargs (sae_kwargs: {apply_b_dec_to_input: ...})"),

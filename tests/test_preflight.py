@@ -155,7 +155,9 @@ def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path
             check_new_run(tiny_config(model_name=name))
     with pytest.raises(ConfigError, match=r"^the default model_name 'gelu-1l' names a pretrained model .* give the local model a model_name of its own$"):
         check_new_run(tiny_config(model_name="gelu-1l"))  # a model_cfg config that names no model
-    check_new_run(tiny_config(model_name="tiny-gpt2-like"))
+    check_new_run(tiny_config(model_name="tiny-gpt2-like", prompts=["Tom saw a cat .", " "]))  # " " is a token of GPT-2's
+    with pytest.raises(ConfigError, match=r"^prompts holds an empty prompt \(\['Tom saw a cat .', ''\]\), which has nothing to analyse; remove it$"):
+        check_new_run(tiny_config(model_name="tiny-gpt2-like", prompts=["Tom saw a cat .", ""]))
     check_new_run(tiny_config(model_name="tests"))  # a folder here that is no checkpoint: a label that happens to exist
 
 

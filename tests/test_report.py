@@ -193,7 +193,7 @@ def test_analyze_runs_a_gpu_run_on_the_cpu_with_device(finished_run, tmp_path, c
     assert main([*args, "--device", "cpu"]) == 0
     assert "'Tom fed the dog .' at token '.':" in capsys.readouterr().out
     assert main([*args[:-2], "--prompt", "", "--device", "cpu"]) == EXIT_BAD_INPUT
-    assert capsys.readouterr().err == "saeflow: --prompt is empty: it has no word to analyse; give the text to analyse\n"
+    assert capsys.readouterr().err == "saeflow: --prompt is empty: it has nothing to analyse; give the text to analyse\n"
     assert main([*args, "--device", "gpu"]) == EXIT_BAD_INPUT  # was torch's RuntimeError, with a traceback
     assert capsys.readouterr().err.startswith("saeflow: device 'gpu' is not a device saeflow can use; use cpu, cuda, cuda:N or mps (available here: cpu")
     if not torch.cuda.is_available():
