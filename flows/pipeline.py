@@ -18,7 +18,7 @@ import flows  # noqa: F401  (process defaults, also when a Prefect worker loads 
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
-from tasks.activations import check_room_for_store, fill_activations, store_dir, store_spec
+from tasks.activations import check_room_for_stores, fill_activations, store_dir, store_spec
 from tasks.analyse import analyse, analysis_spec, check_token_index
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
 from tasks.checkpoint import checkpoint_folder_lock
@@ -100,7 +100,7 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
             model_ref = build_model(model_spec(cfg), artifacts_dir)
             check_token_index(model_ref, cfg.model_from_pretrained_kwargs, cfg.prompts, cfg.analysis_token_index, cfg.context_size, cfg.prepend_bos)
             mode, why = choose_activation_mode(cfg, artifacts_dir, run, store_dir(artifacts_dir, store_spec(cfg, model_ref, "cached")))
-            check_room_for_store(store_spec(cfg, model_ref, mode), artifacts_dir)  # before tokenising, which may take hours
+            check_room_for_stores([store_spec(cfg, model_ref, mode)], artifacts_dir)  # before tokenising, which may take hours
             text = tokens_spec(cfg, model_ref)  # None when the dataset already holds token ids
             tokens_ref = pretokenise(text, model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir) if text else None
             store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, tokens_ref, artifacts_dir, run)

@@ -419,13 +419,16 @@ def _check_room(stores: list[tuple[dict[str, Any], Path, int, bool]]) -> None:
     )
 
 
-def check_room_for_store(spec: dict[str, Any], artifacts_dir: str) -> None:
+def check_room_for_stores(specs: list[dict[str, Any]], artifacts_dir: str) -> None:
     """The fill's disk check, before the data is tokenised (which may take hours for a large
-    dataset): from the store's manifest as it stands, without checksums."""
-    out = store_dir(artifacts_dir, spec)
-    manifest = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else {}
-    if not manifest.get("complete"):
-        _check_room([(spec, out, manifest["shards"][-1]["stop"] if manifest.get("shards") else 0, "eval" in manifest)])
+    dataset): from the stores' manifests as they stand, without checksums."""
+    stores = {}
+    for spec in specs:
+        out = store_dir(artifacts_dir, spec)  # members sharing a store: counted once
+        manifest = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else {}
+        if not manifest.get("complete"):
+            stores[out] = (spec, out, manifest["shards"][-1]["stop"] if manifest.get("shards") else 0, "eval" in manifest)
+    _check_room(list(stores.values()))
 
 
 def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger, stop_requests: StopRequests | None) -> list[dict[str, Any]]:

@@ -269,7 +269,10 @@ def device_memory(device: str) -> int | None:
 
     kind = torch.device(device)
     if kind.type == "cuda":
-        return torch.cuda.get_device_properties(kind.index or 0).total_memory
+        try:
+            return torch.cuda.get_device_properties(kind.index or 0).total_memory
+        except (RuntimeError, AssertionError):  # no CUDA here (a sweep's members may run elsewhere)
+            return None
     if kind.type != "cpu":
         return None
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
