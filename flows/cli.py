@@ -142,7 +142,8 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
             else:
                 doing = (
                     f"{f'training, {progress}' if progress else 'before training (or in its first steps)'}. `saeflow stop "
-                    f"{shlex.quote(name)}{artifacts}` stops it (in training at a checkpoint, in a fill after its model batch)"
+                    f"{shlex.quote(name)}{artifacts}` stops it (in training at a checkpoint, in a fill or import after its "
+                    f"model batch or shard)"
                 )
             raise RunNotReady(f"run '{name}' is running ({holder}): {doing}")
         checkpoints = sorted(p.name for p in checkpoint_root(config.get("checkpoint_path"), folder).glob("step-*"))

@@ -53,7 +53,7 @@ def sweep_members(path: str | Path, overrides: list[str] = (), yes: bool = False
     spec = read_yaml_mapping(path, "sweep file")
     if set(spec) - SWEEP_KEYS:
         config_keys = (set(spec) - SWEEP_KEYS) & set(RunConfig.model_fields)
-        hint = f" ({len(config_keys)} of them are config keys: is it a run's config? Run it with `saeflow run {path}`, or name it as a sweep's base: {path.name})" if config_keys else ""
+        hint = f" ({len(config_keys)} of them {'is a config key' if len(config_keys) == 1 else 'are config keys'}: is it a run's config? Run it with `saeflow run {path}`, or name it as a sweep's base: {path.name})" if config_keys else ""
         raise ConfigError(f"{path}: a sweep file holds only {', '.join(sorted(SWEEP_KEYS))}; found {sorted(set(spec) - SWEEP_KEYS)}{hint}")
     base = spec.get("base")
     if base is None or isinstance(base, str):

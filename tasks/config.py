@@ -510,7 +510,7 @@ YAML_HINTS = {
     "int_parsing": "write a whole number, e.g. 1000000 or 1_000_000",
     "int_from_float": "write a whole number",
     "string_type": "YAML reads yes/no/on/off/true/false as booleans and bare numbers as numbers: put the value in quotes",
-    "list_type": 'give a list, e.g. ["Tom saw a cat ."] or one "- item" line each',
+    "list_type": 'give a list, e.g. [a, b], or one "- item" line each',
 }
 
 

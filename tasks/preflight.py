@@ -292,7 +292,7 @@ def _check_sae_fits(cfg: RunConfig) -> None:
 
     memory = device_memory(cfg.device)
     weights = 2 * cfg.d_in * cfg.sae_width * getattr(torch, cfg.dtype).itemsize
-    batch = 2 * cfg.train_batch_size_tokens * cfg.sae_width * 4
+    batch = 2 * cfg.train_batch_size_tokens * cfg.sae_width * (2 if cfg.autocast or cfg.dtype == "bfloat16" else 4)
     if memory is not None and 4 * weights + batch > memory:
         raise ConfigError(
             f"the SAE (d_in {cfg.d_in}, d_sae {cfg.sae_width}) needs at least {(4 * weights + batch) / 1e9:,.1f} GB to train "
