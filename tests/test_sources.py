@@ -306,35 +306,29 @@ def test_an_interrupted_import_continues_at_the_first_missing_shard(tmp_path, sh
     assert torch.equal(load_store(again)[0], load_store(reference)[0])  # complete again
 
 
-def test_saeflow_stop_stops_an_import_after_its_shard_and_the_import_continues(tmp_path, monkeypatch):
+def test_saeflow_stop_reaches_a_run_s_import_and_the_run_continues(prefect_server, tmp_path, monkeypatch):
     import tasks.activations
     import tasks.sources
-    from tasks.activations import store_dir
-    from tasks.artifacts import exclusive_lock
-    from tasks.sources import _import, import_spec
-    from tasks.stopping import Preempted, StopRequests, request_stop
+    from flows.cli import main
+    from tasks.stopping import Preempted
 
     monkeypatch.setattr(tasks.activations, "SHARD_BYTES", 1024 * D_IN * 4)  # 8 shards
     cfg = make_config({"synthetic": {"num_features": 32, "hidden_dim": D_IN}, "training_tokens": 8192, "eval_tokens": 1024, "train_batch_size_tokens": 512})
-    reference = import_store(cfg, tmp_path / "a")
-    run = tmp_path / "runs" / "imported"
-    written, real_save = [], tasks.sources._save_shard
+    save, written = tasks.sources._save_shard, []
 
     def stop_after_two(path, acts, tokens):
         written.append(path.name)
         if len(written) == 2:
-            assert request_stop(run) is not None
+            assert main(["stop", "importing", "--artifacts-dir", str(tmp_path)]) == 0
             time.sleep(1.1)  # a run's request is looked for at most once a second
-        return real_save(path, acts, tokens)
+        return save(path, acts, tokens)
 
-    spec = import_spec(resolve(cfg))
     monkeypatch.setattr(tasks.sources, "_save_shard", stop_after_two)
-    with exclusive_lock(run / ".lock", "run 'imported'", wait=False), pytest.raises(Preempted) as stopped:
-        _import(spec, store_dir(tmp_path / "b", spec), LOGGER, StopRequests(run))
-    assert re.fullmatch(r"stopped by saeflow stop \(from process .*\) while importing activation store \w+, at row 2048 of 8192 \(the shards written are kept\)", str(stopped.value))
-    monkeypatch.setattr(tasks.sources, "_save_shard", real_save)
-    resumed = import_store(cfg, tmp_path / "b")
-    assert resumed["n_shards"] == 8 and torch.equal(load_store(resumed)[0], load_store(reference)[0])
+    with pytest.raises(Preempted, match=r"while importing activation store \w+, at row 2048 of 8192"):
+        start(cfg, tmp_path, "importing")
+    monkeypatch.setattr(tasks.sources, "_save_shard", save)
+    summary = start(cfg, tmp_path, "importing")
+    assert summary["activations"]["n_shards"] == 8 and Path(summary["sae"]["path"]).is_dir()
 
 
 @pytest.mark.parametrize(
