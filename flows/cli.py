@@ -318,13 +318,15 @@ def _analyze(args) -> int:
         model = load_model(summary["model"], device, from_pretrained_kwargs=cfg["model_from_pretrained_kwargs"])
         sae, _ = open_sae({"path": summary["sae"]["path"]}, device)
     except OSError as error:  # the model's or the SAE's files moved since the run
-        where = summary["model"].get("path") or summary["model"].get("name")
+        if summary["model"]["kind"] == "pretrained":
+            where = f"{summary['model']['name']}, from the Hugging Face cache, which must hold it where the hub cannot be reached"
+        else:
+            where = summary["model"]["path"]
         artifacts = "" if args.artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(args.artifacts_dir)}"
         raise RunNotReady(
-            f"run '{args.run}' cannot be analysed: {type(error).__name__}: {error}. It reads its model ({where}; a hub "
-            f"model from the Hugging Face cache) and its SAE ({summary['sae']['path']}) where the run found or left them: "
-            f"if they moved, put them back, or run the run again (`saeflow run --run-name {shlex.quote(args.run)}{artifacts}`) "
-            f"to make what is missing"
+            f"run '{args.run}' cannot be analysed: {type(error).__name__}: {error}. It reads its model ({where}) and its SAE "
+            f"({summary['sae']['path']}) where the run found or left them: if they moved, put them back, or run the run again "
+            f"(`saeflow run --run-name {shlex.quote(args.run)}{artifacts}`) to make what is missing"
         ) from None
     for prompt in args.prompt:
         result = top_features_for_prompt(model, sae, prompt, index, cfg["top_k_features"], cfg["context_size"], cfg["prepend_bos"], logger)

@@ -49,10 +49,9 @@ def effective_run_name(config: dict[str, Any] | str, run_name: str | None, new_e
     from prefect import runtime
 
     cfg = load_config(config) if isinstance(config, str) else RunConfig(**config)
-    name = run_name or default_run_name(cfg, artifacts_dir)
-    if new_each_run:
-        name = f"{name}-{runtime.flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
-    return name
+    if new_each_run:  # a fresh run: named as saeflow names runs now, not as an earlier one of the config was
+        return f"{run_name or default_run_name(cfg)}-{runtime.flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+    return run_name or default_run_name(cfg, artifacts_dir)
 
 
 def _flow_run_name() -> str:

@@ -273,7 +273,7 @@ def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str, st
 def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tuple[Any, list[int]]]:
     """Submit one `fill_activation_stores` per group of members that read the same tokens through
     the same model at different hooks; returns each fill's future and its members' indices."""
-    from tasks.activations import check_room_for_stores, fill_activation_stores, shared_pass_key, store_spec
+    from tasks.activations import NotEnoughDisk, check_room_for_stores, fill_activation_stores, shared_pass_key, store_spec
     from tasks.model import build_model, model_spec
     from tasks.tokens import pretokenise, tokens_spec
 
@@ -294,6 +294,8 @@ def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tupl
             check_room_for_stores([store_spec(c, model_ref) for c in configs], artifacts_dir)  # before tokenising (hours for a large dataset)
             text = tokens_spec(configs[0], model_ref)  # the same contexts for the whole group
             tokens_ref = pretokenise(text, model_ref, configs[0].model_from_pretrained_kwargs, artifacts_dir) if text else None
+        except NotEnoughDisk:  # filled one by one, the members would fill the disk all the same
+            raise
         except Exception as error:  # the members will report it, each on its own
             get_run_logger().warning(f"Could not prepare a shared fill for {configs[0].model_name}: {error}")
             continue

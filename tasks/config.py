@@ -12,6 +12,7 @@ import difflib
 import functools
 import hashlib
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -75,10 +76,10 @@ def check_run_name(name: str, artifacts_dir: str | Path | None = None) -> None:
     if name and Path(name).name == name and not name.startswith("."):
         return
     inside = not Path(name).is_absolute() and ".." not in Path(name).parts
-    if inside and artifacts_dir is not None and (Path(artifacts_dir) / "runs" / name / "config.json").is_file():
+    if inside and artifacts_dir is not None and os.path.isfile(Path(artifacts_dir) / "runs" / name / "config.json"):
         return
     path = Path(name)
-    found = f"; for the run in {path}, give its name and artifacts folder: {path.name} --artifacts-dir {path.parent.parent}" if (path / "config.json").is_file() and path.parent.name == "runs" else ""
+    found = f"; for the run in {path}, give its name and artifacts folder: {path.name} --artifacts-dir {path.parent.parent}" if os.path.isfile(path / "config.json") and path.parent.name == "runs" else ""
     raise ConfigError(f"run name {name!r} must be a plain folder name (it names <artifacts>/runs/<name>/){found}")
 
 

@@ -472,7 +472,7 @@ def default_run_name(cfg: RunConfig, artifacts_dir: str | Path | None = None) ->
         # 2026-11-30 evening) and the hook name as given (until 2026-12-01).
         earlier = [named(i, h) for i in (identity, identity | {"device": device_kind(cfg.device)}) for h in (hook, plain_hook)]
         for candidate in dict.fromkeys(earlier):
-            if candidate != name and (run_dir(artifacts_dir, candidate) / "config.json").is_file():
+            if candidate != name and os.path.isfile(run_dir(artifacts_dir, candidate) / "config.json"):  # no error under an unsearchable folder
                 return candidate
     return name
 
@@ -513,13 +513,14 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     """
     from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root
 
-    if run_name is not None and run_name != default_run_name(cfg, artifacts_dir):  # a name given, not the one saeflow chose
-        check_run_name(run_name)
     check_artifacts_dir(artifacts_dir)
+    if run_name is not None:
+        check_run_name(run_name, artifacts_dir)
     if cfg.checkpoint_path is not None:
         check_writable(Path(cfg.checkpoint_path), "checkpoint_path", "choose another, or leave it out to keep checkpoints in the run's folder")
     current = run_identity(cfg)
-    name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg, artifacts_dir)) if new else run_name or default_run_name(cfg, artifacts_dir)
+    # A fresh run (`new`) is named as saeflow names runs now, not as an earlier run of the config was.
+    name = _new_run_folder(cfg, artifacts_dir, run_name or default_run_name(cfg)) if new else run_name or default_run_name(cfg, artifacts_dir)
     folder = run_dir(artifacts_dir, name)
     stored = folder / "config.json"
     root = checkpoint_root(cfg.checkpoint_path, folder)

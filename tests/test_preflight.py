@@ -145,7 +145,7 @@ def test_an_sae_too_big_for_its_device_s_memory_is_refused_before_any_work(monke
     assert resolve(tiny_config(expansion_factor=1000, train_batch_size_tokens=4096)).sae_width == 32_000  # 1.1 GB: trains
 
 
-def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path: Path):
+def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path: Path, monkeypatch):
     from tasks.preflight import check_new_run
 
     (tmp_path / "ckpt").mkdir()
@@ -155,10 +155,15 @@ def test_a_local_model_named_as_a_pretrained_one_is_refused_to_new_runs(tmp_path
             check_new_run(tiny_config(model_name=name))
     with pytest.raises(ConfigError, match=r"^the default model_name 'gelu-1l' names a pretrained model .* give the local model a model_name of its own$"):
         check_new_run(tiny_config(model_name="gelu-1l"))  # a model_cfg config that names no model
-    check_new_run(tiny_config(model_name="tiny-gpt2-like", prompts=["Tom saw a cat .", " "]))  # " " is a token of GPT-2's
+    check_new_run(tiny_config(model_name="tiny-gpt2-like", prompts=["Tom saw a cat .", " "]))  # a space is a prompt (a GPT-2 token)
     with pytest.raises(ConfigError, match=r"^prompts holds an empty prompt \(\['Tom saw a cat .', ''\]\), which has nothing to analyse; remove it$"):
         check_new_run(tiny_config(model_name="tiny-gpt2-like", prompts=["Tom saw a cat .", ""]))
-    check_new_run(tiny_config(model_name="tests"))  # a folder here that is no checkpoint: a label that happens to exist
+    monkeypatch.chdir(tmp_path)
+    check_new_run(tiny_config(model_name="ckpt-notes"))
+    (tmp_path / "ckpt-notes").mkdir()
+    check_new_run(tiny_config(model_name="ckpt-notes"))  # a folder here that is no checkpoint: a label that happens to exist
+    with pytest.raises(ConfigError, match="names a pretrained model or a checkpoint folder"):
+        check_new_run(tiny_config(model_name="ckpt"))  # one that is
 
 
 def test_model_from_pretrained_kwargs_a_model_would_ignore_are_refused_to_new_runs(tmp_path: Path):

@@ -329,7 +329,7 @@ def test_analyze_of_a_run_whose_model_moved_says_so_without_a_traceback(finished
     assert main(["analyze", finished_run["name"], "--artifacts-dir", str(tmp_path), "--prompt", "Tom fed the dog ."]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith(f"saeflow: run '{finished_run['name']}' cannot be analysed: ") and "Traceback" not in err
-    assert f"It reads its model ({tmp_path / 'moved'}; a hub model from the Hugging Face cache) and its SAE" in err
+    assert f"It reads its model ({tmp_path / 'moved'}) and its SAE" in err
     assert f"`saeflow run --run-name {finished_run['name']} --artifacts-dir {tmp_path}`" in err
 
 

@@ -382,7 +382,7 @@ def test_an_import_that_would_fill_the_disk_is_refused_before_any_row_is_copied(
     assert not saved and acts.shape == (9216, 16)  # 9216 rows of 16 float32 and a token id: 663,552 bytes
 
 
-def test_a_hook_name_with_a_slash_names_a_plain_run_folder_and_a_run_named_before_with_it_continues(tmp_path, shard_folder, capsys):
+def test_a_hook_name_with_a_slash_names_a_plain_run_folder_and_a_run_named_before_with_it_continues(tmp_path, shard_folder, capsys, monkeypatch):
     from flows.cli import EXIT_BAD_INPUT, main
     from tasks.preflight import run_identity
 
@@ -393,6 +393,16 @@ def test_a_hook_name_with_a_slash_names_a_plain_run_folder_and_a_run_named_befor
     (tmp_path / "runs" / earlier).mkdir(parents=True)
     (tmp_path / "runs" / earlier / "config.json").write_text(json.dumps({"config": {}, "result_fields": run_identity(cfg)}))
     assert default_run_name(cfg, tmp_path) == earlier and claim_run(cfg, tmp_path, None, new=False) == earlier
+    assert claim_run(cfg, tmp_path, earlier, new=False) == earlier  # by its name too (a --new run of then: NAME-2)
+    assert claim_run(cfg, tmp_path, None, new=True) == f"{name}-2"  # a fresh run: named as runs are named now
+    import datetime
+
+    import prefect.runtime.flow_run
+
+    from flows.pipeline import effective_run_name
+
+    monkeypatch.setitem(prefect.runtime.flow_run.FIELDS, "scheduled_start_time", lambda: datetime.datetime(2026, 12, 1, 2, 0))
+    assert effective_run_name(cfg.model_dump(mode="json"), None, True, str(tmp_path)) == f"{name}-20261201-020000"  # serve --new-each-run
     assert main(["report", earlier, "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert f"run '{earlier}' has not finished" in capsys.readouterr().err  # its name is not refused
 
