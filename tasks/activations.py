@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import multiprocessing
 import os
 import time
@@ -177,18 +176,14 @@ def _verified_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]
 
 
 def _whole_safetensors(path: Path) -> bool:
-    """Whether `path` is a file as long as its safetensors header says (reads the header only)."""
+    """Whether `path` opens as a safetensors file, which checks its size against its header."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            header_size = int.from_bytes(f.read(8), "little")
-            if header_size > size - 8:  # garbled: reading it would ask for up to 2^64 bytes
-                return False
-            header = json.loads(f.read(header_size))
-        data = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):  # missing, or a header cut short or garbled
+        with safe_open(path, "pt"):
+            return True
+    except (OSError, SafetensorError):  # missing, cut short or garbled
         return False
-    return size == 8 + header_size + data
 
 
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
@@ -378,13 +373,13 @@ def check_free_disk(needs: dict[Path, int], fixes: str) -> None:
     `needs` (made or not) are more than its file system has free (folders on one file system add up)."""
     import shutil
 
-    by_device: dict[int, tuple[int, list[Path]]] = {}
+    by_device: dict[int, tuple[int, list[Path], Path]] = {}
     for folder, need in needs.items():
-        device = next(p for p in (folder, *folder.parents) if os.path.exists(p)).stat().st_dev  # os.path: False, not an error, under a folder it may not search
-        total, folders = by_device.get(device, (0, []))
-        by_device[device] = (total + need, [*folders, folder])
-    for need, folders in by_device.values():
-        usage = shutil.disk_usage(next(p for p in (folders[0], *folders[0].parents) if os.path.exists(p)))
+        existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # os.path: False, not an error, under a folder it may not search
+        total, folders, _ = by_device.get(existing.stat().st_dev, (0, [], existing))
+        by_device[existing.stat().st_dev] = (total + need, [*folders, folder], existing)
+    for need, folders, existing in by_device.values():
+        usage = shutil.disk_usage(existing)
         if usage.total == 0:  # a file system that does not say (some FUSE mounts of object stores)
             continue
         free = usage.free
