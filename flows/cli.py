@@ -212,7 +212,7 @@ def _serve(args) -> int:
     from pathlib import Path
 
     from flows.pipeline import pipeline_for
-    from tasks.config import ConfigError
+    from tasks.config import ConfigError, check_run_name
     from tasks.preflight import check_artifacts_dir, check_new_run, check_new_run_named, default_run_name, resolve
 
     if args.interval is not None and args.interval <= 0:
@@ -229,13 +229,16 @@ def _serve(args) -> int:
     check_artifacts_dir(args.artifacts_dir)
     if args.new_each_run:
         check_new_run(cfg)
+        if args.run_name:  # it names fresh runs, which have plain names
+            check_run_name(args.run_name)
     else:
         check_new_run_named(cfg, args.artifacts_dir, args.run_name or default_run_name(cfg, args.artifacts_dir))
     check_prefect_api()
     artifacts_dir = str(Path(args.artifacts_dir).resolve())
     parameters = {"config": cfg.model_dump(mode="json"), "run_name": args.run_name, "artifacts_dir": artifacts_dir, "new_each_run": args.new_each_run}
     # Two configs served at once get two deployments, and so do one config's continued and fresh runs.
-    name = args.name or f"{args.run_name or default_run_name(cfg, args.artifacts_dir)}{'-new-each-run' if args.new_each_run else ''}"
+    run = args.run_name or (default_run_name(cfg) if args.new_each_run else default_run_name(cfg, args.artifacts_dir))
+    name = args.name or f"{run.replace('/', '-')}{'-new-each-run' if args.new_each_run else ''}"  # Prefect's names hold no /
     # One flow run at a time: one that comes due while the previous still trains waits for it
     # (Late in the UI), instead of failing on the run's lock.
     pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1)

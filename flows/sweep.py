@@ -284,22 +284,31 @@ def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tupl
             continue
         unbuilt = store_spec(cfg, {"kind": None, "name": cfg.model_name, "path": None})
         groups.setdefault(stable_hash([model_spec(cfg), shared_pass_key(unbuilt)]), []).append(i)
-    fills = []
+    prepared = []  # models built and stores known for every group before any data is tokenised
     for indices in groups.values():
         configs = [RunConfig(**members[i]) for i in indices]
         if len({(c.hook_name, c.hook_head_index) for c in configs}) < 2:
             continue
         try:
             model_ref = build_model(model_spec(configs[0]), artifacts_dir)
-            check_room_for_stores([store_spec(c, model_ref) for c in configs], artifacts_dir)  # before tokenising (hours for a large dataset)
-            text = tokens_spec(configs[0], model_ref)  # the same contexts for the whole group
-            tokens_ref = pretokenise(text, model_ref, configs[0].model_from_pretrained_kwargs, artifacts_dir) if text else None
-        except NotEnoughDisk:  # filled one by one, the members would fill the disk all the same
-            raise
         except Exception as error:  # the members will report it, each on its own
             get_run_logger().warning(f"Could not prepare a shared fill for {configs[0].model_name}: {error}")
             continue
         specs = list({stable_hash(s): s for s in (store_spec(c, model_ref) for c in configs)}.values())
+        prepared.append((indices, configs, model_ref, specs))
+    try:  # all groups' stores at once, before any fill starts (filled one by one, they would fill the disk all the same)
+        check_room_for_stores([spec for *_, specs in prepared for spec in specs], artifacts_dir)
+    except NotEnoughDisk as error:
+        hooks = ", ".join(f"{c.model_name} at {c.hook_name}" for _, configs, _, _ in prepared for c in configs)
+        raise NotEnoughDisk(f"the activation stores the sweep's members share ({hooks}) would not fit: {error}") from None
+    fills = []
+    for indices, configs, model_ref, specs in prepared:
+        try:
+            text = tokens_spec(configs[0], model_ref)  # the same contexts for the whole group
+            tokens_ref = pretokenise(text, model_ref, configs[0].model_from_pretrained_kwargs, artifacts_dir) if text else None
+        except Exception as error:  # the members will report it, each on its own
+            get_run_logger().warning(f"Could not prepare a shared fill for {configs[0].model_name}: {error}")
+            continue
         with _gpu_resource(configs[0].device):
             fills.append((fill_activation_stores.submit(specs, model_ref, tokens_ref, artifacts_dir), indices))
     return fills

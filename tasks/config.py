@@ -75,8 +75,8 @@ def check_run_name(name: str, artifacts_dir: str | Path | None = None) -> None:
     of `artifacts_dir` so named by an earlier saeflow (a hook name holding `/`) passes."""
     if name and Path(name).name == name and not name.startswith("."):
         return
-    inside = not Path(name).is_absolute() and ".." not in Path(name).parts
-    if inside and artifacts_dir is not None and os.path.isfile(Path(artifacts_dir) / "runs" / name / "config.json"):
+    parts = name.split("/")  # an earlier saeflow's name: folder names joined by single slashes, none of them hidden
+    if all(p and not p.startswith(".") for p in parts) and artifacts_dir is not None and os.path.isfile(Path(artifacts_dir) / "runs" / name / "config.json"):
         return
     path = Path(name)
     found = f"; for the run in {path}, give its name and artifacts folder: {path.name} --artifacts-dir {path.parent.parent}" if os.path.isfile(path / "config.json") and path.parent.name == "runs" else ""

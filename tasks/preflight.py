@@ -515,7 +515,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
 
     check_artifacts_dir(artifacts_dir)
     if run_name is not None:
-        check_run_name(run_name, artifacts_dir)
+        check_run_name(run_name, None if new else artifacts_dir)  # a fresh run's name is a plain one
     if cfg.checkpoint_path is not None:
         check_writable(Path(cfg.checkpoint_path), "checkpoint_path", "choose another, or leave it out to keep checkpoints in the run's folder")
     current = run_identity(cfg)

@@ -557,6 +557,12 @@ def test_serve_names_a_config_s_continued_and_fresh_deployments_apart(tmp_path, 
     name = default_run_name(resolve(make_config(values)))
     assert [s["name"] for s in served] == [name, f"{name}-new-each-run", "nightly"]
     assert [s["parameters"]["new_each_run"] for s in served] == [False, True, True]
+    earlier = f"{name}/x"  # a run an earlier saeflow named with a / (from an external hook name): continued by name
+    (tmp_path / "a" / "runs" / earlier).mkdir(parents=True)
+    (tmp_path / "a" / "runs" / earlier / "config.json").write_text(json.dumps({"config": values, "result_fields": {}}))
+    assert main(["serve", str(config), "--cron", "0 2 * * *", "--artifacts-dir", str(tmp_path / "a"), "--run-name", earlier]) == 0
+    assert served[-1]["name"] == f"{name}-x" and served[-1]["parameters"]["run_name"] == earlier  # Prefect's names hold no /
+    assert main(["serve", str(config), "--cron", "0 2 * * *", "--artifacts-dir", str(tmp_path / "a"), "--run-name", earlier, "--new-each-run"]) == EXIT_BAD_INPUT
 
 
 def test_a_run_cancelled_in_prefect_and_stopped_by_a_signal_exits_75_saying_so(tmp_path, monkeypatch, capsys):

@@ -393,7 +393,14 @@ def test_a_hook_name_with_a_slash_names_a_plain_run_folder_and_a_run_named_befor
     (tmp_path / "runs" / earlier).mkdir(parents=True)
     (tmp_path / "runs" / earlier / "config.json").write_text(json.dumps({"config": {}, "result_fields": run_identity(cfg)}))
     assert default_run_name(cfg, tmp_path) == earlier and claim_run(cfg, tmp_path, None, new=False) == earlier
-    assert claim_run(cfg, tmp_path, earlier, new=False) == earlier  # by its name too (a --new run of then: NAME-2)
+    (tmp_path / "runs" / f"{earlier}-2").mkdir(parents=True)  # a --new run of then
+    (tmp_path / "runs" / f"{earlier}-2" / "config.json").write_text(json.dumps({"config": {}, "result_fields": run_identity(cfg)}))
+    assert claim_run(cfg, tmp_path, f"{earlier}-2", new=False) == f"{earlier}-2"  # continued by its name
+    for variant in (f"{earlier}-2/", f"{earlier}-2/.", f"./{earlier}-2", earlier.replace("/", "//")):  # not names of it
+        with pytest.raises(ConfigError, match="must be a plain folder name"):
+            claim_run(cfg, tmp_path, variant, new=False)
+    with pytest.raises(ConfigError, match="must be a plain folder name"):
+        claim_run(cfg, tmp_path, earlier, new=True)  # a fresh run from it would nest in its folder
     assert claim_run(cfg, tmp_path, None, new=True) == f"{name}-2"  # a fresh run: named as runs are named now
     import datetime
 

@@ -212,6 +212,20 @@ def test_a_local_dask_cluster_is_refused_members_on_a_gpu(tmp_path, monkeypatch)
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_a_sweep_whose_shared_stores_would_not_fit_stops_before_any_data_is_tokenised(prefect_server, tmp_path, monkeypatch):
+    import shutil
+
+    from flows.sweep import run_sweep
+    from tasks.activations import NotEnoughDisk
+
+    sweep = write_sweep(tmp_path, {"hook_name": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]})
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=1_000_000) if str(path).startswith(str(tmp_path)) else real_disk_usage(path))
+    with pytest.raises(NotEnoughDisk, match=r"the activation stores the sweep's members share \(tiny-test at blocks.0.hook_resid_post, tiny-test at blocks.1.hook_resid_post\) would not fit: .* need [\d.]+ MB more"):
+        run_sweep(str(sweep), str(tmp_path / "artifacts"))
+    assert not (tmp_path / "artifacts" / "tokens").exists() and not (tmp_path / "artifacts" / "activations").exists()
+
+
 def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     from flows.cli import EXIT_BAD_INPUT, main
 
