@@ -96,7 +96,8 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
     with exclusive_lock(Path(run) / ".lock", f"run '{run_name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, Path(run)):
         crash_ghost_runs(run_name, artifacts_dir)
         if cfg.activation_source is None:
-            model_ref = build_model(model_spec(cfg), artifacts_dir)
+            prompts = {"prompts": cfg.prompts, "token_index": cfg.analysis_token_index, "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos}
+            model_ref = build_model(model_spec(cfg), artifacts_dir, prompts)
             check_token_index(model_ref, cfg.model_from_pretrained_kwargs, cfg.prompts, cfg.analysis_token_index, cfg.context_size, cfg.prepend_bos)
             mode, why = choose_activation_mode(cfg, artifacts_dir, run, store_dir(artifacts_dir, store_spec(cfg, model_ref, "cached")))
             check_room_for_stores([store_spec(cfg, model_ref, mode)], artifacts_dir)  # before tokenising, which may take hours

@@ -57,7 +57,11 @@ def check_token_index(model_ref: dict[str, Any], from_pretrained_kwargs: dict[st
     tokenizer alone (no weights): a bad index stops a run before training, not after it."""
     from tasks.model import tokenizing_model
 
-    model = tokenizing_model(model_ref, from_pretrained_kwargs)
+    check_prompts(tokenizing_model(model_ref, from_pretrained_kwargs), prompts, token_index, context_size, prepend_bos, setting)
+
+
+def check_prompts(model, prompts: list[str], token_index: int, context_size: int, prepend_bos: bool, setting: str = "analysis_token_index") -> None:
+    """`check_token_index` for a model (on the meta device will do) already in hand."""
     for prompt in prompts:
         prompt_tokens(model, prompt, token_index, context_size, prepend_bos, setting)
 

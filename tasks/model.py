@@ -280,10 +280,14 @@ def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer, tra
 
 
 @stage("build-model", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
+def build_model(spec: dict[str, Any], artifacts_dir: str, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build (local) or check (checkpoint) the model and describe it. A pretrained model is
     described from its config and tokenizer alone: its weights are first loaded (and downloaded)
-    where they are used, on the run's device, not here on the CPU just to read their shapes."""
+    where they are used, on the run's device, not here on the CPU just to read their shapes.
+
+    `prompts` (`prompts`, `token_index`, `context_size`, `prepend_bos`: the analysis's) are
+    checked against a local model's tokenizer before the model trains, so that a bad
+    `analysis_token_index` costs no training."""
     if spec["kind"] == "pretrained":
         model = tokenizing_model({"kind": "pretrained", "name": spec["model_name"]}, spec["from_pretrained_kwargs"])
         return _describe("pretrained", spec["model_name"], None, model.cfg, model.tokenizer)
@@ -297,13 +301,13 @@ def build_model(spec: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
     out = Path(artifacts_dir) / "models" / f"{_slug(spec['model_name'])}-{stable_hash(spec)}"
     # Runs started together (a sweep) wait here for the one building the model.
     with exclusive_lock(out.with_name(out.name + ".lock"), f"model folder {out}", wait=True):
-        _build_local(spec, out)
+        _build_local(spec, out, prompts)
     info = read_json(out / "model.json")
     hooked_cfg = _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta")
     return _describe("local", spec["model_name"], str(out), hooked_cfg, load_tokenizer(out / "tokenizer"), info.get("training"))
 
 
-def _build_local(spec: dict[str, Any], out: Path) -> None:
+def _build_local(spec: dict[str, Any], out: Path, prompts: dict[str, Any] | None) -> None:
     """Build the model folder, all or nothing: an interrupted build (or training) leaves only a
     temporary folder, and the next run starts it again."""
     if verify_manifest(out) is None:
@@ -316,6 +320,10 @@ def _build_local(spec: dict[str, Any], out: Path) -> None:
             else:
                 train_word_tokenizer(_dataset_texts(spec["dataset_path"], spec["seed"]), tmp / "tokenizer")
             tokenizer = load_tokenizer(tmp / "tokenizer")
+            if prompts and "train" in spec:
+                from tasks.analyse import check_prompts
+
+                check_prompts(_on_meta(_hooked_config(spec["model_cfg"], len(tokenizer), spec["seed"], "meta"), tokenizer), **prompts)
             hooked_cfg = _hooked_config(spec["model_cfg"], len(tokenizer), spec["seed"], "cpu")
             model = _local_model(hooked_cfg, tokenizer)
             info = {"model_cfg": spec["model_cfg"], "d_vocab": len(tokenizer), "seed": spec["seed"]}

@@ -231,6 +231,16 @@ def test_a_run_whose_index_is_outside_a_prompt_stops_before_training_with_status
     assert not (finished_run["artifacts"] / "runs" / "bad-index" / "checkpoints").exists()
 
 
+def test_a_bad_index_stops_a_run_before_its_local_model_trains(prefect_server, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(analysis_token_index=-99, model_train_tokens=4096).model_dump(mode="json")))
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "art")]) == EXIT_BAD_INPUT
+    assert "saeflow: config error: analysis_token_index is -99, but prompt 'Lily went to the park with a red ball .' has " in capsys.readouterr().err
+    assert not list((tmp_path / "art").glob("models/*/model.json"))
+
+
 def test_top_features_leave_out_features_that_do_not_fire(finished_run):
     from tasks.analyse import top_features_for_prompt
     from tasks.load import open_sae
