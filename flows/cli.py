@@ -169,8 +169,13 @@ def training_progress(folder: Path, training_tokens: int | None) -> str | None:
     """The last row of a run's `train_log.jsonl` in words (step, share of the training tokens,
     speed, loss, L0, and how long ago), or None before its first row."""
     log = folder / "train_log.jsonl"
+    tail = b""
+    if log.is_file():
+        with log.open("rb") as f:  # the last rows only: a multi-day run's log holds megabytes
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read()
     row = None
-    for line in reversed(log.read_text().splitlines() if log.is_file() else []):
+    for line in reversed(tail.decode(errors="replace").splitlines()):
         try:
             row = json.loads(line)
             break

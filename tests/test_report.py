@@ -367,7 +367,8 @@ def test_report_on_a_run_in_training_says_how_far_it_is_and_how_to_stop_it(tmp_p
     (run / "checkpoints" / "step-000000030").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"config": {"training_tokens": 80_000}}))
     row = {"step": 40, "tokens": 40_960, "loss": 0.51234, "l0": 12.34, "tokens_per_s": 12345.6}
-    (run / "train_log.jsonl").write_text(json.dumps(row | {"step": 20}) + "\n" + json.dumps(row) + "\n")
+    earlier = "".join(json.dumps(row | {"step": step}) + "\n" for step in range(2000))  # over the 64 KiB read from the end
+    (run / "train_log.jsonl").write_text(earlier + json.dumps(row) + "\n" + json.dumps(row | {"step": 41})[:30])  # the last cut by a kill
     with exclusive_lock(run / ".lock", "run 'long'", wait=False):
         assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
