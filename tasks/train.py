@@ -64,8 +64,8 @@ def training_sae_config(cfg: RunConfig):
             f"{', '.join(sorted(valid - {'metadata', 'd_in', 'd_sae', 'device', 'dtype'}))}"
         )
     kwargs = {name: getattr(cfg, name) for name in ARCHITECTURE_KWARGS[cfg.architecture]}
-    if "matryoshka_widths" in kwargs:
-        kwargs["matryoshka_widths"] = list(kwargs["matryoshka_widths"])
+    if kwargs.get("matryoshka_widths") and kwargs["matryoshka_widths"][-1] != cfg.sae_width:
+        kwargs["matryoshka_widths"] = [*kwargs["matryoshka_widths"], cfg.sae_width]  # as SAELens would, with a warning
     return config_class(
         d_in=cfg.d_in,
         d_sae=cfg.sae_width,

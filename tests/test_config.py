@@ -75,7 +75,7 @@ def test_guide_config_maps_onto_sae_lens_6():
         ("batchtopk", {"k": 8}, "BatchTopKTrainingSAEConfig", ("k", 8)),
         ("jumprelu", {"l0_coefficient": 2.0}, "JumpReLUTrainingSAEConfig", ("l0_coefficient", 2.0)),
         ("gated", {"l1_coefficient": 3.0}, "GatedTrainingSAEConfig", ("l1_coefficient", 3.0)),
-        ("matryoshka", {"k": 8, "matryoshka_widths": [32, 64]}, "MatryoshkaBatchTopKTrainingSAEConfig", ("matryoshka_widths", [32, 64])),
+        ("matryoshka", {"k": 8, "matryoshka_widths": [32, 64]}, "MatryoshkaBatchTopKTrainingSAEConfig", ("matryoshka_widths", [32, 64, 256])),
     ],
 )
 def test_architectures_map_to_their_training_configs(architecture, extra, config_class, check):
@@ -85,6 +85,20 @@ def test_architectures_map_to_their_training_configs(architecture, extra, config
     sae_cfg = training_sae_config(cfg)
     assert type(sae_cfg).__name__ == config_class
     assert getattr(sae_cfg, check[0]) == check[1]
+
+
+def test_matryoshka_gets_d_sae_as_its_last_width_without_a_warning():
+    """The config promises d_sae as the last width; SAELens adds it too, but with a UserWarning
+    that reached the terminal of every matryoshka run."""
+    import warnings
+
+    from tasks.train import new_training_sae
+
+    cfg = make_config({**GUIDE_CONFIG, "l1_coefficient": 1.0, "architecture": "matryoshka", "k": 8, "matryoshka_widths": [32, 64], "device": "cpu"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*matryoshka")
+        sae, _ = new_training_sae(cfg)
+    assert sae.cfg.matryoshka_widths == [32, 64, 256]
 
 
 def test_sae_kwargs_reach_the_sae_config_and_unknown_ones_are_named():
