@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, write_json
+from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, whole_safetensors, write_json
 from tasks.config import RunConfig, stable_hash
 from tasks.stopping import STOPS_AFTER_FILL, StopRequests, preempted, stop_asked, stop_requested, stop_signals
 
@@ -167,23 +167,12 @@ def _verified_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]
     (minutes per TB) on each resumed fill and for each sweep member sharing the store."""
     good = []
     for shard in manifest.get("shards", []):
-        if not _whole_safetensors(out / shard["file"]):
+        if not whole_safetensors(out / shard["file"]):
             return good
         good.append(shard)
     if good and file_sha256(out / good[-1]["file"]) != good[-1]["sha256"]:
         good.pop()
     return good
-
-
-def _whole_safetensors(path: Path) -> bool:
-    """Whether `path` opens as a safetensors file, which checks its size against its header."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, "pt"):
-            return True
-    except (OSError, SafetensorError):  # missing, cut short or garbled
-        return False
 
 
 @stage("fill-activations", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))

@@ -5,7 +5,7 @@ persisted under `<artifacts>/prefect-results/`, keyed by the inputs that matter 
 stage version, so editing a comment does not invalidate a ten-hour training. Prefect's cache does
 not know that a result points at files: a cached result whose files are gone is dropped before
 Prefect reads it, and the stage runs again, as does one whose files listed with their sha256 were
-rewritten since (by a run with other settings).
+rewritten since (by a run with other settings), or whose safetensors files are no longer whole.
 """
 
 from __future__ import annotations
@@ -166,6 +166,16 @@ def write_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def set_aside(folder: Path, then: str) -> Path:
+    """Rename a folder that fails its checksums (cut short or garbled by a crash of the machine)
+    to `broken-<name>-<id>` beside it, kept for inspection, with a warning saying what `then`
+    happens; the stage then makes it again."""
+    aside = folder.with_name(f"broken-{folder.name}-{uuid.uuid4().hex[:8]}")
+    folder.rename(aside)
+    run_logger().warning(f"{folder} is incomplete or corrupted (it fails its checksums); set aside as {aside.name}; {then}")
+    return aside
+
+
 def verify_manifest(folder: Path) -> dict[str, Any] | None:
     """The folder's manifest if every file it lists exists with its recorded checksum, else None.
     An error reading a file that exists (EIO, EACCES, a stale NFS handle) is raised, not taken for
@@ -243,7 +253,7 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT) -> 
             holder = f.read().strip() or "another process"
             if not wait:
                 raise Busy(f"{what} is in use by {holder}; {hint}") from None
-            _log_info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
+            run_logger().info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
             while not _try_lock(f, 0):
                 if stop := stop_requested():  # a sweep's member waiting for a store another process fills
                     raise preempted(f"stopped by {stop} while waiting for {what}, in use by {holder}")
@@ -271,15 +281,15 @@ def _try_lock(f, seconds: float) -> bool:
             time.sleep(0.01)
 
 
-def _log_info(message: str) -> None:
-    """To the Prefect run's log inside a flow or task run, else to Python's logging."""
+def run_logger():
+    """The Prefect run's logger inside a flow or task run, else Python's `saeflow` logger."""
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 
     try:
-        get_run_logger().info(message)
+        return get_run_logger()
     except MissingContextError:
-        logging.getLogger("saeflow").info(message)
+        return logging.getLogger("saeflow")
 
 
 def output_hashes(*files: Path) -> dict[str, str]:
@@ -287,8 +297,25 @@ def output_hashes(*files: Path) -> dict[str, str]:
     return {str(f): file_sha256(f) for f in files}
 
 
+def whole_safetensors(path: Path) -> bool:
+    """Whether `path` opens as a safetensors file, which checks its size against its header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except (OSError, SafetensorError):  # missing, cut short or garbled
+        return False
+
+
 def _outputs_unchanged(result: dict[str, Any]) -> bool:
-    if not all(Path(p).exists() for p in result.get("outputs", [])):
+    outputs = [Path(p) for p in result.get("outputs", [])]
+    if not all(p.exists() for p in outputs):
+        return False
+    # Safetensors files (listed, or in a listed folder) cut short or zeroed by a crash of the
+    # machine: checked by their size against their header, cheaply, without hashing them.
+    tensors = [f for p in outputs for f in ([p] if p.suffix == ".safetensors" else p.glob("*.safetensors") if p.is_dir() else [])]
+    if not all(whole_safetensors(f) for f in tensors):
         return False
     return all(Path(p).is_file() and file_sha256(Path(p)) == digest for p, digest in result.get("output_sha256", {}).items())
 

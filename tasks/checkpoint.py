@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import atomic_dir, exclusive_lock, read_json, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, exclusive_lock, read_json, set_aside, verify_manifest, write_json, write_manifest
 from tasks.config import holding_torch_globals
 
 STATE_JSON = "trainer_state.json"
@@ -216,12 +215,14 @@ def resume_point(root: Path, logger) -> Path | None:
     for tmp in root.glob(".tmp-step-*"):
         logger.info(f"Removing {tmp.name}, a checkpoint write that did not finish")
         shutil.rmtree(tmp, ignore_errors=True)
+    broken = 0
     for folder in sorted(root.glob("step-*"), reverse=True):
         if verify_manifest(folder) is not None:
             return folder
-        aside = folder.with_name(f"broken-{folder.name}-{uuid.uuid4().hex[:8]}")
-        folder.rename(aside)
-        logger.warning(f"Checkpoint {folder} is incomplete or corrupted; set aside as {aside.name}")
+        set_aside(folder, "an older checkpoint is used")
+        broken += 1
+    if broken:
+        logger.warning(f"No usable checkpoint in {root} (the {broken} set aside are kept): training starts again from step 0")
     return None
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, set_aside, verify_manifest, write_json, write_manifest
 from tasks.config import ConfigError, RunConfig, holding_torch_globals, stable_hash
 from tasks.data import load_text_dataset
 
@@ -312,7 +312,7 @@ def _build_local(spec: dict[str, Any], out: Path, prompts: dict[str, Any] | None
     temporary folder, and the next run starts it again."""
     if verify_manifest(out) is None:
         if out.exists():
-            raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+            set_aside(out, "the model is built again")
         with atomic_dir(out) as tmp:
             if spec["tokenizer_path"]:
                 tokenizer = load_tokenizer(spec["tokenizer_path"])

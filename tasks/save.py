@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import sample_activation_batches
-from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, file_sha256, output_hashes, read_json, stage, set_aside, verify_manifest, write_json, write_manifest
 from tasks.config import TORCH_GLOBALS
 
 STAGE_VERSION = 3  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256; 3: special tokens left out
@@ -68,7 +68,7 @@ def save_sae(
     measured_with = {"sparsity_tokens": sparsity_tokens, "seed": seed, "skipped_tokens": skip_tokens, "trained": trained_manifest}
     manifest = verify_manifest(out)
     if manifest is None and out.exists():
-        raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+        set_aside(out, "it is made again from trained/")
     if manifest is None or manifest.get("measured_with") != measured_with:
         with TORCH_GLOBALS:  # its initialisation draws from it before its weights are loaded
             trained = TrainingSAE.load_from_disk(trained_ref["path"], device=device)

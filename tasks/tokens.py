@@ -25,7 +25,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, exclusive_lock, keyed_folder, stage, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, exclusive_lock, keyed_folder, stage, set_aside, verify_manifest, write_json, write_manifest
 from tasks.config import RunConfig
 
 STAGE_VERSION = 1
@@ -70,7 +70,7 @@ def pretokenise(spec: dict[str, Any], model_ref: dict[str, Any], from_pretrained
     with exclusive_lock(out.with_name(out.name + ".lock"), f"token folder {out}", wait=True):
         if verify_manifest(out) is None:
             if out.exists():
-                raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+                set_aside(out, "the contexts are tokenised again")
             with atomic_dir(out) as tmp:
                 _write_contexts(spec, model_ref, from_pretrained_kwargs, tmp, get_run_logger())
                 write_manifest(tmp, {"spec": spec})

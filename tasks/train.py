@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import read_ahead, store_contents, training_batches
-from tasks.artifacts import atomic_dir, finite_or_null, read_json, stage, verify_manifest, write_manifest
+from tasks.artifacts import atomic_dir, finite_or_null, read_json, set_aside, stage, verify_manifest, write_manifest
 from tasks.config import TORCH_GLOBALS, RunConfig
 from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
@@ -329,7 +329,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     if verify_manifest(out) is not None:
         return _result(out)
     if out.exists():
-        raise RuntimeError(f"{out} exists but fails its checksums; move it away and run again")
+        set_aside(out, "training continues from the newest checkpoint")
     stop_requests = StopRequests(Path(run_dir))  # `saeflow stop`, from any process
     if stop := stop_requested() or stop_requests.requested():  # asked while the activations were made
         stop_requests.done()

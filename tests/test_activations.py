@@ -93,7 +93,7 @@ def test_a_resumed_fill_keeps_the_listed_shards_that_are_whole_hashing_only_the_
     assert activations._verified_shards(tmp_path, manifest) == []
     for garbled in (b"\xff" * 8, (2**40).to_bytes(8, "little"), b"\x05\x00\x00\x00\x00\x00\x00\x00[1]xx"):
         (tmp_path / "garbled.safetensors").write_bytes(garbled + b"{}")
-        assert not activations._whole_safetensors(tmp_path / "garbled.safetensors")
+        assert not activations.whole_safetensors(tmp_path / "garbled.safetensors")
 
 
 def test_a_fill_that_would_fill_the_disk_is_refused_before_the_model_loads(prefect_server, tmp_path: Path, monkeypatch):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import start_failing_once, task_states, tiny_config
 from flows.pipeline import run_pipeline
-from tasks.artifacts import exclusive_lock, verify_manifest
+from tasks.artifacts import exclusive_lock, verify_manifest, whole_safetensors
 from tasks.preflight import claim_run, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -526,7 +526,7 @@ def test_nan_stops_training_keeps_the_last_good_checkpoint_and_a_corrupted_one_i
     monkeypatch.undo()
     state = start(cfg, artifacts, "nan", return_state=True)
     summary = state.result()
-    assert "step-000000039 is incomplete or corrupted; set aside as broken-step-000000039-" in flow_run_logs(state)
+    assert "step-000000039 is incomplete or corrupted (it fails its checksums); set aside as broken-step-000000039-" in flow_run_logs(state)
     assert len(list(checkpoints.glob("broken-step-000000039-*"))) == 1  # kept for inspection
     assert summary["training"]["resumed_from_step"] == 26
     assert_bitwise_equal(weights(summary), faults_reference)
@@ -974,3 +974,27 @@ def test_a_run_starting_while_saeflow_stop_probes_its_lock_is_not_refused(tmp_pa
             taken = False
         thread.join()
         assert taken is not refused, seconds
+
+
+def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_again(prefect_server, tmp_path):
+    """A store shard cut short and a trained SAE zeroed on disk, after their stages finished: the
+    cached results stood for them, so every later run failed in the next stage. Now each stage runs
+    again: the fill writes the shard anew, training sets trained/ aside and makes it from its
+    checkpoint after the last step (no step retrained), and the SAE ends bit for bit the same."""
+    cfg = resolve(tiny_config(**FAULTS))
+    first = start(cfg, tmp_path, "crashed")
+    before = {k: v.clone() for k, v in weights(first).items()}  # load_file maps the file, which is zeroed below
+    store = Path(first["activations"]["path"])
+    shard = store / json.loads((store / "manifest.json").read_text())["shards"][-1]["file"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    trained = Path(first["training"]["path"]) / "sae_weights.safetensors"
+    trained.write_bytes(bytes(trained.stat().st_size))
+
+    state = start(cfg, tmp_path, "crashed", return_state=True)
+    summary = state.result()
+    assert task_states(state)["fill-activations"] == "Completed" and task_states(state)["train-sae"] == "Completed"
+    assert whole_safetensors(shard)
+    assert summary["training"]["resumed_from_step"] == summary["training"]["n_training_steps"]  # trained 0 steps
+    assert len(list((tmp_path / "runs" / "crashed").glob("broken-trained-*"))) == 1  # kept for inspection
+    assert "trained is incomplete or corrupted (it fails its checksums); set aside as broken-trained-" in flow_run_logs(state)
+    assert_bitwise_equal(weights(summary), before)
