@@ -279,7 +279,8 @@ class RunConfig(BaseModel):
     # --- checkpoints and logging --------------------------------------------------------------
     n_checkpoints: int = Field(10, ge=0)
     """Checkpoints written during training, evenly spaced, plus one after the last step (none with
-    0, but for `checkpoint_every_minutes`); a restarted run resumes from the newest."""
+    0, but for `checkpoint_every_minutes`'s, and then the one after the last step); a restarted
+    run resumes from the newest."""
     checkpoint_every_minutes: float | None = Field(None, gt=0)
     """Also write a checkpoint at the end of the first step once this many minutes of training
     have passed since the last one (or since training started), so that a run killed without

@@ -176,14 +176,17 @@ def _analysis_markdown(analysis: dict[str, Any]) -> list[str]:
 @stage("report", STAGE_VERSION, key_inputs=("run_name", "run_dir", "metrics_ref", "analysis_ref", "sae_ref"))
 def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dict[str, Any], analysis_ref: dict[str, Any], sae_ref: dict[str, Any]) -> dict[str, Any]:
     """Write the plots and `report.md`; publish the report and the metrics table to Prefect."""
+    from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.train import read_log_rows
 
     run = Path(run_dir)
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     density_png, curves_png = plots / "feature_density.png", plots / "training_curves.png"
     plot_feature_density(load_file(Path(sae_ref["path"]) / "sparsity.safetensors")["sparsity"], density_png)
-    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line]
+    rows = read_log_rows(run / "train_log.jsonl", get_run_logger())
     plot_training_curves(rows, curves_png)
 
     metrics = metrics_ref["metrics"]

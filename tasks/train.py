@@ -229,6 +229,18 @@ def _make_trainer(sae, runner_cfg, on_step_end, guard: NonFiniteGuard | None = N
     return Trainer(cfg=runner_cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
 
 
+def read_log_rows(path: Path, logger) -> list[dict[str, Any]]:
+    """The rows of a `train_log.jsonl`, less those whose write was cut short (a full disk, a
+    crash of the machine), each named in a warning."""
+    rows = []
+    for line in filter(None, path.read_text(errors="replace").splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning(f"{path}: dropping a row that was not written whole: {line[:80]!r}")
+    return rows
+
+
 class TrainingLog:
     """Every `log_every` steps: a line in the Prefect log, a row in `train_log.jsonl` and the
     progress artifact. The file survives resumes: rows after the resumed step are dropped first,
@@ -242,23 +254,22 @@ class TrainingLog:
 
         done = trainer.n_training_steps
         if self.path.exists():
-            rows = []
-            for line in filter(None, self.path.read_text().splitlines()):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a row whose write was cut short (full disk, power loss)
-                    self.logger.warning(f"{self.path}: dropping a row that was not written whole: {line[:80]!r}")
-                    continue
-                if row["step"] <= done:
-                    rows.append(line)
+            rows = [row for row in read_log_rows(self.path, self.logger) if row["step"] <= done]
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(f"{row}\n" for row in rows))
+            tmp.write_text("".join(json.dumps(finite_or_null(row), allow_nan=False) + "\n" for row in rows))
             os.replace(tmp, self.path)
         # SAELens trains until all the tokens are seen: one step more than its
         # `total_training_steps` when the batch does not divide them.
         self.total = -(-trainer.cfg.total_training_samples // trainer.cfg.train_batch_size_samples)
         self.progress = create_progress_artifact(100 * done / self.total, description=f"Training SAE ({self.path.parent.name})")
         self.last = (time.monotonic(), trainer.n_training_samples)
+
+    def sync(self) -> None:
+        """Put the rows written so far on disk, before a checkpoint: a crash of the machine then
+        loses no row of the steps that the checkpoint holds."""
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                os.fsync(f.fileno())
 
     def due(self, trainer) -> bool:
         """Whether this step gets a log row."""
@@ -356,6 +367,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         folder = root / f"step-{steps:09d}"
         if not folder.exists():  # a scheduled checkpoint may have just been written at this step
             position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"], "store_contents": contents}
+            log.sync()
             save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints, owner)
             logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
         last_checkpoint[0] = time.monotonic()
@@ -370,7 +382,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         stop = stop_requested() or stop_requests.requested()
         # After the last step too, so that a failure while the trained SAE is written (a full
         # disk, a signal) costs no step, where SAELens's last threshold lies a whole interval earlier.
-        last = cfg.n_checkpoints > 0 and trainer.n_training_samples >= trainer.cfg.total_training_samples
+        last = (cfg.n_checkpoints > 0 or cfg.checkpoint_every_minutes is not None) and trainer.n_training_samples >= trainer.cfg.total_training_samples
         timed = cfg.checkpoint_every_minutes is not None and time.monotonic() - last_checkpoint[0] >= 60 * cfg.checkpoint_every_minutes
         boundary = log.due(trainer) or (thresholds and trainer.n_training_samples > thresholds[0]) or stop or last or timed
         if guard is not None and boundary:

@@ -368,10 +368,11 @@ def test_a_stop_after_the_fill_stops_that_run_only(faults_cfg, faults_reference,
 
 def test_checkpoints_every_few_minutes_of_training_leave_the_result_as_it_was(faults_cfg, faults_reference, tmp_path):
     """`checkpoint_every_minutes`, besides the checkpoints spaced by tokens: a period shorter than
-    any step writes one after every step; a long one, none."""
+    any step writes one after every step; a long one, only the one after the last step (a failure
+    while the trained SAE is written then trains nothing again)."""
     cfg, _ = faults_cfg
     total = -(-cfg.training_tokens // cfg.train_batch_size_tokens)
-    for name, minutes, expected in (("every-step", 1e-9, list(range(1, total + 1))), ("never", 1e6, [])):
+    for name, minutes, expected in (("every-step", 1e-9, list(range(1, total + 1))), ("never", 1e6, [total])):
         timed = cfg.model_copy(update={"n_checkpoints": 0, "checkpoint_every_minutes": minutes, "keep_checkpoints": 1000})
         assert_bitwise_equal(weights(start(timed, tmp_path, name)), faults_reference)
         checkpoints = tmp_path / "runs" / name / "checkpoints"
@@ -977,7 +978,7 @@ def test_a_run_starting_while_saeflow_stop_probes_its_lock_is_not_refused(tmp_pa
 
 
 def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_again(prefect_server, tmp_path):
-    """A store shard cut short and a trained SAE zeroed on disk, after their stages finished: the
+    """A store shard cut short, a trained SAE zeroed and a log row cut short on disk, after their stages finished: the
     cached results stood for them, so every later run failed in the next stage. Now each stage runs
     again: the fill writes the shard anew, training sets trained/ aside and makes it from its
     checkpoint after the last step (no step retrained), and the SAE ends bit for bit the same."""
@@ -998,3 +999,12 @@ def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_ag
     assert len(list((tmp_path / "runs" / "crashed").glob("broken-trained-*"))) == 1  # kept for inspection
     assert "trained is incomplete or corrupted (it fails its checksums); set aside as broken-trained-" in flow_run_logs(state)
     assert_bitwise_equal(weights(summary), before)
+
+    # The training log's last row cut short after training, and the report to write again: the
+    # report stage drops that row, where it failed on every later run.
+    log = tmp_path / "runs" / "crashed" / "train_log.jsonl"
+    log.write_text(log.read_text()[:-40] + "\0" * 16)
+    Path(summary["report"]["path"]).unlink()
+    state = start(cfg, tmp_path, "crashed", return_state=True)
+    assert state.is_completed() and task_states(state)["report"] == "Completed" and task_states(state)["train-sae"] == "Cached"
+    assert "train_log.jsonl: dropping a row that was not written whole" in flow_run_logs(state)
