@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, whole_safetensors, write_json
+from tasks.artifacts import ProgressArtifact, exclusive_lock, file_sha256, keyed_folder, read_json, same_contents, stage, usual_mode, whole_safetensors, write_json
 from tasks.config import RunConfig, stable_hash
 from tasks.stopping import STOPS_AFTER_FILL, StopRequests, preempted, stop_asked, stop_requested, stop_signals
 
@@ -416,7 +416,6 @@ def check_room_for_stores(specs: list[dict[str, Any]], artifacts_dir: str) -> No
 
 
 def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: dict[str, Any] | None, outs: list[Path], background: ThreadPoolExecutor, logger, stop_requests: StopRequests | None) -> list[dict[str, Any]]:
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm.auto import tqdm
 
     from tasks.model import hooks_activations, load_model, select_cuda_device
@@ -451,7 +450,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         device = torch.device(spec["device"])
         # Not when asked to stop: a signal to the whole job also ended Prefect's temporary server,
         # which its client would retry for minutes before the stop is seen.
-        progress = None if stop_requested() else create_progress_artifact(100 * start_row / n_tokens, description=f"Filling activation store(s) {names}")
+        progress = None if stop_requested() else ProgressArtifact(100 * start_row / n_tokens, f"Filling activation store(s) {names}")
         bar = tqdm(total=n_tokens, initial=start_row, desc="Filling activation store", unit="tok")
         started, row, wrapped = time.monotonic(), 0, False
 
@@ -511,7 +510,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
                 rate = (row - start_row) / max(time.monotonic() - started, 1e-9)
                 logger.info(f"Activation store(s) {names}: {row}/{n_tokens} tokens ({100 * row / n_tokens:.0f}%), {rate:,.0f} tokens/s")
                 if progress is not None and not stop_requested():
-                    update_progress_artifact(progress, 100 * row / n_tokens)
+                    progress.update(100 * row / n_tokens, final=row == n_tokens)
         bar.close()
 
         # Held-out contexts for evaluation and analysis: the ones after the training tokens, or

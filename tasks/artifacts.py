@@ -292,6 +292,29 @@ def run_logger():
         return logging.getLogger("saeflow")
 
 
+class ProgressArtifact:
+    """A Prefect progress artifact (the bar on a run's page), updated at most every
+    `MIN_SECONDS`: each update is a call to the Prefect API that the caller waits for (a helper
+    measured about 30 ms to a local server), which a GPU's steps of a few ms would wait for at
+    every log row."""
+
+    MIN_SECONDS = 10.0
+
+    def __init__(self, percent: float, description: str):
+        from prefect.artifacts import create_progress_artifact
+
+        self.id = create_progress_artifact(percent, description=description)
+        self.updated = time.monotonic()
+
+    def update(self, percent: float, final: bool = False) -> None:
+        """Show `percent` now if it is `final` or the last update is `MIN_SECONDS` old."""
+        from prefect.artifacts import update_progress_artifact
+
+        if final or time.monotonic() - self.updated >= self.MIN_SECONDS:
+            update_progress_artifact(self.id, percent)
+            self.updated = time.monotonic()
+
+
 def output_hashes(*files: Path) -> dict[str, str]:
     """`{path: sha256}` of files a stage's result depends on, for its `output_sha256`."""
     return {str(f): file_sha256(f) for f in files}

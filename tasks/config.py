@@ -309,7 +309,7 @@ class RunConfig(BaseModel):
 
     log_every: int = Field(50, gt=0)
     """Steps between training log entries: a line in the Prefect log, a row in
-    `runs/<run>/train_log.jsonl`, and a progress update in the Prefect UI."""
+    `runs/<run>/train_log.jsonl`, and a progress update in the Prefect UI (at most every 10 s)."""
 
     # --- evaluation, saving and analysis ------------------------------------------------------
     eval_tokens: int = Field(65_536, gt=0)

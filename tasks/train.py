@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import read_ahead, store_contents, training_batches
-from tasks.artifacts import atomic_dir, finite_or_null, read_json, set_aside, stage, verify_manifest, write_manifest
+from tasks.artifacts import ProgressArtifact, atomic_dir, finite_or_null, read_json, set_aside, stage, verify_manifest, write_manifest
 from tasks.config import TORCH_GLOBALS, RunConfig
 from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
@@ -250,7 +250,6 @@ class TrainingLog:
         self.path, self.every, self.logger = path, cfg.log_every, logger
 
     def start(self, trainer) -> None:
-        from prefect.artifacts import create_progress_artifact
 
         done = trainer.n_training_steps
         if self.path.exists():
@@ -261,7 +260,7 @@ class TrainingLog:
         # SAELens trains until all the tokens are seen: one step more than its
         # `total_training_steps` when the batch does not divide them.
         self.total = -(-trainer.cfg.total_training_samples // trainer.cfg.train_batch_size_samples)
-        self.progress = create_progress_artifact(100 * done / self.total, description=f"Training SAE ({self.path.parent.name})")
+        self.progress = ProgressArtifact(100 * done / self.total, f"Training SAE ({self.path.parent.name})")
         self.last = (time.monotonic(), trainer.n_training_samples)
 
     def sync(self) -> None:
@@ -281,7 +280,6 @@ class TrainingLog:
         """The step's row, when due. `stopping` leaves out the progress artifact: a signal sent to
         the whole job may have stopped Prefect's temporary server, whose client would retry for
         minutes before the stop's checkpoint is written."""
-        from prefect.artifacts import update_progress_artifact
 
         if not self.due(trainer):
             return
@@ -307,7 +305,7 @@ class TrainingLog:
             f"L0 {row['l0']:.1f} | EV {row['explained_variance']:.3f} | dead {row['dead_features']} | lr {row['lr']:.2e}"
         )
         if not stopping:
-            update_progress_artifact(self.progress, 100 * step / self.total)
+            self.progress.update(100 * step / self.total, final=step == self.total)
 
 
 def _retry_unless_stopped(task, task_run, state) -> bool:

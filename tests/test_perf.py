@@ -477,3 +477,23 @@ def test_a_numbered_cuda_device_becomes_the_current_one_of_the_thread_that_uses_
     for device in ("cuda", "cpu"):  # `cuda` is GPU 0, also in a thread that used another before
         select_cuda_device(device)
     assert chosen == [(torch.device("cuda:1"), "member"), (torch.device("cuda:0"), "MainThread")]
+
+
+def test_progress_bars_are_updated_at_most_every_few_seconds_and_always_at_the_end(monkeypatch):
+    """Each update is a call to the Prefect API that training waits for: at every log row it would
+    cost a GPU's short steps a good share of their time."""
+    import prefect.artifacts
+
+    from tasks.artifacts import ProgressArtifact
+
+    sent = []
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda percent, description: sent.append(("new", percent)) or "id")
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda artifact_id, percent: sent.append((artifact_id, percent)))
+    progress = ProgressArtifact(10.0, "Training SAE")
+    for percent in (20.0, 30.0):
+        progress.update(percent)
+    progress.update(100.0, final=True)
+    assert sent == [("new", 10.0), ("id", 100.0)]
+    monkeypatch.setattr(ProgressArtifact, "MIN_SECONDS", 0.0)
+    progress.update(40.0)
+    assert sent[-1] == ("id", 40.0)

@@ -349,6 +349,7 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     import prefect.artifacts
 
     import tasks.activations
+    import tasks.artifacts
     from flows.cli import EXIT_PREEMPTED, main
     from tasks.artifacts import verify_manifest
     from tasks.stopping import STOP_REQUESTS
@@ -373,6 +374,7 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(tasks.activations.ShuffledBatches, "__next__", next_batch)
     monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", progress_unless_stopped)
+    monkeypatch.setattr(tasks.artifacts.ProgressArtifact, "MIN_SECONDS", 0.0)  # an update at every log row
     assert main(command) == EXIT_PREEMPTED
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) is handler
