@@ -461,7 +461,7 @@ def _main(argv: list[str] | None) -> int:
     from prefect.exceptions import CancelledRun
 
     from flows import pipeline
-    from tasks.stopping import OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, no_retries_once_the_temporary_server_ends, raised_while, sigterm_interrupts, terminated_by
+    from tasks.stopping import CANCELLED_IN_PREFECT, OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, no_retries_once_the_temporary_server_ends, raised_while, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     if args.new:  # the same command would start yet another run
@@ -476,9 +476,13 @@ def _main(argv: list[str] | None) -> int:
     except Preempted as error:
         print(f"saeflow: run '{run_name}' {error}. {again_capitalised}.", file=sys.stderr)
         return EXIT_PREEMPTED
-    except CancelledRun:  # cancelled in the Prefect UI, then stopped by a signal at a safe point
-        stop = PREEMPTIONS[-1] if PREEMPTIONS else "stopped"
-        print(f"saeflow: run '{run_name}' was cancelled in Prefect and {stop}. {again_capitalised}.", file=sys.stderr)
+    except CancelledRun as error:  # cancelled in the Prefect UI: stopped at a safe point, or after its last stage
+        if not PREEMPTIONS:
+            print(f"saeflow: run '{run_name}': {error}", file=sys.stderr)
+        elif CANCELLED_IN_PREFECT in PREEMPTIONS[-1]:
+            print(f"saeflow: run '{run_name}' {PREEMPTIONS[-1]}. {again_capitalised}.", file=sys.stderr)
+        else:  # and a signal
+            print(f"saeflow: run '{run_name}' was cancelled in Prefect and {PREEMPTIONS[-1]}. {again_capitalised}.", file=sys.stderr)
         return EXIT_PREEMPTED
     except ConfigError as error:  # found once the model is built (the prompts' tokens need its tokenizer)
         print(f"saeflow: config error: {error}", file=sys.stderr)

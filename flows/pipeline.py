@@ -30,7 +30,7 @@ from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
 from tasks.sources import import_activations, import_spec
-from tasks.stopping import Preempted, cancelled_in_prefect, stop_after_fill
+from tasks.stopping import Preempted, cancelled_in_prefect, stop_after_fill, watching_for_cancel
 from tasks.streaming import choose_activation_mode
 from tasks.tokens import pretokenise, tokens_spec
 from tasks.train import train_sae, train_spec
@@ -80,7 +80,8 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     select_cuda_device(cfg.device)  # the stages run in this thread
 
     try:
-        return _run_stages(cfg, run_name, run, artifacts_dir)
+        with watching_for_cancel(run):
+            summary = _run_stages(cfg, run_name, run, artifacts_dir)
     except Preempted as error:
         if cancelled_in_prefect():
             # Cancelled from the Prefect UI (or `prefect flow-run cancel`): its runner sent SIGTERM,
@@ -90,6 +91,9 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
         # A signal or `saeflow stop`, at a safe point: the UI shows the flow run "Preempted" (of
         # type Cancelled), not Failed, with what was kept.
         return Cancelled(name=PREEMPTED, message=f"{error}{RUN_AGAIN}")
+    if cancelled_in_prefect():  # too late to stop (Prefect allows a Cancelling run no other end)
+        return Cancelled(message="Cancelled in Prefect once its last stages ran: every stage finished and is kept. Run it again for its summary (every stage cached)")
+    return summary
 
 
 def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> dict[str, Any]:

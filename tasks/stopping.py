@@ -10,6 +10,9 @@ running the same command again continues. A second SIGINT exits at once. Elsewhe
 (`sigterm_interrupts`), SIGTERM ends it as Ctrl-C does, so that Prefect's temporary server ends
 with it.
 
+A Cancel in the Prefect UI of a run that `saeflow run` started (which has no runner to send
+it SIGTERM) is seen by `watching_for_cancel` and stops it in the same way.
+
 `saeflow stop RUN` asks for the same stop of a run's training from any process that sees the
 run's folder (another shell, another machine sharing the artifacts folder), where a signal
 cannot reach. `request_stop` writes `stop-request.json` into the run's folder, naming the
@@ -67,20 +70,55 @@ def stop_after_fill(store_ref: dict) -> None:
         raise preempted(f"stopped by {stop} after filling activation store {Path(store_ref['path']).name} (complete), before training")
 
 
-def cancelled_in_prefect() -> bool:
-    """Whether this process's flow run is being cancelled in Prefect (the UI's Cancel, `prefect
-    flow-run cancel`): its state there is Cancelling. The runner of a served deployment then
-    sends SIGTERM, which filling and training take as a stop at a safe point."""
+def cancelled_in_prefect(flow_run_id=None) -> bool:
+    """Whether this flow run (by default the current one) is being cancelled in Prefect (the UI's
+    Cancel, `prefect flow-run cancel`): its state there is Cancelling. The runner of a served
+    deployment then sends SIGTERM; a run that `saeflow run` started has no runner, and its own
+    `watching_for_cancel` sees it."""
     from prefect import get_client, runtime
 
-    if runtime.flow_run.id is None:
+    flow_run_id = flow_run_id or runtime.flow_run.id
+    if flow_run_id is None:
         return False
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(runtime.flow_run.id).state
+            state = client.read_flow_run(flow_run_id).state
     except Exception:  # noqa: BLE001 - the server is gone too (a signal to the whole job)
         return False
     return state is not None and state.is_cancelling()
+
+
+CANCEL_POLL_SECONDS = 10.0
+CANCELLED_IN_PREFECT = "its cancel in Prefect"
+# The run folders whose flow run was seen Cancelling by `watching_for_cancel`.
+CANCELLED_RUNS: set[str] = set()
+
+
+@contextlib.contextmanager
+def watching_for_cancel(run_folder: Path):
+    """While the block runs, look every `CANCEL_POLL_SECONDS` on a thread whether the current flow
+    run is being cancelled in Prefect; once it is, the run's `StopRequests` say so, and filling
+    and training stop at their next safe point as on SIGTERM. A flow run that `saeflow run`
+    started has no runner to stop it: without this, a Cancel in the UI left it Cancelling for
+    good, and the run, which went on, could not be marked finished."""
+    from prefect import runtime
+
+    flow_run_id, key = runtime.flow_run.id, str(Path(run_folder).resolve())
+    ended = threading.Event()
+
+    def watch() -> None:
+        while not ended.wait(CANCEL_POLL_SECONDS):
+            if cancelled_in_prefect(flow_run_id):
+                CANCELLED_RUNS.add(key)
+                return
+
+    # Not joined at the end: a look may be waiting on a server that a signal to the job ended.
+    threading.Thread(target=watch, name="saeflow-cancel-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        ended.set()
+        CANCELLED_RUNS.discard(key)
 
 
 class Terminated(KeyboardInterrupt):
@@ -345,7 +383,8 @@ class StopRequests:
 
     def __init__(self, run_folder: Path):
         self.request, self.lock = Path(run_folder) / STOP_REQUEST_FILE, Path(run_folder) / ".lock"
-        self.marker = SWEEP_STOPPED_MARKERS.get(str(Path(run_folder).resolve()))
+        self.key = str(Path(run_folder).resolve())
+        self.marker = SWEEP_STOPPED_MARKERS.get(self.key)
         self.next_look = 0.0
 
     def requested(self) -> str | None:
@@ -354,6 +393,8 @@ class StopRequests:
         if now < self.next_look:
             return None
         self.next_look = now + 1.0
+        if self.key in CANCELLED_RUNS:
+            return CANCELLED_IN_PREFECT
         if self.marker is not None and (stop := sweep_stopped_by(self.marker)):
             return stop
         if not self.request.is_file():

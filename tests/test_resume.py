@@ -408,6 +408,58 @@ def test_saeflow_stop_during_the_fill_stops_it_at_the_next_batch_keeping_its_sha
     assert_bitwise_equal(weights(start(cfg, tmp_path, "fill-stop")), faults_reference)
 
 
+def test_a_cancel_in_the_prefect_ui_stops_a_run_that_saeflow_run_started(faults_cfg, faults_reference, tmp_path, monkeypatch, capsys):
+    """Such a flow run has no runner to send it SIGTERM: it stayed Cancelling for good, trained on,
+    and then could not be marked finished (the command failed). Now it stops at its next safe
+    point as on SIGTERM and ends Cancelled; a cancel once training is over ends it Cancelled with
+    every stage kept."""
+    from prefect import get_client, runtime
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Cancelling
+
+    import tasks.report
+    import tasks.stopping
+    import tasks.train
+    from flows.cli import EXIT_PREEMPTED, main
+
+    def cancel_in_the_ui():
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(runtime.flow_run.id, Cancelling(message="cancelled in the UI"))
+
+    def last_state():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["ui-cancel"])), sort=FlowRunSort.START_TIME_DESC, limit=1)
+        return runs[0].state
+
+    after_step = tasks.train.TrainingLog.after_step
+
+    def cancelled_at_step_20(self, trainer, step_output, stopping=False):
+        if trainer.n_training_steps == 20:
+            cancel_in_the_ui()
+        if trainer.n_training_steps >= 20:
+            time.sleep(0.2)  # training looks for a stop at most once a second
+        return after_step(self, trainer, step_output, stopping)
+
+    monkeypatch.setattr(tasks.stopping, "CANCEL_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(tasks.train.TrainingLog, "after_step", cancelled_at_step_20)
+    command = ["run", str(faults_cfg[1]), "--artifacts-dir", str(tmp_path), "--run-name", "ui-cancel"]
+    assert main(command) == EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    stop = re.search(r"saeflow: run 'ui-cancel' stopped by its cancel in Prefect after step (\d+); checkpoint \S+step-0+\1 written\. Run the same command again", err)
+    assert stop and 20 <= int(stop[1]) < 40, err
+    state = last_state()
+    assert state.is_cancelled() and state.message.startswith(f"Cancelled: stopped by its cancel in Prefect after step {stop[1]}")
+
+    monkeypatch.setattr(tasks.train.TrainingLog, "after_step", after_step)
+    render = tasks.report.render_markdown
+    monkeypatch.setattr(tasks.report, "render_markdown", lambda *args: cancel_in_the_ui() or render(*args))
+    assert main(command) == EXIT_PREEMPTED
+    assert "Cancelled in Prefect once its last stages ran: every stage finished and is kept" in capsys.readouterr().err
+    assert last_state().is_cancelled()
+    assert_bitwise_equal(weights(tmp_path / "runs" / "ui-cancel"), faults_reference)
+
+
 def test_once_the_temporary_server_has_ended_prefect_s_client_stops_retrying(monkeypatch):
     """Ctrl-C in a terminal reaches the whole process group, Prefect's temporary server too, which
     Prefect does not start again: its client then retried every report with growing back-offs,
