@@ -22,7 +22,7 @@ from tasks.activations import check_room_for_stores, fill_activations, store_dir
 from tasks.analyse import analyse, analysis_spec, check_token_index
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
 from tasks.checkpoint import checkpoint_folder_lock
-from tasks.config import RunConfig, load_config
+from tasks.config import RunConfig, load_config, make_config
 from tasks.evaluate import evaluate
 from tasks.load import load_sae
 from tasks.model import build_model, model_spec, select_cuda_device
@@ -48,7 +48,7 @@ def effective_run_name(config: dict[str, Any] | str, run_name: str | None, new_e
     `new_each_run`, a fresh run named after the flow run's scheduled start time."""
     from prefect import runtime
 
-    cfg = load_config(config) if isinstance(config, str) else RunConfig(**config)
+    cfg = load_config(config) if isinstance(config, str) else make_config(config)
     if new_each_run:  # a fresh run: named as saeflow names runs now, not as an earlier one of the config was
         return f"{run_name or default_run_name(cfg)}-{runtime.flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
     return run_name or default_run_name(cfg, artifacts_dir)
@@ -58,7 +58,10 @@ def _flow_run_name() -> str:
     from prefect import runtime
 
     p = runtime.flow_run.parameters
-    return effective_run_name(p["config"], p.get("run_name"), p.get("new_each_run", False), p.get("artifacts_dir", "artifacts"))
+    try:
+        return effective_run_name(p["config"], p.get("run_name"), p.get("new_each_run", False), p.get("artifacts_dir", "artifacts"))
+    except Exception:  # noqa: BLE001 - a bad config (a deployment run with custom parameters) fails in the flow, with its message there
+        return p.get("run_name") or "invalid-config"
 
 
 PREEMPTED = "Preempted"  # the name of a stopped flow run's final state (of type Cancelled)
@@ -73,7 +76,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     default the config's stable name) unless `new_each_run` makes it a fresh one."""
     run_name = effective_run_name(config, run_name, new_each_run, artifacts_dir)
     artifacts_dir = str(Path(artifacts_dir).resolve())  # a deployment may give it relative to its working directory
-    cfg = resolve(load_config(config) if isinstance(config, str) else RunConfig(**config))
+    cfg = resolve(load_config(config) if isinstance(config, str) else make_config(config))
     claim_run(cfg, artifacts_dir, run_name, new=False)
     run = str(run_dir(artifacts_dir, run_name))
     use_deterministic_kernels(cfg)

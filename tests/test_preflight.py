@@ -676,3 +676,18 @@ def test_a_model_cfg_vocabulary_smaller_than_the_tokenizer_is_refused(prefect_se
     assert resolve(tiny_config(model_cfg={**TINY_MODEL, "d_vocab": -1}, tokenizer_path=str(tmp_path / "tokenizer"))).d_in == 32  # TransformerLens's "from the tokenizer"
     with pytest.raises(ConfigError, match=r"model_cfg sets d_vocab 20, but the tokenizer has \d+ tokens"):
         start(tiny_config(model_cfg={**TINY_MODEL, "d_vocab": 20}), tmp_path / "artifacts")
+
+
+def test_a_deployment_run_with_a_bad_config_fails_in_prefect_with_the_reason(prefect_server, tmp_path):
+    """A deployment's custom run (parameters from the UI) is not checked by the command line: its
+    config failed while Prefect named the flow run, which crashed nameless with no log line."""
+    from prefect import get_client
+
+    from flows.pipeline import pipeline_for
+
+    bad = tiny_config().model_dump(mode="json") | {"lr": -1}
+    state = pipeline_for(tmp_path)(config=bad, artifacts_dir=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert state.message == "Flow run encountered an exception: ConfigError: lr: Input should be greater than 0"
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).name == "invalid-config"
