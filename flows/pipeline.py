@@ -30,7 +30,7 @@ from tasks.preflight import claim_run, default_run_name, resolve
 from tasks.report import report
 from tasks.save import save_sae
 from tasks.sources import import_activations, import_spec
-from tasks.stopping import Preempted, cancelled_in_prefect, stop_after_fill, watching_for_cancel
+from tasks.stopping import Preempted, Terminated, cancelled_in_prefect, stop_after_fill, watching_for_cancel
 from tasks.streaming import choose_activation_mode
 from tasks.tokens import pretokenise, tokens_spec
 from tasks.train import train_sae, train_spec
@@ -93,6 +93,8 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
             return Cancelled(message=f"Cancelled: {error}{RUN_AGAIN}")
         # A signal or `saeflow stop`, at a safe point: the UI shows the flow run "Preempted" (of
         # type Cancelled), not Failed, with what was kept.
+        return Cancelled(name=PREEMPTED, message=f"{error}{RUN_AGAIN}")
+    except Terminated as error:  # SIGTERM where no stage stops at a safe point: stopped where it was, not crashed
         return Cancelled(name=PREEMPTED, message=f"{error}{RUN_AGAIN}")
     if cancelled_in_prefect():  # too late to stop (Prefect allows a Cancelling run no other end)
         return Cancelled(message="Cancelled in Prefect once its last stages ran: every stage finished and is kept. Run it again for its summary (every stage cached)")

@@ -342,6 +342,21 @@ def test_sigterm_outside_training_stops_the_run_at_a_safe_point_or_where_it_is_w
     assert_bitwise_equal(weights(summary), faults_reference)
 
 
+def test_sigterm_outside_the_safe_points_ends_the_flow_run_preempted_not_crashed(faults_cfg, tmp_path, monkeypatch):
+    """In the UI, a run stopped by SIGTERM while its SAE was saved looked like a crash of saeflow."""
+    import tasks.save
+    from tasks.stopping import OUTSIDE_SAFE_POINTS, Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated(f"stopped by SIGTERM {OUTSIDE_SAFE_POINTS}")
+
+    monkeypatch.setattr(tasks.save, "firing_frequency", terminated)
+    state = start(faults_cfg[0], tmp_path, "termed-in-save", return_state=True)
+    assert state.is_cancelled() and state.name == "Preempted"
+    assert state.message == f"stopped by SIGTERM {OUTSIDE_SAFE_POINTS}. Run it again to continue"
+    assert task_states(state)["save-sae"] == "Crashed" and task_states(state)["train-sae"] == "Completed"
+
+
 def test_a_stop_after_the_fill_stops_that_run_only(faults_cfg, faults_reference, tmp_path, monkeypatch):
     """SIGTERM noted after the fill's last batch (in process, as through the Python API): the fill
     completes and the run stops before training; running it again in the same process trains
