@@ -34,7 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.exceptions import CancelledRun, MissingResult
 from prefect.futures import as_completed
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import BUSY_HINT, RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
@@ -189,10 +189,11 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artifacts_dir: str) -> list[dict[str, Any]]:
     """Run every member (in parallel on the flow's task runner), then write the sweep's table,
     `members.json` and `frontier.png`. A failed member is reported, not fatal: the flow run then
-    ends Failed, saying how many members did not complete, with the rows as its result."""
+    ends Failed, saying how many members did not complete, with the rows as its result ("Preempted",
+    of type Cancelled, when those members were all stopped at a safe point)."""
     from prefect.artifacts import create_table_artifact
 
-    from flows.pipeline import crash_ghost_runs
+    from flows.pipeline import PREEMPTED, crash_ghost_runs
     from tasks.report import artifact_key
 
     folder = Path(artifacts_dir) / "sweeps" / name
@@ -216,6 +217,8 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         plot_frontier(rows, folder / "frontier.png")
         create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
     unfinished = Counter(row["state"] for row in rows if row["state"] != "Completed")
+    if set(unfinished) == {"Stopped"}:  # stopped at safe points, as asked: not a failure in the UI
+        return Cancelled(name=PREEMPTED, message=f"{unfinished['Stopped']} of {len(rows)} members stopped at a safe point; run the sweep again to continue it", data=rows)
     if unfinished:  # the sweep's flow run shows it in the UI; the rows still reach the caller
         counts = ", ".join(f"{n} {state}" for state, n in unfinished.items())
         return Failed(message=f"{sum(unfinished.values())} of {len(rows)} members did not complete ({counts}); the members table says why", data=rows)
@@ -400,7 +403,7 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
         pass
     sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
     state = sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir, return_state=True)
-    rows = state.result(raise_on_failure=False, _sync=True)  # Failed with the rows when a member did not complete
+    rows = state.result(raise_on_failure=False, _sync=True)  # Failed (or Preempted) with the rows when a member did not complete
     if isinstance(rows, BaseException):
         raise rows
     return rows

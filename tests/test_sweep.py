@@ -348,6 +348,10 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     step, whose progress update would hang on a Prefect server the signal stopped: it is left out."""
     import prefect.artifacts
 
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
     import tasks.activations
     import tasks.artifacts
     from flows.cli import EXIT_PREEMPTED, main
@@ -387,6 +391,9 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
         run = tmp_path / "artifacts" / "runs" / row["run"]
         assert f"stopped by SIGTERM after step 3; checkpoint {run / 'checkpoints' / 'step-000000003'} written" in row["error"]
         assert verify_manifest(run / "checkpoints" / "step-000000003") is not None and not (run / "trained").exists()
+    with get_client(sync_client=True) as client:  # a stop as asked, not a failure, in the UI
+        sweep_run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-t"])), sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert sweep_run.state.name == "Preempted" and sweep_run.state.message == "2 of 2 members stopped at a safe point; run the sweep again to continue it"
 
     assert main(command) == 0
     rows = json.loads((tmp_path / "artifacts" / "sweeps" / "t" / "members.json").read_text())
