@@ -27,7 +27,7 @@ from tasks.evaluate import evaluate
 from tasks.load import load_sae
 from tasks.model import build_model, model_spec, select_cuda_device
 from tasks.preflight import claim_run, default_run_name, resolve
-from tasks.report import report
+from tasks.report import publish_report, report
 from tasks.save import save_sae
 from tasks.sources import import_activations, import_spec
 from tasks.stopping import Preempted, Terminated, cancelled_in_prefect, stop_after_fill, watching_for_cancel
@@ -131,6 +131,7 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
         else:
             analysis = {"skipped": NO_MODEL_ANALYSIS.format(source=cfg.activations_path or "sae_lens.synthetic")}
         reported = report(run_name, run, cfg.model_dump(mode="json") | {"d_sae": saved["d_sae"], "activations": f"{mode} ({why})"}, metrics, analysis, saved)
+        publish_report(run_name, reported, metrics)
         summary = {
             "run_name": run_name,
             "run_dir": run,

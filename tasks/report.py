@@ -175,9 +175,8 @@ def _analysis_markdown(analysis: dict[str, Any]) -> list[str]:
 
 @stage("report", STAGE_VERSION, key_inputs=("run_name", "run_dir", "metrics_ref", "analysis_ref", "sae_ref"))
 def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dict[str, Any], analysis_ref: dict[str, Any], sae_ref: dict[str, Any]) -> dict[str, Any]:
-    """Write the plots and `report.md`; publish the report and the metrics table to Prefect."""
+    """Write the plots and `report.md` (`publish_report` shows them in Prefect)."""
     from prefect import get_run_logger
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from tasks.train import read_log_rows
 
@@ -203,6 +202,15 @@ def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dic
     markdown = render_markdown(run_name, config, metrics, analysis, files)
     report_md = run / "report.md"
     report_md.write_text(markdown)
-    create_markdown_artifact(markdown, key=artifact_key(run_name, "report"), description=f"saeflow report of run {run_name}")
-    create_table_artifact(metrics_table(metrics), key=artifact_key(run_name, "metrics"), description=f"Metrics of run {run_name}")
     return {"path": str(report_md), "plots": [str(density_png), str(curves_png)], "outputs": [str(report_md), str(density_png), str(curves_png)], "output_sha256": output_hashes(report_md, density_png, curves_png)}
+
+
+def publish_report(run_name: str, report_ref: dict[str, Any], metrics_ref: dict[str, Any]) -> None:
+    """Publish the run's report (markdown) and metrics (table) as Prefect artifacts keyed by the
+    run, from the flow, so that they are on every flow run's page, also one whose stages were
+    all cached (a scheduled run continuing a finished run)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    markdown = Path(report_ref["path"]).read_text()
+    create_markdown_artifact(markdown, key=artifact_key(run_name, "report"), description=f"saeflow report of run {run_name}")
+    create_table_artifact(metrics_table(metrics_ref["metrics"]), key=artifact_key(run_name, "metrics"), description=f"Metrics of run {run_name}")

@@ -112,10 +112,11 @@ def test_report_artifacts_in_the_prefect_api_match_metrics_json(metrics, finishe
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     name = finished_run["name"]
+    flow_run_id = finished_run["state"].state_details.flow_run_id
+    of_the_run = ArtifactFilterFlowRunId(any_=[flow_run_id])
     with get_client(sync_client=True) as client:
-        report, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "report")])))
-        table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "metrics")])))
-        flow_run_id = finished_run["state"].state_details.flow_run_id
+        report, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "report")]), flow_run_id=of_the_run))
+        table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "metrics")]), flow_run_id=of_the_run))
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     assert report.type == "markdown" and table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
