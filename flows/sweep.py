@@ -210,7 +210,7 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         marker = folder / STOPPED_MARKER
         marker.unlink(missing_ok=True)  # an earlier stop's
         with stop_signals(), contextlib.nullcontext() if in_threads else _marking_a_stop(marker):
-            futures = _run_members(members, names, artifacts_dir, None if in_threads else marker)
+            futures = _run_members(members, names, labels, artifacts_dir, None if in_threads else marker)
             rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
         marker.unlink(missing_ok=True)
         write_json(folder / "members.json", rows)
@@ -231,18 +231,18 @@ def sweep_lock(name: str, artifacts_dir: str):
     return exclusive_lock(Path(artifacts_dir) / "sweeps" / name / ".lock", f"sweep '{name}' (in {artifacts_dir})", wait=False, hint=hint)
 
 
-def _run_members(members: list[dict[str, Any]], names: list[str], artifacts_dir: str, stopped_marker: Path | None) -> list:
+def _run_members(members: list[dict[str, Any]], names: list[str], labels: list[str], artifacts_dir: str, stopped_marker: Path | None) -> list:
     """Submit every member; returns their futures, in order. Members whose stores differ only in
     their hook wait for one shared model pass that fills all those stores; the others start at once."""
     fills = shared_fills(members, artifacts_dir)
     waiting = {id(fill): indices for fill, indices in fills}
     futures = {}
-    for i, (config, run_name) in enumerate(zip(members, names)):
+    for i in range(len(members)):
         if not any(i in indices for indices in waiting.values()):
-            futures[i] = _submit_member(config, run_name, artifacts_dir, stopped_marker)
+            futures[i] = _submit_member(members[i], names[i], labels[i], artifacts_dir, stopped_marker)
     for fill in as_completed([fill for fill, _ in fills]):  # failed or not: members fill what is missing
         for i in waiting[id(fill)]:
-            futures[i] = _submit_member(members[i], names[i], artifacts_dir, stopped_marker)
+            futures[i] = _submit_member(members[i], names[i], labels[i], artifacts_dir, stopped_marker)
     return [futures[i] for i in range(len(members))]
 
 
@@ -268,9 +268,10 @@ def _member_row(run_name: str, label: str, future) -> dict[str, Any]:
     return row
 
 
-def _submit_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: Path | None):
+def _submit_member(config: dict[str, Any], run_name: str, label: str, artifacts_dir: str, stopped_marker: Path | None):
+    member = run_member.with_options(task_run_name=lambda: f"member {label}")  # told apart in the UI by what they vary
     with _gpu_resource(config["device"]):  # a Dask cluster places one GPU member per GPU worker
-        return run_member.submit(config, run_name, artifacts_dir, None if stopped_marker is None else str(stopped_marker))
+        return member.submit(config, run_name, artifacts_dir, None if stopped_marker is None else str(stopped_marker))
 
 
 def shared_fills(members: list[dict[str, Any]], artifacts_dir: str) -> list[tuple[Any, list[int]]]:

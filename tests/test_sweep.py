@@ -349,7 +349,7 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     import prefect.artifacts
 
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
     import tasks.activations
@@ -393,7 +393,9 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
         assert verify_manifest(run / "checkpoints" / "step-000000003") is not None and not (run / "trained").exists()
     with get_client(sync_client=True) as client:  # a stop as asked, not a failure, in the UI
         sweep_run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-t"])), sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        members = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sweep_run.id])))
     assert sweep_run.state.name == "Preempted" and sweep_run.state.message == "2 of 2 members stopped at a safe point; run the sweep again to continue it"
+    assert sorted(m.name for m in members if m.name.startswith("member")) == ["member l1_coefficient=1.0", "member l1_coefficient=2.0"]  # what each varies, in the UI
 
     assert main(command) == 0
     rows = json.loads((tmp_path / "artifacts" / "sweeps" / "t" / "members.json").read_text())
