@@ -45,14 +45,18 @@ def write_json(path: Path, value: Any, *, nonfinite_as_null: bool = False) -> No
     such numbers; files that saeflow reads back keep them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        if nonfinite_as_null:
-            json.dump(finite_or_null(value), f, indent=2, sort_keys=True, allow_nan=False)
-        else:
-            json.dump(value, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            if nonfinite_as_null:
+                json.dump(finite_or_null(value), f, indent=2, sort_keys=True, allow_nan=False)
+            else:
+                json.dump(value, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no half-written temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def finite_or_null(value: Any) -> Any:

@@ -435,3 +435,21 @@ def test_a_store_is_found_from_every_gpu_of_its_kind_also_under_an_earlier_key_w
     write_json(earlier / "manifest.json", {"spec": spec, "complete": False})
     assert keyed_folder(tmp_path, on["cuda:0"]) == keyed_folder(tmp_path, spec) == earlier
     assert keyed_folder(tmp_path, on["cpu"]) == tmp_path / stable_hash(on["cpu"], 16)
+
+
+def test_a_json_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    import errno
+
+    import tasks.artifacts
+    from tasks.artifacts import read_json, write_json
+
+    path = tmp_path / "manifest.json"
+    write_json(path, {"shards": 1})
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tasks.artifacts.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_json(path, {"shards": 2})
+    assert read_json(path) == {"shards": 1} and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
