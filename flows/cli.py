@@ -190,6 +190,22 @@ def training_progress(folder: Path, training_tokens: int | None) -> str | None:
     return f"step {row['step']:,}{share}, {', '.join(n for n in numbers if n)}, logged {_duration(ago)} ago"
 
 
+def _disk_full(error: BaseException, artifacts_dir: str) -> str:
+    """A line on the full disk behind `error`, if that is what it is (an OSError, or a
+    safetensors write error, which names no file), else ''."""
+    import errno
+    import shutil
+
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error) or "StorageFull" in str(error)
+    if not full:
+        return ""
+    try:
+        free = f" ({shutil.disk_usage(artifacts_dir).free / 1e9:.1f} GB free there now)"
+    except OSError:
+        free = ""
+    return f"A disk is full: the artifacts folder's, {artifacts_dir}{free}, or that of checkpoint_path or of the temporary folder. Free some space. "
+
+
 def _duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -510,7 +526,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"saeflow: run '{run_name}' interrupted; {again}", file=sys.stderr)
             return EXIT_FAILED
         print(
-            f"saeflow: run '{run_name}' failed: {type(error).__name__}: {error}\n"
+            f"saeflow: run '{run_name}' failed: {type(error).__name__}: {error}\n{_disk_full(error, args.artifacts_dir)}"
             f"Fix the cause and {again}: finished stages and checkpoints are kept. "
             f"The Prefect logs above have the details.",
             file=sys.stderr,

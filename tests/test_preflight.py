@@ -585,6 +585,27 @@ def test_a_run_cancelled_in_prefect_and_stopped_by_a_signal_exits_75_saying_so(t
     assert "saeflow: run 'ui' was cancelled in Prefect and stopped by SIGTERM after step 3; checkpoint .../step-000000003 written. Run the same command again" in err
 
 
+def test_a_run_that_filled_the_disk_is_told_so(tmp_path, monkeypatch, capsys):
+    """A write that filled the disk (a log row, a manifest, a safetensors file) named no file."""
+    import errno
+
+    import flows.pipeline
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", disk_full)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
+    err = capsys.readouterr().err
+    assert f"A disk is full: the artifacts folder's, {tmp_path / 'a'} (" in err and " GB free there now), or that of checkpoint_path" in err
+    assert "Free some space. Fix the cause and run the same command again to continue it: finished stages and checkpoints are kept." in err
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
+    assert "A disk is full" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def hub_dataset_cache(tmp_path: Path, monkeypatch) -> list[str]:
     """The datasets cache of an offline compute node that shares it with a machine which once
