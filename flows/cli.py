@@ -129,7 +129,7 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         raise RunNotReady(f"no run '{name}' in {folder.parent}; {runs_there(folder.parent)}")
     summary = folder / "summary.json"
     if not summary.is_file():
-        from tasks.checkpoint import checkpoint_root
+        from tasks.checkpoint import checkpoint_root, missing_checkpoints, newest_checkpoint
         from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
@@ -146,8 +146,13 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
                     f"model batch or shard)"
                 )
             raise RunNotReady(f"run '{name}' is running ({holder}): {doing}")
-        checkpoints = sorted(p.name for p in checkpoint_root(config.get("checkpoint_path"), folder).glob("step-*"))
-        found = [f"checkpoints up to {checkpoints[-1]}" if checkpoints else "no checkpoint"]
+        if missing := missing_checkpoints(config.get("checkpoint_path"), folder):
+            raise RunNotReady(f"{missing}. Then run `saeflow run --run-name {shlex.quote(name)}{artifacts}` to finish it")
+        root = checkpoint_root(config.get("checkpoint_path"), folder)
+        newest, written = newest_checkpoint(root), sorted(p.name for p in root.glob("step-*"))
+        found = [f"checkpoints up to {newest.name}" if newest else "no usable checkpoint" if written else "no checkpoint"]
+        if broken := [n for n in written if newest is None or n > newest.name]:
+            found[0] += f" ({', '.join(broken)} {'fails its' if len(broken) == 1 else 'fail their'} checksums: set aside when it continues)"
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
         raise RunNotReady(
@@ -270,7 +275,7 @@ def _run_config(args):
     """The config of `saeflow run` and `serve`: the file given; without one, the config stored by the run that
     `--run-name` names (so that a run is continued by its name alone), else the demo's. A
     `--run-name` without a config and without a stored one is refused, not given the demo."""
-    from tasks.artifacts import read_json, run_dir
+    from tasks.artifacts import run_dir
     from tasks.config import ConfigError, load_config, make_config
 
     if args.config is None and args.run_name:
@@ -281,11 +286,11 @@ def _run_config(args):
                 f"no run '{args.run_name}' with a stored config in {stored.parent.parent} (runs there: "
                 f"{', '.join(runs) or 'none'}); give its --artifacts-dir, or a config file to start it"
             )
-        from tasks.preflight import DERIVED_FIELDS
+        from tasks.preflight import DERIVED_FIELDS, stored_run_config
 
         print(f"saeflow: the config stored in {stored}", file=sys.stderr)
         # Without what preflight filled in, so that a --set of hook_name or the model derives them again.
-        values = {k: v for k, v in read_json(stored)["config"].items() if k not in DERIVED_FIELDS}
+        values = {k: v for k, v in stored_run_config(stored)["config"].items() if k not in DERIVED_FIELDS}
         return make_config(values, args.overrides)
     return load_config(args.config, args.overrides)
 

@@ -112,6 +112,27 @@ def trainer_state(trainer) -> dict[str, Any]:
     }
 
 
+# In the run's folder: the newest checkpoint written, so that a checkpoint folder that went missing
+# (moved with a folder, on a disk not mounted) is told from one that was never written.
+LAST_CHECKPOINT_FILE = "last_checkpoint.json"
+
+
+def missing_checkpoints(checkpoint_path: str | None, run_folder: Path) -> str | None:
+    """Why a run's training would start again from step 0 though it wrote checkpoints (its
+    checkpoint folder is gone), with what to do; None when it would not."""
+    root = checkpoint_root(checkpoint_path, run_folder)
+    marker = run_folder / LAST_CHECKPOINT_FILE
+    if root.exists() or not marker.is_file() or (run_folder / "trained" / "manifest.json").is_file():
+        return None
+    last = read_json(marker).get("path", "?")
+    return (
+        f"run '{run_folder.name}' wrote checkpoints (the last: {last}), but its checkpoint folder {root} does not "
+        f"exist now (moved, deleted, or on a disk that is not mounted): training would start again from step 0. "
+        f"If they moved, give their place: --set checkpoint_path=<the folder holding {root.name}/>; to train from "
+        f"step 0 on purpose, delete {marker}"
+    )
+
+
 def checkpoint_root(checkpoint_path: str | None, run_folder: Path) -> Path:
     """Where a run's checkpoints go: `<checkpoint_path>/<run name>`, or `<run>/checkpoints`."""
     return Path(checkpoint_path) / run_folder.name if checkpoint_path else run_folder / "checkpoints"

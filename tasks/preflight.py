@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
 from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, check_run_name, device_kind, hook_layer_of, stable_hash
@@ -500,6 +501,21 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
         raise ConfigError(f"{what} {folder} is not writable ({error.strerror}); {fix}") from None
 
 
+def stored_run_config(stored: Path) -> dict[str, Any]:
+    """A run's recorded `config.json` (`config`, `result_fields`), or a ConfigError saying what to
+    do when it cannot be read (cut short or zeroed by a crash of the machine)."""
+    try:
+        record = read_json(stored)
+        if not isinstance(record, dict) or not {"config", "result_fields"} <= record.keys():
+            raise ValueError("it holds no config and result_fields")
+        return record
+    except ValueError as error:
+        raise ConfigError(
+            f"{stored} cannot be read ({type(error).__name__}: {error}): it records the run's config. Restore it, or delete "
+            f"it to continue the run with the config given (its checkpoints' recorded settings are still checked against it)"
+        ) from None
+
+
 def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, new: bool) -> str:
     """Choose the run name and record the config in the run folder.
 
@@ -511,7 +527,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     holding another run's checkpoints.
     Raises Busy if another process holds the run, or its checkpoint folder (`checkpoint_folder_lock`).
     """
-    from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root
+    from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root, missing_checkpoints
 
     check_artifacts_dir(artifacts_dir)
     if run_name is not None:
@@ -527,7 +543,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     if not new:  # a new run's were checked before its folder was made
         check_new_run_named(cfg, artifacts_dir, name)
     if stored.exists():
-        stored_config = read_json(stored)
+        stored_config = stored_run_config(stored)
         previous = stored_config["result_fields"]
         changed = _changed_fields(previous, current)
         if changed == ["activations_fingerprint"] and previous.get("activations_fingerprint") in _earlier_fingerprints(cfg):
@@ -544,6 +560,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"run '{name}' was started with a different config ({details}). Start a new run with --new "
                 f"(the old one is kept), or restore those settings to continue it"
             )
+        if missing := missing_checkpoints(cfg.checkpoint_path, folder):
+            raise ConfigError(missing)
         old_path = stored_config["config"].get("checkpoint_path")
         old_root = checkpoint_root(old_path, folder)
         if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and not (folder / "trained" / "manifest.json").exists():

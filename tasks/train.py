@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.activations import read_ahead, store_contents, training_batches
-from tasks.artifacts import ProgressArtifact, atomic_dir, finite_or_null, read_json, set_aside, stage, verify_manifest, write_manifest
+from tasks.artifacts import ProgressArtifact, atomic_dir, finite_or_null, read_json, set_aside, stage, verify_manifest, write_json, write_manifest
 from tasks.config import TORCH_GLOBALS, RunConfig
 from tasks.stopping import PREEMPTIONS, STOP_CHECKPOINTS, Preempted, StopRequests, stop_requested, stop_signals
 
@@ -330,7 +330,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     """Train the SAE on the stored activations, resuming from the newest valid checkpoint."""
     from prefect import get_run_logger
 
-    from tasks.checkpoint import checkpoint_root, load_checkpoint, resume_point, run_owner, save_checkpoint
+    from tasks.checkpoint import LAST_CHECKPOINT_FILE, checkpoint_root, load_checkpoint, resume_point, run_owner, save_checkpoint
 
     logger = get_run_logger()
     cfg = RunConfig(**spec)
@@ -367,6 +367,7 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
             position = {"next_batch": trainer.n_training_samples // batch, "seed": cfg.seed, "store": store_ref["path"], "store_contents": contents}
             log.sync()
             save_checkpoint(trainer, root, steps, position, cfg.keep_checkpoints, owner)
+            write_json(Path(run_dir) / LAST_CHECKPOINT_FILE, {"path": str(folder), "step": steps})
             logger.info(f"Checkpoint {folder.name} written ({trainer.n_training_samples} tokens)")
         last_checkpoint[0] = time.monotonic()
         return folder

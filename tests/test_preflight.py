@@ -712,3 +712,18 @@ def test_a_deployment_run_with_a_bad_config_fails_in_prefect_with_the_reason(pre
     assert state.message == "Flow run encountered an exception: ConfigError: lr: Input should be greater than 0"
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(state.state_details.flow_run_id).name == "invalid-config"
+
+
+def test_a_run_config_record_a_crash_zeroed_is_refused_saying_what_to_do(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    cfg = resolve(tiny_config())
+    name = claim_run(cfg, tmp_path, "zeroed", new=False)
+    stored = tmp_path / "runs" / name / "config.json"
+    stored.write_bytes(bytes(stored.stat().st_size))
+    for command in (["run", str(config), "--run-name", "zeroed"], ["run", "--run-name", "zeroed"]):
+        assert main([*command, "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert f"saeflow: config error: {stored} cannot be read (JSONDecodeError: " in err and "delete it to continue the run with the config given" in err
+    stored.unlink()
+    assert claim_run(cfg, tmp_path, "zeroed", new=False) == "zeroed"

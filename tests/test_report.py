@@ -310,19 +310,29 @@ def test_report_config_names_the_settings_that_tell_runs_apart(architecture, sho
     assert settings["activations"] == config["activations"]
 
 
+def written_checkpoint(folder: Path) -> None:
+    from tasks.artifacts import write_manifest
+
+    folder.mkdir(parents=True)
+    write_manifest(folder, {"n_training_steps": int(folder.name.removeprefix("step-"))})
+
+
 def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     run = tmp_path / "runs" / "half"
-    (run / "checkpoints" / "step-000000013").mkdir(parents=True)
+    written_checkpoint(run / "checkpoints" / "step-000000013")
     assert main(["report", "half", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "run 'half' has not finished: it has checkpoints up to step-000000013" in err and "saeflow run" in err
+    (run / "checkpoints" / "step-000000020").mkdir()  # a write a crash of the machine cut short
+    assert main(["report", "half", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "it has checkpoints up to step-000000013 (step-000000020 fails its checksums: set aside when it continues)" in capsys.readouterr().err
     assert main(["analyze", "other", "--prompt", "x", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "no run 'other' in " in (err := capsys.readouterr().err) and "runs there: half" in err
     assert main(["report", "half", "--artifacts-dir", str(tmp_path / "elsewhere")]) == EXIT_BAD_INPUT
     assert "there are no runs there: give the --artifacts-dir the run was started with (default: ./artifacts)" in capsys.readouterr().err
     # checkpoints kept outside the run's folder (the guide's checkpoint_path)
     outside = tmp_path / "sae_training_checkpoints"
-    (outside / "elsewhere" / "step-000000026").mkdir(parents=True)
+    written_checkpoint(outside / "elsewhere" / "step-000000026")
     (tmp_path / "runs" / "elsewhere").mkdir()
     (tmp_path / "runs" / "elsewhere" / "config.json").write_text(json.dumps({"config": {"checkpoint_path": str(outside)}}))
     assert main(["report", "elsewhere", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
@@ -365,7 +375,7 @@ def test_report_on_a_run_in_training_says_how_far_it_is_and_how_to_stop_it(tmp_p
     from tasks.artifacts import exclusive_lock
 
     run = tmp_path / "runs" / "long"
-    (run / "checkpoints" / "step-000000030").mkdir(parents=True)
+    written_checkpoint(run / "checkpoints" / "step-000000030")
     (run / "config.json").write_text(json.dumps({"config": {"training_tokens": 80_000}}))
     row = {"step": 40, "tokens": 40_960, "loss": 0.51234, "l0": 12.34, "tokens_per_s": 12345.6}
     earlier = "".join(json.dumps(row | {"step": step}) + "\n" for step in range(2000))  # over the 64 KiB read from the end
@@ -395,6 +405,10 @@ def test_report_on_a_run_in_training_says_how_far_it_is_and_how_to_stop_it(tmp_p
     (run / "train_log.jsonl").write_text('{"step": 60, "tok')
     assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "has not finished: it has checkpoints up to step-000000030. Run `saeflow run" in capsys.readouterr().err
+    (run / "last_checkpoint.json").write_text(json.dumps({"path": str(run / "checkpoints" / "step-000000030"), "step": 30}))
+    (run / "checkpoints").rename(tmp_path / "moved")
+    assert main(["report", "long", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert f"run 'long' wrote checkpoints (the last: {run / 'checkpoints' / 'step-000000030'}), but its checkpoint folder {run / 'checkpoints'} does not exist now" in capsys.readouterr().err
 
 
 def test_wandb_without_a_login_is_refused_before_any_work(tmp_path, monkeypatch):

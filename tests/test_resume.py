@@ -1075,3 +1075,23 @@ def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_ag
     state = start(cfg, tmp_path, "crashed", return_state=True)
     assert state.is_completed() and task_states(state)["report"] == "Completed" and task_states(state)["train-sae"] == "Cached"
     assert "train_log.jsonl: dropping a row that was not written whole" in flow_run_logs(state)
+
+
+def test_a_run_whose_checkpoint_folder_moved_is_refused_until_told_where_it_is(faults_cfg, faults_reference, tmp_path):
+    """Moved with the job's folder (checkpoint_path outside the artifacts folder), its checkpoints
+    were not found and training started again from step 0, silently. Now the run is refused,
+    naming the missing folder; given the new checkpoint_path it continues from its checkpoint."""
+    import shutil
+
+    from tasks.config import ConfigError
+
+    cfg = faults_cfg[0].model_copy(update={"checkpoint_path": str(tmp_path / "m1")})
+    first = start(cfg, tmp_path / "art", "moved")
+    shutil.rmtree(first["training"]["path"])  # killed while the trained SAE was written
+    (tmp_path / "m1").rename(tmp_path / "m2")
+    with pytest.raises(ConfigError, match=rf"run 'moved' wrote checkpoints \(the last: {tmp_path}/m1/moved/step-0+64\), but its checkpoint folder {tmp_path}/m1/moved does not exist now"):
+        start(cfg, tmp_path / "art", "moved")
+    assert not (tmp_path / "m1" / "moved").exists()  # nothing trained into the old place
+    summary = start(cfg.model_copy(update={"checkpoint_path": str(tmp_path / "m2")}), tmp_path / "art", "moved")
+    assert summary["training"]["resumed_from_step"] == summary["training"]["n_training_steps"] == 64
+    assert_bitwise_equal(weights(summary), faults_reference)
