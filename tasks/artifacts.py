@@ -218,8 +218,13 @@ def keyed_folder(parent: Path, spec: dict[str, Any]) -> Path:
 def folder_key(spec: dict[str, Any]) -> dict[str, Any]:
     """What the key of `spec`'s folder hashes: the spec, with a device by its kind only (GPUs of
     one kind make the same activations, so a job requeued from cuda:3 onto cuda:0, or sweep
-    members on several GPUs, share a store)."""
-    return {**spec, "device": device_kind(spec["device"])} if "device" in spec else spec
+    members on several GPUs, share a store), and a local model by its folder's name (it lies in
+    the same artifacts folder as the store, which may be moved or copied with both in it)."""
+    key = {**spec, "device": device_kind(spec["device"])} if "device" in spec else spec
+    model = spec.get("model")
+    if isinstance(model, dict) and model.get("kind") == "local" and model.get("path"):
+        key = {**key, "model": {**model, "path": Path(model["path"]).name}}
+    return key
 
 
 def same_contents(stored_spec: dict[str, Any], spec: dict[str, Any]) -> bool:

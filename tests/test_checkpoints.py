@@ -437,6 +437,22 @@ def test_a_store_is_found_from_every_gpu_of_its_kind_also_under_an_earlier_key_w
     assert keyed_folder(tmp_path, on["cpu"]) == tmp_path / stable_hash(on["cpu"], 16)
 
 
+def test_a_store_of_a_local_model_is_found_after_its_artifacts_folder_moved(tmp_path):
+    """A local model lies in the artifacts folder, whose path was in the store's key: a copied or
+    moved artifacts folder filled its store again (a whole model pass) beside the one it held."""
+    from tasks.artifacts import keyed_folder, write_json
+    from tasks.config import stable_hash
+
+    def spec(artifacts: str, kind: str = "local") -> dict:
+        return {"model": {"kind": kind, "name": "tiny", "path": f"{artifacts}/models/tiny-0123abcd"}, "n_tokens": 4096, "device": "cpu"}
+
+    assert keyed_folder(tmp_path, spec("/a/art")) == keyed_folder(tmp_path, spec("/b/copy"))
+    assert keyed_folder(tmp_path, spec("/a/art", "checkpoint")) != keyed_folder(tmp_path, spec("/b/copy", "checkpoint"))  # the user's own folder
+    earlier = tmp_path / stable_hash(spec("/a/art"), 16)  # as an earlier saeflow keyed it, path and all
+    write_json(earlier / "manifest.json", {"spec": spec("/a/art"), "complete": True})
+    assert keyed_folder(tmp_path, spec("/b/copy")) == earlier
+
+
 def test_a_json_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
     import errno
 
