@@ -179,7 +179,8 @@ def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, An
         if not torch.isfinite(param).all():
             raise NonFiniteWeights(
                 f"SAE parameter {name} holds non-finite values at step {steps}; no checkpoint of this state is written and the "
-                f"previous checkpoints are kept. Lower lr, check the activations for NaN/inf, or try normalize_activations"
+                f"previous checkpoints are kept. Lower lr, check the activations for NaN/inf, or try normalize_activations, in a "
+                f"new run (`--new`: this one keeps its settings)"
             )
     final = root / f"step-{steps:09d}"
     try:

@@ -151,7 +151,10 @@ class TrainingPreempted(TrainingStopped, Preempted):
 
 
 class NonFiniteLoss(TrainingStopped):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the checkpoints written before are kept."""
+
+
+NON_FINITE_FIX = "Lower lr, check the activations for NaN/inf, or try normalize_activations, in a new run (`--new`: this one keeps its settings); the checkpoints written so far are kept"
 
 
 def nan_check_deferred(device: str) -> bool:
@@ -193,8 +196,7 @@ class NonFiniteGuard:
             raise NonFiniteLoss(
                 f"loss is {self.losses[first].item()} at step {self.first_step + first}; training stopped at step {now}, "
                 f"before anything trained since then was written (checks on {self.losses.device.type} run at log rows and "
-                f"checkpoints). Lower lr, check the activations for NaN/inf, or try normalize_activations; the last good "
-                f"checkpoint is kept"
+                f"checkpoints). {NON_FINITE_FIX}"
             )
         self.count = 0
 
@@ -220,8 +222,7 @@ def _make_trainer(sae, runner_cfg, on_step_end, guard: NonFiniteGuard | None = N
         elif not torch.isfinite(output.loss):  # stop before backward() and the optimizer step
             raise NonFiniteLoss(
                 f"loss is {output.loss.item()} at step {step_input.n_training_steps + 1}; training stopped before the "
-                f"update. Lower lr, check the activations for NaN/inf, or try normalize_activations; the last good "
-                f"checkpoint is kept"
+                f"update. {NON_FINITE_FIX}"
             )
         return output
 

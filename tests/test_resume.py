@@ -579,7 +579,7 @@ def test_nan_stops_training_keeps_the_last_good_checkpoint_and_a_corrupted_one_i
     state = start(cfg, artifacts, "nan", return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert "loss is nan at step 45; training stopped before the update" in message
+    assert "loss is nan at step 45; training stopped before the update. Lower lr, check the activations for NaN/inf, or try normalize_activations, in a new run (`--new`: this one keeps its settings); the checkpoints written so far are kept" in message
     assert task_states(state)["train-sae"] == "Failed"  # not retried: it would fail the same way
     checkpoints = artifacts / "runs" / "nan" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000013", "step-000000026", "step-000000039"]
