@@ -450,7 +450,7 @@ def _fill(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_ref: di
         device = torch.device(spec["device"])
         # Not when asked to stop: a signal to the whole job also ended Prefect's temporary server,
         # which its client would retry for minutes before the stop is seen.
-        progress = None if stop_requested() else ProgressArtifact(100 * start_row / n_tokens, f"Filling activation store(s) {names}")
+        progress = None if stop_requested() else ProgressArtifact(100 * start_row / n_tokens, f"Filling activations at {', '.join(w.spec['hook_name'] for w in todo)} (store(s) {names})")
         bar = tqdm(total=n_tokens, initial=start_row, desc="Filling activation store", unit="tok")
         started, row, wrapped = time.monotonic(), 0, False
 
