@@ -237,7 +237,7 @@ def check_prefect_api() -> None:
 def _serve(args) -> int:
     from pathlib import Path
 
-    from flows.pipeline import pipeline_for
+    from flows.pipeline import pipeline_for, run_tags
     from tasks.config import ConfigError, check_run_name
     from tasks.preflight import check_artifacts_dir, check_new_run, check_new_run_named, default_run_name, resolve
 
@@ -267,7 +267,7 @@ def _serve(args) -> int:
     name = args.name or f"{run.replace('/', '-')}{'-new-each-run' if args.new_each_run else ''}"  # Prefect's names hold no /
     # One flow run at a time: one that comes due while the previous still trains waits for it
     # (Late in the UI), instead of failing on the run's lock.
-    pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1)
+    pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1, tags=run_tags(cfg))
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (process defaults, also when a Prefect worker loads this file by its path)
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.states import Cancelled
 
 from tasks.activations import check_room_for_stores, fill_activations, store_dir, store_spec
@@ -201,12 +201,18 @@ def pipeline_for(artifacts_dir: str | Path):
     return sae_pipeline.with_options(result_storage=Path(artifacts_dir).resolve() / RESULTS_DIRNAME)
 
 
+def run_tags(cfg: RunConfig) -> list[str]:
+    """Prefect tags of a run's flow runs, to filter runs by in the UI: its model, hook, architecture and width."""
+    return [f"model:{cfg.model_name}", f"hook:{cfg.hook_name}", f"architecture:{cfg.architecture}", f"d_sae:{cfg.sae_width}"]
+
+
 def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):
     """Run the flow in this process. Returns the run's summary (raising `Preempted` when a signal
     or `saeflow stop` stopped it at a safe point), or the flow run's final Prefect state with
     `return_state`."""
     artifacts_dir = str(Path(artifacts_dir).resolve())
-    state = pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=True)
+    with tags(*run_tags(cfg)):
+        state = pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=True)
     return state if return_state else summary_of(state)
 
 

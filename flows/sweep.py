@@ -131,11 +131,13 @@ STOPPED_MARKER = "stopped"  # in the sweep's folder, while a stopped sweep on Da
 def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: str | None = None) -> dict[str, Any]:
     """One member: the ordinary pipeline, as a subflow run; none once the sweep was asked to stop
     (a signal to this process, or, on Dask, `stopped_marker` written by the sweep's process)."""
-    from flows.pipeline import pipeline_for, summary_of
+    from prefect import tags
+
+    from flows.pipeline import pipeline_for, run_tags, summary_of
 
     if stop := stop_requested() or (stopped_marker and sweep_stopped_by(Path(stopped_marker))):
         raise Preempted(f"not started: {stop} was received before it started")
-    with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
+    with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext(), tags(*run_tags(RunConfig(**config))):
         return summary_of(pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir, return_state=True))
 
 

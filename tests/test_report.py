@@ -118,6 +118,8 @@ def test_report_artifacts_in_the_prefect_api_match_metrics_json(metrics, finishe
         report, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "report")]), flow_run_id=of_the_run))
         table, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "metrics")]), flow_run_id=of_the_run))
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        tags = client.read_flow_run(flow_run_id).tags
+    assert sorted(tags) == ["architecture:standard", "d_sae:128", "hook:blocks.0.hook_resid_post", "model:tiny-test"]  # to filter runs by in the UI
     assert report.type == "markdown" and table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {row["key"]: row["value"] for row in rows} == {row["key"]: metrics[row["key"]] for row in rows}

@@ -131,6 +131,7 @@ def task_states(url: str, flow_run_id) -> dict[str, str]:
 def test_served_deployment_has_its_schedule_and_triggered_runs_complete(served_run):
     deployment = served_run["deployment"]
     assert deployment["name"] == "hourly"
+    assert all(tag.split(":")[0] in ("model", "hook", "architecture", "d_sae") for tag in deployment["tags"]) and len(deployment["tags"]) == 4
     assert [s["schedule"]["interval"] for s in deployment["schedules"]] == [3600.0]
     first, second = served_run["first"], served_run["second"]
     name = default_run_name(served_run["cfg"])
