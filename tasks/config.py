@@ -308,8 +308,8 @@ class RunConfig(BaseModel):
     """Steps between Weights & Biases log entries."""
 
     log_every: int = Field(50, gt=0)
-    """Steps between training log entries: a line in the Prefect log, a row in
-    `runs/<run>/train_log.jsonl`, and a progress update in the Prefect UI (at most every 10 s)."""
+    """Steps between rows of `runs/<run>/train_log.jsonl`; at such a step the Prefect log also gets
+    a line and the UI's progress bar an update, each at most every 10 s (and at the last step)."""
 
     # --- evaluation, saving and analysis ------------------------------------------------------
     eval_tokens: int = Field(65_536, gt=0)

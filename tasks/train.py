@@ -243,9 +243,12 @@ def read_log_rows(path: Path, logger) -> list[dict[str, Any]]:
 
 
 class TrainingLog:
-    """Every `log_every` steps: a line in the Prefect log, a row in `train_log.jsonl` and the
-    progress artifact. The file survives resumes: rows after the resumed step are dropped first,
-    so no step is listed twice or missing."""
+    """Every `log_every` steps: a row in `train_log.jsonl`, and a line in the Prefect log and the
+    progress artifact at most every `LINE_SECONDS` (and at the last step): a GPU's steps of a few
+    ms would otherwise send several lines a second, a million in a two-day run. The file survives
+    resumes: rows after the resumed step are dropped first, so no step is listed twice or missing."""
+
+    LINE_SECONDS = 10.0
 
     def __init__(self, path: Path, cfg: RunConfig, logger):
         self.path, self.every, self.logger = path, cfg.log_every, logger
@@ -263,6 +266,7 @@ class TrainingLog:
         self.total = -(-trainer.cfg.total_training_samples // trainer.cfg.train_batch_size_samples)
         self.progress = ProgressArtifact(100 * done / self.total, f"Training SAE ({self.path.parent.name})")
         self.last = (time.monotonic(), trainer.n_training_samples)
+        self.logged = -math.inf
 
     def sync(self) -> None:
         """Put the rows written so far on disk, before a checkpoint: a crash of the machine then
@@ -301,10 +305,12 @@ class TrainingLog:
         self.last = (now, tokens)
         with open(self.path, "a") as f:
             f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
-        self.logger.info(
-            f"step {step}/{self.total} | {row['tokens_per_s']:,.0f} tokens/s | loss {row['loss']:.4f} | "
-            f"L0 {row['l0']:.1f} | EV {row['explained_variance']:.3f} | dead {row['dead_features']} | lr {row['lr']:.2e}"
-        )
+        if stopping or step == self.total or now - self.logged >= self.LINE_SECONDS:
+            self.logged = now
+            self.logger.info(
+                f"step {step}/{self.total} | {row['tokens_per_s']:,.0f} tokens/s | loss {row['loss']:.4f} | "
+                f"L0 {row['l0']:.1f} | EV {row['explained_variance']:.3f} | dead {row['dead_features']} | lr {row['lr']:.2e}"
+            )
         if not stopping:
             self.progress.update(100 * step / self.total, final=step == self.total)
 

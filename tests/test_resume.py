@@ -831,6 +831,32 @@ def test_a_training_log_row_cut_short_is_dropped_when_training_resumes(tmp_path,
     assert training_log.total == 65  # 33,024 tokens in batches of 512: the last step is the 65th
 
 
+def test_every_log_step_gets_a_row_and_the_prefect_log_a_line_at_most_every_few_seconds(tmp_path, monkeypatch, caplog):
+    """A GPU's steps take milliseconds: a Prefect log line every `log_every` steps was several a
+    second, a million lines in a two-day run. The rows of train_log.jsonl keep every one."""
+    import logging
+    from types import SimpleNamespace
+
+    import prefect.artifacts
+
+    from tasks.train import TrainingLog
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda *args, **kwargs: None)
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda *args, **kwargs: None)
+    monkeypatch.setattr(TrainingLog, "LINE_SECONDS", 1e9)
+    metrics = {"losses/overall_loss": 1.0, "metrics/l0": 3.0, "metrics/explained_variance": 0.5, "sparsity/dead_features": 0, "details/current_learning_rate": 1e-3}
+    trainer = SimpleNamespace(n_training_steps=0, n_training_samples=0, cfg=SimpleNamespace(total_training_samples=5 * 512, train_batch_size_samples=512))
+    trainer.build_train_step_log_dict = lambda output, samples: metrics
+    log = TrainingLog(tmp_path / "train_log.jsonl", tiny_config(log_every=1), logging.getLogger("saeflow-test"))
+    log.start(trainer)
+    with caplog.at_level(logging.INFO, logger="saeflow-test"):
+        for step in range(1, 6):
+            trainer.n_training_steps, trainer.n_training_samples = step, step * 512
+            log.after_step(trainer, None)
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [r.getMessage().split(" |")[0] for r in caplog.records] == ["step 1/5", "step 5/5"]
+
+
 def test_a_gpu_checkpoint_keeps_the_training_gpu_s_rng_and_resumes_where_fewer_gpus_are_visible(monkeypatch):
     """Only the training device's CUDA RNG state is saved, so a job requeued onto a machine with
     fewer GPUs resumes; older checkpoints (one state per visible GPU) restore the training GPU's."""
