@@ -21,7 +21,7 @@ from prefect.states import Cancelled
 from tasks.activations import check_room_for_stores, fill_activations, store_dir, store_spec
 from tasks.analyse import analyse, analysis_spec, check_token_index
 from tasks.artifacts import RESULTS_DIRNAME, exclusive_lock, run_dir, write_json
-from tasks.checkpoint import checkpoint_folder_lock
+from tasks.checkpoint import LAST_CHECKPOINT_FILE, checkpoint_folder_lock
 from tasks.config import RunConfig, load_config, make_config
 from tasks.evaluate import evaluate
 from tasks.load import load_sae
@@ -178,13 +178,25 @@ def crash_ghost_runs(run_name: str, artifacts_dir: str, flow_name: str = FLOW_NA
         for ghost in ghosts:
             if str(ghost.id) == str(runtime.flow_run.id) or Path(ghost.parameters.get("artifacts_dir", "artifacts")).resolve() != here:
                 continue
-            message = f"Its process ended without reporting (killed?); '{run_name}' was continued by flow run {runtime.flow_run.id}"
+            message = f"Its process ended without reporting (killed?){_last_heard_of(run_dir(artifacts_dir, run_name))}; '{run_name}' was continued by flow run {runtime.flow_run.id}"
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ghost.id])))
             for task_run in tasks:
                 if task_run.state and task_run.state.type == StateType.RUNNING:
                     client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
             client.set_flow_run_state(ghost.id, Crashed(message=message), force=True)
             get_run_logger().warning(f"Flow run {ghost.name} ({ghost.id}) was left Running by a dead process; marked Crashed")
+
+
+def _last_heard_of(run: Path) -> str:
+    """When a dead process last wrote its run's training log or a checkpoint, in words, or ''. Its
+    flow run is marked Crashed when the run is continued, maybe days later, which the UI shows as
+    its end."""
+    import datetime
+
+    times = [f.stat().st_mtime for f in (run / "train_log.jsonl", run / LAST_CHECKPOINT_FILE) if f.is_file()]
+    if not times:
+        return ""
+    return f" after it last wrote its training log or a checkpoint, at {datetime.datetime.fromtimestamp(max(times), datetime.UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def use_deterministic_kernels(cfg: RunConfig) -> None:

@@ -113,14 +113,15 @@ def signal_checkpoint(output: str, checkpoints: Path, newest_before: str) -> Pat
     return folder
 
 
-def flow_run_states(run_name: str) -> list[str]:
+def flow_run_states(run_name: str, messages: bool = False) -> list[str]:
+    """The state names (or messages) of the flow runs of `run_name`, oldest first."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), sort=FlowRunSort.START_TIME_ASC)
-    return [run.state.name for run in runs]
+    return [run.state.message if messages else run.state.name for run in runs]
 
 
 def ghost_task_states(run_name: str) -> dict[str, str]:
@@ -165,6 +166,8 @@ def test_sigkill_during_training_resumes_exactly_and_marks_the_ghost_run_crashed
     assert_bitwise_equal(weights(summary), slow_reference)
     assert flow_run_states("killed") == ["Crashed", "Completed"]
     assert ghost_task_states("killed")["train-sae"] == "Crashed"  # the task it was running, as the UI shows it
+    # marked when the run is continued, maybe days later: the message says when it was last heard of
+    assert re.match(r"Its process ended without reporting \(killed\?\) after it last wrote its training log or a checkpoint, at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; 'killed' was continued by", flow_run_states("killed", messages=True)[0])
     log = [json.loads(line) for line in (artifacts / "runs" / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(2, 33, 2))  # one entry per logged step across the kill
 
