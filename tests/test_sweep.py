@@ -349,7 +349,7 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     import prefect.artifacts
 
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort
 
     import tasks.activations
@@ -403,6 +403,10 @@ def test_sigterm_stops_every_training_member_with_a_checkpoint_and_the_rerun_res
     for row in rows:
         trained = json.loads((tmp_path / "artifacts" / "runs" / row["run"] / "trained" / "manifest.json").read_text())
         assert trained["resumed_from_step"] == 3 and trained["n_training_steps"] == 16
+        with get_client(sync_client=True) as client:  # a member's own lines are on its own flow run's page, not its sweep's
+            member = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[row["run"]])), sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[member.id])))
+        assert any(log.message.startswith("Activations: cached") for log in logs)
 
 
 def test_members_initialised_at_once_in_threads_get_the_weights_they_get_alone():
