@@ -426,7 +426,7 @@ def test_saeflow_stop_during_the_fill_stops_it_at_the_next_batch_keeping_its_sha
     assert_bitwise_equal(weights(start(cfg, tmp_path, "fill-stop")), faults_reference)
 
 
-def test_a_cancel_in_the_prefect_ui_stops_a_run_that_saeflow_run_started(faults_cfg, faults_reference, tmp_path, monkeypatch, capsys):
+def test_a_cancel_in_the_prefect_ui_stops_a_run_that_saeflow_run_started(artifacts, faults_cfg, faults_reference, monkeypatch, capsys):
     """Such a flow run has no runner to send it SIGTERM: it stayed Cancelling for good, trained on,
     and then could not be marked finished (the command failed). Now it stops at its next safe
     point as on SIGTERM and ends Cancelled; a cancel once training is over ends it Cancelled with
@@ -461,7 +461,7 @@ def test_a_cancel_in_the_prefect_ui_stops_a_run_that_saeflow_run_started(faults_
 
     monkeypatch.setattr(tasks.stopping, "CANCEL_POLL_SECONDS", 0.1)
     monkeypatch.setattr(tasks.train.TrainingLog, "after_step", cancelled_at_step_20)
-    command = ["run", str(faults_cfg[1]), "--artifacts-dir", str(tmp_path), "--run-name", "ui-cancel"]
+    command = ["run", str(faults_cfg[1]), "--artifacts-dir", str(artifacts), "--run-name", "ui-cancel"]
     assert main(command) == EXIT_PREEMPTED
     err = capsys.readouterr().err
     stop = re.search(r"saeflow: run 'ui-cancel' stopped by its cancel in Prefect after step (\d+); checkpoint \S+step-0+\1 written\. Run the same command again", err)
@@ -475,7 +475,7 @@ def test_a_cancel_in_the_prefect_ui_stops_a_run_that_saeflow_run_started(faults_
     assert main(command) == EXIT_PREEMPTED
     assert "Cancelled in Prefect once its last stages ran: every stage finished and is kept" in capsys.readouterr().err
     assert last_state().is_cancelled()
-    assert_bitwise_equal(weights(tmp_path / "runs" / "ui-cancel"), faults_reference)
+    assert_bitwise_equal(weights(artifacts / "runs" / "ui-cancel"), faults_reference)
 
 
 def test_once_the_temporary_server_has_ended_prefect_s_client_stops_retrying(monkeypatch):
@@ -1073,13 +1073,13 @@ def test_a_run_starting_while_saeflow_stop_probes_its_lock_is_not_refused(tmp_pa
         assert taken is not refused, seconds
 
 
-def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_again(prefect_server, tmp_path):
+def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_again(artifacts, faults_cfg, faults_reference):
     """A store shard cut short, a trained SAE zeroed and a log row cut short on disk, after their stages finished: the
     cached results stood for them, so every later run failed in the next stage. Now each stage runs
     again: the fill writes the shard anew, training sets trained/ aside and makes it from its
     checkpoint after the last step (no step retrained), and the SAE ends bit for bit the same."""
-    cfg = resolve(tiny_config(**FAULTS))
-    first = start(cfg, tmp_path, "crashed")
+    cfg = faults_cfg[0]
+    first = start(cfg, artifacts, "crashed")
     before = {k: v.clone() for k, v in weights(first).items()}  # load_file maps the file, which is zeroed below
     store = Path(first["activations"]["path"])
     shard = store / json.loads((store / "manifest.json").read_text())["shards"][-1]["file"]
@@ -1087,26 +1087,26 @@ def test_files_a_machine_crash_cut_short_or_zeroed_after_their_stage_are_made_ag
     trained = Path(first["training"]["path"]) / "sae_weights.safetensors"
     trained.write_bytes(bytes(trained.stat().st_size))
 
-    state = start(cfg, tmp_path, "crashed", return_state=True)
+    state = start(cfg, artifacts, "crashed", return_state=True)
     summary = state.result()
     assert task_states(state)["fill-activations"] == "Completed" and task_states(state)["train-sae"] == "Completed"
     assert whole_safetensors(shard)
     assert summary["training"]["resumed_from_step"] == summary["training"]["n_training_steps"]  # trained 0 steps
-    assert len(list((tmp_path / "runs" / "crashed").glob("broken-trained-*"))) == 1  # kept for inspection
+    assert len(list((artifacts / "runs" / "crashed").glob("broken-trained-*"))) == 1  # kept for inspection
     assert "trained is incomplete or corrupted (it fails its checksums); set aside as broken-trained-" in flow_run_logs(state)
     assert_bitwise_equal(weights(summary), before)
 
     # The training log's last row cut short after training, and the report to write again: the
     # report stage drops that row, where it failed on every later run.
-    log = tmp_path / "runs" / "crashed" / "train_log.jsonl"
+    log = artifacts / "runs" / "crashed" / "train_log.jsonl"
     log.write_text(log.read_text()[:-40] + "\0" * 16)
     Path(summary["report"]["path"]).unlink()
-    state = start(cfg, tmp_path, "crashed", return_state=True)
+    state = start(cfg, artifacts, "crashed", return_state=True)
     assert state.is_completed() and task_states(state)["report"] == "Completed" and task_states(state)["train-sae"] == "Cached"
     assert "train_log.jsonl: dropping a row that was not written whole" in flow_run_logs(state)
 
 
-def test_a_run_whose_checkpoint_folder_moved_is_refused_until_told_where_it_is(faults_cfg, faults_reference, tmp_path):
+def test_a_run_whose_checkpoint_folder_moved_is_refused_until_told_where_it_is(artifacts, faults_cfg, faults_reference, tmp_path):
     """Moved with the job's folder (checkpoint_path outside the artifacts folder), its checkpoints
     were not found and training started again from step 0, silently. Now the run is refused,
     naming the missing folder; given the new checkpoint_path it continues from its checkpoint."""
@@ -1115,12 +1115,12 @@ def test_a_run_whose_checkpoint_folder_moved_is_refused_until_told_where_it_is(f
     from tasks.config import ConfigError
 
     cfg = faults_cfg[0].model_copy(update={"checkpoint_path": str(tmp_path / "m1")})
-    first = start(cfg, tmp_path / "art", "moved")
+    first = start(cfg, artifacts, "moved")
     shutil.rmtree(first["training"]["path"])  # killed while the trained SAE was written
     (tmp_path / "m1").rename(tmp_path / "m2")
     with pytest.raises(ConfigError, match=rf"run 'moved' wrote checkpoints \(the last: {tmp_path}/m1/moved/step-0+64\), but its checkpoint folder {tmp_path}/m1/moved does not exist now"):
-        start(cfg, tmp_path / "art", "moved")
+        start(cfg, artifacts, "moved")
     assert not (tmp_path / "m1" / "moved").exists()  # nothing trained into the old place
-    summary = start(cfg.model_copy(update={"checkpoint_path": str(tmp_path / "m2")}), tmp_path / "art", "moved")
+    summary = start(cfg.model_copy(update={"checkpoint_path": str(tmp_path / "m2")}), artifacts, "moved")
     assert summary["training"]["resumed_from_step"] == summary["training"]["n_training_steps"] == 64
     assert_bitwise_equal(weights(summary), faults_reference)
