@@ -129,11 +129,14 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         raise RunNotReady(f"no run '{name}' in {folder.parent}; {runs_there(folder.parent)}")
     summary = folder / "summary.json"
     if not summary.is_file():
-        from tasks.checkpoint import checkpoint_root, missing_checkpoints, newest_checkpoint
+        from tasks.checkpoint import checkpoint_root, missing_checkpoints, newest_whole_checkpoint
         from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
-        config = read_json(stored)["config"] if stored.is_file() else {}
+        try:
+            config = read_json(stored)["config"] if stored.is_file() else {}
+        except (ValueError, KeyError, TypeError) as error:  # cut short or zeroed by a crash of the machine
+            raise RunNotReady(f"run '{name}' has not finished, and its {stored} cannot be read ({type(error).__name__}: {error}); restore it, or continue the run with its config file (`saeflow run CONFIG --run-name {shlex.quote(name)}`)") from None
         progress = training_progress(folder, config.get("training_tokens"))
         artifacts = "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
         if holder := lock_holder(folder / ".lock"):
@@ -149,10 +152,10 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         if missing := missing_checkpoints(config.get("checkpoint_path"), folder):
             raise RunNotReady(f"{missing}. Then run `saeflow run --run-name {shlex.quote(name)}{artifacts}` to finish it")
         root = checkpoint_root(config.get("checkpoint_path"), folder)
-        newest, written = newest_checkpoint(root), sorted(p.name for p in root.glob("step-*"))
+        newest, written = newest_whole_checkpoint(root), sorted(p.name for p in root.glob("step-*"))
         found = [f"checkpoints up to {newest.name}" if newest else "no usable checkpoint" if written else "no checkpoint"]
         if broken := [n for n in written if newest is None or n > newest.name]:
-            found[0] += f" ({', '.join(broken)} {'fails its' if len(broken) == 1 else 'fail their'} checksums: set aside when it continues)"
+            found[0] += f" ({', '.join(broken)} {'is' if len(broken) == 1 else 'are'} incomplete or corrupted: set aside when it continues)"
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
         raise RunNotReady(
@@ -201,14 +204,15 @@ def _disk_full(error: BaseException, artifacts_dir: str) -> str:
     import errno
     import shutil
 
-    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error) or "StorageFull" in str(error)
+    said = str(error)
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in said for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
     if not full:
         return ""
     try:
         free = f" ({shutil.disk_usage(artifacts_dir).free / 1e9:.1f} GB free there now)"
     except OSError:
         free = ""
-    return f"A disk is full: the artifacts folder's, {artifacts_dir}{free}, or that of checkpoint_path or of the temporary folder. Free some space. "
+    return f"A disk is full (or your quota on it used up): the artifacts folder's, {artifacts_dir}{free}, or that of checkpoint_path or of the temporary folder. Free some space. "
 
 
 def _duration(seconds: float) -> str:
@@ -237,7 +241,7 @@ def check_prefect_api() -> None:
 def _serve(args) -> int:
     from pathlib import Path
 
-    from flows.pipeline import pipeline_for, run_tags
+    from flows.pipeline import pipeline_for
     from tasks.config import ConfigError, check_run_name
     from tasks.preflight import check_artifacts_dir, check_new_run, check_new_run_named, default_run_name, resolve
 
@@ -267,7 +271,7 @@ def _serve(args) -> int:
     name = args.name or f"{run.replace('/', '-')}{'-new-each-run' if args.new_each_run else ''}"  # Prefect's names hold no /
     # One flow run at a time: one that comes due while the previous still trains waits for it
     # (Late in the UI), instead of failing on the run's lock.
-    pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1, tags=run_tags(cfg))
+    pipeline_for(artifacts_dir).serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters, limit=1)
     return 0
 
 

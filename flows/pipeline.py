@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (process defaults, also when a Prefect worker loads this file by its path)
-from prefect import flow, tags
+from prefect import flow
 from prefect.states import Cancelled
 
 from tasks.activations import check_room_for_stores, fill_activations, store_dir, store_spec
@@ -78,6 +78,7 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     artifacts_dir = str(Path(artifacts_dir).resolve())  # a deployment may give it relative to its working directory
     cfg = resolve(load_config(config) if isinstance(config, str) else make_config(config))
     claim_run(cfg, artifacts_dir, run_name, new=False)
+    _tag_flow_run(cfg)
     run = str(run_dir(artifacts_dir, run_name))
     use_deterministic_kernels(cfg)
     select_cuda_device(cfg.device)  # the stages run in this thread
@@ -228,13 +229,21 @@ def run_tags(cfg: RunConfig) -> list[str]:
     return [f"model:{cfg.model_name}", f"hook:{cfg.hook_name}", f"architecture:{cfg.architecture}", f"d_sae:{cfg.sae_width}"]
 
 
+def _tag_flow_run(cfg: RunConfig) -> None:
+    """Add `run_tags` to the current flow run, however it was started (a deployment's run with
+    parameters from the UI, a work pool's, `saeflow run`, a sweep member)."""
+    from prefect import get_client, runtime
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(runtime.flow_run.id, tags=sorted({*runtime.flow_run.tags, *run_tags(cfg)}))
+
+
 def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):
     """Run the flow in this process. Returns the run's summary (raising `Preempted` when a signal
     or `saeflow stop` stopped it at a safe point), or the flow run's final Prefect state with
     `return_state`."""
     artifacts_dir = str(Path(artifacts_dir).resolve())
-    with tags(*run_tags(cfg)):
-        state = pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=True)
+    state = pipeline_for(artifacts_dir)(config=cfg.model_dump(mode="json"), run_name=run_name, artifacts_dir=artifacts_dir, return_state=True)
     return state if return_state else summary_of(state)
 
 

@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.artifacts import BUSY_HINT, RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import ARCHITECTURE_FIELDS, DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_new_run_named, claim_run, default_run_name, resolve
-from tasks.stopping import Preempted, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by
+from tasks.stopping import Preempted, cancelled_in_prefect, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by, watching_for_cancel
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -131,13 +131,11 @@ STOPPED_MARKER = "stopped"  # in the sweep's folder, while a stopped sweep on Da
 def run_member(config: dict[str, Any], run_name: str, artifacts_dir: str, stopped_marker: str | None = None) -> dict[str, Any]:
     """One member: the ordinary pipeline, as a subflow run; none once the sweep was asked to stop
     (a signal to this process, or, on Dask, `stopped_marker` written by the sweep's process)."""
-    from prefect import tags
-
-    from flows.pipeline import pipeline_for, run_tags, summary_of
+    from flows.pipeline import pipeline_for, summary_of
 
     if stop := stop_requested() or (stopped_marker and sweep_stopped_by(Path(stopped_marker))):
         raise Preempted(f"not started: {stop} was received before it started")
-    with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext(), tags(*run_tags(RunConfig(**config))):
+    with member_in_dask_worker(run_dir(artifacts_dir, run_name), Path(stopped_marker)) if stopped_marker else contextlib.nullcontext():
         return summary_of(pipeline_for(artifacts_dir)(config=config, run_name=run_name, artifacts_dir=artifacts_dir, return_state=True))
 
 
@@ -211,7 +209,7 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         in_threads = isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner)
         marker = folder / STOPPED_MARKER
         marker.unlink(missing_ok=True)  # an earlier stop's
-        with stop_signals(), contextlib.nullcontext() if in_threads else _marking_a_stop(marker):
+        with stop_signals(), watching_for_cancel(), contextlib.nullcontext() if in_threads else _marking_a_stop(marker):
             futures = _run_members(members, names, labels, artifacts_dir, None if in_threads else marker)
             rows = [_member_row(run_name, label, future) for run_name, label, future in zip(names, labels, futures)]
         marker.unlink(missing_ok=True)
@@ -219,6 +217,8 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         plot_frontier(rows, folder / "frontier.png")
         create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
     unfinished = Counter(row["state"] for row in rows if row["state"] != "Completed")
+    if cancelled_in_prefect():  # Prefect allows a Cancelling run no other end
+        return Cancelled(message=f"Cancelled in Prefect: {len(rows) - sum(unfinished.values())} of {len(rows)} members completed; run the sweep again to continue it", data=rows)
     if set(unfinished) == {"Stopped"}:  # stopped at safe points, as asked: not a failure in the UI
         return Cancelled(name=PREEMPTED, message=f"{unfinished['Stopped']} of {len(rows)} members stopped at a safe point; run the sweep again to continue it", data=rows)
     if unfinished:  # the sweep's flow run shows it in the UI; the rows still reach the caller

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tasks.artifacts import atomic_dir, exclusive_lock, read_json, set_aside, verify_manifest, write_json, write_manifest
+from tasks.artifacts import atomic_dir, exclusive_lock, read_json, set_aside, verify_manifest, whole_safetensors, write_json, write_manifest
 from tasks.config import holding_torch_globals
 
 STATE_JSON = "trainer_state.json"
@@ -122,7 +122,7 @@ def missing_checkpoints(checkpoint_path: str | None, run_folder: Path) -> str | 
     checkpoint folder is gone), with what to do; None when it would not."""
     root = checkpoint_root(checkpoint_path, run_folder)
     marker = run_folder / LAST_CHECKPOINT_FILE
-    if root.exists() or not marker.is_file() or (run_folder / "trained" / "manifest.json").is_file():
+    if root.exists() or not marker.is_file() or verify_manifest(run_folder / "trained") is not None:
         return None
     last = read_json(marker).get("path", "?")
     return (
@@ -252,5 +252,18 @@ def newest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint whose files match their checksums."""
     for folder in sorted(root.glob("step-*"), reverse=True):
         if verify_manifest(folder) is not None:
+            return folder
+    return None
+
+
+def newest_whole_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint whose manifest reads and lists files that are there, its
+    safetensors files whole: `newest_checkpoint` without hashing gigabytes, for a report."""
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        try:
+            files = [folder / name for name in read_json(folder / "manifest.json")["files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if all(f.is_file() and (f.suffix != ".safetensors" or whole_safetensors(f)) for f in files):
             return folder
     return None

@@ -512,7 +512,8 @@ def stored_run_config(stored: Path) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(
             f"{stored} cannot be read ({type(error).__name__}: {error}): it records the run's config. Restore it, or delete "
-            f"it to continue the run with the config given (its checkpoints' recorded settings are still checked against it)"
+            f"it and continue the run with its config file (`saeflow run CONFIG --run-name {stored.parent.name}`; its "
+            f"checkpoints' recorded settings are still checked against it)"
         ) from None
 
 
@@ -560,8 +561,6 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"run '{name}' was started with a different config ({details}). Start a new run with --new "
                 f"(the old one is kept), or restore those settings to continue it"
             )
-        if missing := missing_checkpoints(cfg.checkpoint_path, folder):
-            raise ConfigError(missing)
         old_path = stored_config["config"].get("checkpoint_path")
         old_root = checkpoint_root(old_path, folder)
         if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and not (folder / "trained" / "manifest.json").exists():
@@ -570,6 +569,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"checkpoints in {old_root}, which training would not find (it would start again from step 0). "
                 f"Move them into {root}, or set checkpoint_path back to {old_path!r}"
             )
+    if missing := missing_checkpoints(cfg.checkpoint_path, folder):  # also without config.json (deleted as its message says)
+        raise ConfigError(missing)
     for checkpoint, owner in checkpoint_owners(root):
         if "result_fields" not in owner:
             continue  # written before checkpoints recorded their settings

@@ -92,24 +92,32 @@ CANCEL_POLL_SECONDS = 10.0
 CANCELLED_IN_PREFECT = "its cancel in Prefect"
 # The run folders whose flow run was seen Cancelling by `watching_for_cancel`.
 CANCELLED_RUNS: set[str] = set()
+_CANCEL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def watching_for_cancel(run_folder: Path):
+def watching_for_cancel(run_folder: Path | None = None):
     """While the block runs, look every `CANCEL_POLL_SECONDS` on a thread whether the current flow
-    run is being cancelled in Prefect; once it is, the run's `StopRequests` say so, and filling
-    and training stop at their next safe point as on SIGTERM. A flow run that `saeflow run`
+    run is being cancelled in Prefect; once it is, the run's `StopRequests` (of `run_folder`) say
+    so, or, for a sweep (no `run_folder`), `stop_requested()` does, as after SIGTERM: filling and
+    training stop at their next safe point. A flow run that `saeflow run` or `saeflow sweep`
     started has no runner to stop it: without this, a Cancel in the UI left it Cancelling for
     good, and the run, which went on, could not be marked finished."""
     from prefect import runtime
 
-    flow_run_id, key = runtime.flow_run.id, str(Path(run_folder).resolve())
+    flow_run_id, key = runtime.flow_run.id, run_folder and str(Path(run_folder).resolve())
     ended = threading.Event()
 
     def watch() -> None:
         while not ended.wait(CANCEL_POLL_SECONDS):
             if cancelled_in_prefect(flow_run_id):
-                CANCELLED_RUNS.add(key)
+                with _CANCEL_LOCK:  # not once the block has ended: it would stop a later run of the folder
+                    if ended.is_set():
+                        return
+                    if key:
+                        CANCELLED_RUNS.add(key)
+                    else:
+                        STOP_REQUESTS.append(CANCELLED_IN_PREFECT)
                 return
 
     # Not joined at the end: a look may be waiting on a server that a signal to the job ended.
@@ -117,8 +125,10 @@ def watching_for_cancel(run_folder: Path):
     try:
         yield
     finally:
-        ended.set()
-        CANCELLED_RUNS.discard(key)
+        with _CANCEL_LOCK:
+            ended.set()
+            if key:
+                CANCELLED_RUNS.discard(key)
 
 
 class Terminated(KeyboardInterrupt):

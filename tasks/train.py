@@ -337,15 +337,17 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
     """Train the SAE on the stored activations, resuming from the newest valid checkpoint."""
     from prefect import get_run_logger
 
-    from tasks.checkpoint import LAST_CHECKPOINT_FILE, checkpoint_root, load_checkpoint, resume_point, run_owner, save_checkpoint
+    from tasks.checkpoint import LAST_CHECKPOINT_FILE, checkpoint_root, load_checkpoint, newest_checkpoint, resume_point, run_owner, save_checkpoint
 
     logger = get_run_logger()
     cfg = RunConfig(**spec)
     out = Path(run_dir) / "trained"
     if verify_manifest(out) is not None:
         return _result(out)
+    root = checkpoint_root(cfg.checkpoint_path, Path(run_dir))
     if out.exists():
-        set_aside(out, "training continues from the newest checkpoint")
+        newest = newest_checkpoint(root)
+        set_aside(out, f"training continues from {newest.name}" if newest else "there is no checkpoint: training starts again from step 0")
     stop_requests = StopRequests(Path(run_dir))  # `saeflow stop`, from any process
     if stop := stop_requested() or stop_requests.requested():  # asked while the activations were made
         stop_requests.done()
@@ -361,7 +363,6 @@ def train_sae(spec: dict[str, Any], store_ref: dict[str, Any], run_dir: str) -> 
         )
     sae, runner_cfg = new_training_sae(cfg, Path(run_dir).name)
     batch = cfg.train_batch_size_tokens
-    root = checkpoint_root(cfg.checkpoint_path, Path(run_dir))
     owner = run_owner(cfg, Path(run_dir).name)
     contents = store_contents(store_ref)
 

@@ -364,10 +364,13 @@ def test_continuing_a_run_with_a_result_changing_config_is_refused(tmp_path: Pat
 
 
 def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_refused(tmp_path: Path, monkeypatch):
+    from tasks.artifacts import write_manifest
+
     monkeypatch.chdir(tmp_path)
     cfg = resolve(tiny_config())
     run = tmp_path / "runs" / claim_run(cfg, tmp_path, "exp", new=False)
     (run / "checkpoints" / "step-000000013").mkdir(parents=True)
+    (run / "last_checkpoint.json").write_text(json.dumps({"path": str(run / "checkpoints" / "step-000000013"), "step": 13}))
     moved = resolve(tiny_config(checkpoint_path="scratch"))
     assert moved.checkpoint_path == str(tmp_path / "scratch")  # not wherever a later run starts
     with pytest.raises(ConfigError) as error:
@@ -380,7 +383,7 @@ def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_ref
     (tmp_path / "scratch" / "exp-2").mkdir(parents=True)
     assert claim_run(moved, tmp_path, "exp", new=True) == "exp-3"  # a name free in both folders
     (run / "trained").mkdir()
-    (run / "trained" / "manifest.json").write_text("{}")
+    write_manifest(run / "trained", {})
     assert claim_run(moved, tmp_path, "exp", new=False) == "exp"  # a finished run needs no checkpoint
 
 
@@ -599,7 +602,7 @@ def test_a_run_that_filled_the_disk_is_told_so(tmp_path, monkeypatch, capsys):
     config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
     err = capsys.readouterr().err
-    assert f"A disk is full: the artifacts folder's, {tmp_path / 'a'} (" in err and " GB free there now), or that of checkpoint_path" in err
+    assert f"A disk is full (or your quota on it used up): the artifacts folder's, {tmp_path / 'a'} (" in err and " GB free there now), or that of checkpoint_path" in err
     assert "Free some space. Fix the cause and run the same command again to continue it: finished stages and checkpoints are kept." in err
     monkeypatch.setattr(flows.pipeline, "run_pipeline", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
@@ -724,6 +727,6 @@ def test_a_run_config_record_a_crash_zeroed_is_refused_saying_what_to_do(tmp_pat
     for command in (["run", str(config), "--run-name", "zeroed"], ["run", "--run-name", "zeroed"]):
         assert main([*command, "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
-        assert f"saeflow: config error: {stored} cannot be read (JSONDecodeError: " in err and "delete it to continue the run with the config given" in err
+        assert f"saeflow: config error: {stored} cannot be read (JSONDecodeError: " in err and "delete it and continue the run with its config file (`saeflow run CONFIG --run-name zeroed`" in err
     stored.unlink()
     assert claim_run(cfg, tmp_path, "zeroed", new=False) == "zeroed"

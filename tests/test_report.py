@@ -327,7 +327,7 @@ def test_report_on_an_unfinished_run_says_what_exists(tmp_path, capsys):
     assert "run 'half' has not finished: it has checkpoints up to step-000000013" in err and "saeflow run" in err
     (run / "checkpoints" / "step-000000020").mkdir()  # a write a crash of the machine cut short
     assert main(["report", "half", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
-    assert "it has checkpoints up to step-000000013 (step-000000020 fails its checksums: set aside when it continues)" in capsys.readouterr().err
+    assert "it has checkpoints up to step-000000013 (step-000000020 is incomplete or corrupted: set aside when it continues)" in capsys.readouterr().err
     assert main(["analyze", "other", "--prompt", "x", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "no run 'other' in " in (err := capsys.readouterr().err) and "runs there: half" in err
     assert main(["report", "half", "--artifacts-dir", str(tmp_path / "elsewhere")]) == EXIT_BAD_INPUT

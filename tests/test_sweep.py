@@ -448,3 +448,42 @@ def test_members_initialised_at_once_in_threads_get_the_weights_they_get_alone()
     finally:
         done.set()
         resuming.join()
+
+
+def test_a_cancel_of_the_sweep_in_the_prefect_ui_stops_its_members_at_a_safe_point(prefect_server, tmp_path, monkeypatch, capsys):
+    """A sweep's flow run has no runner to stop it: cancelled in the UI, it trained every member
+    to the end, stayed Cancelling, and the command failed. Now its members stop as on SIGTERM."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Cancelling
+
+    import tasks.stopping
+    import tasks.train
+    from flows.cli import EXIT_PREEMPTED, main
+
+    def the_sweep():
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep-t"])), sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+
+    after_step, cancelled = tasks.train.TrainingLog.after_step, []
+
+    def cancelled_at_step_3(self, trainer, step_output, stopping=False):
+        if trainer.n_training_steps == 3 and not cancelled:
+            cancelled.append(True)
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(the_sweep().id, Cancelling(message="cancelled in the UI"))
+        if cancelled:
+            time.sleep(0.3)  # training looks for a stop at most once a second
+        return after_step(self, trainer, step_output, stopping)
+
+    monkeypatch.setattr(tasks.stopping, "CANCEL_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(tasks.train.TrainingLog, "after_step", cancelled_at_step_3)
+    sweep = write_sweep(tmp_path, {"l1_coefficient": [1.0, 2.0]})
+    command = ["sweep", str(sweep), "--artifacts-dir", str(tmp_path / "artifacts"), "--set", "training_tokens=16384", "--set", "train_batch_size_tokens=512", "--set", "n_checkpoints=0"]
+    assert main(command) == EXIT_PREEMPTED
+    assert "saeflow: sweep stopped by its cancel in Prefect: the members marked Stopped stopped at a safe point" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "artifacts" / "sweeps" / "t" / "members.json").read_text())
+    assert [r["state"] for r in rows] == ["Stopped", "Stopped"] and all("stopped by its cancel in Prefect " in r["error"] for r in rows)
+    state = the_sweep().state
+    assert state.is_cancelled() and state.message == "Cancelled in Prefect: 0 of 2 members completed; run the sweep again to continue it"
