@@ -430,9 +430,15 @@ def test_a_run_started_before_a_field_existed_continues_under_the_same_name(tmp_
         claim_run(resolve(tiny_config(activation_mode="streaming")), tmp_path, name, new=False)
 
 
-def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Path, capsys):
-    config = tmp_path / "run.yaml"
+def tiny_run_yaml(folder: Path) -> Path:
+    """`tiny_config()` as a YAML config file in `folder`, for runs through the command line."""
+    config = folder / "run.yaml"
     config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    return config
+
+
+def test_cli_reports_bad_input_with_exit_2_before_loading_anything(tmp_path: Path, capsys):
+    config = tiny_run_yaml(tmp_path)
     artifacts = tmp_path / "artifacts"
     code = main(["run", str(config), "--artifacts-dir", str(artifacts), "--set", "hook_name=blocks.5.hook_resid_post"])
     assert code == EXIT_BAD_INPUT
@@ -492,8 +498,7 @@ def test_cli_turns_a_failed_run_into_a_short_message_and_exit_1(tmp_path: Path, 
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(flows.pipeline, "run_pipeline", fail)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    config = tiny_run_yaml(tmp_path)
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "x"]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert "saeflow: run 'x' failed: RuntimeError: disk full" in err and "run the same command again" in err
@@ -581,8 +586,7 @@ def test_a_run_cancelled_in_prefect_and_stopped_by_a_signal_exits_75_saying_so(t
         raise CancelledRun("Cancelled: stopped by SIGTERM after step 3")
 
     monkeypatch.setattr(flows.pipeline, "run_pipeline", cancelled)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    config = tiny_run_yaml(tmp_path)
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "ui"]) == 75
     err = capsys.readouterr().err
     assert "saeflow: run 'ui' was cancelled in Prefect and stopped by SIGTERM after step 3; checkpoint .../step-000000003 written. Run the same command again" in err
@@ -598,13 +602,15 @@ def test_a_run_that_filled_the_disk_is_told_so(tmp_path, monkeypatch, capsys):
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
 
     monkeypatch.setattr(flows.pipeline, "run_pipeline", disk_full)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    config = tiny_run_yaml(tmp_path)
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
     err = capsys.readouterr().err
     assert f"A disk is full (or your quota on it used up): the artifacts folder's, {tmp_path / 'a'} (" in err and " GB free there now), or that of checkpoint_path" in err
     assert "Free some space. Fix the cause and run the same command again to continue it: finished stages and checkpoints are kept." in err
-    monkeypatch.setattr(flows.pipeline, "run_pipeline", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    def disk_failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", disk_failing)
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
     assert "A disk is full" not in capsys.readouterr().err
 
@@ -718,8 +724,7 @@ def test_a_deployment_run_with_a_bad_config_fails_in_prefect_with_the_reason(pre
 
 
 def test_a_run_config_record_a_crash_zeroed_is_refused_saying_what_to_do(tmp_path, capsys):
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config().model_dump(exclude_unset=True), "model_cfg": TINY_MODEL}))
+    config = tiny_run_yaml(tmp_path)
     cfg = resolve(tiny_config())
     name = claim_run(cfg, tmp_path, "zeroed", new=False)
     stored = tmp_path / "runs" / name / "config.json"
