@@ -133,12 +133,15 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
+        artifacts = "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
         try:
             config = read_json(stored)["config"] if stored.is_file() else {}
         except (ValueError, KeyError, TypeError) as error:  # cut short or zeroed by a crash of the machine
-            raise RunNotReady(f"run '{name}' has not finished, and its {stored} cannot be read ({type(error).__name__}: {error}); restore it, or continue the run with its config file (`saeflow run CONFIG --run-name {shlex.quote(name)}`)") from None
+            raise RunNotReady(
+                f"run '{name}' has not finished, and its {stored} cannot be read ({type(error).__name__}: {error}); restore it, "
+                f"or delete it and continue the run with its config file (`saeflow run CONFIG --run-name {shlex.quote(name)}{artifacts}`)"
+            ) from None
         progress = training_progress(folder, config.get("training_tokens"))
-        artifacts = "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
         if holder := lock_holder(folder / ".lock"):
             if (folder / "trained" / "manifest.json").is_file():
                 doing = "its training has finished; it is saving, evaluating and analysing the SAE"

@@ -77,8 +77,8 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     run_name = effective_run_name(config, run_name, new_each_run, artifacts_dir)
     artifacts_dir = str(Path(artifacts_dir).resolve())  # a deployment may give it relative to its working directory
     cfg = resolve(load_config(config) if isinstance(config, str) else make_config(config))
-    claim_run(cfg, artifacts_dir, run_name, new=False)
     _tag_flow_run(cfg)
+    claim_run(cfg, artifacts_dir, run_name, new=False)
     run = str(run_dir(artifacts_dir, run_name))
     use_deterministic_kernels(cfg)
     select_cuda_device(cfg.device)  # the stages run in this thread
@@ -234,8 +234,11 @@ def _tag_flow_run(cfg: RunConfig) -> None:
     parameters from the UI, a work pool's, `saeflow run`, a sweep member)."""
     from prefect import get_client, runtime
 
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(runtime.flow_run.id, tags=sorted({*runtime.flow_run.tags, *run_tags(cfg)}))
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(runtime.flow_run.id, tags=sorted({*runtime.flow_run.tags, *run_tags(cfg)}))
+    except Exception as error:  # noqa: BLE001 - tags are for the UI's filters, not worth failing a run over
+        flow_logger().warning(f"Could not tag the flow run ({type(error).__name__}: {error})")
 
 
 def run_pipeline(cfg: RunConfig, run_name: str, artifacts_dir: str | Path, return_state: bool = False):

@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.artifacts import BUSY_HINT, RESULTS_DIRNAME, Busy, exclusive_lock, run_dir, write_json
 from tasks.config import ARCHITECTURE_FIELDS, DEMO_CONFIG, ConfigError, RunConfig, make_config, parse_override, read_yaml_mapping, stable_hash, unknown_key_hint
 from tasks.preflight import check_new_run_named, claim_run, default_run_name, resolve
-from tasks.stopping import Preempted, cancelled_in_prefect, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by, watching_for_cancel
+from tasks.stopping import CANCELLED_IN_PREFECT, Preempted, cancelled_in_prefect, member_in_dask_worker, polling, stop_requested, stop_signals, sweep_stopped_by, watching_for_cancel
 
 SWEEP_FLOW_NAME = "saeflow-sweep"
 MAX_MEMBERS_WITHOUT_YES = 1000
@@ -148,7 +148,7 @@ def _marking_a_stop(marker: Path):
 
     def mark_a_stop() -> bool:
         if (stop := stop_requested()) and not marker.is_file():
-            marker.write_text(f"{stop} to the sweep")
+            marker.write_text("the sweep's cancel in Prefect" if stop == CANCELLED_IN_PREFECT else f"{stop} to the sweep")
         return False  # looks until the sweep ends
 
     with polling(1.0, mark_a_stop, "sweep-stop-marker"):
@@ -218,7 +218,8 @@ def sae_sweep(name: str, members: list[dict[str, Any]], labels: list[str], artif
         create_table_artifact(rows, key=artifact_key(f"sweep-{name}", "members"), description=f"Members of sweep {name}")
     unfinished = Counter(row["state"] for row in rows if row["state"] != "Completed")
     if cancelled_in_prefect():  # Prefect allows a Cancelling run no other end
-        return Cancelled(message=f"Cancelled in Prefect: {len(rows) - sum(unfinished.values())} of {len(rows)} members completed; run the sweep again to continue it", data=rows)
+        done = f"{len(rows) - sum(unfinished.values())} of {len(rows)} members completed; run the sweep again to continue it" if unfinished else "every member had completed"
+        return Cancelled(message=f"Cancelled in Prefect: {done}", data=rows)
     if set(unfinished) == {"Stopped"}:  # stopped at safe points, as asked: not a failure in the UI
         return Cancelled(name=PREEMPTED, message=f"{unfinished['Stopped']} of {len(rows)} members stopped at a safe point; run the sweep again to continue it", data=rows)
     if unfinished:  # the sweep's flow run shows it in the UI; the rows still reach the caller

@@ -122,9 +122,17 @@ def missing_checkpoints(checkpoint_path: str | None, run_folder: Path) -> str | 
     checkpoint folder is gone), with what to do; None when it would not."""
     root = checkpoint_root(checkpoint_path, run_folder)
     marker = run_folder / LAST_CHECKPOINT_FILE
-    if root.exists() or not marker.is_file() or verify_manifest(run_folder / "trained") is not None:
+    if any(root.glob("step-*")) or not marker.is_file() or verify_manifest(run_folder / "trained") is not None:
         return None
-    last = read_json(marker).get("path", "?")
+    last = Path(read_json(marker).get("path", "?"))
+    if last.parent.resolve() != root.resolve() and any(last.parent.glob("step-*")):  # checkpoint_path changed since
+        return (
+            f"run '{run_folder.name}' has its checkpoints in {last.parent}, but checkpoint_path now points at {root.parent}, "
+            f"where training would not find them (it would start again from step 0). Set checkpoint_path back to "
+            f"{last.parent.parent}, or move them into {root}"
+        )
+    if root.exists():  # its checkpoints set aside as broken, or deleted on purpose: training starts again, with a warning
+        return None
     return (
         f"run '{run_folder.name}' wrote checkpoints (the last: {last}), but its checkpoint folder {root} does not "
         f"exist now (moved, deleted, or on a disk that is not mounted): training would start again from step 0. "

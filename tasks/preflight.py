@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import exclusive_lock, read_json, run_dir, write_json
+from tasks.artifacts import exclusive_lock, read_json, run_dir, verify_manifest, write_json
 from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, check_run_name, device_kind, hook_layer_of, stable_hash
 
 
@@ -512,8 +512,8 @@ def stored_run_config(stored: Path) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(
             f"{stored} cannot be read ({type(error).__name__}: {error}): it records the run's config. Restore it, or delete "
-            f"it and continue the run with its config file (`saeflow run CONFIG --run-name {stored.parent.name}`; its "
-            f"checkpoints' recorded settings are still checked against it)"
+            f"it and continue the run with its config file (`saeflow run CONFIG --run-name {stored.parent.name} --artifacts-dir "
+            f"{stored.parent.parent.parent}`; its checkpoints' recorded settings are still checked against it)"
         ) from None
 
 
@@ -563,7 +563,7 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
             )
         old_path = stored_config["config"].get("checkpoint_path")
         old_root = checkpoint_root(old_path, folder)
-        if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and not (folder / "trained" / "manifest.json").exists():
+        if old_root.resolve() != root.resolve() and any(old_root.glob("step-*")) and verify_manifest(folder / "trained") is None:
             raise ConfigError(
                 f"checkpoint_path changed from {old_path!r} to {cfg.checkpoint_path!r}, but run '{name}' has its "
                 f"checkpoints in {old_root}, which training would not find (it would start again from step 0). "

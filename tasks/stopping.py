@@ -239,11 +239,12 @@ def sigterm_interrupts():
 
 def _note_stop(signum, frame) -> None:
     name = signal.Signals(signum).name
-    if STOP_REQUESTS and signum == signal.SIGINT:
+    signalled = [r for r in STOP_REQUESTS if r != CANCELLED_IN_PREFECT]  # a sweep's cancel is no first Ctrl-C
+    if signalled and signum == signal.SIGINT:
         sys.stderr.write("saeflow: second SIGINT, exiting now without a checkpoint\n")
         os._exit(EXIT_SIGINT)
     # Only note it (and say so): logging here could re-enter a log handler the signal interrupted.
-    if not STOP_REQUESTS:
+    if not signalled:
         os.write(2, f"saeflow: {name} received: stopping at the next safe point (training writes a checkpoint first); a second Ctrl-C exits at once\n".encode())
     STOP_REQUESTS.append(name)
 

@@ -383,8 +383,15 @@ def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_ref
     (tmp_path / "scratch" / "exp-2").mkdir(parents=True)
     assert claim_run(moved, tmp_path, "exp", new=True) == "exp-3"  # a name free in both folders
     (run / "trained").mkdir()
+    (run / "trained" / "sae_weights.safetensors").write_bytes(b"weights")
     write_manifest(run / "trained", {})
     assert claim_run(moved, tmp_path, "exp", new=False) == "exp"  # a finished run needs no checkpoint
+    (run / "trained" / "sae_weights.safetensors").write_bytes(bytes(7))  # zeroed by a crash: training would run again
+    for stored in (True, False):  # also once its config.json is deleted (as a garbled one's message says)
+        with pytest.raises(ConfigError, match=rf"run 'exp' has its checkpoints in {run / 'checkpoints'}, but checkpoint_path now points at"):
+            if not stored:
+                (run / "config.json").unlink()
+            claim_run(moved, tmp_path, "exp", new=False)
 
 
 def test_a_run_continues_on_another_gpu_of_the_same_kind(tmp_path: Path, monkeypatch):
@@ -735,3 +742,27 @@ def test_a_run_config_record_a_crash_zeroed_is_refused_saying_what_to_do(tmp_pat
         assert f"saeflow: config error: {stored} cannot be read (JSONDecodeError: " in err and "delete it and continue the run with its config file (`saeflow run CONFIG --run-name zeroed`" in err
     stored.unlink()
     assert claim_run(cfg, tmp_path, "zeroed", new=False) == "zeroed"
+
+
+def test_a_flow_run_that_cannot_be_tagged_goes_on(prefect_server, monkeypatch, caplog):
+    """Tags serve the UI's filters: an API error while setting them must not fail a run."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from flows.pipeline import _tag_flow_run
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("the server is gone")
+
+    monkeypatch.setattr(SyncPrefectClient, "update_flow_run", unreachable)
+
+    @flow
+    def tagged():
+        _tag_flow_run(resolve(tiny_config()))
+        return 1
+
+    with caplog.at_level(logging.WARNING):
+        assert tagged() == 1
+    assert "Could not tag the flow run (ConnectionError: the server is gone)" in caplog.text

@@ -482,3 +482,13 @@ def test_metrics_and_summaries_hold_standard_json_when_a_metric_is_not_finite(tm
     assert strict((tmp_path / "metrics.json").read_text()) == {"metrics": {"explained_variance_legacy": None, "cossim": None, "l0": 3.5}, "feature_density": [0.0, None]}
     write_json(tmp_path / "state.json", value)  # what saeflow reads back keeps its numbers
     assert json.loads((tmp_path / "state.json").read_text())["metrics"]["explained_variance_legacy"] == float("-inf")
+
+
+def test_report_on_an_unfinished_run_with_a_garbled_config_record_says_what_to_do(tmp_path, capsys):
+    run = tmp_path / "runs" / "garbled"
+    run.mkdir(parents=True)
+    (run / "config.json").write_bytes(bytes(64))  # zeroed by a crash of the machine
+    assert main(["report", "garbled", "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"run 'garbled' has not finished, and its {run / 'config.json'} cannot be read (JSONDecodeError: " in err
+    assert f"or delete it and continue the run with its config file (`saeflow run CONFIG --run-name garbled --artifacts-dir {tmp_path}`)" in err

@@ -487,3 +487,20 @@ def test_a_cancel_of_the_sweep_in_the_prefect_ui_stops_its_members_at_a_safe_poi
     assert [r["state"] for r in rows] == ["Stopped", "Stopped"] and all("stopped by its cancel in Prefect " in r["error"] for r in rows)
     state = the_sweep().state
     assert state.is_cancelled() and state.message == "Cancelled in Prefect: 0 of 2 members completed; run the sweep again to continue it"
+
+
+def test_a_ctrl_c_after_a_sweep_s_cancel_in_prefect_is_a_first_one():
+    """The sweep notes its cancel among the stop requests, where a Ctrl-C counted as the second and
+    exited at once, without the members' checkpoints."""
+    script = (
+        "import os, signal\n"
+        "from tasks.stopping import CANCELLED_IN_PREFECT, STOP_REQUESTS, stop_signals\n"
+        "with stop_signals():\n"
+        "    STOP_REQUESTS.append(CANCELLED_IN_PREFECT)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print(STOP_REQUESTS)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['its cancel in Prefect', 'SIGINT']"
+    assert "SIGINT received: stopping at the next safe point" in result.stderr
