@@ -124,20 +124,28 @@ def missing_checkpoints(checkpoint_path: str | None, run_folder: Path) -> str | 
     marker = run_folder / LAST_CHECKPOINT_FILE
     if any(root.glob("step-*")) or not marker.is_file() or verify_manifest(run_folder / "trained") is not None:
         return None
-    last = Path(read_json(marker).get("path", "?"))
-    if last.parent.resolve() != root.resolve() and any(last.parent.glob("step-*")):  # checkpoint_path changed since
+    on_purpose = f"to train from step 0 on purpose, delete {marker}"
+    try:
+        last = Path(read_json(marker)["path"])
+    except (OSError, ValueError, KeyError, TypeError):  # cut short by a crash of the machine
+        last = None
+    if last is not None and last.parent.resolve() != root.resolve() and any(last.parent.glob("step-*")):  # checkpoint_path changed since
+        if last.parent.resolve() == (run_folder / "checkpoints").resolve():
+            back = "leave checkpoint_path out (its default is where they are), or "
+        elif last.parent.name == run_folder.name:
+            back = f"set checkpoint_path back to {last.parent.parent}, or "
+        else:
+            back = ""
         return (
-            f"run '{run_folder.name}' has its checkpoints in {last.parent}, but checkpoint_path now points at {root.parent}, "
-            f"where training would not find them (it would start again from step 0). Set checkpoint_path back to "
-            f"{last.parent.parent}, or move them into {root}"
+            f"run '{run_folder.name}' has its checkpoints in {last.parent}, but training would look for them in {root} "
+            f"(and start again from step 0): {back}move them into {root}; {on_purpose}"
         )
     if root.exists():  # its checkpoints set aside as broken, or deleted on purpose: training starts again, with a warning
         return None
     return (
-        f"run '{run_folder.name}' wrote checkpoints (the last: {last}), but its checkpoint folder {root} does not "
-        f"exist now (moved, deleted, or on a disk that is not mounted): training would start again from step 0. "
-        f"If they moved, give their place: --set checkpoint_path=<the folder holding {root.name}/>; to train from "
-        f"step 0 on purpose, delete {marker}"
+        f"run '{run_folder.name}' wrote checkpoints (the last: {last or f'unknown, {marker} is unreadable'}), but its checkpoint "
+        f"folder {root} does not exist now (moved, deleted, or on a disk that is not mounted): training would start again "
+        f"from step 0. If they moved, give their place: --set checkpoint_path=<the folder holding {root.name}/>; {on_purpose}"
     )
 
 

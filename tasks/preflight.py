@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 import os
+import shlex
 import shutil
 import uuid
 from pathlib import Path
@@ -512,8 +513,9 @@ def stored_run_config(stored: Path) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(
             f"{stored} cannot be read ({type(error).__name__}: {error}): it records the run's config. Restore it, or delete "
-            f"it and continue the run with its config file (`saeflow run CONFIG --run-name {stored.parent.name} --artifacts-dir "
-            f"{stored.parent.parent.parent}`; its checkpoints' recorded settings are still checked against it)"
+            f"it and continue the run with its config file (`saeflow run CONFIG --run-name {shlex.quote(stored.parent.name)} "
+            f"--artifacts-dir {shlex.quote(str(stored.parent.parent.parent))}`; its checkpoints' recorded settings are still "
+            f"checked against it)"
         ) from None
 
 

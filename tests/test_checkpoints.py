@@ -469,3 +469,15 @@ def test_a_json_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_pa
     with pytest.raises(OSError, match="No space left on device"):
         write_json(path, {"shards": 2})
     assert read_json(path) == {"shards": 1} and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_an_unreadable_last_checkpoint_note_is_no_traceback(tmp_path):
+    """The note a crash of the machine zeroed, beside checkpoints the next run set aside as broken."""
+    from tasks.checkpoint import LAST_CHECKPOINT_FILE, missing_checkpoints
+
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints" / "broken-step-000000010-1a2b3c4d").mkdir(parents=True)
+    (run / LAST_CHECKPOINT_FILE).write_bytes(bytes(32))
+    assert missing_checkpoints(None, run) is None  # its folder is there: training starts again, with a warning
+    message = missing_checkpoints(str(tmp_path / "elsewhere"), run)
+    assert message.startswith(f"run 'r' wrote checkpoints (the last: unknown, {run / LAST_CHECKPOINT_FILE} is unreadable), but its checkpoint folder {tmp_path / 'elsewhere' / 'r'} does not exist now")

@@ -388,7 +388,7 @@ def test_moving_checkpoint_path_away_from_an_unfinished_run_s_checkpoints_is_ref
     assert claim_run(moved, tmp_path, "exp", new=False) == "exp"  # a finished run needs no checkpoint
     (run / "trained" / "sae_weights.safetensors").write_bytes(bytes(7))  # zeroed by a crash: training would run again
     for stored in (True, False):  # also once its config.json is deleted (as a garbled one's message says)
-        with pytest.raises(ConfigError, match=rf"run 'exp' has its checkpoints in {run / 'checkpoints'}, but checkpoint_path now points at"):
+        with pytest.raises(ConfigError, match=rf"run 'exp' has its checkpoints in {run / 'checkpoints'}, but training would look for them in {tmp_path / 'scratch' / 'exp'} \(and start again from step 0\): leave checkpoint_path out \(its default is where they are\), or move them"):
             if not stored:
                 (run / "config.json").unlink()
             claim_run(moved, tmp_path, "exp", new=False)
@@ -739,7 +739,7 @@ def test_a_run_config_record_a_crash_zeroed_is_refused_saying_what_to_do(tmp_pat
     for command in (["run", str(config), "--run-name", "zeroed"], ["run", "--run-name", "zeroed"]):
         assert main([*command, "--artifacts-dir", str(tmp_path)]) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
-        assert f"saeflow: config error: {stored} cannot be read (JSONDecodeError: " in err and "delete it and continue the run with its config file (`saeflow run CONFIG --run-name zeroed`" in err
+        assert f"saeflow: config error: {stored} cannot be read (JSONDecodeError: " in err and f"delete it and continue the run with its config file (`saeflow run CONFIG --run-name zeroed --artifacts-dir {tmp_path}`" in err
     stored.unlink()
     assert claim_run(cfg, tmp_path, "zeroed", new=False) == "zeroed"
 
