@@ -257,7 +257,7 @@ def resume_point(root: Path, logger) -> Path | None:
     for folder in sorted(root.glob("step-*"), reverse=True):
         if verify_manifest(folder) is not None:
             return folder
-        set_aside(folder, "an older checkpoint is used")
+        set_aside(folder, "an older one is used, if there is one")
         broken += 1
     if broken:
         logger.warning(f"No usable checkpoint in {root} (the {broken} set aside are kept): training starts again from step 0")
