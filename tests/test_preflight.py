@@ -621,6 +621,13 @@ def test_a_run_that_filled_the_disk_is_told_so(tmp_path, monkeypatch, capsys):
     assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
     assert "A disk is full" not in capsys.readouterr().err
 
+    def over_quota(*args, **kwargs):  # a cluster's quota: the same for the user
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", over_quota)
+    assert main(["run", str(config), "--artifacts-dir", str(tmp_path / "a"), "--run-name", "full"]) == 1
+    assert "A disk is full (or your quota on it used up)" in capsys.readouterr().err
+
 
 @pytest.fixture
 def hub_dataset_cache(tmp_path: Path, monkeypatch) -> list[str]:

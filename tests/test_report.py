@@ -129,6 +129,7 @@ def test_report_artifacts_in_the_prefect_api_match_metrics_json(metrics, finishe
     assert (Path(finished_run["summary"]["run_dir"]) / "report.md").read_text() == report.data
     progress_values = sorted(float(a.data) for a in progress if a.type == "progress")
     assert progress_values == [100.0, 100.0]  # filling and training both reached 100%
+    assert any(a.description.startswith("Filling activations at blocks.0.hook_resid_post (store(s) ") for a in progress if a.type == "progress")
 
 
 def test_dashboard_shows_each_features_contexts_and_tokens(finished_run):

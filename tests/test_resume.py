@@ -912,7 +912,7 @@ def test_a_run_is_continued_by_its_name_alone_with_its_stored_config_also_when_s
     assert served["parameters"]["config"] == faults_cfg[0].model_dump(mode="json")
 
 
-def test_a_read_error_is_not_taken_for_a_corrupt_checkpoint(tmp_path, monkeypatch):
+def test_a_read_error_is_not_taken_for_a_corrupt_checkpoint(tmp_path, monkeypatch, caplog):
     """EIO or a stale NFS handle while a checkpoint is verified may pass: the run fails and says
     so, instead of setting a good checkpoint aside and training its steps again."""
     import errno
@@ -936,8 +936,10 @@ def test_a_read_error_is_not_taken_for_a_corrupt_checkpoint(tmp_path, monkeypatc
             resume_point(tmp_path, logging.getLogger("test"))
     assert resume_point(tmp_path, logging.getLogger("test")) == folder  # kept, and good once readable
     (folder / "sae_weights.safetensors").unlink()
-    assert resume_point(tmp_path, logging.getLogger("test")) is None  # a missing file is an incomplete checkpoint
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(tmp_path, logging.getLogger("test")) is None  # a missing file is an incomplete checkpoint
     assert len(list(tmp_path.glob("broken-step-000000005-*"))) == 1
+    assert f"No usable checkpoint in {tmp_path} (the 1 set aside are kept): training starts again from step 0" in caplog.text
 
 
 def test_a_run_taken_between_its_claim_and_its_flow_run_is_refused_with_2(prefect_server, artifacts, faults_cfg, monkeypatch, capsys):
