@@ -133,7 +133,7 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
-        artifacts = "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
+        artifacts = artifacts_option(artifacts_dir)
         try:
             config = read_json(stored)["config"] if stored.is_file() else {}
         except (ValueError, KeyError, TypeError) as error:  # cut short or zeroed by a crash of the machine
@@ -166,6 +166,11 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
             f"Run `saeflow run --run-name {shlex.quote(name)}{artifacts}` (it reads the run's stored config) to finish it"
         )
     return read_json(summary)
+
+
+def artifacts_option(artifacts_dir: str) -> str:
+    """` --artifacts-dir DIR` for a command the user is told to run, or '' for the default folder."""
+    return "" if artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(artifacts_dir)}"
 
 
 def runs_there(runs: Path) -> str:
@@ -358,7 +363,7 @@ def _analyze(args) -> int:
             where = f"{summary['model']['name']}, from the Hugging Face cache, which must hold it where the hub cannot be reached"
         else:
             where = summary["model"]["path"]
-        artifacts = "" if args.artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(args.artifacts_dir)}"
+        artifacts = artifacts_option(args.artifacts_dir)
         raise RunNotReady(
             f"run '{args.run}' cannot be analysed: {type(error).__name__}: {error}. It reads its model ({where}) and its SAE "
             f"({summary['sae']['path']}) where the run found or left them: if they moved, put them back, or run the run again "
