@@ -129,7 +129,7 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         raise RunNotReady(f"no run '{name}' in {folder.parent}; {runs_there(folder.parent)}")
     summary = folder / "summary.json"
     if not summary.is_file():
-        from tasks.checkpoint import checkpoint_root, missing_checkpoints, newest_whole_checkpoint
+        from tasks.checkpoint import checkpoint_folders, checkpoint_root, missing_checkpoints, newest_whole_checkpoint
         from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
@@ -155,9 +155,9 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         if missing := missing_checkpoints(config.get("checkpoint_path"), folder):
             raise RunNotReady(f"{missing}. Then run `saeflow run --run-name {shlex.quote(name)}{artifacts}` to finish it")
         root = checkpoint_root(config.get("checkpoint_path"), folder)
-        newest, written = newest_whole_checkpoint(root), sorted(p.name for p in root.glob("step-*"))
+        newest, written = newest_whole_checkpoint(root), checkpoint_folders(root)
         found = [f"checkpoints up to {newest.name}" if newest else "no usable checkpoint" if written else "no checkpoint"]
-        if broken := [n for n in written if newest is None or n > newest.name]:
+        if broken := [p.name for p in reversed(written[: written.index(newest)] if newest else written)]:
             found[0] += f" ({', '.join(broken)} {'is' if len(broken) == 1 else 'are'} incomplete or corrupted: set aside when it continues)"
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]

@@ -174,10 +174,16 @@ def run_owner(cfg, run_name: str) -> dict[str, Any]:
     return {"run": run_name, "result_fields": cfg.result_fields()}
 
 
+def checkpoint_folders(root: Path) -> list[Path]:
+    """The checkpoint folders in `root` (`step-<n>`), newest (highest step) first."""
+    steps = [(int(p.name.removeprefix("step-")), p) for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()]
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
 def checkpoint_owners(root: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Each checkpoint in `root` that records the run that wrote it (`run_owner`), with that run."""
     owners = []
-    for folder in sorted(root.glob("step-*")):
+    for folder in reversed(checkpoint_folders(root)):
         try:
             owner = read_json(folder / "manifest.json").get("run")
         except (OSError, ValueError):
@@ -218,7 +224,7 @@ def save_checkpoint(trainer, root: Path, steps: int, data_position: dict[str, An
             f"could not write checkpoint {final}: {getattr(error, 'strerror', None) or error}; {kept}. Free disk space or fix the "
             f"folder's permissions, then run the same command again"
         ) from error
-    for old in sorted(root.glob("step-*"), reverse=True)[keep:]:
+    for old in checkpoint_folders(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -254,7 +260,7 @@ def resume_point(root: Path, logger) -> Path | None:
         logger.info(f"Removing {tmp.name}, a checkpoint write that did not finish")
         shutil.rmtree(tmp, ignore_errors=True)
     broken = 0
-    for folder in sorted(root.glob("step-*"), reverse=True):
+    for folder in checkpoint_folders(root):
         if verify_manifest(folder) is not None:
             return folder
         set_aside(folder, "an older one is used, if there is one")
@@ -266,7 +272,7 @@ def resume_point(root: Path, logger) -> Path | None:
 
 def newest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint whose files match their checksums."""
-    for folder in sorted(root.glob("step-*"), reverse=True):
+    for folder in checkpoint_folders(root):
         if verify_manifest(folder) is not None:
             return folder
     return None
@@ -275,7 +281,7 @@ def newest_checkpoint(root: Path) -> Path | None:
 def newest_whole_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint whose manifest reads and lists files that are there, its
     safetensors files whole: `newest_checkpoint` without hashing gigabytes, for a report."""
-    for folder in sorted(root.glob("step-*"), reverse=True):
+    for folder in checkpoint_folders(root):
         try:
             files = [folder / name for name in read_json(folder / "manifest.json")["files"]]
         except (OSError, ValueError, KeyError, TypeError):

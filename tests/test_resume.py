@@ -942,6 +942,22 @@ def test_a_read_error_is_not_taken_for_a_corrupt_checkpoint(tmp_path, monkeypatc
     assert f"No usable checkpoint in {tmp_path} (the 1 set aside are kept): training starts again from step 0" in caplog.text
 
 
+def test_checkpoints_are_ordered_by_their_step_number_past_nine_digits(tmp_path):
+    """Names are padded to 9 digits; a run past 10^9 steps must still resume from its newest."""
+    import logging
+
+    from tasks.artifacts import write_manifest
+    from tasks.checkpoint import checkpoint_folders, resume_point
+
+    for steps in (999_999_999, 1_000_000_000, 5):
+        folder = tmp_path / f"step-{steps:09d}"
+        folder.mkdir()
+        write_manifest(folder, {"n_training_steps": steps})
+    (tmp_path / "step-notes").mkdir()
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["step-1000000000", "step-999999999", "step-000000005"]
+    assert resume_point(tmp_path, logging.getLogger("test")) == tmp_path / "step-1000000000"
+
+
 def test_a_run_taken_between_its_claim_and_its_flow_run_is_refused_with_2(prefect_server, artifacts, faults_cfg, monkeypatch, capsys):
     import tasks.preflight
     from flows.cli import EXIT_BAD_INPUT, main
