@@ -378,7 +378,7 @@ def _analyze(args) -> int:
             line = f"  feature {feature['feature']:>6}  activation {feature['activation']:.4f}"
             if feature["feature"] in effects:
                 effect = effects[feature["feature"]]
-                line += f"  promotes {' '.join(t['token'] for t in effect['promoted'][:5])!r}  inhibits {' '.join(t['token'] for t in effect['inhibited'][:5])!r}"
+                line += f"  promotes {[t['token'] for t in effect['promoted']]}  inhibits {[t['token'] for t in effect['inhibited']]}"
             print(line)
     return 0
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from tasks.artifacts import output_hashes, stage, write_json
+from tasks.artifacts import output_hashes, read_json, stage, write_json
 from tasks.config import ConfigError, RunConfig
+from tasks.save import firing_frequencies
 
-STAGE_VERSION = 5  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token; 4: the model as trained, `unembed_directions`; 5: a bf16 model's W_dec @ W_out / W_O in float32
+STAGE_VERSION = 6  # 2: prompts' features that do not fire left out, `is_bos`; 3: no dashboard peak at a special token; 4: the model as trained, `unembed_directions`; 5: a bf16 model's W_dec @ W_out / W_O in float32; 6: never-fired features at frequency 0, over how many tokens
 
 
 def analysis_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -180,12 +181,13 @@ def render_dashboard(run_name: str, analysis: dict[str, Any]) -> str:
     def token_list(items: list[dict[str, Any]]) -> str:
         return ", ".join(f"<code>{html.escape(i['token'])}</code> {i['logit']:+.2f}" for i in items)
 
+    measured = f"the {analysis['frequency_tokens']:,} training tokens its sparsity was measured on"
     sections = []
     for entry in analysis["dashboard"]:
         contexts = "".join(f'<li>{tokens_html(c)} <span class="max">max {c["max"]:.3f}</span></li>' for c in entry["contexts"])
         sections.append(
             f'<section id="feature-{entry["feature"]}"><h2>Feature {entry["feature"]}</h2>'
-            f'<p class="meta">fires on {100 * entry["frequency"]:.3f}% of tokens</p>'
+            f'<p class="meta">fires on {100 * entry["frequency"]:.3f}% of {measured}</p>'
             f'<div class="cols"><div><h3>Max-activating held-out contexts</h3><ol>{contexts or "<li>never fired</li>"}</ol></div>'
             f'<div><h3>Promotes</h3><p>{token_list(entry["promoted"])}</p><h3>Inhibits</h3><p>{token_list(entry["inhibited"])}</p></div></div></section>'
         )
@@ -231,7 +233,7 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
         features = torch.topk(sparsity, min(spec["top_k_features"], len(sparsity))).indices.tolist()
         chosen_by = "most frequently firing (no feature fired at the analysed prompt tokens)"
 
-    frequency = 10 ** sparsity.float() if sparsity is not None else torch.zeros(sae.cfg.d_sae)
+    frequency = firing_frequencies(sparsity) if sparsity is not None else torch.zeros(sae.cfg.d_sae)
     dashboard_features = list(features)
     for feature in torch.argsort(frequency, descending=True).tolist():
         if len(dashboard_features) >= spec["dashboard_features"]:
@@ -254,7 +256,15 @@ def analyse(spec: dict[str, Any], model_ref: dict[str, Any], sae_ref: dict[str, 
         for f in dashboard_features
     ]
 
-    analysis = {"prompts": prompts, "features_chosen": chosen_by, "logit_effects": effects, "projection_shape": shape, "dashboard": dashboard}
+    frequency_tokens = read_json(Path(sae_ref["source"]["path"]) / "manifest.json")["sparsity_tokens"]
+    analysis = {
+        "prompts": prompts,
+        "features_chosen": chosen_by,
+        "logit_effects": effects,
+        "projection_shape": shape,
+        "dashboard": dashboard,
+        "frequency_tokens": frequency_tokens,
+    }
     out = Path(run_dir) / "analysis.json"
     write_json(out, analysis)
     page = Path(run_dir) / "dashboard.html"

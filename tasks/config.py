@@ -228,7 +228,8 @@ class RunConfig(BaseModel):
     store_batch_size_prompts: int = Field(32, gt=0)
     """Sequences per model forward pass while filling the activation store."""
     dead_feature_window: int = Field(1000, gt=0)
-    """Steps without firing after which a feature counts as dead."""
+    """Steps without firing after which a feature counts as dead in training (the log's and the
+    curves' `dead_features`, which stay 0 for the first this many steps, so in shorter runs)."""
     feature_sampling_window: int = Field(2000, gt=0)
     """Steps per window of feature-firing statistics."""
     device: str = "cpu"

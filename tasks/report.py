@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from tasks.artifacts import output_hashes, stage
 from tasks.config import ARCHITECTURE_FIELDS
-from tasks.save import LOG_EPS
+from tasks.save import firing_frequencies
 
-STAGE_VERSION = 2  # 2: tokens escaped, the architecture's settings in the config, no zero-activation features
+STAGE_VERSION = 3  # 2: tokens escaped, the architecture's settings in the config, no zero-activation features; 3: over which tokens dead features are counted
 CURVES = [("loss", "loss"), ("mse", "MSE"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_features", "dead features")]
 METRIC_ROWS = [
     ("explained_variance", "explained variance"),
@@ -39,8 +39,8 @@ METRIC_ROWS = [
     ("kl_div_with_ablation", "KL divergence, zero-ablated"),
     ("l2_ratio", "L2 ratio"),
     ("relative_reconstruction_bias", "relative reconstruction bias"),
-    ("dead_features", "dead features"),
-    ("dense_features", "dense features (>10% of tokens)"),
+    ("dead_features", "dead features (never fired on the held-out tokens)"),
+    ("dense_features", "dense features (>10% of the held-out tokens)"),
     ("synthetic_mcc", "synthetic: MCC"),
     ("synthetic_uniqueness", "synthetic: uniqueness"),
     ("synthetic_precision", "synthetic: precision"),
@@ -71,15 +71,16 @@ def _pyplot():
     return plt
 
 
-def plot_feature_density(log_sparsity: torch.Tensor, path: Path) -> None:
-    """Histogram of the live features' log10 firing frequencies into `path`, with the dead ones counted in the title."""
+def plot_feature_density(log_sparsity: torch.Tensor, n_tokens: int, path: Path) -> None:
+    """Histogram of the live features' log10 firing frequencies, measured over `n_tokens`
+    training tokens, into `path`, with the dead ones counted in the title."""
     plt = _pyplot()
-    dead = log_sparsity <= torch.log10(torch.tensor(LOG_EPS)) + 1e-3
+    dead = firing_frequencies(log_sparsity) == 0
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(log_sparsity[~dead].numpy(), bins=50, color="#d2691e")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("features")
-    ax.set_title(f"Feature density ({int(dead.sum())} of {len(log_sparsity)} never fired)")
+    ax.set_title(f"Feature density over {n_tokens:,} training tokens ({int(dead.sum())} of {len(log_sparsity)} never fired)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -184,7 +185,7 @@ def report(run_name: str, run_dir: str, config: dict[str, Any], metrics_ref: dic
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     density_png, curves_png = plots / "feature_density.png", plots / "training_curves.png"
-    plot_feature_density(load_file(Path(sae_ref["path"]) / "sparsity.safetensors")["sparsity"], density_png)
+    plot_feature_density(load_file(Path(sae_ref["path"]) / "sparsity.safetensors")["sparsity"], sae_ref["sparsity_tokens"], density_png)
     rows = read_log_rows(run / "train_log.jsonl", get_run_logger())
     plot_training_curves(rows, curves_png)
 

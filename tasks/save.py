@@ -17,6 +17,7 @@ one and swapped in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,12 @@ from tasks.config import TORCH_GLOBALS
 
 STAGE_VERSION = 3  # 2: the manifest records the measurement's settings; the result carries the manifest's sha256; 3: special tokens left out
 LOG_EPS = 1e-10
+
+
+def firing_frequencies(log_sparsity: torch.Tensor) -> torch.Tensor:
+    """The firing frequencies whose log10 (plus LOG_EPS) a `sparsity.safetensors` holds, 0 for
+    the features that never fired."""
+    return torch.where(log_sparsity <= math.log10(LOG_EPS) + 1e-3, 0.0, 10 ** log_sparsity.float())
 ENCODE_BATCH = 8192
 
 

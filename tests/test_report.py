@@ -1,5 +1,6 @@
 """Evaluation, dashboard, plots, Prefect artifacts and the report/analyze commands."""
 
+import ast
 import html
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import start, tiny_config
 from flows.cli import EXIT_BAD_INPUT, main
@@ -149,6 +151,17 @@ def test_dashboard_shows_each_features_contexts_and_tokens(finished_run):
         for token in entry["promoted"]:
             assert f"<code>{html.escape(token['token'])}</code>" in page
     assert shown >= 16
+    sparsity = load_file(Path(summary["sae"]["path"]) / "sparsity.safetensors")["sparsity"]
+    assert [e["frequency"] for e in analysis["dashboard"]] == pytest.approx([10 ** sparsity[e["feature"]].item() for e in analysis["dashboard"]])
+    assert f"of the {summary['sae']['sparsity_tokens']:,} training tokens its sparsity was measured on</p>" in page
+
+
+def test_features_that_never_fired_read_frequency_zero():
+    from tasks.save import LOG_EPS, firing_frequencies
+
+    log_sparsity = torch.log10(torch.tensor([0.0, 1e-6, 0.5]) + LOG_EPS)
+    assert firing_frequencies(log_sparsity).tolist() == pytest.approx([0.0, 1e-6, 0.5], rel=1e-3)
+    assert firing_frequencies(log_sparsity)[0].item() == 0.0
 
 
 def test_plots_and_training_log(finished_run):
@@ -170,6 +183,8 @@ def test_report_and_analyze_commands(finished_run, metrics, capsys):
     assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom fed the dog .", "--prompt", long_prompt]) == 0
     captured = capsys.readouterr()
     assert "'Tom fed the dog .' at token '.':" in captured.out and captured.out.count("  feature ") == 6
+    listed = re.findall(r"promotes (\[.*\])  inhibits (\[.*\])$", captured.out, re.M)
+    assert listed and all(len(ast.literal_eval(tokens)) == finished_run["cfg"].top_k_tokens for pair in listed for tokens in pair)
     assert "longer than context_size 32; truncated" in captured.err
     assert main(["analyze", finished_run["name"], *args, "--prompt", "Tom fed the dog .", "--token-index", "0"]) == 0
     captured = capsys.readouterr()
