@@ -18,6 +18,7 @@ running the same command again continues. The README's "Running your own" has th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -394,6 +395,27 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE  # as a program the signal ended
 
 
+def temporary_server_port() -> None:
+    """Without a Prefect server of its own (PREFECT_API_URL), Prefect starts a temporary one on a
+    port it draws from 8000-8999 with Python's global generator, and a server that cannot bind
+    its port leaves its command talking to whichever server holds that port, until that one's
+    command ends. Commands started together (a job array, two terminals) drew the same port
+    whenever something had seeded the generator alike. Here the kernel picks a free port for it."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.port is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            server.port = probe.getsockname()[1]
+
+
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from tasks.config import ConfigError, check_run_name, config_reference
@@ -417,6 +439,8 @@ def _main(argv: list[str] | None) -> int:
             print(f"saeflow: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
+    if args.command in ("sweep", "serve"):
+        temporary_server_port()
     if args.command == "sweep":
         from flows.sweep import run_sweep
         from tasks.artifacts import Busy
@@ -478,12 +502,13 @@ def _main(argv: list[str] | None) -> int:
 
     from tasks.artifacts import Busy
 
+    claimed = contextlib.ExitStack()  # the run's locks, held from its claim to the end of its flow run
     try:
         cfg = _run_config(args)
         from tasks.preflight import claim_run, resolve
 
         cfg = resolve(cfg)
-        run_name = claim_run(cfg, args.artifacts_dir, args.run_name, args.new)
+        run_name = claim_run(cfg, args.artifacts_dir, args.run_name, args.new, keep_locks=claimed)
     except ConfigError as error:
         print(f"saeflow: config error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -491,6 +516,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"saeflow: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    temporary_server_port()
     from prefect.exceptions import CancelledRun
 
     from flows import pipeline
@@ -504,7 +530,7 @@ def _main(argv: list[str] | None) -> int:
     again_capitalised = again[0].upper() + again[1:]
     PREEMPTIONS.clear()
     try:
-        with sigterm_interrupts(), no_retries_once_the_temporary_server_ends():
+        with claimed, sigterm_interrupts(), no_retries_once_the_temporary_server_ends():
             summary = pipeline.run_pipeline(cfg, run_name, args.artifacts_dir)
     except Preempted as error:
         print(f"saeflow: run '{run_name}' {error}. {again_capitalised}.", file=sys.stderr)
@@ -519,9 +545,6 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_PREEMPTED
     except ConfigError as error:  # found once the model is built (the prompts' tokens need its tokenizer)
         print(f"saeflow: config error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Busy as error:  # another process took the run between the claim and the flow run
-        print(f"saeflow: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if PREEMPTIONS:  # SIGTERM outside filling and training (`Terminated`)

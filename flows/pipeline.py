@@ -10,6 +10,7 @@ interrupted training from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,13 @@ def sae_pipeline(config: dict[str, Any] | str, run_name: str | None = None, arti
     artifacts_dir = str(Path(artifacts_dir).resolve())  # a deployment may give it relative to its working directory
     cfg = resolve(load_config(config) if isinstance(config, str) else make_config(config))
     _tag_flow_run(cfg)
-    claim_run(cfg, artifacts_dir, run_name, new=False)
+    claimed = contextlib.ExitStack()  # the run's locks, held from its claim to its end
+    claim_run(cfg, artifacts_dir, run_name, new=False, keep_locks=claimed)
     run = str(run_dir(artifacts_dir, run_name))
-    use_deterministic_kernels(cfg)
-    select_cuda_device(cfg.device)  # the stages run in this thread
-
     try:
-        with watching_for_cancel(run):
+        with claimed, watching_for_cancel(run):
+            use_deterministic_kernels(cfg)
+            select_cuda_device(cfg.device)  # the stages run in this thread
             summary = _run_stages(cfg, run_name, run, artifacts_dir)
     except Preempted as error:
         if cancelled_in_prefect():
@@ -107,12 +108,12 @@ def _run_stages(cfg: RunConfig, run_name: str, run: str, artifacts_dir: str) -> 
         crash_ghost_runs(run_name, artifacts_dir)
         if cfg.activation_source is None:
             prompts = {"prompts": cfg.prompts, "token_index": cfg.analysis_token_index, "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos}
-            model_ref = build_model(model_spec(cfg), artifacts_dir, prompts)
+            model_ref = build_model(model_spec(cfg), artifacts_dir, prompts, run)
             check_token_index(model_ref, cfg.model_from_pretrained_kwargs, cfg.prompts, cfg.analysis_token_index, cfg.context_size, cfg.prepend_bos)
             mode, why = choose_activation_mode(cfg, artifacts_dir, run, store_dir(artifacts_dir, store_spec(cfg, model_ref, "cached")))
             check_room_for_stores([store_spec(cfg, model_ref, mode)], artifacts_dir)  # before tokenising, which may take hours
             text = tokens_spec(cfg, model_ref)  # None when the dataset already holds token ids
-            tokens_ref = pretokenise(text, model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir) if text else None
+            tokens_ref = pretokenise(text, model_ref, cfg.model_from_pretrained_kwargs, artifacts_dir, run) if text else None
             store_ref = fill_activations(store_spec(cfg, model_ref, mode), model_ref, tokens_ref, artifacts_dir, run)
             stop_after_fill(store_ref)
         else:

@@ -211,7 +211,7 @@ def fill_stores(specs: list[dict[str, Any]], model_ref: dict[str, Any], tokens_r
     outs = [store_dir(artifacts_dir, spec) for spec in specs]
     with stop_signals(), contextlib.ExitStack() as locks:
         for out in sorted(set(outs)):  # one order for every process: no deadlock
-            locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True))
+            locks.enter_context(exclusive_lock(out / ".lock", f"activation store {out}", wait=True, stop_requests=stop_requests))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
             refs = _fill(specs, model_ref, tokens_ref, outs, background, get_run_logger(), stop_requests)
         if stop := stop_requested():  # after the last batch's check: training would no longer see it

@@ -20,16 +20,20 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.context import TaskRunContext
 
 from tasks.config import device_kind, stable_hash
+
+if TYPE_CHECKING:
+    from tasks.stopping import StopRequests
 
 RESULTS_DIRNAME = "prefect-results"
 
@@ -246,15 +250,23 @@ LOCK_PATIENCE_SECONDS = 0.2
 LOCK_POLL_SECONDS = 0.5
 # What a command refused a busy run is told (a sweep tells its members otherwise).
 BUSY_HINT = "wait for it to finish, or start a new run with --new"
+# The locks this process holds, by path, with the thread holding each: that thread may take one
+# again (the command line claims a run, then its flow run takes the run's lock).
+_HELD_LOCKS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT) -> Iterator[None]:
+def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT, stop_requests: StopRequests | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `path` (flock, released if the process dies). With `wait`, wait
-    for the holder to finish, unless this process is asked to stop meanwhile (`stop_requested`:
-    raises `Preempted`); without, raise Busy naming the holder, and `hint`."""
-    from tasks.stopping import preempted, stop_requested
+    for the holder to finish, unless this process, or through `stop_requests` its run (`saeflow
+    stop`, a cancel in Prefect), is asked to stop meanwhile (`stop_asked`: raises `Preempted`);
+    without, raise Busy naming the holder, and `hint`. The thread that holds it may take it again."""
+    from tasks.stopping import preempted, stop_asked
 
+    key = os.path.abspath(path)
+    if _HELD_LOCKS.get(key) == threading.get_ident():
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         if not _try_lock(f, LOCK_PATIENCE_SECONDS):
@@ -264,16 +276,18 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT) -> 
                 raise Busy(f"{what} is in use by {holder}; {hint}") from None
             run_logger().info(f"Waiting for {what}, in use by {holder}")  # a wait of hours must not look like a hang
             while not _try_lock(f, 0):
-                if stop := stop_requested():  # a sweep's member waiting for a store another process fills
+                if stop := stop_asked(stop_requests):  # waiting for a store another process fills: hours, for a large one
                     raise preempted(f"stopped by {stop} while waiting for {what}, in use by {holder}")
                 time.sleep(LOCK_POLL_SECONDS)  # one lock request per poll: on NFS each goes to the server
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
+        _HELD_LOCKS[key] = threading.get_ident()
         try:
             yield
         finally:
+            del _HELD_LOCKS[key]
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tasks.artifacts import atomic_dir, exclusive_lock, read_json, stage, set_aside, verify_manifest, write_json, write_manifest
 from tasks.config import ConfigError, RunConfig, holding_torch_globals, stable_hash
 from tasks.data import load_text_dataset
+from tasks.stopping import StopRequests
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*", category=DeprecationWarning)
 
@@ -162,10 +163,14 @@ def checkpoint_config(folder: Path, device: str, from_pretrained_kwargs: dict[st
     return hooked_cfg
 
 
-@holding_torch_globals  # TransformerLens's config seeds torch's global generator (set_seed_everywhere)
 def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: str):
     """TransformerLens's config of a `model_cfg` model with a tokenizer of `d_vocab` tokens;
-    ConfigError, saying what to change, for a `model_cfg` TransformerLens would refuse."""
+    ConfigError, saying what to change, for a `model_cfg` TransformerLens would refuse.
+
+    Its seed is set after the config is made: given to the config, TransformerLens seeds
+    Python's, numpy's and torch's global generators with it, and every process would then
+    draw the same "random" numbers (Prefect's temporary server's port among them: two
+    commands started together took the same port). `_local_model` seeds torch itself."""
     import dataclasses
     import difflib
 
@@ -186,9 +191,11 @@ def _hooked_config(model_cfg: dict[str, Any], d_vocab: int, seed: int, device: s
             f"(it is the tokenizer's size) or set it to at least {d_vocab}"
         )
     try:
-        return HookedTransformerConfig(**{"d_vocab": d_vocab, **model_cfg, "seed": seed, "device": device})
+        hooked_cfg = HookedTransformerConfig(**{"d_vocab": d_vocab, **model_cfg, "seed": None, "device": device})
     except (TypeError, ValueError, AssertionError) as error:
         raise ConfigError(f"model_cfg is refused by TransformerLens's HookedTransformerConfig: {error}") from None
+    hooked_cfg.seed = seed
+    return hooked_cfg
 
 
 def pretrained_model_names() -> dict[str, str]:
@@ -280,7 +287,7 @@ def _describe(kind: str, name: str, path: str | None, hooked_cfg, tokenizer, tra
 
 
 @stage("build-model", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def build_model(spec: dict[str, Any], artifacts_dir: str, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_model(spec: dict[str, Any], artifacts_dir: str, prompts: dict[str, Any] | None = None, run_dir: str | None = None) -> dict[str, Any]:
     """Build (local) or check (checkpoint) the model and describe it. A pretrained model is
     described from its config and tokenizer alone: its weights are first loaded (and downloaded)
     where they are used, on the run's device, not here on the CPU just to read their shapes.
@@ -300,7 +307,8 @@ def build_model(spec: dict[str, Any], artifacts_dir: str, prompts: dict[str, Any
 
     out = Path(artifacts_dir) / "models" / f"{_slug(spec['model_name'])}-{stable_hash(spec)}"
     # Runs started together (a sweep) wait here for the one building the model.
-    with exclusive_lock(out.with_name(out.name + ".lock"), f"model folder {out}", wait=True):
+    stop_requests = StopRequests(Path(run_dir)) if run_dir else None  # `saeflow stop` of the run, while it waits
+    with exclusive_lock(out.with_name(out.name + ".lock"), f"model folder {out}", wait=True, stop_requests=stop_requests):
         _build_local(spec, out, prompts)
     info = read_json(out / "model.json")
     hooked_cfg = _hooked_config(info["model_cfg"], info["d_vocab"], info["seed"], "meta")

@@ -8,6 +8,7 @@ the run folder and refuses to continue a run whose stored config would change th
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import os
@@ -305,6 +306,8 @@ def _check_sae_fits(cfg: RunConfig) -> None:
 
 
 def _check_sae_settings(cfg: RunConfig) -> None:
+    import torch
+
     from tasks.train import new_training_sae
 
     width = cfg.sae_width
@@ -321,7 +324,8 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             f"most d_sae (which is added as the last one): lower them, or widen the SAE (d_sae or expansion_factor)"
         )
     try:
-        _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta", "compile_sae": False}))  # checked, not trained: nothing to compile
+        with torch.random.fork_rng(devices=[]):  # its seeding of torch's generator is for training
+            _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta", "compile_sae": False}))  # checked, not trained: nothing to compile
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None
     _check_schedules(runner_cfg.to_sae_trainer_config())
@@ -519,7 +523,7 @@ def stored_run_config(stored: Path) -> dict[str, Any]:
         ) from None
 
 
-def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, new: bool) -> str:
+def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, new: bool, keep_locks: contextlib.ExitStack | None = None) -> str:
     """Choose the run name and record the config in the run folder.
 
     The same config (or `run_name`) continues its run. `new` picks the first free name
@@ -529,6 +533,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
     `checkpoint_path` away from the checkpoints of an unfinished run, and a checkpoint folder
     holding another run's checkpoints.
     Raises Busy if another process holds the run, or its checkpoint folder (`checkpoint_folder_lock`).
+    `keep_locks` keeps holding their locks until it closes, so that no other command takes the
+    run between its claim and its flow run (whose thread takes them again).
     """
     from tasks.checkpoint import checkpoint_folder_lock, checkpoint_owners, checkpoint_root, missing_checkpoints
 
@@ -584,7 +590,9 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 f"--run-name), or move {root} away"
             )
     # Under the run's locks, so that a command refused because the run is in use changes nothing.
-    with exclusive_lock(folder / ".lock", f"run '{name}'", wait=False), checkpoint_folder_lock(cfg.checkpoint_path, folder):
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(exclusive_lock(folder / ".lock", f"run '{name}'", wait=False))
+        locks.enter_context(checkpoint_folder_lock(cfg.checkpoint_path, folder))
         try:
             write_json(stored, {"config": cfg.model_dump(mode="json"), "result_fields": current})
         except BaseException:
@@ -592,6 +600,8 @@ def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, n
                 for made in {folder, root} if cfg.checkpoint_path is not None else {folder}:
                     shutil.rmtree(made, ignore_errors=True)
             raise
+        if keep_locks is not None:
+            keep_locks.enter_context(locks.pop_all())
     return name
 
 

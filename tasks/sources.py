@@ -335,7 +335,7 @@ def import_activations(spec: dict[str, Any], artifacts_dir: str, run_dir: str | 
     out = store_dir(artifacts_dir, spec)
     stop_requests = StopRequests(Path(run_dir)) if run_dir else None
     # Runs that share this store (a sweep) wait here for the one importing it, then find it complete.
-    with stop_signals(), exclusive_lock(out / ".lock", f"activation store {out}", wait=True):
+    with stop_signals(), exclusive_lock(out / ".lock", f"activation store {out}", wait=True, stop_requests=stop_requests):
         ref = _import(spec, out, get_run_logger(), stop_requests)
         if stop := stop_requested():  # after the last shard's check: training would no longer see it
             STOPS_AFTER_FILL[ref["path"]] = stop

@@ -27,6 +27,7 @@ from typing import Any
 
 from tasks.artifacts import atomic_dir, exclusive_lock, keyed_folder, stage, set_aside, verify_manifest, write_json, write_manifest
 from tasks.config import RunConfig
+from tasks.stopping import StopRequests
 
 STAGE_VERSION = 1
 TOKENS_FILE = "tokens.arrow"
@@ -61,13 +62,14 @@ def tokens_spec(cfg: RunConfig, model_ref: dict[str, Any]) -> dict[str, Any] | N
 
 
 @stage("pretokenise", STAGE_VERSION, key_inputs=("spec", "artifacts_dir"))
-def pretokenise(spec: dict[str, Any], model_ref: dict[str, Any], from_pretrained_kwargs: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
+def pretokenise(spec: dict[str, Any], model_ref: dict[str, Any], from_pretrained_kwargs: dict[str, Any], artifacts_dir: str, run_dir: str | None = None) -> dict[str, Any]:
     """Tokenise and pack `spec['n_contexts']` contexts of the dataset and keep them on disk."""
     from prefect import get_run_logger
 
     out = keyed_folder(Path(artifacts_dir) / "tokens", spec)
     # Runs started together (a sweep) wait here for the one tokenising.
-    with exclusive_lock(out.with_name(out.name + ".lock"), f"token folder {out}", wait=True):
+    stop_requests = StopRequests(Path(run_dir)) if run_dir else None  # `saeflow stop` of the run, while it waits
+    with exclusive_lock(out.with_name(out.name + ".lock"), f"token folder {out}", wait=True, stop_requests=stop_requests):
         if verify_manifest(out) is None:
             if out.exists():
                 set_aside(out, "the contexts are tokenised again")

@@ -1,7 +1,10 @@
 """Shared test setup: offline, CPU, one Prefect server for the whole session, small local models."""
 
+import contextlib
 import os
+import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -151,3 +154,27 @@ def start_failing_once(cfg, artifacts, run_name: str, monkeypatch, batch: int = 
     state = start(cfg.model_copy(update={"retries": 1, "retry_delay_seconds": 0}), artifacts, run_name, return_state=True)
     assert state.is_completed() and failed
     return state.result()
+
+
+@contextlib.contextmanager
+def held_by_another_thread(lock):
+    """The exclusive lock at the path `lock` (or the context manager `lock()` makes) held by
+    another thread, as by another process (flock; a thread may take again a lock it holds itself),
+    until `release` is set or the block ends; yields (that thread, release)."""
+    from tasks.artifacts import exclusive_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with exclusive_lock(lock, "activation store S", wait=False) if isinstance(lock, Path) else lock():
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    try:
+        yield thread, release
+    finally:
+        release.set()
+        thread.join()

@@ -28,6 +28,44 @@ def test_resolve_reads_d_in_from_the_hook():
     assert resolve(tiny_config()).is_dataset_tokenized is False
 
 
+def test_resolving_a_config_leaves_the_global_random_generators_alone():
+    """TransformerLens's config seeds Python's, numpy's and torch's generators when given a seed:
+    every command drew the same numbers after it, Prefect's temporary server's port among them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    resolve(tiny_config())
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all() and torch.equal(torch.random.get_rng_state(), before[2])
+
+
+def test_commands_started_together_give_their_temporary_servers_different_ports():
+    """Prefect draws the port from 8000-8999 with the global generator, alike in processes seeded
+    alike; the kernel's choice of a free port tells them apart. With a server of one's own
+    (PREFECT_API_URL) no temporary server starts."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import random; random.seed(42)\n"
+        "from flows.cli import temporary_server_port\n"
+        "temporary_server_port()\n"
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "print(SubprocessASGIServer().port)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    root = Path(__file__).resolve().parent.parent
+    commands = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    ports = [int(c.communicate(timeout=120)[0]) for c in commands]
+    assert ports[0] != ports[1] and all(1024 <= p < 65536 for p in ports)
+    own = subprocess.run([sys.executable, "-c", code], env=env | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}, cwd=root, capture_output=True, text=True, timeout=120)
+    assert own.stdout.strip() == "None"
+
+
 def test_unknown_hook_lists_the_valid_ones():
     message = resolve_error(hook_name="blocks.0.hook_resid_postt")
     assert "unknown hook_name 'blocks.0.hook_resid_postt'" in message

@@ -1,7 +1,6 @@
 """Crash-proof, exact resume: runs killed, interrupted or failed at any moment end with weights
 bitwise equal to an uninterrupted run's, and faults leave the last good checkpoint intact."""
 
-import contextlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import start_failing_once, task_states, tiny_config
+from conftest import held_by_another_thread, start_failing_once, task_states, tiny_config
 from flows.pipeline import run_pipeline
 from tasks.artifacts import exclusive_lock, verify_manifest, whole_safetensors
 from tasks.preflight import claim_run, resolve
@@ -724,7 +723,7 @@ def test_a_second_process_on_the_same_run_is_refused(artifacts, faults_cfg, caps
     cfg, config = faults_cfg
     name = claim_run(cfg, artifacts, "busy", new=False)
     stored = (artifacts / "runs" / name / "config.json").read_text()
-    with exclusive_lock(artifacts / "runs" / name / ".lock", f"run '{name}'", wait=False):
+    with held_by_another_thread(artifacts / "runs" / name / ".lock"):  # as by another process
         command = ["run", str(config), "--artifacts-dir", str(artifacts), "--run-name", "busy", "--set", "keep_checkpoints=1"]
         assert main(command) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
@@ -743,7 +742,7 @@ def test_a_run_of_the_same_name_training_into_a_shared_checkpoint_folder_is_refu
     shared = tmp_path / "shared"
     cfg = resolve(cfg.model_copy(update={"checkpoint_path": str(shared)}))
     name = claim_run(cfg, tmp_path / "b", "same", new=False)
-    with checkpoint_folder_lock(str(shared), tmp_path / "a" / "runs" / "same"):  # run 'same' of artifacts folder a trains
+    with held_by_another_thread(lambda: checkpoint_folder_lock(str(shared), tmp_path / "a" / "runs" / "same")):  # run 'same' of artifacts folder a trains
         command = ["run", str(config), "--artifacts-dir", str(tmp_path / "b"), "--run-name", "same", "--set", f"checkpoint_path={shared}"]
         assert main(command) == EXIT_BAD_INPUT
         state = run_pipeline(cfg, name, tmp_path / "b", return_state=True)  # a flow started past the command line's check
@@ -958,22 +957,39 @@ def test_checkpoints_are_ordered_by_their_step_number_past_nine_digits(tmp_path)
     assert resume_point(tmp_path, logging.getLogger("test")) == tmp_path / "step-1000000000"
 
 
-def test_a_run_taken_between_its_claim_and_its_flow_run_is_refused_with_2(prefect_server, artifacts, faults_cfg, monkeypatch, capsys):
+def test_a_run_is_held_from_its_claim_to_the_end_of_its_flow_run(prefect_server, artifacts, faults_cfg, monkeypatch, capsys):
+    """A `--new` run and a plain one of the same name started together: once the `--new` one has
+    claimed the name, the plain one is refused as busy (it took the name between the claim and
+    the flow run, and the `--new` run was refused), and another `--new` one takes the next name."""
+    import threading
+
     import tasks.preflight
-    from flows.cli import EXIT_BAD_INPUT, main
+    from flows.cli import main
+    from tasks.artifacts import Busy
 
     real_claim = tasks.preflight.claim_run
-    with contextlib.ExitStack() as held:
+    others: dict[str, str] = {}
 
-        def claimed_then_taken(*args, **kwargs):  # another process takes the run in that instant
-            name = real_claim(*args, **kwargs)
-            held.enter_context(held_by_another_thread(artifacts / "runs" / name / ".lock"))
-            return name
+    def claimed_then_raced(*args, **kwargs):
+        name = real_claim(*args, **kwargs)
 
-        monkeypatch.setattr(tasks.preflight, "claim_run", claimed_then_taken)
-        assert main(["run", str(faults_cfg[1]), "--artifacts-dir", str(artifacts), "--run-name", "raced"]) == EXIT_BAD_INPUT
-    assert f"saeflow: run 'raced' is in use by process {os.getpid()}" in capsys.readouterr().err
-    assert not (artifacts / "runs" / "raced" / "checkpoints").exists()
+        def other_commands():
+            try:
+                real_claim(faults_cfg[0], artifacts, "raced", False)
+            except Busy as error:
+                others["plain"] = str(error)
+            others["new"] = real_claim(faults_cfg[0], artifacts, "raced", True)
+
+        racer = threading.Thread(target=other_commands)
+        racer.start()
+        racer.join()
+        return name
+
+    monkeypatch.setattr(tasks.preflight, "claim_run", claimed_then_raced)
+    assert main(["run", str(faults_cfg[1]), "--artifacts-dir", str(artifacts), "--run-name", "raced", "--new"]) == 0
+    assert "saeflow: run 'raced' (artifacts in" in capsys.readouterr().err
+    assert others["plain"].startswith(f"run 'raced' is in use by process {os.getpid()}") and others["new"] == "raced-2"
+    assert (artifacts / "runs" / "raced" / "sae" / "manifest.json").is_file()
 
 
 def test_the_next_write_of_a_folder_removes_what_a_killed_write_of_it_left(tmp_path):
@@ -1010,29 +1026,6 @@ def test_a_replacement_that_cannot_take_its_place_leaves_the_old_folder(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["sae"] and (tmp_path / "sae" / "cfg.json").read_text() == "old"
 
 
-@contextlib.contextmanager
-def held_by_another_thread(lock: Path):
-    """The exclusive lock at `lock` held by another thread (flock: as by another process) until
-    `release` is set or the block ends; yields (that thread, release)."""
-    import threading
-
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with exclusive_lock(lock, "activation store S", wait=False):
-            held.set()
-            release.wait(60)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    held.wait(10)
-    try:
-        yield thread, release
-    finally:
-        release.set()
-        thread.join()
-
-
 def test_waiting_for_a_lock_says_who_holds_it(tmp_path, caplog):
     """A run waiting hours for a store another process fills must not look hung."""
     import logging
@@ -1058,6 +1051,23 @@ def test_waiting_for_a_lock_ends_when_the_process_is_asked_to_stop(tmp_path):
             with exclusive_lock(tmp_path / ".lock", "activation store S", wait=True):
                 pass
         assert holder.is_alive()  # the holder was not waited for
+
+
+def test_waiting_for_a_lock_ends_when_the_run_is_stopped_by_saeflow_stop(tmp_path):
+    """A run waiting for a store, model or token folder that another process makes stops at
+    `saeflow stop` (or a cancel in Prefect), not once that process is done, hours later."""
+    import threading
+
+    from tasks.stopping import Preempted, StopRequests, request_stop
+
+    run = tmp_path / "runs" / "r"
+    with exclusive_lock(run / ".lock", "run 'r'", wait=False), held_by_another_thread(tmp_path / "store.lock") as (holder, _):
+        threading.Timer(0.3, request_stop, (run,)).start()
+        with pytest.raises(Preempted, match=r"stopped by saeflow stop .* while waiting for activation store S, in use by process \d+ on "):
+            with exclusive_lock(tmp_path / "store.lock", "activation store S", wait=True, stop_requests=StopRequests(run)):
+                pass
+        assert holder.is_alive()  # the holder was not waited for
+    assert not (run / "stop-request.json").exists()  # done: a later run of the name is not stopped by it
 
 
 def test_a_run_starting_while_saeflow_stop_probes_its_lock_is_not_refused(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, tiny_config
+from conftest import TINY_MODEL, held_by_another_thread, tiny_config
 from flows.sweep import sweep_members
 from tasks.config import ConfigError
 
@@ -242,7 +242,6 @@ def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
 
 def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_started_twice(prefect_server, tmp_path, capsys):
     from flows.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
-    from tasks.artifacts import exclusive_lock
 
     from tasks.artifacts import run_dir
     from tasks.preflight import default_run_name
@@ -250,13 +249,13 @@ def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_st
     members = [{"training_tokens": 8192}, {"training_tokens": 8192, "lr": 0.001, "analysis_token_index": 99}, {"training_tokens": 8192, "lr": 0.002}]
     sweep = write_sweep(tmp_path, {}, members=members)
     artifacts = tmp_path / "artifacts"
-    with exclusive_lock(artifacts / "sweeps" / "t" / ".lock", "the sweep, as its process holds it", wait=False):
+    with held_by_another_thread(artifacts / "sweeps" / "t" / ".lock"):  # as by another process
         assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_BAD_INPUT
     assert f"sweep 't' (in {artifacts}) is in use by process {os.getpid()}" in capsys.readouterr().err
     assert not (artifacts / "runs").exists()
 
     busy = run_dir(artifacts, default_run_name(sweep_members(sweep)[1][2], artifacts))
-    with exclusive_lock(busy / ".lock", f"run '{busy.name}'", wait=False):  # the third member, run by another process
+    with held_by_another_thread(busy / ".lock"):  # the third member, run by another process
         assert main(["sweep", str(sweep), "--artifacts-dir", str(artifacts)]) == EXIT_FAILED
     printed = capsys.readouterr().out
     assert re.search(r"^ 1  Completed +lr=0.0003 +\S+  L0 [\d.]+  EV [\d.-]+  CE score [\d.-]+  dead \d+$", printed, re.M), printed
