@@ -130,7 +130,7 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         raise RunNotReady(f"no run '{name}' in {folder.parent}; {runs_there(folder.parent)}")
     summary = folder / "summary.json"
     if not summary.is_file():
-        from tasks.checkpoint import checkpoint_folders, checkpoint_root, missing_checkpoints, newest_whole_checkpoint
+        from tasks.checkpoint import checkpoint_folders, checkpoint_root, checkpoint_step, missing_checkpoints, newest_whole_checkpoint
         from tasks.stopping import lock_holder
 
         stored = folder / "config.json"
@@ -158,7 +158,7 @@ def finished_run(artifacts_dir: str, name: str) -> dict:
         root = checkpoint_root(config.get("checkpoint_path"), folder)
         newest, written = newest_whole_checkpoint(root), checkpoint_folders(root)
         found = [f"checkpoints up to {newest.name}" if newest else "no usable checkpoint" if written else "no checkpoint"]
-        if broken := [p.name for p in reversed(written[: written.index(newest)] if newest else written)]:
+        if broken := [p.name for p in reversed(written) if newest is None or checkpoint_step(p) > checkpoint_step(newest)]:
             found[0] += f" ({', '.join(broken)} {'is' if len(broken) == 1 else 'are'} incomplete or corrupted: set aside when it continues)"
         found += [f"{n}/" for n in ("trained", "sae") if (folder / n).is_dir()]
         found += [n for n in ("metrics.json", "analysis.json") if (folder / n).is_file()]
@@ -508,6 +508,12 @@ def _main(argv: list[str] | None) -> int:
         from tasks.preflight import claim_run, resolve
 
         cfg = resolve(cfg)
+        temporary_server_port()
+        from prefect.exceptions import CancelledRun
+
+        from flows import pipeline
+        from tasks.stopping import CANCELLED_IN_PREFECT, OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, no_retries_once_the_temporary_server_ends, raised_while, sigterm_interrupts, terminated_by
+
         run_name = claim_run(cfg, args.artifacts_dir, args.run_name, args.new, keep_locks=claimed)
     except ConfigError as error:
         print(f"saeflow: config error: {error}", file=sys.stderr)
@@ -515,12 +521,6 @@ def _main(argv: list[str] | None) -> int:
     except Busy as error:  # refused before a Prefect flow run is created
         print(f"saeflow: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-    temporary_server_port()
-    from prefect.exceptions import CancelledRun
-
-    from flows import pipeline
-    from tasks.stopping import CANCELLED_IN_PREFECT, OUTSIDE_SAFE_POINTS, PREEMPTIONS, Preempted, no_retries_once_the_temporary_server_ends, raised_while, sigterm_interrupts, terminated_by
 
     print(f"saeflow: run '{run_name}' (artifacts in {args.artifacts_dir})", file=sys.stderr)
     if args.new:  # the same command would start yet another run

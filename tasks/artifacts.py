@@ -250,9 +250,18 @@ LOCK_PATIENCE_SECONDS = 0.2
 LOCK_POLL_SECONDS = 0.5
 # What a command refused a busy run is told (a sweep tells its members otherwise).
 BUSY_HINT = "wait for it to finish, or start a new run with --new"
-# The locks this process holds, by path, with the thread holding each: that thread may take one
-# again (the command line claims a run, then its flow run takes the run's lock).
-_HELD_LOCKS: dict[str, int] = {}
+# The locks this process holds, by their file's (device, inode), whatever path (symlinks) they are
+# reached by, with the thread holding each: that thread may take one again (the command line
+# claims a run, then its flow run takes the run's lock).
+_HELD_LOCKS: dict[tuple[int, int], int] = {}
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 @contextlib.contextmanager
@@ -263,8 +272,7 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT, sto
     without, raise Busy naming the holder, and `hint`. The thread that holds it may take it again."""
     from tasks.stopping import preempted, stop_asked
 
-    key = os.path.abspath(path)
-    if _HELD_LOCKS.get(key) == threading.get_ident():
+    if _HELD_LOCKS.get(_file_key(path)) == threading.get_ident():
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,11 +291,13 @@ def exclusive_lock(path: Path, what: str, wait: bool, hint: str = BUSY_HINT, sto
         f.truncate()
         f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
-        _HELD_LOCKS[key] = threading.get_ident()
+        opened = os.fstat(f.fileno())
+        key = opened.st_dev, opened.st_ino
         try:
+            _HELD_LOCKS[key] = threading.get_ident()
             yield
         finally:
-            del _HELD_LOCKS[key]
+            _HELD_LOCKS.pop(key, None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

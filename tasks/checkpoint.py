@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -174,10 +175,15 @@ def run_owner(cfg, run_name: str) -> dict[str, Any]:
     return {"run": run_name, "result_fields": cfg.result_fields()}
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder `step-<n>`; None for another name."""
+    match = re.fullmatch(r"step-([0-9]+)", folder.name)
+    return int(match[1]) if match else None
+
+
 def checkpoint_folders(root: Path) -> list[Path]:
     """The checkpoint folders in `root` (`step-<n>`), newest (highest step) first."""
-    steps = [(int(p.name.removeprefix("step-")), p) for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()]
-    return [p for _, p in sorted(steps, reverse=True)]
+    return sorted((p for p in root.glob("step-*") if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
 
 
 def checkpoint_owners(root: Path) -> list[tuple[Path, dict[str, Any]]]:

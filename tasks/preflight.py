@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import exclusive_lock, read_json, run_dir, verify_manifest, write_json
-from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, check_run_name, device_kind, hook_layer_of, stable_hash
+from tasks.config import ARCHITECTURE_FIELDS, ConfigError, RunConfig, TORCH_GLOBALS, check_run_name, device_kind, hook_layer_of, stable_hash
 
 
 def _per_token_hooks(hooks: dict[str, tuple[int, ...] | None]) -> list[str]:
@@ -324,7 +324,9 @@ def _check_sae_settings(cfg: RunConfig) -> None:
             f"most d_sae (which is added as the last one): lower them, or widen the SAE (d_sae or expansion_factor)"
         )
     try:
-        with torch.random.fork_rng(devices=[]):  # its seeding of torch's generator is for training
+        # Its seeding of torch's generator is for training; under the lock, as other threads (sweep
+        # members) seed and draw from that generator under it.
+        with TORCH_GLOBALS, torch.random.fork_rng(devices=[]):
             _, runner_cfg = new_training_sae(cfg.model_copy(update={"device": "meta", "compile_sae": False}))  # checked, not trained: nothing to compile
     except (ValueError, TypeError) as error:
         raise ConfigError(f"SAELens rejects the {cfg.architecture} SAE settings: {error}") from None

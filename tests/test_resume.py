@@ -953,14 +953,17 @@ def test_checkpoints_are_ordered_by_their_step_number_past_nine_digits(tmp_path)
         folder.mkdir()
         write_manifest(folder, {"n_training_steps": steps})
     (tmp_path / "step-notes").mkdir()
+    (tmp_path / "step-\u00b2").mkdir()  # a digit to str.isdigit, not to int()
     assert [p.name for p in checkpoint_folders(tmp_path)] == ["step-1000000000", "step-999999999", "step-000000005"]
     assert resume_point(tmp_path, logging.getLogger("test")) == tmp_path / "step-1000000000"
 
 
-def test_a_run_is_held_from_its_claim_to_the_end_of_its_flow_run(prefect_server, artifacts, faults_cfg, monkeypatch, capsys):
+def test_a_run_is_held_from_its_claim_to_the_end_of_its_flow_run(prefect_server, artifacts, faults_cfg, monkeypatch, capsys, tmp_path):
     """A `--new` run and a plain one of the same name started together: once the `--new` one has
     claimed the name, the plain one is refused as busy (it took the name between the claim and
-    the flow run, and the `--new` run was refused), and another `--new` one takes the next name."""
+    the flow run, and the `--new` run was refused), and another `--new` one takes the next name.
+    The artifacts folder is given through a symlink, which the flow resolves: its run is still
+    the one the command holds."""
     import threading
 
     import tasks.preflight
@@ -986,7 +989,8 @@ def test_a_run_is_held_from_its_claim_to_the_end_of_its_flow_run(prefect_server,
         return name
 
     monkeypatch.setattr(tasks.preflight, "claim_run", claimed_then_raced)
-    assert main(["run", str(faults_cfg[1]), "--artifacts-dir", str(artifacts), "--run-name", "raced", "--new"]) == 0
+    (tmp_path / "link").symlink_to(artifacts)
+    assert main(["run", str(faults_cfg[1]), "--artifacts-dir", str(tmp_path / "link"), "--run-name", "raced", "--new"]) == 0
     assert "saeflow: run 'raced' (artifacts in" in capsys.readouterr().err
     assert others["plain"].startswith(f"run 'raced' is in use by process {os.getpid()}") and others["new"] == "raced-2"
     assert (artifacts / "runs" / "raced" / "sae" / "manifest.json").is_file()
