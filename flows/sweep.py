@@ -403,10 +403,11 @@ def run_sweep(path: str, artifacts_dir: str, overrides: list[str] = (), yes: boo
             refused[label] = str(error)
     if refused:
         raise ConfigError(refused_members(refused, len(configs)))
-    with sweep_lock(name, artifacts_dir):  # refused here, before any Prefect server or flow run; the flow takes it again
-        pass
-    sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
-    state = sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir, return_state=True)
+    # Refused here, before any Prefect server or flow run, and held through the flow run (which,
+    # in this thread, takes it again): two commands of one sweep started together never both start.
+    with sweep_lock(name, artifacts_dir):
+        sweep = sae_sweep.with_options(task_runner=sweep_runner(dask_address, dask_workers), result_storage=Path(artifacts_dir) / RESULTS_DIRNAME)
+        state = sweep(name=name, members=[c.model_dump(mode="json") for c in configs], labels=member_labels(configs), artifacts_dir=artifacts_dir, return_state=True)
     rows = state.result(raise_on_failure=False, _sync=True)  # Failed (or Preempted) with the rows when a member did not complete
     if isinstance(rows, BaseException):
         raise rows

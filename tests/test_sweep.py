@@ -240,6 +240,42 @@ def test_an_unreachable_dask_scheduler_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweep_is_held_from_its_check_through_its_flow_run(tmp_path, monkeypatch):
+    """Two commands of one sweep started together: the one that passed the check holds the sweep
+    until its flow run ends, so the other is refused before starting a Prefect server or flow run."""
+    import threading
+
+    import flows.sweep
+    from tasks.artifacts import Busy
+
+    refused = []
+
+    class Sweep:  # the sweep's flow, as far as holding its lock goes
+        def with_options(self, **options):
+            return self
+
+        def __call__(self, name, artifacts_dir, **parameters):
+            def other_command():
+                try:
+                    with flows.sweep.sweep_lock(name, artifacts_dir):
+                        pass
+                except Busy as error:
+                    refused.append(str(error))
+
+            other = threading.Thread(target=other_command)
+            other.start()
+            other.join()
+            with flows.sweep.sweep_lock(name, artifacts_dir):  # the flow takes it again, in this thread
+                return self
+
+        def result(self, **options):
+            return []
+
+    monkeypatch.setattr(flows.sweep, "sae_sweep", Sweep())
+    assert flows.sweep.run_sweep(str(write_sweep(tmp_path, {"l1_coefficient": [1.0, 2.0]})), str(tmp_path / "artifacts")) == []
+    assert len(refused) == 1 and refused[0].startswith(f"sweep 't' (in {tmp_path / 'artifacts'}) is in use by process {os.getpid()}")
+
+
 def test_a_failing_member_does_not_stop_the_others_and_a_running_sweep_is_not_started_twice(prefect_server, tmp_path, capsys):
     from flows.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
 
