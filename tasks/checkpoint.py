@@ -183,7 +183,7 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def checkpoint_folders(root: Path) -> list[Path]:
     """The checkpoint folders in `root` (`step-<n>`), newest (highest step) first."""
-    return sorted((p for p in root.glob("step-*") if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
+    return sorted((p for p in root.glob("step-*") if checkpoint_step(p) is not None), key=lambda p: (checkpoint_step(p), p.name), reverse=True)
 
 
 def checkpoint_owners(root: Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -528,9 +528,9 @@ def stored_run_config(stored: Path) -> dict[str, Any]:
 def claim_run(cfg: RunConfig, artifacts_dir: str | Path, run_name: str | None, new: bool, keep_locks: contextlib.ExitStack | None = None) -> str:
     """Choose the run name and record the config in the run folder.
 
-    The same config (or `run_name`) continues its run. `new` picks the first free name
-    `<name>-2`, `<name>-3`, ... (free in the artifacts and the checkpoint folder) and leaves the
-    old run alone. Refused with ConfigError: a new run whose warm-ups outlast it, continuing a run
+    The same config (or `run_name`) continues its run. `new` picks the first free name of
+    `<name>`, `<name>-2`, `<name>-3`, ... (free in the artifacts and the checkpoint folder) and
+    leaves the old run alone. Refused with ConfigError: a new run whose warm-ups outlast it, continuing a run
     whose stored config differs in a field that changes the result (naming the fields), moving
     `checkpoint_path` away from the checkpoints of an unfinished run, and a checkpoint folder
     holding another run's checkpoints.
